@@ -1,0 +1,63 @@
+"""protoseg engine: ProtoSeg segmentation-ability scores for any ONNX model.
+
+The public names below are imported lazily, so ``import engine`` stays fast and never
+imports torch or TensorFlow. See ``docs/architecture.md`` for how the modules fit.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # kernels' public drivers (SPEC §1-3)
+    "protoseg": "engine.scores",
+    "sa_scores": "engine.scores",
+    "dice": "engine.scores",
+    "ProtoSegResult": "engine.scores",
+    "SAScores": "engine.scores",
+    "Status": "engine.status",
+    "describe": "engine.status",
+    # ONNX graph tools and the runner
+    "HiddenTensor": "engine.graph",
+    "load_model": "engine.graph",
+    "list_hidden_tensors": "engine.graph",
+    "select_tensors": "engine.graph",
+    "expose": "engine.graph",
+    "plan_passes": "engine.graph",
+    "Session": "engine.runner",
+    "make_session": "engine.runner",
+    "cuda_usable": "engine.runner",
+    "ModelCard": "engine.modelcard",
+    "resolve_model_card": "engine.modelcard",
+    # data in, results out
+    "Case": "engine.datasets",
+    "open_dataset": "engine.datasets",
+    "score_dataset": "engine.pipeline",
+    "Store": "engine.store",
+    "open_store": "engine.store",
+    # label-free estimation and validation (SPEC §4)
+    "estimate_quality": "engine.estimation",
+    "calibrate": "engine.estimation",
+    "baselines": "engine.estimation",
+    "validate": "engine.validation",
+    # reports
+    "write_report": "engine.report",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
