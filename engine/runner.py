@@ -1,0 +1,297 @@
+"""onnxruntime sessions: choose the provider, build a session, run batches.
+
+onnxruntime-gpu lists ``CUDAExecutionProvider`` as available even where CUDA cannot load
+(no GPU, no CUDA libraries); a session asking for it then falls back to the CPU and prints an
+error line. :func:`cuda_usable` probes once, silently, whether CUDA really loads.
+:func:`make_session` builds a :class:`Session` on the chosen provider and reports which one
+runs; :meth:`Session.run` loops over the batch for models whose batch is fixed to 1, and
+binds outputs to CPU memory with IOBinding on CUDA (one device→host copy per tensor).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["cuda_usable", "make_session", "Session", "PROVIDERS", "OPTIMIZATIONS"]
+
+PROVIDERS = ("auto", "cpu", "cuda")
+OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+#: onnxruntime's default logger severity (WARNING), restored after the silent probe.
+_ORT_DEFAULT_SEVERITY = 2
+#: Severity that hides the provider-bridge ERROR line (3 = ERROR still prints it).
+_SILENT = 4
+
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _tiny_model_bytes() -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """Whether onnxruntime's CUDA execution provider really loads here (cached).
+
+    Returns
+    -------
+    bool
+        ``True`` only when ``CUDAExecutionProvider`` is listed as available *and* a tiny
+        session asking for it actually gets it.
+
+    Notes
+    -----
+    The probe raises onnxruntime's default logger severity to FATAL while it runs (so the
+    failed library load prints nothing) and restores the default (WARNING) afterwards.
+    ``SessionOptions.log_severity_level`` does not silence that line; severity 3 (ERROR)
+    does not either.
+
+    Examples
+    --------
+    >>> cuda_usable()  # doctest: +SKIP
+    False
+    """
+    import onnxruntime as ort
+
+    if _CUDA not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(_SILENT)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = _SILENT
+        sess = ort.InferenceSession(_tiny_model_bytes(), opts, providers=[_CUDA, _CPU])
+        return _CUDA in sess.get_providers()
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+
+
+def _np_dtype(ort_type: str) -> Any:
+    return _NP_TYPES.get(ort_type)
+
+
+@dataclass
+class Session:
+    """An onnxruntime session and what it runs on.
+
+    Built by :func:`make_session`. Attributes are read-only by convention.
+
+    Attributes
+    ----------
+    provider : str
+        The execution provider that runs the model (``"CUDAExecutionProvider"`` or
+        ``"CPUExecutionProvider"``).
+    optimization : str
+        Graph optimisation level (``disable|basic|extended|all``).
+    input_names, output_names : list of str
+        Graph inputs and outputs (outputs include any exposed hidden tensors).
+    input_shapes : dict
+        Input name → shape as onnxruntime reports it (``int`` or ``str``/``None`` for
+        symbolic dims).
+    fixed_batch : int or None
+        The batch size fixed in the first input's shape, ``None`` when dynamic.
+    """
+
+    ort_session: Any = field(repr=False)
+    provider: str
+    optimization: str
+    input_names: list[str]
+    output_names: list[str]
+    input_shapes: dict[str, tuple[Any, ...]]
+    input_types: dict[str, str] = field(repr=False)
+    fixed_batch: int | None
+    threads: int | None = None
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch.
+
+        Parameters
+        ----------
+        feeds : mapping
+            Input name → array with the batch on axis 0. Float arrays are cast to the
+            input's float type (e.g. float64 → float32).
+        outputs : sequence of str, optional
+            Outputs to return; default all.
+
+        Returns
+        -------
+        dict
+            Output name → array, batch on axis 0. On a model whose batch is fixed to 1 a
+            batch of B cases runs B times and the results are concatenated.
+
+        Raises
+        ------
+        ValueError
+            Missing or unknown input names, unknown output names, a batch size the model
+            cannot take, or inputs with different batch sizes.
+        """
+        missing = [n for n in self.input_names if n not in feeds]
+        unknown = [n for n in feeds if n not in self.input_names]
+        if missing or unknown:
+            raise ValueError(
+                f"feeds have inputs {sorted(feeds)}, the model expects {self.input_names}; "
+                f"missing {missing}, unknown {unknown}")
+        names = list(self.output_names if outputs is None else outputs)
+        bad = [n for n in names if n not in self.output_names]
+        if bad:
+            raise ValueError(f"unknown outputs {bad}; the session's outputs are {self.output_names}")
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in feeds.items():
+            arr = np.asarray(value)
+            want = _np_dtype(self.input_types[name])
+            if want is not None and arr.dtype != want and np.issubdtype(arr.dtype, np.floating) \
+                    and np.issubdtype(want, np.floating):
+                arr = arr.astype(want)
+            arrays[name] = np.ascontiguousarray(arr)
+        batches = {a.shape[0] if a.ndim else None for a in arrays.values()}
+        if len(batches) != 1 or None in batches:
+            raise ValueError(
+                f"inputs have batch sizes {sorted(str(b) for b in batches)}; all inputs need the same "
+                "batch size on axis 0")
+        batch = batches.pop()
+        if self.fixed_batch is None or batch == self.fixed_batch:
+            return self._run_once(arrays, names)
+        if self.fixed_batch != 1:
+            raise ValueError(
+                f"the model's batch is fixed to {self.fixed_batch}, got a batch of {batch}; "
+                f"use batch_size={self.fixed_batch} (or re-export the model with a dynamic batch)")
+        parts = [self._run_once({k: v[i:i + 1] for k, v in arrays.items()}, names) for i in range(batch)]
+        return {n: np.concatenate([p[n] for p in parts], axis=0) for n in names}
+
+    def _run_once(self, arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        sess = self.ort_session
+        if self.provider != _CUDA:
+            return dict(zip(names, sess.run(names, arrays)))
+        binding = sess.io_binding()
+        for name, arr in arrays.items():
+            binding.bind_cpu_input(name, arr)
+        for name in names:
+            binding.bind_output(name, "cpu")  # device → host once, into ORT-owned CPU memory
+        sess.run_with_iobinding(binding)
+        # OrtValue.numpy() on a CPU tensor wraps the same buffer (no second copy)
+        return {name: value.numpy() for name, value in zip(names, binding.get_outputs())}
+
+
+def make_session(
+    model: Any,
+    *,
+    provider: str = "auto",
+    optimization: str = "all",
+    threads: int | None = None,
+) -> Session:
+    """Build an onnxruntime session.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto, bytes, str or path-like
+        The model (a path is passed to onnxruntime as is, so external data loads).
+    provider : {"auto", "cpu", "cuda"}
+        ``auto`` takes CUDA when :func:`cuda_usable`, else the CPU.
+    optimization : {"disable", "basic", "extended", "all"}
+        onnxruntime graph optimisation level.
+    threads : int, optional
+        Intra-op threads (default: onnxruntime's choice, one per physical core).
+
+    Returns
+    -------
+    Session
+
+    Raises
+    ------
+    ValueError
+        Unknown provider or optimisation level; ``provider="cuda"`` where CUDA cannot load;
+        a model onnxruntime cannot load.
+
+    Notes
+    -----
+    On the CPU, ``session.intra_op.allow_spinning`` is ``"0"``: idle onnxruntime threads
+    sleep instead of spinning, leaving the cores to the Numba kernels that run between
+    inference calls.
+
+    Examples
+    --------
+    >>> sess = make_session("unet.onnx", provider="cpu")  # doctest: +SKIP
+    >>> sess.provider  # doctest: +SKIP
+    'CPUExecutionProvider'
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider={provider!r}; expected one of {list(PROVIDERS)}")
+    if optimization not in OPTIMIZATIONS:
+        raise ValueError(f"optimization={optimization!r}; expected one of {list(OPTIMIZATIONS)}")
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads={threads!r}; expected a non-negative integer (0 = onnxruntime's default)")
+    if provider == "cuda" and not cuda_usable():
+        raise ValueError(
+            "provider='cuda' was asked for but onnxruntime's CUDA execution provider cannot load "
+            f"here (providers listed: {ort.get_available_providers()}); use provider='auto' or 'cpu'")
+    use_cuda = provider == "cuda" or (provider == "auto" and cuda_usable())
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if not use_cuda:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [_CUDA, _CPU] if use_cuda else [_CPU]
+    if hasattr(model, "SerializeToString"):
+        source: Any = model.SerializeToString()
+    elif isinstance(model, (bytes, bytearray)):
+        source = bytes(model)
+    elif isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"ONNX model file not found: {source!r}; check the path")
+    else:
+        raise TypeError(f"model must be an onnx.ModelProto, bytes or a path, got {type(model).__name__}")
+    try:
+        sess = ort.InferenceSession(source, opts, providers=providers)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"onnxruntime cannot load the model ({reason}); check it with "
+                         "`protoseg inspect` or re-export it") from None
+    inputs = sess.get_inputs()
+    first = inputs[0].shape if inputs else []
+    fixed = first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
+    return Session(
+        ort_session=sess,
+        provider=sess.get_providers()[0],
+        optimization=optimization,
+        input_names=[i.name for i in inputs],
+        output_names=[o.name for o in sess.get_outputs()],
+        input_shapes={i.name: tuple(i.shape) for i in inputs},
+        input_types={i.name: i.type for i in inputs},
+        fixed_batch=fixed,
+        threads=threads,
+    )
