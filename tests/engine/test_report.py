@@ -1,0 +1,391 @@
+"""Tests of engine/report.py: the report from a small store generated here."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.report import layer_summary, unit_summary, write_report
+from engine.status import Status
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- synthetic run
+def make_batches(
+    *,
+    n_cases: int = 7,
+    classes: tuple[int, ...] = (1,),
+    spatial: tuple[int, ...] = (12, 14),
+    channels: tuple[int, ...] = (3, 6, 5),
+    units: bool = True,
+    maps: tuple[str, ...] = ("c0", "c2"),
+    input_sa: bool = True,
+    dice: bool = True,
+    batch_size: int = 3,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict]]:
+    """Batches in the pipeline's batch-dict format (docs/architecture.md, store) + layer rows."""
+    rng = np.random.default_rng(seed)
+    nk, nl = len(classes), len(channels)
+    layers = [{"name": f"t{j}", "layer": f"block{j}.conv", "op": "Conv", "channels": c,
+               "depth": 2 * j + 1, "shape": [c, *spatial]} for j, c in enumerate(channels)]
+    batches = []
+    for start in range(0, n_cases, batch_size):
+        ids = [f"c{i}" for i in range(start, min(n_cases, start + batch_size))]
+        nb = len(ids)
+
+        def block(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+            score = rng.uniform(0, 1, shape)
+            status = np.zeros(shape, np.uint8)
+            drop = rng.uniform(size=shape) < 0.15
+            status[drop] = rng.choice([Status.EMPTY_DICE, Status.EMPTY_FOREGROUND],
+                                      size=int(drop.sum()))
+            score[drop] = np.nan
+            tp = rng.integers(0, 50, shape)
+            return {"score": score, "status": status, "tp": tp, "fp": tp // 2, "fn": tp // 3}
+
+        b: dict = {"case_ids": np.array(ids, dtype=object),
+                   "case_status": np.array(["ok"] * nb, dtype=object),
+                   "case_group": np.array([f"s{i % 2}" for i in range(nb)], dtype=object)}
+        for key, val in block((nb, nk, nl)).items():
+            b[f"layer_{key}"] = val
+        if units:
+            for j, c in enumerate(channels):
+                for key, val in block((nb, nk, c)).items():
+                    b[f"unit/{j}/{key}"] = val
+        if input_sa:
+            for key, val in block((nb, nk, 1)).items():
+                b[f"input_{key}"] = val
+        b["output_dice"] = rng.uniform(0.5, 1, (nb, nk)) if dice else np.full((nb, nk), np.nan)
+        b["baselines"] = {"predicted_fraction": rng.uniform(0, 0.5, (nb, nk))}
+        mp = {}
+        for cid in ids:
+            if cid not in maps:
+                continue
+            ref = np.zeros((nk, *spatial), bool)
+            ref[(slice(None),) + tuple(slice(n // 4, 3 * n // 4) for n in spatial)] = True
+            entry: dict = {"_image": rng.normal(size=spatial).astype(np.float32),
+                           "_prediction": rng.uniform(size=(nk, *spatial)).astype(np.float32),
+                           "_reference": ref}
+            for j in range(nl):
+                for cls in classes:
+                    key = f"t{j}" if nk == 1 else f"t{j}[class {cls}]"
+                    prob = rng.uniform(size=spatial).astype(np.float32)
+                    entry[key] = {"binary": prob > 0.5, "probability": prob}
+            mp[cid] = entry
+        b["maps"] = mp
+        batches.append(b)
+    return batches, layers
+
+
+class FakeStore:
+    """Duck-typed stand-in for engine.store.Store (reader API of docs/architecture.md)."""
+
+    def __init__(self, batches: list[dict], layers: list[dict], classes: list[int],
+                 config: dict, estimates: dict | None = None,
+                 validation: dict | None = None) -> None:
+        self.config = config
+        self.provenance = {"model": "tiny.onnx", "model_sha256": "ab" * 32,
+                           "provider": "CPUExecutionProvider", "optimization": "all",
+                           "started": "2026-01-01T00:00:00Z", "seconds": 1.5}
+        self.version = "1"
+        self.classes = list(classes)
+        cat = lambda key: np.concatenate([b[key] for b in batches])  # noqa: E731
+        ids = cat("case_ids")
+        n = len(ids)
+        self._dice = cat("output_dice")
+        self.cases = np.array(
+            [(ids[i], "ok", cat("case_group")[i], self._dice[i, 0], 0.1, i) for i in range(n)],
+            dtype=[("id", "O"), ("status", "O"), ("group", "O"), ("output_dice", "f8"),
+                   ("predicted_fraction", "f8"), ("index", "i8")])
+        self.layers = np.array(
+            [(j, r["name"], r["layer"], r["op"], r["channels"], r["depth"], str(r["shape"]))
+             for j, r in enumerate(layers)],
+            dtype=[("index", "i8"), ("name", "O"), ("layer", "O"), ("op", "O"),
+                   ("channels", "i8"), ("depth", "i8"), ("shape", "O")])
+        self._layer = {k: cat(f"layer_{k}") for k in ("score", "status", "tp", "fp", "fn")}
+        self.has_units = "unit/0/score" in batches[0]
+        self._units = ({j: {k: cat(f"unit/{j}/{k}") for k in ("score", "status")}
+                        for j in range(len(layers))} if self.has_units else {})
+        self._input = ({k: cat(f"input_{k}") for k in ("score", "status")}
+                       if "input_score" in batches[0] else None)
+        self._baselines = {k: np.concatenate([b["baselines"][k] for b in batches])
+                           for k in batches[0]["baselines"]}
+        self._maps = {cid: m for b in batches for cid, m in b["maps"].items()}
+        self.map_case_ids = list(self._maps)
+        self._estimates = estimates
+        self._validation = validation
+        self.maps_read: list[str] = []
+
+    def layer_scores(self, cls=None):
+        return self._layer
+
+    def unit_scores(self, layer):
+        return self._units[layer]
+
+    def input_scores(self):
+        if self._input is None:
+            raise KeyError("input scores not recorded")
+        return self._input
+
+    def output_dice(self):
+        return self._dice
+
+    def baselines(self):
+        return self._baselines
+
+    def maps(self, case_id):
+        self.maps_read.append(case_id)
+        return self._maps[case_id]
+
+    def estimates(self):
+        return self._estimates
+
+    def validation(self):
+        return self._validation
+
+
+CONFIG = {"guide": "prediction", "reference": "ground_truth", "resize": "upsample",
+          "level": "both", "threshold": 0.5}
+
+
+def build_store(tmp_path: Path, **kw) -> FakeStore:
+    est = kw.pop("estimates", None)
+    val = kw.pop("validation", None)
+    classes = list(kw.get("classes", (1,)))
+    batches, layers = make_batches(**kw)
+    return FakeStore(batches, layers, classes, dict(CONFIG), estimates=est, validation=val)
+
+
+# ----------------------------------------------------------------------------- helpers
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def as_float(text: str) -> float:
+    return float("nan") if text in ("", "NaN") else float(text)
+
+
+def check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as im:
+        w, h = im.size
+        assert w > 100 and h > 100, (path, im.size)
+        assert im.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    n = 7
+    est = {"paper": np.linspace(0.2, 0.9, n), "all-layers": np.linspace(0.9, 0.3, n)}
+    val = {"paper": {"pearson": 0.5, "spearman": {"value": 0.4, "ci": [0.1, 0.7]}, "n": 7},
+           "all-layers": {"pearson": -0.2, "spearman": {"value": -0.1, "ci": [-0.5, 0.3]},
+                          "n": 7}}
+    store = build_store(tmp, n_cases=n, estimates=est, validation=val)
+    path = write_report(store, tmp / "out")
+    return store, path
+
+
+def test_html_written_with_figures_and_tables(full_report):
+    store, path = full_report
+    out = path.parent
+    assert path.name == "report.html"
+    for name in ("sa_depth", "unit_sa_class1", "maps_c0", "maps_c2", "sa_vs_dice",
+                 "baselines_vs_dice"):
+        check_png(out / "figures" / f"{name}.png")
+        svg = (out / "figures" / f"{name}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    for name in ("layer_summary", "unit_summary", "cases", "run", "input_summary",
+                 "validation", "correlations"):
+        assert (out / "tables" / f"{name}.csv").stat().st_size > 0
+        json.loads((out / "tables" / f"{name}.json").read_text())
+    text = path.read_text()
+    assert text.count("data:image/png;base64,") == 6
+    assert "summarised 7 cases" in text
+
+
+def test_html_has_no_external_urls(full_report):
+    _, path = full_report
+    text = path.read_text()
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', text)
+    assert refs
+    assert not [r for r in refs if re.match(r"(?i)(https?:)?//", r)]
+    assert "<script" not in text.lower()
+
+
+def test_layer_table_agrees_with_store(full_report):
+    store, path = full_report
+    rows = read_csv(path.parent / "tables" / "layer_summary.csv")
+    score = store.layer_scores()["score"]
+    status = store.layer_scores()["status"]
+    assert len(rows) == score.shape[1] * score.shape[2]
+    for row in rows:
+        j = int(row["layer_index"])
+        s = score[:, 0, j]
+        f = s[np.isfinite(s)]
+        assert as_float(row["mean"]) == pytest.approx(np.mean(f), rel=1e-12)
+        assert as_float(row["sd"]) == pytest.approx(np.std(f, ddof=1), rel=1e-12)
+        assert as_float(row["median"]) == pytest.approx(np.median(f), rel=1e-12)
+        assert as_float(row["q25"]) == pytest.approx(np.quantile(f, 0.25), rel=1e-12)
+        assert as_float(row["q75"]) == pytest.approx(np.quantile(f, 0.75), rel=1e-12)
+        assert int(row["n_used"]) == f.size
+        assert int(row["n_nan"]) == s.size - f.size
+        assert int(row["nan_EMPTY_DICE"]) == np.sum(status[:, 0, j] == Status.EMPTY_DICE)
+        assert int(row["depth"]) == store.layers["depth"][j]
+    # the JSON copy says the same
+    js = json.loads((path.parent / "tables" / "layer_summary.json").read_text())
+    assert [r["mean"] for r in js] == pytest.approx([as_float(r["mean"]) for r in rows])
+
+
+def test_unit_table_agrees_with_store(full_report):
+    store, path = full_report
+    rows = read_csv(path.parent / "tables" / "unit_summary.csv")
+    assert len(rows) == len(store.layers)
+    for row in rows:
+        u = store.unit_scores(int(row["layer_index"]))["score"][:, 0, :]
+        per_unit = np.array([np.mean(c[np.isfinite(c)]) if np.isfinite(c).any() else np.nan
+                             for c in u.T])
+        above = int(np.sum(per_unit[np.isfinite(per_unit)] > 0.5))
+        assert int(row["n_above"]) == above
+        assert int(row["units"]) == u.shape[1]
+        assert as_float(row["fraction_above"]) == pytest.approx(above / u.shape[1])
+        assert int(row["best_unit"]) == int(np.nanargmax(per_unit))
+
+
+def test_cases_table_and_correlations(full_report):
+    store, path = full_report
+    rows = read_csv(path.parent / "tables" / "cases.csv")
+    assert [r["id"] for r in rows] == list(store.cases["id"])
+    score = store.layer_scores()["score"][:, 0, :]
+    for i, r in enumerate(rows):
+        f = score[i][np.isfinite(score[i])]
+        expect = f.mean() if f.size else math.nan
+        assert as_float(r["mean_layer_sa"]) == pytest.approx(expect, nan_ok=True)
+        assert as_float(r["estimate_paper"]) == pytest.approx(store.estimates()["paper"][i])
+    from scipy import stats
+
+    corr = {r["x"]: r for r in read_csv(path.parent / "tables" / "correlations.csv")}
+    d = store.output_dice()[:, 0]
+    expect = stats.spearmanr(store.estimates()["paper"], d)[0]
+    assert as_float(corr["estimate: paper"]["spearman_rho"]) == pytest.approx(expect)
+    x = store.input_scores()["score"][:, 0, 0]
+    ok = np.isfinite(x)
+    assert as_float(corr["input SA"]["pearson_r"]) == pytest.approx(
+        stats.pearsonr(x[ok], d[ok])[0])
+
+
+def test_validation_rendered(full_report):
+    _, path = full_report
+    rows = read_csv(path.parent / "tables" / "validation.csv")
+    assert {r["estimator"] for r in rows} == {"paper", "all-layers"}
+    assert "spearman.ci" in rows[0]
+    assert "spearman.value" in path.read_text()
+
+
+def test_maps_read_lazily_and_capped(tmp_path):
+    ids = tuple(f"c{i}" for i in range(6))
+    store = build_store(tmp_path, n_cases=6, maps=ids, units=False)
+    write_report(store, tmp_path / "out")
+    assert store.maps_read == ["c0", "c1", "c2", "c3"]  # default cap, one read per case
+    store.maps_read.clear()
+    write_report(store, tmp_path / "out2", cases=["c5"], max_cases=1)
+    assert store.maps_read == ["c5"]
+    assert (tmp_path / "out2" / "figures" / "maps_c5.png").exists()
+
+
+def test_minimal_store_says_not_recorded(tmp_path):
+    store = build_store(tmp_path, units=False, maps=(), input_sa=False, dice=False)
+    path = write_report(store, tmp_path / "out")
+    text = path.read_text()
+    for what in ("Unit-level SA: not recorded", "Maps: not recorded",
+                 "Input SA: not recorded", "Output Dice: not recorded",
+                 "Validation: not recorded"):
+        assert what in text
+    assert (tmp_path / "out" / "figures" / "sa_depth.png").exists()
+    assert not (tmp_path / "out" / "figures" / "unit_sa_class1.png").exists()
+
+
+def test_markdown(full_report, tmp_path):
+    store, _ = full_report
+    path = write_report(store, tmp_path / "md", format="md")
+    assert path.name == "report.md"
+    text = path.read_text()
+    links = re.findall(r"\]\((figures/[^)]+\.png)\)", text)
+    assert "figures/sa_depth.png" in links
+    for link in links:
+        assert (tmp_path / "md" / link).exists()
+    assert "| class | layer |" in text
+    assert not (tmp_path / "md" / "report.html").exists()
+
+
+def test_multiclass_and_3d(tmp_path):
+    store = build_store(tmp_path, classes=(1, 2), spatial=(6, 7, 8), n_cases=4,
+                        maps=("c1",), channels=(2, 3))
+    path = write_report(store, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tables" / "layer_summary.csv")
+    assert {r["class"] for r in rows} == {"1", "2"}
+    score = store.layer_scores()["score"]
+    for r in rows:
+        k = [1, 2].index(int(r["class"]))
+        s = score[:, k, int(r["layer_index"])]
+        assert as_float(r["mean"]) == pytest.approx(np.mean(s[np.isfinite(s)]))
+    check_png(tmp_path / "out" / "figures" / "maps_c1.png")
+    check_png(tmp_path / "out" / "figures" / "unit_sa_class2.png")
+    cases = read_csv(tmp_path / "out" / "tables" / "cases.csv")
+    assert "mean_layer_sa_class2" in cases[0]
+    assert "3-D" in path.read_text()
+
+
+def test_escapes_text(tmp_path):
+    store = build_store(tmp_path, maps=())
+    store.config = dict(CONFIG, note="<script>alert(1)</script>")
+    text = write_report(store, tmp_path / "out").read_text()
+    assert "<script>" not in text
+    assert "&lt;script&gt;" in text
+
+
+def test_unit_summary_and_layer_summary_direct():
+    u = np.array([[0.9, 0.2, np.nan, 0.5], [0.7, np.nan, np.nan, 0.6]])
+    s = unit_summary(u, threshold=0.5)
+    assert s["n_above"] == 2 and s["units"] == 4 and s["n_defined"] == 3
+    assert s["unit_mean"][1] == pytest.approx(0.2)
+    assert s["best_unit"] == 0 and s["best_unit_sa"] == pytest.approx(0.8)
+    assert math.isnan(s["unit_mean"][2])
+    layers = np.array([(0, "t0", "", "Conv", 1, 3)], dtype=[
+        ("index", "i8"), ("name", "O"), ("layer", "O"), ("op", "O"), ("channels", "i8"),
+        ("depth", "i8")])
+    rows = layer_summary(np.full((3, 1, 1), np.nan), np.full((3, 1, 1), Status.EMPTY_FOREGROUND),
+                         layers, [1])
+    assert rows[0]["n_used"] == 0 and rows[0]["nan_EMPTY_FOREGROUND"] == 3
+    assert math.isnan(rows[0]["mean"]) and rows[0]["layer"] == "t0"
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    ({"format": "pdf"}, ValueError, "format"),
+    ({"unit_threshold": 1.5}, ValueError, "unit_threshold"),
+    ({"max_cases": -1}, ValueError, "max_cases"),
+    ({"cases": ["c99"]}, KeyError, "not in the store"),
+    ({"cases": ["c1"]}, ValueError, "has no maps"),
+])
+def test_bad_arguments(tmp_path, kwargs, exc, words):
+    store = build_store(tmp_path, maps=("c0",), units=False)
+    with pytest.raises(exc, match=words):
+        write_report(store, tmp_path / "out", **kwargs)
+
+
+def test_bad_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report(tmp_path / "missing.h5", tmp_path / "out")
+    with pytest.raises(TypeError, match="expected a store path"):
+        write_report(42, tmp_path / "out")
