@@ -496,16 +496,16 @@ def available_memory() -> int:
 
 
 def activation_bytes(tensor: HiddenTensor, batch_size: int, *,
-                     spatial_size: Sequence[int] | None = None) -> int:
+                     input_size: Sequence[int] | None = None) -> int:
     """Bytes one batch of ``tensor`` takes (batch axis = ``batch_size``).
 
-    Unknown or symbolic non-batch dims are taken from ``spatial_size`` (the model input's
+    Unknown or symbolic non-batch dims are taken from ``input_size`` (the model input's
     spatial size: an upper bound for the usual encoder/decoder tensor).
 
     Raises
     ------
     ValueError
-        When a non-batch dim is unknown and ``spatial_size`` cannot resolve it.
+        When a non-batch dim is unknown and ``input_size`` cannot resolve it.
     """
     shape = list(tensor.shape)
     n = int(batch_size)
@@ -513,12 +513,12 @@ def activation_bytes(tensor: HiddenTensor, batch_size: int, *,
     if unresolved:
         ch_axis = len(shape) - 1 if _channels_last(tensor.layout) else 1
         spatial_axes = [i for i in range(1, len(shape)) if i != ch_axis]
-        if spatial_size is None or ch_axis in unresolved or len(spatial_size) != len(spatial_axes):
+        if input_size is None or ch_axis in unresolved or len(input_size) != len(spatial_axes):
             raise ValueError(
                 f"tensor {tensor.name!r} has shape {tensor.shape} with unknown dims; pass "
-                f"spatial_size=(the model input's spatial size, {len(spatial_axes)} ints) or list "
+                f"input_size=(the model input's spatial size, {len(spatial_axes)} ints) or list "
                 "the tensors with input_shapes= so their sizes are known")
-        for axis, size in zip(spatial_axes, spatial_size):
+        for axis, size in zip(spatial_axes, input_size):
             if not isinstance(shape[axis], int):
                 shape[axis] = int(size)
     for d in shape[1:]:
@@ -531,7 +531,7 @@ def plan_passes(
     batch_size: int,
     *,
     max_activation_memory: int | None = None,
-    spatial_size: Sequence[int] | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> list[list[HiddenTensor]]:
     """Split tensors into inference passes whose exposed activations fit a memory budget.
 
@@ -543,7 +543,7 @@ def plan_passes(
         Cases per inference call (the first dim of each tensor, whatever the model says).
     max_activation_memory : int, optional
         Budget in bytes for one pass's exposed tensors; default 25 % of available RAM.
-    spatial_size : sequence of int, optional
+    input_size : sequence of int, optional
         The input's spatial size, to size tensors with symbolic spatial dims.
 
     Returns
@@ -577,7 +577,7 @@ def plan_passes(
     used = 0
     too_big: list[str] = []
     for t in tensors:
-        size = activation_bytes(t, batch_size, spatial_size=spatial_size)
+        size = activation_bytes(t, batch_size, input_size=input_size)
         if size > max_activation_memory:
             too_big.append(t.name)
         if current and used + size > max_activation_memory:

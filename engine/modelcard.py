@@ -1,0 +1,629 @@
+"""The model card: how to feed a model and how to read its prediction.
+
+A :class:`ModelCard` says which graph input takes the image and in which layout, the
+spatial size the model expects, how images are scaled, which graph output is the prediction,
+what it holds (sigmoid probabilities, softmax probabilities or logits), which classes are
+scored, and the layout of every hidden tensor.
+
+:func:`resolve_model_card` merges three sources, later ones winning field by field:
+the protoseg metadata stored in the ONNX file (written by our exporters, see
+:mod:`engine.metadata`) < a TOML file < an overrides dict. Whatever none of them gives is
+inferred from the graph, and every inferred field adds one human sentence to
+``card.assumed``.
+
+TOML files and override dicts use either the metadata's nested form or flat field names::
+
+    # card.toml
+    [input]
+    layout = "NDHWC"
+    size = [128, 128, 128]
+    [prediction]
+    output = "prob"
+    activation = "sigmoid"
+    [preprocessing]
+    scaling = "minmax"
+
+    resolve_model_card(model, overrides={"layout": "NDHWC", "scaling": "minmax"})
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, read_metadata
+
+__all__ = ["ModelCard", "resolve_model_card", "FIELDS"]
+
+_CHANNELS_LAST = ("NWC", "NHWC", "NDHWC")
+_BY_RANK = {3: ("NCW", "NWC"), 4: ("NCHW", "NHWC"), 5: ("NCDHW", "NDHWC")}
+#: Ops that only move data around: looked through when finding the prediction's activation.
+_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Cast",
+                           "Flatten", "Slice", "Resize", "Upsample", "Pad"})
+
+#: Flat field names accepted in overrides and TOML (``hidden`` maps to both hidden dicts).
+FIELDS = ("input_name", "layout", "input_size", "channels", "prediction_output",
+          "prediction_layout", "activation", "classes", "threshold", "resize", "scaling",
+          "mean", "std", "hidden_layers", "hidden_layouts")
+_NESTED = {
+    "input": {"name": "input_name", "layout": "layout", "size": "input_size", "channels": "channels"},
+    "prediction": {"output": "prediction_output", "activation": "activation",
+                   "layout": "prediction_layout", "classes": "classes", "threshold": "threshold"},
+    "preprocessing": {"resize": "resize", "scaling": "scaling", "mean": "mean", "std": "std"},
+}
+_IGNORED = {"encoding-type", "encoding-version", "framework", "source"}
+
+
+def _is_channels_last(layout: str) -> bool:
+    return layout in _CHANNELS_LAST
+
+
+@dataclass
+class ModelCard:
+    """How to feed a model and read its prediction (see the module docstring).
+
+    Attributes
+    ----------
+    input_name : str
+        Graph input that takes the image.
+    layout : str
+        Input layout, one of ``NCW NWC NCHW NHWC NCDHW NDHWC``.
+    input_size : tuple of int or None
+        Spatial size the model expects; ``None`` when it takes any size.
+    channels : int
+        Image channels.
+    prediction_output : str
+        Graph output holding the prediction.
+    activation : str
+        What the prediction holds: ``sigmoid`` | ``softmax`` (probabilities) or ``logits``.
+    classes : tuple of int
+        Output channels scored (one-vs-rest).
+    threshold : float
+        Probability threshold of the prediction.
+    resize : bool
+        Resize images to ``input_size`` in :meth:`preprocess`.
+    scaling : str
+        ``none`` | ``minmax`` | ``zscore`` | ``meanstd`` (per channel).
+    mean, std : tuple of float or None
+        Per-channel (or single) values for ``meanstd``.
+    hidden_layers, hidden_layouts : dict
+        Hidden tensor name → framework layer name / layout (from exporter metadata).
+    prediction_layout : str or None
+        Layout of the prediction output; ``None`` means the input's layout.
+    assumed : list of str
+        One sentence per field that was inferred rather than given.
+    """
+
+    input_name: str
+    layout: str
+    input_size: tuple[int, ...] | None
+    channels: int
+    prediction_output: str
+    activation: str
+    classes: tuple[int, ...]
+    threshold: float = 0.5
+    resize: bool = True
+    scaling: str = "none"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    hidden_layers: dict[str, str] = field(default_factory=dict)
+    hidden_layouts: dict[str, str] = field(default_factory=dict)
+    prediction_layout: str | None = None
+    assumed: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def spatial_ndim(self) -> int:
+        """Number of spatial axes (1, 2 or 3)."""
+        return len(self.layout) - 2
+
+    @property
+    def output_layout(self) -> str:
+        """Layout of the prediction output (the input's when not given)."""
+        return self.prediction_layout or self.layout
+
+    # -- checks -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise a one-line ``ValueError``/``TypeError`` on the first bad one."""
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} is not a known layout; expected one of {list(LAYOUTS)}")
+        if self.prediction_layout is not None and (
+                self.prediction_layout not in LAYOUTS or len(self.prediction_layout) != len(self.layout)):
+            raise ValueError(
+                f"prediction_layout={self.prediction_layout!r}; expected a layout with "
+                f"{self.spatial_ndim} spatial axes ({[l for l in LAYOUTS if len(l) == len(self.layout)]}) or None")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; expected one of {list(ACTIVATIONS)}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling={self.scaling!r}; expected one of {list(SCALINGS)}")
+        if not isinstance(self.channels, (int, np.integer)) or self.channels < 1:
+            raise ValueError(f"channels={self.channels!r}; expected a positive integer")
+        if self.input_size is not None:
+            size = tuple(self.input_size)
+            if len(size) != self.spatial_ndim or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+                raise ValueError(
+                    f"input_size={self.input_size!r}; expected {self.spatial_ndim} positive integers "
+                    f"for layout {self.layout} (or None for any size)")
+            self.input_size = tuple(int(s) for s in size)
+        self.classes = tuple(int(c) for c in self.classes)
+        if not self.classes or min(self.classes) < 0:
+            raise ValueError(f"classes={self.classes!r}; expected one or more non-negative channel indices")
+        if not isinstance(self.threshold, (int, float)) or not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"threshold={self.threshold!r}; expected a number strictly between 0 and 1")
+        self.threshold = float(self.threshold)
+        self.resize = bool(self.resize)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in np.atleast_1d(np.asarray(value, dtype=float)))
+                if len(value) not in (1, self.channels):
+                    raise ValueError(f"{name} has {len(value)} values; expected 1 or channels={self.channels}")
+                setattr(self, name, value)
+        if self.scaling == "meanstd" and (self.mean is None or self.std is None):
+            raise ValueError("scaling='meanstd' needs mean and std (one value, or one per channel); "
+                             "set both, or choose scaling 'zscore'")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise ValueError(f"std={self.std!r} contains 0; expected non-zero values")
+
+    # -- conversion ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of every field (tuples as lists)."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    def layout_of(self, name: str) -> str | None:
+        """Layout of a named tensor: the input, the prediction or a hidden tensor (None if unknown)."""
+        if name == self.input_name:
+            return self.layout
+        if name == self.prediction_output:
+            return self.output_layout
+        return self.hidden_layouts.get(name)
+
+    def to_channels_first(self, tensor: np.ndarray, name: str | None = None) -> np.ndarray:
+        """View a batch of a named tensor as (B, C, *spatial).
+
+        Parameters
+        ----------
+        tensor : numpy.ndarray
+            Batch of a hidden tensor, the input or the prediction (batch on axis 0).
+        name : str, optional
+            Its ONNX name; the layout comes from the card (channels-first when unknown:
+            ONNX computes channels-first, even inside converted NHWC models).
+
+        Returns
+        -------
+        numpy.ndarray
+            A view (``np.moveaxis``, no copy) when the tensor is channels-last.
+
+        Raises
+        ------
+        ValueError
+            When the rank does not fit the tensor's layout.
+        """
+        tensor = np.asarray(tensor)
+        layout = self.layout_of(name) if name is not None else None
+        if layout is None:
+            if tensor.ndim < 3:
+                raise ValueError(f"tensor {name!r} has shape {tensor.shape}; expected (B, C, *spatial), rank >= 3")
+            return tensor
+        if tensor.ndim != len(layout):
+            raise ValueError(
+                f"tensor {name!r} has shape {tensor.shape} (rank {tensor.ndim}); its layout {layout} "
+                f"needs rank {len(layout)} with the batch axis first")
+        return np.moveaxis(tensor, -1, 1) if _is_channels_last(layout) else tensor
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Turn one channels-first image into the model's input for one case.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            One case, shape (C, *spatial), channels-first.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, in the model's layout, without the batch axis: resized to
+            ``input_size`` (linear, half-pixel centres) when ``resize`` is set, then scaled.
+
+        Raises
+        ------
+        ValueError
+            Wrong rank or channel count, or a size the model cannot take without resizing.
+
+        Notes
+        -----
+        Scaling is per channel: ``minmax`` → (x - min) / (max - min) (a constant channel
+        becomes 0); ``zscore`` → (x - mean) / std over the case (std 0 → 0);
+        ``meanstd`` → (x - mean[c]) / std[c] with the card's values.
+        """
+        x = np.asarray(image)
+        if x.ndim != self.spatial_ndim + 1:
+            hint = " (add a channel axis: image[None])" if x.ndim == self.spatial_ndim else ""
+            raise ValueError(
+                f"image has shape {x.shape}; expected (C, *spatial) with {self.spatial_ndim} spatial "
+                f"axes for layout {self.layout}{hint}")
+        if x.shape[0] != self.channels:
+            raise ValueError(
+                f"image has {x.shape[0]} channels (shape {x.shape}); the model takes {self.channels}; "
+                "convert the image or set channels in the model card")
+        x = x.astype(np.float32, copy=False)
+        spatial = tuple(x.shape[1:])
+        if self.input_size is not None and spatial != self.input_size:
+            if not self.resize:
+                raise ValueError(
+                    f"image spatial size {spatial} differs from the model's input size {self.input_size} "
+                    "and resize is off; turn resize on or resample the images")
+            from engine.resize import resize_linear
+
+            x = np.asarray(resize_linear(x, self.input_size), dtype=np.float32)
+        if self.scaling != "none":
+            x = self._scale(x)
+        if _is_channels_last(self.layout):
+            x = np.moveaxis(x, 0, -1)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _scale(self, x: np.ndarray) -> np.ndarray:
+        axes = tuple(range(1, x.ndim))
+        x64 = x.astype(np.float64)
+        if self.scaling == "minmax":
+            lo = x64.min(axis=axes, keepdims=True)
+            span = x64.max(axis=axes, keepdims=True) - lo
+            out = np.divide(x64 - lo, span, out=np.zeros_like(x64), where=span > 0)
+        elif self.scaling == "zscore":
+            mu = x64.mean(axis=axes, keepdims=True)
+            sd = x64.std(axis=axes, keepdims=True)
+            out = np.divide(x64 - mu, sd, out=np.zeros_like(x64), where=sd > 0)
+        else:  # meanstd
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            mean = np.asarray(self.mean, dtype=np.float64).reshape(shape)
+            std = np.asarray(self.std, dtype=np.float64).reshape(shape)
+            out = (x64 - mean) / std
+        return out.astype(np.float32)
+
+    def to_probability(self, outputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
+        """Foreground probability per scored class, channels-first.
+
+        Parameters
+        ----------
+        outputs : dict or numpy.ndarray
+            ``Session.run`` results (the prediction output is taken by name) or the
+            prediction array itself, batch first, in ``output_layout``. An output without
+            a channel axis (rank = spatial + 1) is read as one channel.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 (B, len(classes), *spatial).
+
+        Raises
+        ------
+        ValueError
+            When the prediction output is missing, its rank is wrong, or a class index is
+            beyond its channels.
+
+        Notes
+        -----
+        ``sigmoid``/``softmax``: the output's channels for ``classes`` as they are.
+        ``logits``: sigmoid for a one-channel output, else softmax over channels, then the
+        channels for ``classes``.
+        """
+        if isinstance(outputs, Mapping):
+            if self.prediction_output not in outputs:
+                raise ValueError(
+                    f"prediction output {self.prediction_output!r} is not among the outputs "
+                    f"{sorted(outputs)}; run the session with it or fix prediction_output")
+            y = np.asarray(outputs[self.prediction_output])
+        else:
+            y = np.asarray(outputs)
+        layout = self.output_layout
+        if y.ndim == len(layout) - 1:
+            y = y[:, None]
+        elif y.ndim == len(layout):
+            y = np.moveaxis(y, -1, 1) if _is_channels_last(layout) else y
+        else:
+            raise ValueError(
+                f"prediction {self.prediction_output!r} has shape {y.shape}; expected rank "
+                f"{len(layout)} ({layout}) or {len(layout) - 1} without a channel axis")
+        n = y.shape[1]
+        if max(self.classes) >= n:
+            raise ValueError(
+                f"classes={list(self.classes)} but the prediction has {n} channel(s); "
+                f"choose classes among 0..{n - 1}")
+        y = y.astype(np.float64)
+        if self.activation == "logits":
+            if n == 1:
+                y = 0.5 * (1.0 + np.tanh(0.5 * y))  # stable sigmoid
+            else:
+                y = np.exp(y - y.max(axis=1, keepdims=True))
+                y /= y.sum(axis=1, keepdims=True)
+        return np.ascontiguousarray(y[:, list(self.classes)], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# resolution
+
+def _flatten(source: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """Nested metadata/TOML form or flat field names → flat field dict."""
+    flat: dict[str, Any] = {}
+    for key, value in source.items():
+        if key in _IGNORED:
+            continue
+        if key in _NESTED:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{origin}: [{key}] must be a table/dict, got {type(value).__name__}")
+            for sub, sub_value in value.items():
+                if sub not in _NESTED[key]:
+                    raise ValueError(
+                        f"{origin}: unknown key {key}.{sub!r}; valid: {sorted(_NESTED[key])}")
+                if sub_value is not None:
+                    flat[_NESTED[key][sub]] = sub_value
+        elif key == "hidden":
+            for tensor, info in (value or {}).items():
+                if isinstance(info, Mapping):
+                    if info.get("layer"):
+                        flat.setdefault("hidden_layers", {})[tensor] = str(info["layer"])
+                    if info.get("layout"):
+                        flat.setdefault("hidden_layouts", {})[tensor] = str(info["layout"])
+                else:
+                    flat.setdefault("hidden_layers", {})[tensor] = str(info)
+        elif key in FIELDS:
+            if value is not None:
+                flat[key] = value
+        else:
+            valid = sorted(set(FIELDS) | set(_NESTED) | {"hidden"})
+            close = difflib.get_close_matches(key, valid, n=3)
+            raise ValueError(f"{origin}: unknown model-card key {key!r}; "
+                             + (f"did you mean {close}?" if close else f"valid keys: {valid}"))
+    return flat
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model-card TOML file not found: {str(p)!r}; check the path")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"model-card TOML file {str(p)!r} is not valid TOML ({exc}); fix the file") from None
+
+
+def _shape(value_info: Any) -> list[int | str | None]:
+    tt = value_info.type.tensor_type
+    if not tt.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+
+def _small(dim: Any) -> bool:
+    return isinstance(dim, int) and 0 < dim <= 4
+
+
+def _infer_layout(shape: list[Any], *, first_consumer_perm: list[int] | None = None,
+                  fallback: str | None = None) -> tuple[str | None, str]:
+    """Layout from a shape: which of axis 1 and the last axis is small (<= 4)."""
+    pair = _BY_RANK.get(len(shape))
+    if pair is None:
+        return None, f"rank {len(shape)}"
+    first, last = shape[1], shape[-1]
+    if _small(first) and not _small(last):
+        return pair[0], f"axis 1 has {first} entries (channels) in shape {shape}"
+    if _small(last) and not _small(first):
+        return pair[1], f"the last axis has {last} entries (channels) in shape {shape}"
+    r = len(shape)
+    if first_consumer_perm == [0, r - 1, *range(1, r - 1)]:
+        return pair[1], f"the input goes through a Transpose to channels-first (shape {shape})"
+    if fallback in pair:
+        return fallback, f"shape {shape} is ambiguous; taken as the input's layout"
+    return pair[0], f"shape {shape} is ambiguous; channels-first by default"
+
+
+def _activation_of(graph: Any, output: str) -> tuple[str, str]:
+    producers = {o: n for n in graph.node for o in n.output}
+    name = output
+    for _ in range(16):
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type in ("Sigmoid", "HardSigmoid"):
+            return "sigmoid", f"the output is produced by a {node.op_type} node ({node.name or name!r})"
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            if node.op_type == "LogSoftmax":
+                return "logits", "the output is produced by LogSoftmax (softmax applied to it again)"
+            return "softmax", f"the output is produced by a Softmax node ({node.name or name!r})"
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            return "logits", f"the output is produced by {node.op_type}, not Sigmoid/Softmax"
+        name = node.input[0]
+    return "logits", "no Sigmoid or Softmax found before the output"
+
+
+def resolve_model_card(
+    model: Any,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    toml: str | os.PathLike[str] | None = None,
+) -> ModelCard:
+    """Build the model card: metadata < TOML file < overrides, the rest inferred.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto or path
+        The model (not modified).
+    overrides : mapping, optional
+        Field values (flat names from :data:`FIELDS`, or the metadata's nested form).
+    toml : path, optional
+        A TOML file with the same keys.
+
+    Returns
+    -------
+    ModelCard
+        ``card.assumed`` lists, one sentence each, the fields that were inferred.
+
+    Raises
+    ------
+    ValueError
+        Unknown keys or values (layout, activation, scaling...), an input or output name
+        that is not in the graph (lists the valid ones), or a prediction that cannot be
+        chosen among several outputs.
+    FileNotFoundError
+        When the TOML file does not exist.
+
+    Examples
+    --------
+    >>> card = resolve_model_card("deepbrain.onnx", overrides={"scaling": "minmax"})  # doctest: +SKIP
+    >>> card.layout, card.assumed[:1]  # doctest: +SKIP
+    ('NDHWC', ['input layout NDHWC: the last axis has 1 entries (channels) in shape [...]'])
+    """
+    from engine.graph import load_model
+
+    proto = load_model(model)
+    fields: dict[str, Any] = {}
+    meta = read_metadata(proto)
+    if meta:
+        fields.update(_flatten(meta, "ONNX metadata"))
+    if toml is not None:
+        fields.update(_flatten(_read_toml(toml), f"TOML {str(toml)!r}"))
+    if overrides:
+        fields.update(_flatten(overrides, "overrides"))
+    assumed: list[str] = []
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    outputs = {o.name: o for o in graph.output}
+
+    # input
+    if "input_name" in fields:
+        if fields["input_name"] not in inputs:
+            raise ValueError(f"input {fields['input_name']!r} is not a graph input; inputs: {sorted(inputs)}")
+    elif len(inputs) == 1:
+        fields["input_name"] = next(iter(inputs))
+        assumed.append(f"input: {fields['input_name']!r}, the model's only input")
+    else:
+        raise ValueError(f"the model has {len(inputs)} inputs {sorted(inputs)}; set input_name in the model card")
+    in_shape = _shape(inputs[fields["input_name"]])
+    if "layout" not in fields:
+        consumers = [n for n in graph.node if fields["input_name"] in n.input]
+        perm = None
+        if len(consumers) >= 1 and all(n.op_type == "Transpose" for n in consumers
+                                       if n.op_type not in ("Shape", "Size")):
+            tr = [n for n in consumers if n.op_type == "Transpose"]
+            if tr:
+                perm = [list(a.ints) for a in tr[0].attribute if a.name == "perm"]
+                perm = perm[0] if perm else None
+        layout, why = _infer_layout(in_shape, first_consumer_perm=perm)
+        if layout is None:
+            raise ValueError(
+                f"input {fields['input_name']!r} has shape {in_shape} ({why}); cannot infer a layout: "
+                f"set layout to one of {list(LAYOUTS)}")
+        fields["layout"] = layout
+        assumed.append(f"input layout {layout}: {why}")
+    layout = fields["layout"]
+    if layout in LAYOUTS and in_shape and len(in_shape) != len(layout):
+        raise ValueError(f"layout={layout!r} has rank {len(layout)} but input {fields['input_name']!r} "
+                         f"has shape {in_shape}; choose a layout of rank {len(in_shape)}")
+    ch_axis = -1 if _is_channels_last(layout) else 1
+    spatial_axes = [i for i in range(1, len(in_shape)) if i != (len(in_shape) - 1 if ch_axis == -1 else 1)]
+    if "channels" not in fields:
+        dim = in_shape[ch_axis] if in_shape else None
+        if isinstance(dim, int) and dim > 0:
+            fields["channels"] = dim
+        else:
+            fields["channels"] = 1
+            assumed.append("input channels: 1 (the model's channel axis is symbolic)")
+    if "input_size" not in fields:
+        dims = [in_shape[i] for i in spatial_axes] if in_shape else []
+        if dims and all(isinstance(d, int) and d > 0 for d in dims):
+            fields["input_size"] = tuple(dims)
+        else:
+            fields["input_size"] = None
+            assumed.append("input size: any (the model's spatial axes are symbolic); images are fed at their own size")
+    if "resize" not in fields:
+        fields["resize"] = fields["input_size"] is not None
+        if fields["resize"]:
+            assumed.append(f"preprocessing: images are resized (linear) to the input size {tuple(fields['input_size'])}")
+    if "scaling" not in fields:
+        fields["scaling"] = "none"
+        assumed.append("preprocessing: no intensity scaling (images are fed as read)")
+
+    # prediction
+    if "prediction_output" in fields:
+        if fields["prediction_output"] not in outputs:
+            raise ValueError(f"prediction output {fields['prediction_output']!r} is not a graph output; "
+                             f"outputs: {sorted(outputs)}")
+    elif len(outputs) == 1:
+        fields["prediction_output"] = next(iter(outputs))
+        assumed.append(f"prediction: {fields['prediction_output']!r}, the model's only output")
+    else:
+        in_spatial = [in_shape[i] for i in spatial_axes] if in_shape else []
+        matches = []
+        for name, vi in outputs.items():
+            shp = _shape(vi)
+            if not in_spatial or not all(isinstance(d, int) for d in in_spatial):
+                break
+            if (len(shp) == len(in_shape) and in_spatial in (shp[2:], shp[1:-1])) or (
+                    len(shp) == len(in_shape) - 1 and shp[1:] == in_spatial):
+                matches.append(name)
+        if len(matches) != 1:
+            raise ValueError(
+                f"cannot tell which of the outputs {sorted(outputs)} is the prediction "
+                f"({len(matches)} have the input's spatial shape); set prediction_output")
+        fields["prediction_output"] = matches[0]
+        assumed.append(f"prediction: {matches[0]!r}, the only output with the input's spatial shape")
+    out_shape = _shape(outputs[fields["prediction_output"]])
+    if "prediction_layout" not in fields and len(out_shape) == len(layout):
+        out_layout, why = _infer_layout(out_shape, fallback=layout)
+        if out_layout != layout:
+            fields["prediction_layout"] = out_layout
+            assumed.append(f"prediction layout {out_layout}: {why}")
+    out_layout = fields.get("prediction_layout") or layout
+    if len(out_shape) == len(out_layout):
+        n_out = out_shape[-1 if _is_channels_last(out_layout) else 1]
+    elif len(out_shape) == len(out_layout) - 1:
+        n_out = 1
+    else:
+        n_out = None
+    n_out = n_out if isinstance(n_out, int) and n_out > 0 else None
+    if "activation" not in fields:
+        act, why = _activation_of(graph, fields["prediction_output"])
+        fields["activation"] = act
+        assumed.append(f"activation {act}: {why}")
+    if "classes" not in fields:
+        if n_out is None or n_out == 1:
+            fields["classes"] = (0,)
+            what = "one output channel" if n_out == 1 else "unknown output channels"
+            assumed.append(f"classes [0]: {what}, scored as the foreground")
+        elif n_out == 2:
+            fields["classes"] = (1,)
+            assumed.append("classes [1]: two output channels, channel 0 taken as the background")
+        else:
+            fields["classes"] = tuple(range(1, n_out))
+            assumed.append(f"classes {list(range(1, n_out))}: {n_out} output channels, channel 0 taken "
+                           "as the background, the others scored one-vs-rest")
+    elif n_out is not None and max(int(c) for c in fields["classes"]) >= n_out:
+        raise ValueError(f"classes={list(fields['classes'])} but output {fields['prediction_output']!r} "
+                         f"has {n_out} channel(s); choose among 0..{n_out - 1}")
+    if "threshold" not in fields:
+        fields["threshold"] = 0.5
+        assumed.append("threshold 0.5 on the foreground probability")
+    if fields.get("input_size") is not None:
+        fields["input_size"] = tuple(fields["input_size"])
+    if fields.get("classes") is not None:
+        fields["classes"] = tuple(fields["classes"])
+    return ModelCard(**fields, assumed=assumed)
