@@ -357,6 +357,8 @@ def _per_case_arrays(obj: Any, n_cases: int) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping):
         return out
     for key, val in obj.items():
+        if _text(key) == "info":  # store.estimates() puts the estimators' details here
+            continue
         if isinstance(val, Mapping):
             for inner in ("values", "estimate", "estimates", "score"):
                 if inner in val:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from engine.report import layer_summary, unit_summary, write_report
 from engine.status import Status
+from engine.store import Store, StoreWriter, open_store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,7 +35,7 @@ def make_batches(
     """Batches in the pipeline's batch-dict format (docs/architecture.md, store) + layer rows."""
     rng = np.random.default_rng(seed)
     nk, nl = len(classes), len(channels)
-    layers = [{"name": f"t{j}", "layer": f"block{j}.conv", "op": "Conv", "channels": c,
+    layers = [{"index": j, "name": f"t{j}", "layer": f"block{j}.conv", "op": "Conv", "channels": c,
                "depth": 2 * j + 1, "shape": [c, *spatial]} for j, c in enumerate(channels)]
     batches = []
     for start in range(0, n_cases, batch_size):
@@ -85,83 +86,38 @@ def make_batches(
     return batches, layers
 
 
-class FakeStore:
-    """Duck-typed stand-in for engine.store.Store (reader API of docs/architecture.md)."""
-
-    def __init__(self, batches: list[dict], layers: list[dict], classes: list[int],
-                 config: dict, estimates: dict | None = None,
-                 validation: dict | None = None) -> None:
-        self.config = config
-        self.provenance = {"model": "tiny.onnx", "model_sha256": "ab" * 32,
-                           "provider": "CPUExecutionProvider", "optimization": "all",
-                           "started": "2026-01-01T00:00:00Z", "seconds": 1.5}
-        self.version = "1"
-        self.classes = list(classes)
-        cat = lambda key: np.concatenate([b[key] for b in batches])  # noqa: E731
-        ids = cat("case_ids")
-        n = len(ids)
-        self._dice = cat("output_dice")
-        self.cases = np.array(
-            [(ids[i], "ok", cat("case_group")[i], self._dice[i, 0], 0.1, i) for i in range(n)],
-            dtype=[("id", "O"), ("status", "O"), ("group", "O"), ("output_dice", "f8"),
-                   ("predicted_fraction", "f8"), ("index", "i8")])
-        self.layers = np.array(
-            [(j, r["name"], r["layer"], r["op"], r["channels"], r["depth"], str(r["shape"]))
-             for j, r in enumerate(layers)],
-            dtype=[("index", "i8"), ("name", "O"), ("layer", "O"), ("op", "O"),
-                   ("channels", "i8"), ("depth", "i8"), ("shape", "O")])
-        self._layer = {k: cat(f"layer_{k}") for k in ("score", "status", "tp", "fp", "fn")}
-        self.has_units = "unit/0/score" in batches[0]
-        self._units = ({j: {k: cat(f"unit/{j}/{k}") for k in ("score", "status")}
-                        for j in range(len(layers))} if self.has_units else {})
-        self._input = ({k: cat(f"input_{k}") for k in ("score", "status")}
-                       if "input_score" in batches[0] else None)
-        self._baselines = {k: np.concatenate([b["baselines"][k] for b in batches])
-                           for k in batches[0]["baselines"]}
-        self._maps = {cid: m for b in batches for cid, m in b["maps"].items()}
-        self.map_case_ids = list(self._maps)
-        self._estimates = estimates
-        self._validation = validation
-        self.maps_read: list[str] = []
-
-    def layer_scores(self, cls=None):
-        return self._layer
-
-    def unit_scores(self, layer):
-        return self._units[layer]
-
-    def input_scores(self):
-        if self._input is None:
-            raise KeyError("input scores not recorded")
-        return self._input
-
-    def output_dice(self):
-        return self._dice
-
-    def baselines(self):
-        return self._baselines
-
-    def maps(self, case_id):
-        self.maps_read.append(case_id)
-        return self._maps[case_id]
-
-    def estimates(self):
-        return self._estimates
-
-    def validation(self):
-        return self._validation
-
-
 CONFIG = {"guide": "prediction", "reference": "ground_truth", "resize": "upsample",
           "level": "both", "threshold": 0.5}
+PROVENANCE = {"model": "tiny.onnx", "model_sha256": "ab" * 32, "provider": "CPUExecutionProvider",
+              "optimization": "all", "started": "2026-01-01T00:00:00Z", "seconds": 1.5}
 
 
-def build_store(tmp_path: Path, **kw) -> FakeStore:
+def build_store(tmp_path: Path, **kw) -> Store:
+    """A real store: batches written with StoreWriter, finalized, opened with open_store.
+
+    ``maps`` calls are recorded in ``store.maps_read`` (to check lazy reading).
+    """
     est = kw.pop("estimates", None)
     val = kw.pop("validation", None)
     classes = list(kw.get("classes", (1,)))
     batches, layers = make_batches(**kw)
-    return FakeStore(batches, layers, classes, dict(CONFIG), estimates=est, validation=val)
+    path = tmp_path / f"store{len(list(tmp_path.glob('store*.h5')))}.h5"
+    writer = StoreWriter(path, config=dict(CONFIG), layers=layers, classes=classes)
+    for b in batches:
+        writer.write_batch(b)
+    writer.finalize(dict(PROVENANCE))
+    store = open_store(path)
+    if est is not None:
+        store.write_estimates(est, validation=val, info={"paper": {"layers": ["t1", "t2"]}})
+    store.maps_read = []
+    read = store.maps
+
+    def recording(case_id):
+        store.maps_read.append(case_id)
+        return read(case_id)
+
+    store.maps = recording
+    return store
 
 
 # ----------------------------------------------------------------------------- helpers
