@@ -125,7 +125,9 @@ def reference_sa(
     -------
     numpy.ndarray
         float64 Dice of ``argmax`` with ``reference``: (B,) for ``"layer"``, (B, C) for
-        ``"unit"``; NaN where undefined (as the reference gives).
+        ``"unit"``. Without foreground or background in the guide the published module
+        silently gives NaN probabilities and an all-background map (Dice 0, or NaN when the
+        reference is empty too); it is kept that way here.
 
     Raises
     ------
