@@ -1,0 +1,652 @@
+"""Data in: read image (and optional mask) cases from folders or array files.
+
+:func:`open_dataset` returns a :class:`Dataset`, a sized, lazy iterable of
+:class:`Case` objects; one case is read at a time. Every image comes out as float32,
+channels first ``(C, *spatial)``; every mask as integer labels ``(*spatial)`` (uint8,
+or uint16 when labels exceed 255). A case that cannot be read, or whose mask disagrees
+with its image, becomes a ``Case`` with ``status != "ok"`` and a warning, so a run goes
+on; ``strict=True`` raises instead. The rules are documented in ``docs/datasets.md``.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Case",
+    "Dataset",
+    "DatasetError",
+    "IMAGE_EXTENSIONS",
+    "MASK_SUFFIXES",
+    "open_dataset",
+]
+
+#: File name endings read as images or masks (lower case).
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif",
+                    ".tiff", ".npy")
+#: Stem suffixes that mark a mask file (``<id>_mask.png``...).
+MASK_SUFFIXES = ("_mask", "_seg", "_label")
+#: Stem suffixes that mark an image file in a folder that also holds masks.
+IMAGE_SUFFIXES = ("_image", "_img")
+_ARRAY_FILES = (".h5", ".hdf5", ".hdf", ".npz")
+_MASK_DIRS = ("masks", "labels", "segmentations")
+_NRRD_CHANNEL_KINDS = {"vector", "covariant-vector", "normal", "rgb-color", "rgba-color",
+                       "3-color", "4-color", "hsv-color", "xyz-color", "list", "point",
+                       "2-vector", "3-vector", "4-vector", "3-gradient", "3-normal",
+                       "complex", "quaternion"}
+
+
+class DatasetError(ValueError):
+    """A case or a dataset cannot be read (raised with ``strict=True``)."""
+
+
+@dataclass
+class Case:
+    """One case of a dataset.
+
+    Attributes
+    ----------
+    id : str
+        Case identifier (file stem, or the ``ids`` entry of an array file).
+    image : ndarray or None
+        float32 ``(C, *spatial)``, channels first; None when unreadable.
+    mask : ndarray or None
+        Integer labels ``(*spatial)``, uint8 (uint16 when a label exceeds 255); None
+        without a mask or when it could not be used.
+    group : str or None
+        Group (subject, site...) from ``groups``/``groups.csv``.
+    path : str
+        Where the image came from (``file.h5:images[3]`` for array files).
+    status : str
+        ``"ok"``, ``"unreadable"``, ``"mask-unreadable"``, ``"mask-shape-mismatch"`` or
+        ``"bad-shape"``.
+    message : str
+        Human explanation when ``status != "ok"``.
+    """
+
+    id: str
+    image: np.ndarray | None
+    mask: np.ndarray | None = None
+    group: str | None = None
+    path: str = ""
+    status: str = "ok"
+    message: str = ""
+    mask_path: str | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the case was read and its mask (if any) fits the image."""
+        return self.status == "ok"
+
+
+# --------------------------------------------------------------------------- naming
+
+def _split_ext(name: str) -> tuple[str, str] | None:
+    lower = name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: len(name) - len(ext)], ext
+    return None
+
+
+def _natural_key(text: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _strip_suffix(stem: str, suffixes: tuple[str, ...]) -> str | None:
+    lower = stem.lower()
+    for suf in suffixes:
+        if lower.endswith(suf) and len(stem) > len(suf):
+            return stem[: len(stem) - len(suf)]
+    return None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and _split_ext(p.name)),
+                  key=lambda p: _natural_key(p.name))
+
+
+def _add_unique(table: dict[str, Path], key: str, path: Path, what: str) -> None:
+    if key in table:
+        raise DatasetError(f"two {what} files for case {key!r}: {table[key]} and {path}; "
+                           "keep one per case (or rename one)")
+    table[key] = path
+
+
+def _pair_folder(folder: Path, masks: bool) -> tuple[list[tuple[str, Path, Path | None]],
+                                                     list[Path]]:
+    """Return [(id, image path, mask path|None)] and the unmatched mask files."""
+    images: dict[str, Path] = {}
+    mask_files: dict[str, Path] = {}
+    sub = folder / "images"
+    if sub.is_dir():
+        for p in _image_files(sub):
+            stem = _split_ext(p.name)[0]  # type: ignore[index]
+            _add_unique(images, _strip_suffix(stem, IMAGE_SUFFIXES) or stem, p, "image")
+        for name in _MASK_DIRS:
+            mdir = folder / name
+            if mdir.is_dir():
+                for p in _image_files(mdir):
+                    stem = _split_ext(p.name)[0]  # type: ignore[index]
+                    key = stem if stem in images else (
+                        _strip_suffix(stem, MASK_SUFFIXES) or stem)
+                    _add_unique(mask_files, key, p, "mask")
+                break
+    else:
+        for p in _image_files(folder):
+            stem = _split_ext(p.name)[0]  # type: ignore[index]
+            base = _strip_suffix(stem, MASK_SUFFIXES)
+            if base is not None:
+                _add_unique(mask_files, base, p, "mask")
+                continue
+            _add_unique(images, _strip_suffix(stem, IMAGE_SUFFIXES) or stem, p, "image")
+    if not masks:
+        mask_files = {}
+    ids = sorted(images, key=_natural_key)
+    pairs = [(i, images[i], mask_files.get(i)) for i in ids]
+    unmatched = [mask_files[k] for k in sorted(mask_files, key=_natural_key)
+                 if k not in images]
+    return pairs, unmatched
+
+
+def _read_groups(source: Mapping[str, Any] | str | os.PathLike[str] | None,
+                 folder: Path | None) -> dict[str, str]:
+    if source is None:
+        if folder is None or not (folder / "groups.csv").is_file():
+            return {}
+        source = folder / "groups.csv"
+    if isinstance(source, Mapping):
+        return {str(k): str(v) for k, v in source.items()}
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"groups file {path} does not exist; pass a CSV with columns "
+                                "id,group or a dict id -> group")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["id", "group"]:
+        rows = rows[1:]
+    out = {}
+    for n, row in enumerate(rows, start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DatasetError(f"{path} line {n} has {len(row)} column(s), expected 2 "
+                               "(id,group)")
+        out[row[0].strip()] = row[1].strip()
+    return out
+
+
+# --------------------------------------------------------------------------- readers
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, str]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C): NIfTI vector data
+        data = data[:, :, :, 0, :]
+    return data, "last"  # a 4th axis holds channels
+
+
+def _read_nrrd(path: Path) -> tuple[np.ndarray, str | int]:
+    import nrrd
+
+    data, header = nrrd.read(str(path), index_order="F")
+    kinds = [str(k).lower() for k in header.get("kinds", [])]
+    if len(kinds) == data.ndim:
+        chan = [i for i, k in enumerate(kinds) if k in _NRRD_CHANNEL_KINDS]
+        if len(chan) == 1:
+            return data, chan[0]
+    return data, "last"
+
+
+def _read_pil(path: Path, is_mask: bool) -> tuple[np.ndarray, str | int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode == "P" and not is_mask:
+            im = im.convert("RGB")
+        elif mode in ("RGBA", "LA", "PA"):
+            im = im.convert("RGB" if mode == "RGBA" else "L")
+        elif mode == "1":
+            im = im.convert("L")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        data = np.asarray(im)
+    return data, 2 if data.ndim == 3 else "last"
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, str | int]:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        series = tf.series[0]
+        data = series.asarray()
+        axes = series.axes
+    chan = [i for i, a in enumerate(axes) if a in "SC"]
+    if len(chan) == 1 and len(axes) == data.ndim:
+        return data, chan[0]
+    return data, "last"
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, str]:
+    return np.load(path, mmap_mode="r", allow_pickle=False), "first"
+
+
+def _read_file(path: Path, *, is_mask: bool = False) -> tuple[np.ndarray, str | int]:
+    """Raw array and where its channel axis is, if it has one beyond spatial_ndim."""
+    ext = _split_ext(path.name)
+    ext_l = ext[1] if ext else path.suffix.lower()
+    if ext_l in (".nii", ".nii.gz"):
+        return _read_nifti(path)
+    if ext_l in (".nrrd", ".nhdr"):
+        return _read_nrrd(path)
+    if ext_l in (".png", ".jpg", ".jpeg"):
+        return _read_pil(path, is_mask)
+    if ext_l in (".tif", ".tiff"):
+        return _read_tiff(path)
+    if ext_l == ".npy":
+        return _read_npy(path)
+    raise DatasetError(f"{path} has an unsupported extension; expected one of "
+                       f"{list(IMAGE_EXTENSIONS)}")
+
+
+def _to_channels_first(data: np.ndarray, chan: str | int, spatial_ndim: int | None,
+                       where: str) -> np.ndarray:
+    """Arrange a raw image as (C, *spatial) float32."""
+    data = np.asarray(data)
+    if data.dtype.kind not in "biuf":
+        raise DatasetError(f"{where} holds {data.dtype} values, expected real numbers")
+    nd = data.ndim
+    if isinstance(chan, int):
+        if spatial_ndim is not None and nd - 1 != spatial_ndim:
+            raise DatasetError(f"{where} has shape {data.shape} with channel axis {chan}, "
+                               f"expected {spatial_ndim} spatial axes")
+        out = np.moveaxis(data, chan, 0)
+    else:
+        if spatial_ndim is None:
+            spatial_ndim = nd if nd <= 3 else nd - 1
+        if nd == spatial_ndim:
+            out = data[None]
+        elif nd == spatial_ndim + 1:
+            out = np.moveaxis(data, -1, 0) if chan == "last" else data
+        else:
+            raise DatasetError(f"{where} has shape {data.shape}, expected {spatial_ndim} "
+                               f"spatial axes (+ 1 channel axis); check spatial_ndim")
+    if out.ndim - 1 not in (1, 2, 3):
+        raise DatasetError(f"{where} has {out.ndim - 1} spatial axes (shape {data.shape}), "
+                           "expected 1, 2 or 3")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _to_labels(mask: np.ndarray, spatial: tuple[int, ...], where: str) -> np.ndarray:
+    """Arrange a raw mask as integer labels (*spatial); raise on bad values."""
+    mask = np.asarray(mask)
+    if mask.ndim == len(spatial) + 1 and mask.shape[:len(spatial)] == spatial:
+        # channels last (RGB mask, NIfTI (X,Y,Z,1)): equal channels -> one, else any
+        mask = mask[..., 0] if (mask == mask[..., :1]).all() else (mask != 0).any(-1)
+    elif mask.ndim == len(spatial) + 1 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.dtype == bool:
+        return mask.astype(np.uint8)
+    if mask.dtype.kind not in "iuf":
+        raise DatasetError(f"{where} holds {mask.dtype} values, expected integer labels")
+    if mask.dtype.kind == "f":
+        if not np.isfinite(mask).all():
+            raise DatasetError(f"{where} contains NaN or Inf, expected integer labels")
+        if not (mask == np.round(mask)).all():
+            return (mask != 0).astype(np.uint8)  # soft/float mask: any nonzero = foreground
+    if mask.size and mask.min() < 0:
+        raise DatasetError(f"{where} has negative labels (min {mask.min()}), expected "
+                           "labels >= 0")
+    top = mask.max() if mask.size else 0
+    if top > np.iinfo(np.uint16).max:
+        raise DatasetError(f"{where} has label {top}, expected labels <= 65535")
+    return np.ascontiguousarray(mask, dtype=np.uint8 if top <= 255 else np.uint16)
+
+
+# --------------------------------------------------------------------------- dataset
+
+class Dataset:
+    """A sized, lazy iterable of :class:`Case` (see :func:`open_dataset`).
+
+    Attributes
+    ----------
+    source : Path
+    ids : list of str
+        Case ids, in iteration order.
+    has_masks : bool
+        True when at least one case has a mask.
+    kind : str
+        ``"folder"``, ``"hdf5"``, ``"npz"`` or ``"file"``.
+    """
+
+    def __init__(self, source: Path, kind: str, ids: list[str], *,
+                 spatial_ndim: int | None, strict: bool, groups: dict[str, str],
+                 images: list[Path] | None = None, masks: list[Path | None] | None = None,
+                 has_masks: bool = False) -> None:
+        self.source = source
+        self.kind = kind
+        self.ids = ids
+        self.spatial_ndim = spatial_ndim
+        self.strict = strict
+        self.groups = groups
+        self.has_masks = has_masks
+        self._images = images
+        self._masks = masks
+        self._npz: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[Case]:
+        for i in range(len(self.ids)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return (f"Dataset({str(self.source)!r}, kind={self.kind!r}, cases={len(self)}, "
+                f"has_masks={self.has_masks})")
+
+    def index(self, case_id: str) -> int:
+        """Position of ``case_id``; KeyError listing close ids when absent."""
+        try:
+            return self.ids.index(case_id)
+        except ValueError:
+            close = difflib.get_close_matches(str(case_id), self.ids, n=5)
+            raise KeyError(f"case {case_id!r} is not in {self.source}; closest: "
+                           f"{close or self.ids[:5]}") from None
+
+    def __getitem__(self, i: int | str) -> Case:
+        if isinstance(i, str):
+            i = self.index(i)
+        n = len(self.ids)
+        if not -n <= int(i) < n:
+            raise IndexError(f"case index {i} out of range for {n} cases")
+        i = int(i) % n
+        case_id = self.ids[i]
+        group = self.groups.get(case_id)
+        if self.kind in ("folder", "file"):
+            assert self._images is not None and self._masks is not None
+            return self._read_pair(case_id, self._images[i], self._masks[i], group)
+        return self._read_array_case(i, case_id, group)
+
+    # ------------------------------------------------------------------ helpers
+    def _bad(self, case: Case) -> Case:
+        if self.strict:
+            raise DatasetError(case.message)
+        warnings.warn(case.message, stacklevel=3)
+        return case
+
+    def _finish(self, case_id: str, image: np.ndarray, mask_raw: np.ndarray | None,
+                group: str | None, path: str, mask_path: str | None) -> Case:
+        mask = None
+        if mask_raw is not None:
+            spatial = image.shape[1:]
+            try:
+                mask = _to_labels(mask_raw, spatial, mask_path or path)
+            except DatasetError as exc:
+                return self._bad(Case(case_id, image, None, group, path, "mask-unreadable",
+                                      f"case {case_id!r}: {exc}; case skipped", mask_path))
+            if mask.shape != spatial:
+                return self._bad(Case(
+                    case_id, image, None, group, path, "mask-shape-mismatch",
+                    f"case {case_id!r}: mask {mask_path} has shape {mask.shape}, image "
+                    f"{path} has spatial shape {spatial}; fix the pair or drop the mask; "
+                    "case skipped", mask_path))
+        return Case(case_id, image, mask, group, path, "ok", "", mask_path)
+
+    def _read_pair(self, case_id: str, image_path: Path, mask_path: Path | None,
+                   group: str | None) -> Case:
+        try:
+            raw, chan = _read_file(image_path)
+            mask_raw = None
+            spatial_ndim = self.spatial_ndim
+            if mask_path is not None:
+                try:
+                    mask_raw, _ = _read_file(mask_path, is_mask=True)
+                    mask_raw = np.asarray(mask_raw)
+                except Exception as exc:  # noqa: BLE001 - any reader failure
+                    return self._bad(Case(
+                        case_id, None, None, group, str(image_path), "mask-unreadable",
+                        f"case {case_id!r}: cannot read mask {mask_path} "
+                        f"({type(exc).__name__}: {_short(exc)}); case skipped",
+                        str(mask_path)))
+                if spatial_ndim is None and chan in ("first", "last") and \
+                        np.ndim(raw) == mask_raw.ndim + 1:
+                    spatial_ndim = mask_raw.ndim  # the mask tells the spatial rank
+            image = _to_channels_first(raw, chan, spatial_ndim, str(image_path))
+        except Exception as exc:  # noqa: BLE001 - any reader failure becomes a status
+            if isinstance(exc, DatasetError) and "spatial axes" in str(exc):
+                status = "bad-shape"
+            else:
+                status = "unreadable"
+            return self._bad(Case(case_id, None, None, group, str(image_path), status,
+                                  f"case {case_id!r}: cannot read {image_path} "
+                                  f"({type(exc).__name__}: {_short(exc)}); case skipped",
+                                  None if mask_path is None else str(mask_path)))
+        return self._finish(case_id, image, mask_raw, group, str(image_path),
+                            None if mask_path is None else str(mask_path))
+
+    def _read_array_case(self, i: int, case_id: str, group: str | None) -> Case:
+        where = f"{self.source}:images[{i}]"
+        try:
+            if self.kind == "hdf5":
+                import h5py
+
+                with h5py.File(self.source, "r") as f:
+                    raw = np.asarray(f["images"][i])
+                    mask_raw = np.asarray(f["masks"][i]) if self.has_masks else None
+            else:
+                arrays = self._load_npz()
+                raw = arrays["images"][i]
+                mask_raw = arrays["masks"][i] if self.has_masks else None
+            image = _to_channels_first(raw, "first", self.spatial_ndim, where)
+        except Exception as exc:  # noqa: BLE001
+            return self._bad(Case(case_id, None, None, group, where, "unreadable",
+                                  f"case {case_id!r}: cannot read {where} "
+                                  f"({type(exc).__name__}: {_short(exc)}); case skipped"))
+        return self._finish(case_id, image, mask_raw, group, where,
+                            f"{self.source}:masks[{i}]" if mask_raw is not None else None)
+
+    def _load_npz(self) -> dict[str, np.ndarray]:
+        if self._npz is None:
+            with np.load(self.source, allow_pickle=False) as z:
+                self._npz = {k: z[k] for k in ("images", "masks") if k in z.files}
+        return self._npz
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _decode(values: Any) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(values)]
+
+
+def _open_array_file(path: Path, *, spatial_ndim: int | None, strict: bool, masks: bool,
+                     groups: Mapping[str, str] | str | os.PathLike[str] | None) -> Dataset:
+    kind = "npz" if path.suffix.lower() == ".npz" else "hdf5"
+    shapes: dict[str, tuple[int, ...]] = {}
+    ids: list[str] | None = None
+    file_groups: list[str] | None = None
+    if kind == "hdf5":
+        import h5py
+
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise DatasetError(f"cannot open {path} as HDF5 ({_short(exc)}); expected an "
+                               "HDF5 file with an 'images' dataset") from None
+        with f:
+            names = list(f.keys())
+            for key in ("images", "masks"):
+                if key in f:
+                    shapes[key] = f[key].shape
+            if "ids" in f:
+                ids = _decode(f["ids"][()])
+            if "groups" in f:
+                file_groups = _decode(f["groups"][()])
+            attr_nd = f["images"].attrs.get("spatial_ndim") if "images" in f else None
+    else:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetError(f"cannot open {path} as NPZ ({_short(exc)}); expected an NPZ "
+                               "file with an 'images' array") from None
+        with z:
+            names = list(z.files)
+            for key in ("images", "masks"):
+                if key in z.files:
+                    shapes[key] = z[key].shape
+            if "ids" in z.files:
+                ids = _decode(z["ids"])
+            if "groups" in z.files:
+                file_groups = _decode(z["groups"])
+        attr_nd = None
+    if "images" not in shapes:
+        raise DatasetError(f"{path} has no 'images' array (it has {names}); expected "
+                           "'images' (N, [C,] *spatial), optional 'masks', 'ids', 'groups'")
+    n = shapes["images"][0] if shapes["images"] else 0
+    has_masks = masks and "masks" in shapes
+    if has_masks and shapes["masks"][0] != n:
+        raise DatasetError(f"{path} has {n} images but {shapes['masks'][0]} masks; expected "
+                           "one mask per image")
+    if spatial_ndim is None:
+        if attr_nd is not None:
+            spatial_ndim = int(attr_nd)
+        elif has_masks:
+            spatial_ndim = len(shapes["masks"]) - 1
+        else:
+            nd = len(shapes["images"]) - 1
+            spatial_ndim = nd if nd <= 3 else nd - 1
+    if ids is None:
+        ids = [f"{i:0{len(str(max(n - 1, 0)))}d}" for i in range(n)]
+    if len(ids) != n or len(set(ids)) != n:
+        raise DatasetError(f"{path} 'ids' has {len(ids)} entries ({len(set(ids))} distinct), "
+                           f"expected {n} distinct ids (one per image)")
+    group_map = _read_groups(groups, None) if groups is not None else {}
+    if file_groups is not None and groups is None:
+        if len(file_groups) != n:
+            raise DatasetError(f"{path} 'groups' has {len(file_groups)} entries, expected {n}")
+        group_map = dict(zip(ids, file_groups))
+    return Dataset(path, kind, ids, spatial_ndim=spatial_ndim, strict=strict,
+                   groups=group_map, has_masks=has_masks)
+
+
+def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = None,
+                 strict: bool = False, masks: bool = True,
+                 groups: Mapping[str, str] | str | os.PathLike[str] | None = None
+                 ) -> Dataset:
+    """Open a dataset of images (and optional masks) for scoring.
+
+    Parameters
+    ----------
+    source : str or Path
+        One of:
+
+        * a **folder** of image/mask pairs — NIfTI (``.nii``, ``.nii.gz``), NRRD
+          (``.nrrd``, ``.nhdr``), PNG/JPEG/TIFF or ``.npy``. Pairing rules, first match:
+
+          1. subfolders ``images/`` and ``masks/`` (or ``labels/``,
+             ``segmentations/``): files matched by stem (``a.nii.gz`` ↔ ``a.nii.gz``
+             or ``a_mask.nii.gz``);
+          2. one folder with ``<id>_image.*`` / ``<id>_img.*`` and ``<id>_mask.*`` /
+             ``<id>_seg.*`` / ``<id>_label.*``;
+          3. one folder with ``<id>.*`` and ``<id>_mask.*`` (same suffixes); an image
+             without mask has ``mask=None``.
+
+          Masks without an image are reported with a warning. Two images for one id
+          raise. Cases are ordered by id (natural order: ``case2`` before ``case10``).
+        * one **HDF5** (``.h5``, ``.hdf5``) or **NPZ** file with ``images`` (N, [C,]
+          *spatial), optional ``masks`` (N, *spatial), ``ids`` and ``groups``;
+        * one **image file**: a single case.
+    spatial_ndim : {1, 2, 3}, optional
+        Number of spatial axes, to tell a channel axis from a spatial one in ``.npy``
+        and array files (e.g. a (3, H, W) array with ``spatial_ndim=2`` is 3 channels).
+        Default: taken from the masks when present, else arrays of up to 3 axes are
+        all spatial and a 4th axis is channels (first for ``.npy``/arrays, last for
+        NIfTI/NRRD/PNG/TIFF unless the file names its channel axis).
+    strict : bool, default False
+        Raise :class:`DatasetError` for a case that cannot be used instead of returning
+        it with a status and a warning.
+    masks : bool, default True
+        Read masks; False ignores them (label-free runs).
+    groups : dict or path, optional
+        Case id → group (subject, site), or a CSV ``id,group``. Default: ``groups.csv``
+        in the folder, or the ``groups`` array of an HDF5/NPZ file.
+
+    Returns
+    -------
+    Dataset
+        Sized iterable of :class:`Case`; ``dataset[i]`` and ``dataset["id"]`` read one
+        case.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``source`` does not exist.
+    DatasetError
+        The source holds no images, an id has two images, or an array file lacks
+        ``images`` or has inconsistent ``masks``/``ids``.
+
+    Notes
+    -----
+    Images come out float32 ``(C, *spatial)``: RGB(A) PNG/JPEG → 3 channels (alpha
+    dropped), 4-D NIfTI → last axis as channels. Voxel arrays are kept in file order
+    (no reorientation), so image and mask must share a grid. Masks keep integer labels
+    (uint8, uint16 above 255); a float mask with non-integer values becomes nonzero =
+    1. A case that cannot be read (status ``unreadable``/``bad-shape``), whose mask
+    cannot be read (``mask-unreadable``) or whose mask shape differs from the image's
+    spatial shape (``mask-shape-mismatch``) is returned with ``image``/``mask`` as far
+    as read and a warning. NPZ files are loaded whole on first access; use HDF5 or a
+    folder for data larger than memory.
+
+    Examples
+    --------
+    >>> ds = open_dataset("data/")                      # doctest: +SKIP
+    >>> for case in ds:                                 # doctest: +SKIP
+    ...     if case.ok:
+    ...         print(case.id, case.image.shape, case.mask is not None)
+    """
+    path = Path(source)
+    if spatial_ndim is not None and spatial_ndim not in (1, 2, 3):
+        raise ValueError(f"spatial_ndim={spatial_ndim!r}; expected 1, 2, 3 or None")
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist; pass a folder of image/mask "
+                                "pairs, an HDF5/NPZ file or an image file")
+    if path.is_dir():
+        pairs, unmatched = _pair_folder(path, masks)
+        if not pairs:
+            raise DatasetError(f"folder {path} holds no image files; expected "
+                               f"{list(IMAGE_EXTENSIONS)} (or images/ and masks/ subfolders)")
+        for m in unmatched:
+            warnings.warn(f"mask {m} has no matching image (expected an image named like "
+                          "it without the mask suffix); ignored", stacklevel=2)
+        group_map = _read_groups(groups, path)
+        return Dataset(path, "folder", [p[0] for p in pairs], spatial_ndim=spatial_ndim,
+                       strict=strict, groups=group_map, images=[p[1] for p in pairs],
+                       masks=[p[2] for p in pairs],
+                       has_masks=any(p[2] is not None for p in pairs))
+    if path.suffix.lower() in _ARRAY_FILES:
+        return _open_array_file(path, spatial_ndim=spatial_ndim, strict=strict, masks=masks,
+                                groups=groups)
+    split = _split_ext(path.name)
+    if split is None:
+        raise DatasetError(f"{path} is neither a folder, an HDF5/NPZ file nor an image "
+                           f"({list(IMAGE_EXTENSIONS)}); pass one of those")
+    group_map = _read_groups(groups, None) if groups is not None else {}
+    return Dataset(path, "file", [split[0]], spatial_ndim=spatial_ndim, strict=strict,
+                   groups=group_map, images=[path], masks=[None], has_masks=False)

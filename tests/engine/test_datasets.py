@@ -1,0 +1,324 @@
+"""Tests for engine.datasets: formats, pairing rules, statuses and warnings."""
+from __future__ import annotations
+
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.datasets import Case, DatasetError, open_dataset
+
+rng = np.random.default_rng(0)
+
+
+def _img2d(h: int = 6, w: int = 5) -> np.ndarray:
+    return rng.integers(0, 255, size=(h, w)).astype(np.uint8)
+
+
+def _mask2d(h: int = 6, w: int = 5) -> np.ndarray:
+    return (rng.random((h, w)) > 0.5).astype(np.uint8)
+
+
+def _write_png(path, arr) -> None:
+    from PIL import Image
+
+    Image.fromarray(arr).save(path)
+
+
+def _write_nifti(path, arr) -> None:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+
+
+
+
+# ------------------------------------------------------------------ formats
+
+def test_png_gray_and_rgb_round_trip(tmp_path):
+    gray, rgb, mask = _img2d(), rng.integers(0, 255, (6, 5, 3)).astype(np.uint8), _mask2d()
+    _write_png(tmp_path / "a.png", gray)
+    _write_png(tmp_path / "a_mask.png", mask * 255)
+    _write_png(tmp_path / "b.png", rgb)
+    ds = open_dataset(tmp_path)
+    assert ds.ids == ["a", "b"] and len(ds) == 2 and ds.has_masks
+    a, b = list(ds)
+    assert a.ok and a.image.dtype == np.float32 and a.image.shape == (1, 6, 5)
+    np.testing.assert_array_equal(a.image[0], gray)
+    np.testing.assert_array_equal(a.mask, mask * 255)
+    assert a.mask.dtype == np.uint8
+    assert b.image.shape == (3, 6, 5) and b.mask is None
+    np.testing.assert_array_equal(b.image, np.moveaxis(rgb, -1, 0))
+
+
+def test_rgba_png_drops_alpha_and_jpeg_reads(tmp_path):
+    rgba = rng.integers(0, 255, (4, 7, 4)).astype(np.uint8)
+    _write_png(tmp_path / "x.png", rgba)
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "y.jpg")
+    ds = open_dataset(tmp_path)
+    x, y = ds["x"], ds["y"]
+    np.testing.assert_array_equal(x.image, np.moveaxis(rgba[..., :3], -1, 0))
+    assert y.image.shape == (3, 8, 8) and abs(float(y.image.mean()) - 100) < 3
+
+
+def test_nifti_3d_and_4d_channels(tmp_path):
+    vol = rng.random((4, 5, 6)).astype(np.float32)
+    multi = rng.random((4, 5, 6, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, (4, 5, 6)).astype(np.int16)
+    _write_nifti(tmp_path / "s1.nii.gz", vol)
+    _write_nifti(tmp_path / "s1_seg.nii.gz", labels)
+    _write_nifti(tmp_path / "s2.nii", multi)
+    ds = open_dataset(tmp_path)
+    s1, s2 = ds
+    assert s1.image.shape == (1, 4, 5, 6)
+    np.testing.assert_allclose(s1.image[0], vol)
+    np.testing.assert_array_equal(s1.mask, labels)  # labels kept, not binarised
+    assert s1.mask.dtype == np.uint8
+    assert s2.image.shape == (2, 4, 5, 6)
+    np.testing.assert_allclose(s2.image, np.moveaxis(multi, -1, 0))
+
+
+def test_nrrd_round_trip_with_vector_kind(tmp_path):
+    import nrrd
+
+    vol = rng.random((3, 4, 5)).astype(np.float32)
+    nrrd.write(str(tmp_path / "v.nrrd"), vol, index_order="F")
+    vec = rng.random((2, 3, 4, 5)).astype(np.float32)
+    nrrd.write(str(tmp_path / "w.nrrd"), vec,
+               header={"kinds": ["vector", "domain", "domain", "domain"]}, index_order="F")
+    nrrd.write(str(tmp_path / "v_mask.nrrd"), (vol > 0.5).astype(np.uint8), index_order="F")
+    ds = open_dataset(tmp_path)
+    v, w = ds["v"], ds["w"]
+    np.testing.assert_allclose(v.image[0], vol)
+    np.testing.assert_array_equal(v.mask, vol > 0.5)
+    assert w.image.shape == (2, 3, 4, 5)
+    np.testing.assert_allclose(w.image, vec)
+
+
+def test_tiff_volume_and_rgb(tmp_path):
+    import tifffile
+
+    vol = rng.random((3, 4, 5)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "vol.tif", vol, photometric="minisblack")
+    rgb = rng.integers(0, 255, (4, 5, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tiff", rgb, photometric="rgb")
+    ds = open_dataset(tmp_path)
+    np.testing.assert_allclose(ds["vol"].image[0], vol)
+    assert ds["rgb"].image.shape == (3, 4, 5)
+    np.testing.assert_array_equal(ds["rgb"].image, np.moveaxis(rgb, -1, 0))
+
+
+def test_npy_spatial_ndim_disambiguates(tmp_path):
+    arr = rng.random((3, 6, 5)).astype(np.float64)
+    np.save(tmp_path / "c.npy", arr)
+    assert open_dataset(tmp_path)[0].image.shape == (1, 3, 6, 5)  # default: a volume
+    assert open_dataset(tmp_path, spatial_ndim=2)[0].image.shape == (3, 6, 5)
+    np.save(tmp_path / "c_mask.npy", np.ones((6, 5), np.uint8))
+    case = open_dataset(tmp_path)[0]  # the mask tells: 2 spatial axes
+    assert case.ok and case.image.shape == (3, 6, 5)
+    np.testing.assert_allclose(case.image, arr.astype(np.float32))
+
+
+def test_single_image_file(tmp_path):
+    _write_png(tmp_path / "only.png", _img2d())
+    ds = open_dataset(tmp_path / "only.png")
+    assert ds.ids == ["only"] and ds[0].image.shape == (1, 6, 5) and not ds.has_masks
+
+
+# ------------------------------------------------------------------ array files
+
+@pytest.mark.parametrize("fmt", ["h5", "npz"])
+def test_array_file_round_trip(tmp_path, fmt):
+    images = rng.random((3, 2, 6, 5)).astype(np.float32)
+    masks = rng.integers(0, 2, (3, 6, 5)).astype(np.uint8)
+    ids = np.array(["p", "q", "r"])
+    groups = np.array(["s1", "s1", "s2"])
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "h5":
+        with h5py.File(path, "w") as f:
+            f["images"], f["masks"] = images, masks
+            f["ids"] = ids.astype(h5py.string_dtype())
+            f["groups"] = groups.astype(h5py.string_dtype())
+    else:
+        np.savez(path, images=images, masks=masks, ids=ids, groups=groups)
+    ds = open_dataset(path)
+    assert ds.ids == ["p", "q", "r"] and ds.has_masks
+    for i, case in enumerate(ds):
+        assert case.ok and case.image.shape == (2, 6, 5)
+        np.testing.assert_array_equal(case.image, images[i])
+        np.testing.assert_array_equal(case.mask, masks[i])
+        assert case.group == groups[i]
+    assert open_dataset(path, masks=False)[0].mask is None
+
+
+def test_array_file_without_channel_axis_and_default_ids(tmp_path):
+    images = rng.random((2, 4, 5)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", images=images)
+    ds = open_dataset(tmp_path / "d.npz")
+    assert ds.ids == ["0", "1"] and not ds.has_masks
+    assert ds[1].image.shape == (1, 4, 5)
+
+
+def test_array_file_missing_images_is_clear(tmp_path):
+    np.savez(tmp_path / "d.npz", pictures=np.zeros((2, 3, 3)))
+    with pytest.raises(DatasetError, match="no 'images'.*pictures"):
+        open_dataset(tmp_path / "d.npz")
+
+
+def test_array_file_mask_count_mismatch(tmp_path):
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 3, 3)), masks=np.zeros((3, 3, 3)))
+    with pytest.raises(DatasetError, match="2 images but 3 masks"):
+        open_dataset(tmp_path / "d.npz")
+
+
+def test_array_file_mask_shape_mismatch_status(tmp_path):
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"] = np.zeros((2, 1, 4, 4), np.float32)
+        f["masks"] = np.zeros((2, 4, 5), np.uint8)
+    with pytest.warns(UserWarning, match="mask-shape|shape"):
+        case = open_dataset(tmp_path / "d.h5", spatial_ndim=2)[0]
+    assert case.status == "mask-shape-mismatch" and case.mask is None
+
+
+# ------------------------------------------------------------------ pairing
+
+def test_pairing_images_masks_subfolders(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("case2", "case10", "case1"):
+        np.save(tmp_path / "images" / f"{name}.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "masks" / "case1.npy", np.ones((4, 4), np.uint8))
+    np.save(tmp_path / "masks" / "case10_mask.npy", np.ones((4, 4), np.uint8))
+    np.save(tmp_path / "masks" / "orphan.npy", np.ones((4, 4), np.uint8))
+    with pytest.warns(UserWarning, match="orphan"):
+        ds = open_dataset(tmp_path)
+    assert ds.ids == ["case1", "case2", "case10"]  # natural order
+    assert [c.mask is not None for c in ds] == [True, False, True]
+
+
+def test_pairing_image_and_label_suffixes(tmp_path):
+    np.save(tmp_path / "a_image.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "a_label.npy", np.ones((4, 4), np.uint8))
+    np.save(tmp_path / "b_img.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "b_seg.npy", np.ones((4, 4), np.uint8))
+    np.save(tmp_path / "c.npy", np.zeros((4, 4)))
+    (tmp_path / "notes.txt").write_text("ignored")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = open_dataset(tmp_path)
+        cases = list(ds)
+    assert ds.ids == ["a", "b", "c"]
+    assert [c.mask is not None for c in cases] == [True, True, False]
+    assert all(c.ok for c in cases)
+
+
+def test_two_images_for_one_id_raise(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    _write_png(tmp_path / "a.png", _img2d(4, 4))
+    with pytest.raises(DatasetError, match="two image files for case 'a'"):
+        open_dataset(tmp_path)
+
+
+def test_masks_false_ignores_masks(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "a_mask.npy", np.ones((5, 5), np.uint8))
+    ds = open_dataset(tmp_path, masks=False)
+    assert not ds.has_masks and ds[0].ok and ds[0].mask is None
+
+
+def test_groups_csv_and_mapping(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "b.npy", np.zeros((4, 4)))
+    (tmp_path / "groups.csv").write_text("id,group\na,site1\nb,site2\n")
+    assert [c.group for c in open_dataset(tmp_path)] == ["site1", "site2"]
+    assert [c.group for c in open_dataset(tmp_path, groups={"a": "x"})] == ["x", None]
+
+
+# ------------------------------------------------------------------ bad cases
+
+def test_unreadable_file_skipped_with_status_and_warning(tmp_path):
+    np.save(tmp_path / "good.npy", np.zeros((4, 4)))
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti file at all")
+    ds = open_dataset(tmp_path)
+    with pytest.warns(UserWarning, match="bad.nii.gz"):
+        cases = list(ds)
+    bad = next(c for c in cases if c.id == "bad")
+    assert bad.status == "unreadable" and bad.image is None and "bad.nii.gz" in bad.message
+    assert next(c for c in cases if c.id == "good").ok
+
+
+def test_strict_raises(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    ds = open_dataset(tmp_path, strict=True)
+    with pytest.raises(DatasetError, match="bad.png"):
+        ds[0]
+
+
+def test_mask_shape_mismatch_in_folder(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "a_mask.npy", np.ones((4, 5), np.uint8))
+    with pytest.warns(UserWarning, match=r"\(4, 5\).*\(4, 4\)"):
+        case = open_dataset(tmp_path)[0]
+    assert case.status == "mask-shape-mismatch" and case.image is not None
+    with pytest.raises(DatasetError, match="mask"):
+        open_dataset(tmp_path, strict=True)[0]
+
+
+def test_unreadable_mask_status(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    (tmp_path / "a_mask.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="a_mask.png"):
+        case = open_dataset(tmp_path)[0]
+    assert case.status == "mask-unreadable"
+
+
+def test_bad_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_dataset(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="no image files"):
+        open_dataset(tmp_path)
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(DatasetError, match="neither a folder"):
+        open_dataset(tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="spatial_ndim=4"):
+        open_dataset(tmp_path, spatial_ndim=4)
+
+
+def test_unknown_case_id_lists_close_ones(tmp_path):
+    np.save(tmp_path / "case1.npy", np.zeros((4, 4)))
+    with pytest.raises(KeyError, match="case1"):
+        open_dataset(tmp_path)["case2"]
+
+
+# ------------------------------------------------------------------ masks (property)
+
+def _labels_twin(mask: np.ndarray) -> np.ndarray:
+    """Slow obvious rule: integer-valued -> labels, otherwise nonzero -> 1."""
+    flat = [float(v) for v in mask.ravel()]
+    if all(v == int(v) for v in flat):
+        out = np.array([int(v) for v in flat]).reshape(mask.shape)
+    else:
+        out = np.array([1 if v != 0 else 0 for v in flat]).reshape(mask.shape)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0, 2.0, 0.25, 300.0, 7.0]), min_size=4,
+                max_size=12))
+def test_mask_values_follow_label_rule(values):
+    from engine.datasets import _to_labels
+
+    mask = np.array(values, dtype=np.float32)
+    out = _to_labels(mask, mask.shape, "m")
+    np.testing.assert_array_equal(out, _labels_twin(mask))
+    assert out.dtype == (np.uint16 if out.max() > 255 else np.uint8)
+
+
+def test_case_dataclass_ok_flag():
+    assert Case("a", np.zeros((1, 2, 2), np.float32)).ok
+    assert not Case("a", None, status="unreadable").ok
