@@ -167,6 +167,11 @@ class Session:
             if want is not None and arr.dtype != want and np.issubdtype(arr.dtype, np.floating) \
                     and np.issubdtype(want, np.floating):
                 arr = arr.astype(want)
+            expected = self.input_shapes.get(name) or ()
+            if expected and arr.ndim != len(expected):
+                raise ValueError(
+                    f"input {name!r} has shape {arr.shape}; the model expects rank {len(expected)} "
+                    f"(shape {list(expected)}, batch first)")
             arrays[name] = np.ascontiguousarray(arr)
         batches = {a.shape[0] if a.ndim else None for a in arrays.values()}
         if len(batches) != 1 or None in batches:
