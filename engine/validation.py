@@ -279,6 +279,8 @@ def validate(
             part = {"r": float("nan"), "ci": [float("nan"), float("nan")], "n": int(ok_v.sum())}
             if xv.size >= 4:
                 part["r"] = partial_spearman(xv, tv, vv)
+                if not np.isfinite(part["r"]):
+                    part["reason"] = "no residual variation once predicted volume is given (ranks determined by volume)"
                 if n_boot > 0:
                     sv = g[ok_v] if (g is not None and stratified) else None
                     idx = _boot_indices(xv.size, n_boot, rng, sv)
