@@ -68,28 +68,29 @@ def baselines(
     *,
     threshold: float = 0.5,
     mask: np.ndarray | None = None,
-    class_axis: bool = True,
+    class_axis: bool = False,
 ) -> dict[str, np.ndarray]:
     """Trivial label-free quality baselines per case (and class).
 
     Parameters
     ----------
     probability : ndarray
-        Foreground probabilities in [0, 1], shape ``(B, n_classes, *spatial)`` (the
-        pipeline's layout) or ``(B, *spatial)`` with ``class_axis=False``.
+        Foreground probabilities in [0, 1] of one class, shape ``(B, *spatial)`` (the
+        pipeline calls this per class), or ``(B, n_classes, *spatial)`` with
+        ``class_axis=True``.
     threshold : float, optional
         The prediction is ``probability > threshold`` (strict, as ties go to background in
         SPEC §1).
     mask : ndarray, optional
         Tissue mask ``(B, *spatial)`` or ``(*spatial)``; positions outside are ignored.
     class_axis : bool, optional
-        Whether axis 1 of ``probability`` is the class axis.
+        Whether axis 1 of ``probability`` is the class axis (default False).
 
     Returns
     -------
     dict of str to ndarray
         ``predicted_fraction``, ``soft_dice``, ``uncertain_fraction``, ``mean_entropy``, each
-        float64 of shape ``(B, n_classes)`` (``(B,)`` with ``class_axis=False``). NaN where the
+        float64 of shape ``(B,)`` (``(B, n_classes)`` with ``class_axis=True``). NaN where the
         mask is empty; ``soft_dice`` is NaN when the probability and the prediction are both
         zero everywhere (0/0).
 
@@ -108,8 +109,8 @@ def baselines(
 
     Examples
     --------
-    >>> p = np.array([[[0.0, 1.0, 0.5, 0.95]]])
-    >>> {k: round(float(v[0, 0]), 3) for k, v in baselines(p).items()}["predicted_fraction"]
+    >>> p = np.array([[0.0, 1.0, 0.5, 0.95]])
+    >>> round(float(baselines(p)["predicted_fraction"][0]), 3)
     0.5
     """
     p = np.asarray(probability)
@@ -118,8 +119,8 @@ def baselines(
     min_ndim = 3 if class_axis else 2
     if p.ndim < min_ndim:
         raise ValueError(
-            f"probability has shape {p.shape}; expected (B, n_classes, *spatial) with at least one spatial axis "
-            "(pass class_axis=False for (B, *spatial))"
+            f"probability has shape {p.shape}; expected (B, *spatial) with at least one spatial axis "
+            "((B, n_classes, *spatial) with class_axis=True)"
         )
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold={threshold!r}; expected a number strictly between 0 and 1")

@@ -90,15 +90,19 @@ def test_baselines_match_naive(B, K, H, W, threshold, use_mask, seed):
     p[rng.random(p.shape) < 0.3] = 0.0
     p[rng.random(p.shape) < 0.2] = 1.0
     mask = (rng.random((B, H, W)) < 0.6).astype(np.uint8) if use_mask else None
-    got = baselines(p, threshold=threshold, mask=mask)
+    got = baselines(p, threshold=threshold, mask=mask, class_axis=True)
+    if K == 1:  # the pipeline's per-class call
+        per_class = baselines(p[:, 0], threshold=threshold, mask=mask)
+        for k in got:
+            np.testing.assert_array_equal(per_class[k], got[k][:, 0])
     want = naive_baselines(p, threshold, mask)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=k)
 
 
-def test_baselines_known_values_and_no_class_axis():
+def test_baselines_known_values_without_class_axis():
     p = np.array([[[0.0, 1.0], [0.5, 0.5]]])  # one case, 2x2, no class axis
-    got = baselines(p, class_axis=False)
+    got = baselines(p)
     assert got["predicted_fraction"].shape == (1,)
     assert got["predicted_fraction"][0] == pytest.approx(0.25)  # only the 1.0 is > 0.5
     assert got["uncertain_fraction"][0] == pytest.approx(0.5)
@@ -107,14 +111,14 @@ def test_baselines_known_values_and_no_class_axis():
 
 
 def test_baselines_empty_prediction_soft_dice_is_nan_not_one():
-    got = baselines(np.zeros((2, 1, 4, 4)))
+    got = baselines(np.zeros((2, 1, 4, 4)), class_axis=True)
     assert np.all(np.isnan(got["soft_dice"]))
     assert np.all(got["predicted_fraction"] == 0)
 
 
 def test_baselines_empty_mask_gives_nan():
     mask = np.zeros((1, 3, 3), np.uint8)
-    got = baselines(np.full((1, 1, 3, 3), 0.7), mask=mask)
+    got = baselines(np.full((1, 1, 3, 3), 0.7), mask=mask, class_axis=True)
     assert all(np.isnan(v).all() for v in got.values())
 
 
@@ -130,7 +134,7 @@ def test_baselines_empty_mask_gives_nan():
 )
 def test_baselines_bad_input(p, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        baselines(p, **kwargs)
+        baselines(p, class_axis=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- estimators
