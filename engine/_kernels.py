@@ -1,0 +1,372 @@
+"""Private Numba kernels behind :mod:`engine.scores` (SPEC §1-3). Pure functions, no I/O.
+
+Conventions (the driver in :mod:`engine.scores` guarantees them; nothing is checked here):
+
+- ``F`` features viewed as ``(B, C, Zs, Ys, Xs)``, float32 or float64, any strides (1-D and
+  2-D inputs are padded with unit axes; channels-last inputs arrive as a strided view and
+  ``channels_inner=True`` selects loops that walk the channel axis innermost).
+- ``g`` guide and ``m`` tissue mask ``(B, Zt, Yt, Xt)`` on the reference (target) grid,
+  float32 or float64 (``m`` is a ``(1, 1, 1, 1)`` dummy when ``has_mask`` is False);
+  ``ref`` reference ``(B, Zt, Yt, Xt)`` uint8 in {0, 1}.
+- Per axis linear weights ``(i0, i1, w0, w1)`` from :func:`engine.resize.linear_weights`
+  (source length → target length); ``identity`` is True when the grids are equal.
+- Outputs are preallocated by the caller; each ``prange`` worker writes only its own
+  sample (or sample × channel) slice.
+
+Arithmetic is float64. The fast-math flags are limited to ``reassoc`` and ``contract`` so that
+sums vectorise while NaN and Inf keep their IEEE meaning: a non-finite feature anywhere makes
+the unnormalised prototype sums non-finite (``0 * NaN`` stays NaN), which is how non-finite
+samples are detected without a separate pass.
+
+Upsample mode never materialises the upsampled features. With ``R`` the separable linear
+resize: prototypes ``P = F · Rᵀ(g·m) / Σ g·m`` and ``N = F · Rᵀ((1-g)·m) / Σ (1-g)·m``;
+the decision ``d⁺ - d⁻ = 2·R(F·(P-N)) - (‖P‖² - ‖N‖²) > 0`` needs only the upsampled scalar map
+``z = F·(P-N)``; per unit the decision is ``sign(P_c - N_c)·(R F_c - (P_c + N_c)/2) > 0``.
+Resizing is evaluated row by row: each source row is first interpolated along x (once), then
+every target row combines two (2-D) or four (3-D) of those rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from engine.status import Status
+
+__all__: list[str] = []  # private module
+
+_FM = {"reassoc", "contract"}
+
+_OK = int(Status.OK)
+_EMPTY_FOREGROUND = int(Status.EMPTY_FOREGROUND)
+_EMPTY_BACKGROUND = int(Status.EMPTY_BACKGROUND)
+_EMPTY_MASK = int(Status.EMPTY_MASK)
+_NONFINITE = int(Status.NONFINITE)
+
+
+# --------------------------------------------------------------------------- prototypes
+@njit(cache=True, fastmath=_FM)
+def _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
+                   iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb):
+    """Wf = Rᵀ(g·m), Wb = Rᵀ((1-g)·m) on the source grid; returns (Σm, Σg·m, Σ(1-g)·m)."""
+    Zt, Yt, Xt = gb.shape
+    sm = 0.0
+    sf = 0.0
+    sb = 0.0
+    if identity:
+        for z in range(Zt):
+            for y in range(Yt):
+                for x in range(Xt):
+                    gv = np.float64(gb[z, y, x])
+                    mv = np.float64(mb[z, y, x]) if has_mask else 1.0
+                    f = gv * mv
+                    k = (1.0 - gv) * mv
+                    Wf[z, y, x] = f
+                    Wb[z, y, x] = k
+                    sm += mv
+                    sf += f
+                    sb += k
+        return sm, sf, sb
+    # along z (whole planes, contiguous), then y (rows), then x (scatter on the reduced grid)
+    tzf = np.zeros((Zs, Yt, Xt))
+    tzb = np.zeros((Zs, Yt, Xt))
+    for zt in range(Zt):
+        za = iz0[zt]
+        zb = iz1[zt]
+        a0 = wz0[zt]
+        a1 = wz1[zt]
+        for y in range(Yt):
+            for x in range(Xt):
+                gv = np.float64(gb[zt, y, x])
+                mv = np.float64(mb[zt, y, x]) if has_mask else 1.0
+                f = gv * mv
+                k = (1.0 - gv) * mv
+                sm += mv
+                sf += f
+                sb += k
+                tzf[za, y, x] += a0 * f
+                tzb[za, y, x] += a0 * k
+                if a1 != 0.0:
+                    tzf[zb, y, x] += a1 * f
+                    tzb[zb, y, x] += a1 * k
+    tyf = np.zeros((Zs, Ys, Xt))
+    tyb = np.zeros((Zs, Ys, Xt))
+    for z in range(Zs):
+        for yt in range(Yt):
+            ya = iy0[yt]
+            yb = iy1[yt]
+            b0 = wy0[yt]
+            b1 = wy1[yt]
+            for x in range(Xt):
+                tyf[z, ya, x] += b0 * tzf[z, yt, x]
+                tyb[z, ya, x] += b0 * tzb[z, yt, x]
+            if b1 != 0.0:
+                for x in range(Xt):
+                    tyf[z, yb, x] += b1 * tzf[z, yt, x]
+                    tyb[z, yb, x] += b1 * tzb[z, yt, x]
+    for z in range(Zs):
+        for y in range(Ys):
+            for x in range(Xs):
+                Wf[z, y, x] = 0.0
+                Wb[z, y, x] = 0.0
+            for xt in range(Xt):
+                xa = ix0[xt]
+                xb = ix1[xt]
+                Wf[z, y, xa] += wx0[xt] * tyf[z, y, xt]
+                Wb[z, y, xa] += wx0[xt] * tyb[z, y, xt]
+                Wf[z, y, xb] += wx1[xt] * tyf[z, y, xt]
+                Wb[z, y, xb] += wx1[xt] * tyb[z, y, xt]
+    return sm, sf, sb
+
+
+@njit(cache=True, fastmath=_FM)
+def _feature_sums(Fb, Wf, Wb, channels_inner, pf, pb):
+    """pf[c] = Σ_s F[c, s]·Wf[s], pb[c] = Σ_s F[c, s]·Wb[s] (float64)."""
+    C, Z, Y, X = Fb.shape
+    if channels_inner:
+        for c in range(C):
+            pf[c] = 0.0
+            pb[c] = 0.0
+        for z in range(Z):
+            for y in range(Y):
+                for x in range(X):
+                    wf = Wf[z, y, x]
+                    wb = Wb[z, y, x]
+                    for c in range(C):
+                        f = np.float64(Fb[c, z, y, x])
+                        pf[c] += f * wf
+                        pb[c] += f * wb
+    else:
+        for c in range(C):
+            af = 0.0
+            ab = 0.0
+            for z in range(Z):
+                for y in range(Y):
+                    for x in range(X):
+                        f = np.float64(Fb[c, z, y, x])
+                        af += f * Wf[z, y, x]
+                        ab += f * Wb[z, y, x]
+            pf[c] = af
+            pb[c] = ab
+
+
+@njit(cache=True, fastmath=_FM)
+def _sample_prototypes(Fb, gb, mb, has_mask, identity, channels_inner,
+                       iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Pb, Nb):
+    """Prototypes of one sample into Pb, Nb (NaN when undefined); returns the status code."""
+    C, Zs, Ys, Xs = Fb.shape
+    Wf = np.empty((Zs, Ys, Xs))
+    Wb = np.empty((Zs, Ys, Xs))
+    sm, sf, sb = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
+                                iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb)
+    _feature_sums(Fb, Wf, Wb, channels_inner, Pb, Nb)
+    total = 0.0
+    for c in range(C):
+        total += Pb[c] + Nb[c]
+    if not np.isfinite(total):
+        code = _NONFINITE
+    elif sm == 0.0:
+        code = _EMPTY_MASK
+    elif sf == 0.0:
+        code = _EMPTY_FOREGROUND
+    elif sb == 0.0:
+        code = _EMPTY_BACKGROUND
+    else:
+        code = _OK
+    for c in range(C):
+        if code == _OK:
+            Pb[c] = Pb[c] / sf
+            Nb[c] = Nb[c] / sb
+        else:
+            Pb[c] = np.nan
+            Nb[c] = np.nan
+    return code
+
+
+@njit(cache=True, fastmath=_FM)
+def _project(Fb, D, channels_inner, out):
+    """out[s] = Σ_c F[c, s]·D[c] on the source grid (float64)."""
+    C, Z, Y, X = Fb.shape
+    if channels_inner:
+        for z in range(Z):
+            for y in range(Y):
+                for x in range(X):
+                    acc = 0.0
+                    for c in range(C):
+                        acc += np.float64(Fb[c, z, y, x]) * D[c]
+                    out[z, y, x] = acc
+    else:
+        for z in range(Z):
+            for y in range(Y):
+                for x in range(X):
+                    out[z, y, x] = 0.0
+        for c in range(C):
+            d = D[c]
+            for z in range(Z):
+                for y in range(Y):
+                    for x in range(X):
+                        out[z, y, x] += np.float64(Fb[c, z, y, x]) * d
+
+
+# --------------------------------------------------------------------------- maps and counts
+@njit(cache=True, fastmath=_FM)
+def _interp_x(a, Xt, ix0, ix1, wx0, wx1):
+    """Interpolate every source row along x: (Zs, Ys, Xs) -> (Zs, Ys, Xt) float64."""
+    Zs, Ys, _ = a.shape
+    out = np.empty((Zs, Ys, Xt))
+    for z in range(Zs):
+        for y in range(Ys):
+            for x in range(Xt):
+                out[z, y, x] = wx0[x] * np.float64(a[z, y, ix0[x]]) + wx1[x] * np.float64(a[z, y, ix1[x]])
+    return out
+
+
+@njit(cache=True, fastmath=_FM)
+def _count(a, refb, mid, sign, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1):
+    """Count positions with ``sign·(R a - mid) > 0`` and those also in ``refb``: (npos, tp)."""
+    npos = 0
+    tp = 0
+    if sign == 0.0:
+        return npos, tp
+    Zt, Yt, Xt = refb.shape
+    smid = sign * mid
+    if identity:
+        for z in range(Zt):
+            for y in range(Yt):
+                for x in range(Xt):
+                    p = 1 if sign * np.float64(a[z, y, x]) > smid else 0
+                    npos += p
+                    tp += p * refb[z, y, x]
+        return npos, tp
+    A = _interp_x(a, Xt, ix0, ix1, wx0, wx1)
+    for zt in range(Zt):
+        z0 = iz0[zt]
+        z1 = iz1[zt]
+        for yt in range(Yt):
+            y0 = iy0[yt]
+            y1 = iy1[yt]
+            c00 = sign * wz0[zt] * wy0[yt]
+            c01 = sign * wz0[zt] * wy1[yt]
+            if wz1[zt] == 0.0:
+                for x in range(Xt):
+                    v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x]
+                    p = 1 if v > smid else 0
+                    npos += p
+                    tp += p * refb[zt, yt, x]
+            else:
+                c10 = sign * wz1[zt] * wy0[yt]
+                c11 = sign * wz1[zt] * wy1[yt]
+                for x in range(Xt):
+                    v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x] + c10 * A[z1, y0, x] + c11 * A[z1, y1, x]
+                    p = 1 if v > smid else 0
+                    npos += p
+                    tp += p * refb[zt, yt, x]
+    return npos, tp
+
+
+@njit(cache=True, fastmath=_FM)
+def _write_maps(a, mid, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                binb, probb):
+    """binary = R a > mid, probability = sigmoid(2·(R a - mid)) on the target grid."""
+    Zt, Yt, Xt = binb.shape
+    if identity:
+        for z in range(Zt):
+            for y in range(Yt):
+                for x in range(Xt):
+                    v = a[z, y, x]
+                    binb[z, y, x] = v > mid
+                    probb[z, y, x] = 1.0 / (1.0 + np.exp(2.0 * mid - 2.0 * v))
+        return
+    A = _interp_x(a, Xt, ix0, ix1, wx0, wx1)
+    for zt in range(Zt):
+        z0 = iz0[zt]
+        z1 = iz1[zt]
+        for yt in range(Yt):
+            y0 = iy0[yt]
+            y1 = iy1[yt]
+            c00 = wz0[zt] * wy0[yt]
+            c01 = wz0[zt] * wy1[yt]
+            c10 = wz1[zt] * wy0[yt]
+            c11 = wz1[zt] * wy1[yt]
+            for x in range(Xt):
+                if c10 == 0.0 and c11 == 0.0:
+                    v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x]
+                else:
+                    v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x] + c10 * A[z1, y0, x] + c11 * A[z1, y1, x]
+                binb[zt, yt, x] = v > mid
+                probb[zt, yt, x] = 1.0 / (1.0 + np.exp(2.0 * mid - 2.0 * v))
+
+
+@njit(cache=True, fastmath=_FM)
+def _layer_scalar(Fb, Pb, Nb, channels_inner):
+    """z = F·(P-N) on the source grid and the threshold (‖P‖² - ‖N‖²)/2."""
+    C, Zs, Ys, Xs = Fb.shape
+    D = np.empty(C)
+    k = 0.0
+    for c in range(C):
+        D[c] = Pb[c] - Nb[c]
+        k += D[c] * (Pb[c] + Nb[c])
+    z = np.empty((Zs, Ys, Xs))
+    _project(Fb, D, channels_inner, z)
+    return z, 0.5 * k
+
+
+# --------------------------------------------------------------------------- parallel drivers
+@njit(parallel=True, cache=True, fastmath=_FM)
+def layer_kernel(F, g, m, has_mask, ref, do_counts, identity, channels_inner,
+                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                 P, N, status, npos, tp):
+    """Per sample: prototypes (always) and, with ``do_counts``, layer-level (npos, tp)."""
+    B = F.shape[0]
+    for b in prange(B):
+        mb = m[b] if has_mask else m[0]
+        code = _sample_prototypes(F[b], g[b], mb, has_mask, identity, channels_inner,
+                                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, P[b], N[b])
+        status[b] = code
+        npos[b] = 0
+        tp[b] = 0
+        if do_counts and code == _OK:
+            z, mid = _layer_scalar(F[b], P[b], N[b], channels_inner)
+            n, t = _count(z, ref[b], mid, 1.0, identity,
+                          iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
+            npos[b] = n
+            tp[b] = t
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def unit_kernel(F, ref, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                P, N, valid, npos, tp):
+    """Per (sample, channel): the channel alone thresholded at (P_c+N_c)/2 -> (npos, tp)."""
+    B, C = P.shape
+    for i in prange(B * C):
+        b = i // C
+        c = i % C
+        npos[b, c] = 0
+        tp[b, c] = 0
+        if valid[b]:
+            d = P[b, c] - N[b, c]
+            sign = 1.0 if d > 0.0 else (-1.0 if d < 0.0 else 0.0)
+            mid = 0.5 * (P[b, c] + N[b, c])
+            n, t = _count(F[b, c], ref[b], mid, sign, identity,
+                          iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
+            npos[b, c] = n
+            tp[b, c] = t
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def maps_kernel(F, g, m, has_mask, identity, channels_inner,
+                iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                P, N, status, binary, prob):
+    """Per sample: prototypes, then the binary and probability maps on the target grid."""
+    B = F.shape[0]
+    for b in prange(B):
+        mb = m[b] if has_mask else m[0]
+        code = _sample_prototypes(F[b], g[b], mb, has_mask, identity, channels_inner,
+                                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, P[b], N[b])
+        status[b] = code
+        if code == _OK:
+            z, mid = _layer_scalar(F[b], P[b], N[b], channels_inner)
+            _write_maps(z, mid, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                        binary[b], prob[b])
+        else:
+            binary[b, :, :, :] = False
+            prob[b, :, :, :] = np.nan

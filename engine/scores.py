@@ -1,0 +1,484 @@
+"""ProtoSeg maps and SA scores: the public drivers of the Numba kernels (SPEC §1-3).
+
+:func:`protoseg` computes the ProtoSeg map of a feature tensor given a guide,
+:func:`sa_scores` its SA score (Dice against a reference) at layer and/or unit level, and
+:func:`dice` the plain Dice coefficient. The drivers validate, normalise the layout to a
+``(B, C, Z, Y, X)`` view (never a copy of the features), allocate and call the private kernels
+in :mod:`engine._kernels`.
+
+References
+----------
+S. He, Y. Feng, P. E. Grant, Y. Ou, "Segmentation Ability Map: Interpret deep features for
+medical image segmentation", Medical Image Analysis 84 (2023), arXiv:2212.09206.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine import resize as _resize
+from engine._checks import as_array, as_binary_uint8, check_choice, check_not_empty, check_unit_interval
+from engine.status import Status
+
+__all__ = ["protoseg", "sa_scores", "dice", "ProtoSegResult", "SAScores"]
+
+_LAYOUTS = ("channels_first", "channels_last")
+_RESIZES = ("upsample", "downsample")
+_NONFINITE = ("raise", "skip")
+_EMPTY = ("nan", "one")
+_LEVELS = ("layer", "unit", "both")
+
+
+@dataclass(frozen=True)
+class ProtoSegResult:
+    """Result of :func:`protoseg`.
+
+    Attributes
+    ----------
+    binary : numpy.ndarray of bool, shape (B, *spatial)
+        ``d⁺ > d⁻`` per position (all False for samples whose status is not OK).
+    probability : numpy.ndarray of float32, shape (B, *spatial)
+        ``sigmoid(d⁺ - d⁻)`` (NaN for samples whose status is not OK).
+    foreground, background : numpy.ndarray of float64, shape (B, C)
+        Prototypes ``P`` and ``N`` (NaN when undefined).
+    status : numpy.ndarray of uint8, shape (B,)
+        :class:`engine.status.Status` per sample.
+    """
+
+    binary: np.ndarray
+    probability: np.ndarray
+    foreground: np.ndarray
+    background: np.ndarray
+    status: np.ndarray
+
+
+@dataclass(frozen=True)
+class SAScores:
+    """Result of :func:`sa_scores` at one level.
+
+    Attributes
+    ----------
+    score : numpy.ndarray of float64
+        SA (Dice) per sample, shape (B,) at layer level or (B, C) at unit level; NaN where
+        undefined (``status != OK``; ``1.0`` for ``EMPTY_DICE`` with ``empty="one"``).
+    status : numpy.ndarray of uint8
+        :class:`engine.status.Status`, same shape.
+    tp, fp, fn : numpy.ndarray of int64
+        Confusion counts of the binary map against the reference, same shape. Samples whose
+        prototypes are undefined count as an all-background map (``tp = fp = 0``, ``fn = |y|``).
+    level : str
+        ``"layer"`` or ``"unit"``.
+    """
+
+    score: np.ndarray
+    status: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    level: str
+
+
+@dataclass
+class _Prepared:
+    F: np.ndarray  # (B, C, Zs, Ys, Xs) view
+    g: np.ndarray  # (B, Zt, Yt, Xt) float32/float64, C-contiguous
+    m: np.ndarray  # same, or (1, 1, 1, 1) dummy
+    has_mask: bool
+    ref: np.ndarray | None  # (B, Zt, Yt, Xt) uint8
+    target: tuple[int, ...]  # spatial shape of the maps (unpadded)
+    identity: bool
+    channels_inner: bool
+    weights: tuple[np.ndarray, ...]
+
+
+# --------------------------------------------------------------------------- validation
+def _features(features: Any, layout: str) -> tuple[np.ndarray, tuple[int, ...], int]:
+    F = as_array(features, "features")
+    if F.dtype.kind != "f":
+        raise TypeError(
+            f"features must be float32 or float64; received dtype {F.dtype}; "
+            "cast with features.astype(np.float32)"
+        )
+    if F.dtype == np.float16:
+        F = F.astype(np.float32)
+    elif F.dtype not in (np.float32, np.float64):
+        raise TypeError(f"features must be float32 or float64; received dtype {F.dtype}")
+    if F.ndim not in (3, 4, 5):
+        raise ValueError(
+            f"features must have 3, 4 or 5 axes (B, C, *spatial) or (B, *spatial, C) with 1-3 "
+            f"spatial axes; received shape {F.shape}"
+        )
+    cax = 1 if layout == "channels_first" else F.ndim - 1
+    if F.shape[cax] == 0:
+        raise ValueError(
+            f"features have zero channels (shape {F.shape}, layout={layout!r}); expected at least 1"
+        )
+    check_not_empty(F, "features")
+    spatial = F.shape[2:] if layout == "channels_first" else F.shape[1:-1]
+    return F, tuple(int(s) for s in spatial), int(F.shape[cax])
+
+
+def _spatial_map(value: Any, name: str, batch: int, nsp: int, spatial: tuple[int, ...] | None) -> np.ndarray:
+    """Bring guide/mask/reference to (B, *spatial); accepts (B, *spatial) or (B, 1, *spatial)."""
+    arr = as_array(value, name)
+    if arr.ndim == nsp + 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != nsp + 1:
+        raise ValueError(
+            f"{name} must have shape (B, *spatial) or (B, 1, *spatial) with {nsp} spatial axes "
+            f"(as the features); received shape {arr.shape}"
+        )
+    check_not_empty(arr, name)
+    if arr.shape[0] != batch:
+        raise ValueError(
+            f"{name} has batch size {arr.shape[0]} but features have {batch}; pass one map per sample"
+        )
+    if spatial is not None and tuple(arr.shape[1:]) != tuple(spatial):
+        raise ValueError(
+            f"{name} has spatial shape {tuple(arr.shape[1:])} but the guide has {tuple(spatial)}; "
+            "guide, mask and reference must share one grid"
+        )
+    return arr
+
+
+def _as_weight(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be boolean or numeric; received dtype {arr.dtype}")
+    check_unit_interval(arr, name)
+    if arr.dtype == np.float64:
+        return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_layout(F: np.ndarray, layout: str, spatial: tuple[int, ...], grid: tuple[int, ...]) -> None:
+    """Raise when the other layout matches the reference grid and the given one does not."""
+    if spatial == grid:
+        return
+    other = F.shape[1:-1] if layout == "channels_first" else F.shape[2:]
+    if tuple(other) == tuple(grid):
+        want = "channels_last" if layout == "channels_first" else "channels_first"
+        raise ValueError(
+            f"layout={layout!r} contradicts the shapes: features {F.shape} read as {layout} have "
+            f"spatial shape {spatial}, but as {want} they match the guide's grid {grid}; "
+            f"pass layout={want!r}"
+        )
+
+
+def _pad3(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    return (1,) * (3 - len(shape)) + tuple(shape)  # type: ignore[return-value]
+
+
+def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: str, layout: str) -> _Prepared:
+    check_choice(layout, "layout", _LAYOUTS)
+    check_choice(resize, "resize", _RESIZES)
+    F, fsp, _ = _features(features, layout)
+    nsp = len(fsp)
+    B = F.shape[0]
+    g = _spatial_map(guide, "guide", B, nsp, None)
+    grid = tuple(int(s) for s in g.shape[1:])
+    _check_layout(F, layout, fsp, grid)
+    g = _as_weight(g, "guide")
+    m = None
+    if mask is not None:
+        m = _as_weight(_spatial_map(mask, "mask", B, nsp, grid), "mask")
+    ref = None
+    if reference is not None:
+        ref = as_binary_uint8(_spatial_map(reference, "reference", B, nsp, grid), "reference")
+
+    if resize == "downsample" and fsp != grid:
+        g = _resize.resize_area(g, fsp)
+        np.clip(g, 0.0, 1.0, out=g)
+        if m is not None:
+            m = _resize.resize_area(m, fsp)
+            np.clip(m, 0.0, 1.0, out=m)
+        if ref is not None:
+            ref = np.ascontiguousarray(_resize.resize_area(ref, fsp) >= 0.5 - 1e-12).view(np.uint8)
+        target = fsp
+    else:
+        target = grid
+
+    # (B, C, Z, Y, X) view of the features, never a copy
+    F5 = F if layout == "channels_first" else np.moveaxis(F, -1, 1)
+    F5 = F5[(slice(None), slice(None)) + (None,) * (3 - nsp)]
+    src3, tgt3 = _pad3(fsp), _pad3(target)
+    weights: tuple[np.ndarray, ...] = ()
+    for n_in, n_out in zip(src3, tgt3):
+        weights += _resize.linear_weights(n_in, n_out)
+    s = F5.strides
+    channels_inner = F5.shape[1] > 1 and abs(s[1]) < abs(s[4]) and F5.shape[4] > 1
+    g4 = g.reshape((B,) + tgt3)
+    if m is None:
+        m4, has_mask = np.ones((1, 1, 1, 1), dtype=g4.dtype), False
+    else:
+        m4, has_mask = np.ascontiguousarray(m, dtype=g4.dtype).reshape((B,) + tgt3), True
+    ref4 = None if ref is None else ref.reshape((B,) + tgt3)
+    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, bool(channels_inner), weights)
+
+
+def _raise_nonfinite(status: np.ndarray) -> None:
+    bad = np.flatnonzero(status == Status.NONFINITE)
+    if bad.size:
+        raise ValueError(
+            f"features contain NaN or Inf in sample {int(bad[0])} ({bad.size} sample(s) affected); "
+            "fix the input or pass nonfinite='skip' to score such samples as NaN"
+        )
+
+
+def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
+    from engine import _kernels
+
+    B, C = p.F.shape[:2]
+    P = np.empty((B, C))
+    N = np.empty((B, C))
+    status = np.empty(B, dtype=np.uint8)
+    npos = np.zeros(B, dtype=np.int64)
+    tp = np.zeros(B, dtype=np.int64)
+    _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_inner,
+                          *p.weights, P, N, status, npos, tp)
+    return P, N, status, npos, tp
+
+
+def _finish(status: np.ndarray, npos: np.ndarray, tp: np.ndarray, ny: np.ndarray, empty: str, level: str) -> SAScores:
+    ok = status == Status.OK
+    tp = np.where(ok, tp, 0)
+    fp = np.where(ok, npos - tp, 0)
+    fn = ny - tp
+    den = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(ok & (den > 0), 2.0 * tp / np.maximum(den, 1), np.nan)
+    status = status.copy()
+    empty_dice = ok & (den == 0)
+    status[empty_dice] = Status.EMPTY_DICE
+    if empty == "one":
+        score[empty_dice] = 1.0
+    return SAScores(score.astype(np.float64), status.astype(np.uint8), tp.astype(np.int64),
+                    fp.astype(np.int64), fn.astype(np.int64), level)
+
+
+# --------------------------------------------------------------------------- public API
+def protoseg(
+    features: Any,
+    guide: Any,
+    *,
+    mask: Any = None,
+    resize: str = "upsample",
+    layout: str = "channels_first",
+    nonfinite: str = "raise",
+) -> ProtoSegResult:
+    """ProtoSeg map of a feature tensor given a foreground guide (SPEC §1, §3).
+
+    Parameters
+    ----------
+    features : array_like, float32 or float64
+        ``(B, C, *spatial)`` (``layout="channels_first"``) or ``(B, *spatial, C)``
+        (``"channels_last"``), 1 to 3 spatial axes, any strides (never copied).
+    guide : array_like
+        Foreground map in [0, 1] (soft or hard), ``(B, *grid)`` or ``(B, 1, *grid)``, on the
+        reference grid (usually the model's input grid); bool, integer or float.
+    mask : array_like, optional
+        Tissue mask in [0, 1] on the guide's grid; restricts the prototypes only.
+    resize : {"upsample", "downsample"}
+        ``"upsample"`` (default): features are linearly resized to the guide's grid
+        (``interpolate(align_corners=False)``, never materialised). ``"downsample"``: guide and
+        mask are area-averaged to the features' grid and the maps are returned on that grid.
+    layout : {"channels_first", "channels_last"}
+    nonfinite : {"raise", "skip"}
+        What to do with samples whose features hold NaN or Inf.
+
+    Returns
+    -------
+    ProtoSegResult
+        ``binary`` (bool) and ``probability`` (float32) of shape ``(B, *grid)`` (the features'
+        grid with ``resize="downsample"``), prototypes ``foreground``/``background`` (B, C)
+        and ``status`` (B,) uint8 (:class:`engine.status.Status`).
+
+    Raises
+    ------
+    TypeError
+        Non-float features or non-numeric maps.
+    ValueError
+        Bad shapes, ranks, options, a guide or mask outside [0, 1], or (with
+        ``nonfinite="raise"``) NaN/Inf in the features, naming the sample.
+
+    Notes
+    -----
+    Per sample, with ``g`` the guide and ``m`` the mask on the reference grid and ``F`` the
+    (resized) features::
+
+        P = Σ F·g·m / Σ g·m,   N = Σ F·(1-g)·m / Σ (1-g)·m
+        d⁺ = -‖F - P‖²,  d⁻ = -‖F - N‖²,  binary = d⁺ > d⁻,  probability = sigmoid(d⁺ - d⁻)
+
+    computed as ``d⁺ - d⁻ = 2·F·(P - N) - ‖P‖² + ‖N‖²``; with ``F = R f`` (``R`` the linear
+    resize) the prototypes are ``f·Rᵀ(g·m)/Σ g·m`` and only the scalar map ``f·(P - N)`` is
+    resized. Ties go to background. An empty foreground, background or mask gives NaN
+    prototypes, an all-background map and the matching status.
+
+    References
+    ----------
+    S. He, Y. Feng, P. E. Grant, Y. Ou, "Segmentation Ability Map: Interpret deep features for
+    medical image segmentation", Medical Image Analysis 84 (2023), arXiv:2212.09206.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.zeros((1, 1, 4), np.float32); f[0, 0, 2:] = 1.0
+    >>> g = np.array([[0, 0, 1, 1]])
+    >>> r = protoseg(f, g)
+    >>> r.binary.tolist(), r.foreground.tolist(), r.status.tolist()
+    ([[False, False, True, True]], [[1.0]], [0])
+    """
+    check_choice(nonfinite, "nonfinite", _NONFINITE)
+    p = _prepare(features, guide, None, mask, resize=resize, layout=layout)
+    from engine import _kernels
+
+    B, C = p.F.shape[:2]
+    tgt3 = p.g.shape[1:]
+    P = np.empty((B, C))
+    N = np.empty((B, C))
+    status = np.empty(B, dtype=np.uint8)
+    binary = np.empty((B,) + tuple(tgt3), dtype=np.bool_)
+    prob = np.empty((B,) + tuple(tgt3), dtype=np.float32)
+    _kernels.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_inner, *p.weights,
+                         P, N, status, binary, prob)
+    if nonfinite == "raise":
+        _raise_nonfinite(status)
+    shape = (B,) + p.target
+    return ProtoSegResult(binary.reshape(shape), prob.reshape(shape), P, N, status)
+
+
+def sa_scores(
+    features: Any,
+    guide: Any,
+    reference: Any,
+    *,
+    mask: Any = None,
+    level: str = "layer",
+    resize: str = "upsample",
+    layout: str = "channels_first",
+    empty: str = "nan",
+    nonfinite: str = "raise",
+) -> SAScores | tuple[SAScores, SAScores]:
+    """SA scores: Dice of the ProtoSeg map against a reference, per layer and/or unit (SPEC §2).
+
+    Parameters
+    ----------
+    features, guide, mask, resize, layout, nonfinite
+        As in :func:`protoseg`.
+    reference : array_like
+        Binary reference map (bool or 0/1), ``(B, *grid)`` or ``(B, 1, *grid)`` on the guide's
+        grid. With ``resize="downsample"`` it is area-averaged to the features' grid, then ``≥ 0.5``.
+    level : {"layer", "unit", "both"}
+        ``"layer"``: all channels together, scores (B,). ``"unit"``: each channel alone,
+        scores (B, C). ``"both"``: a ``(layer, unit)`` pair from one pass (prototypes once).
+    empty : {"nan", "one"}
+        Score when map and reference are both empty (status ``EMPTY_DICE`` either way).
+
+    Returns
+    -------
+    SAScores or tuple of SAScores
+        ``score`` (float64), ``status`` (uint8), ``tp``, ``fp``, ``fn`` (int64), ``level``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`protoseg`; also a reference that is not binary.
+
+    Notes
+    -----
+    ``SA = 2·tp / (2·tp + fp + fn)`` with ``b`` the ProtoSeg map of :func:`protoseg` (layer)
+    or of the single channel ``c`` (unit), where the map reduces to
+    ``sign(P_c - N_c)·(F_c - (P_c + N_c)/2) > 0`` (all background when ``P_c = N_c``).
+    Upsampled features are evaluated on the fly and only the counts are kept.
+
+    References
+    ----------
+    S. He, Y. Feng, P. E. Grant, Y. Ou, "Segmentation Ability Map: Interpret deep features for
+    medical image segmentation", Medical Image Analysis 84 (2023), arXiv:2212.09206.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.zeros((1, 2, 4)); f[0, 0, 2:] = 1.0
+    >>> g = np.array([[0, 0, 1, 1]])
+    >>> sa_scores(f, g, g).score.tolist()
+    [1.0]
+    >>> unit = sa_scores(f, g, g, level="unit")
+    >>> unit.score.tolist(), unit.status.tolist()
+    ([[1.0, 0.0]], [[0, 0]])
+    """
+    check_choice(level, "level", _LEVELS)
+    check_choice(empty, "empty", _EMPTY)
+    check_choice(nonfinite, "nonfinite", _NONFINITE)
+    if reference is None:
+        raise TypeError("reference is required; received None; pass the binary reference map")
+    p = _prepare(features, guide, reference, mask, resize=resize, layout=layout)
+    assert p.ref is not None
+    B, C = p.F.shape[:2]
+    ny = p.ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+    P, N, status, npos, tp = _prototypes(p, p.ref, level in ("layer", "both"))
+    if nonfinite == "raise":
+        _raise_nonfinite(status)
+    layer = _finish(status, npos, tp, ny, empty, "layer")
+    if level == "layer":
+        return layer
+    from engine import _kernels
+
+    upos = np.zeros((B, C), dtype=np.int64)
+    utp = np.zeros((B, C), dtype=np.int64)
+    _kernels.unit_kernel(p.F, p.ref, p.identity, *p.weights, P, N, status == Status.OK, upos, utp)
+    unit = _finish(np.repeat(status[:, None], C, axis=1), upos, utp, ny[:, None], empty, "unit")
+    return unit if level == "unit" else (layer, unit)
+
+
+def dice(binary: Any, reference: Any, *, empty: str = "nan", batch: bool = False) -> float | np.ndarray:
+    """Dice coefficient ``2|b ∧ y| / (|b| + |y|)``.
+
+    Parameters
+    ----------
+    binary, reference : array_like
+        Binary maps (bool or 0/1) of the same shape.
+    empty : {"nan", "one"}
+        Value when both maps are empty.
+    batch : bool
+        If True the first axis is the batch: one score per sample.
+
+    Returns
+    -------
+    float or numpy.ndarray
+        The score, or an array of shape (B,) with ``batch=True``.
+
+    Raises
+    ------
+    ValueError
+        Shapes differ, maps are empty arrays or not binary, or a bad option.
+
+    Examples
+    --------
+    >>> dice([1, 1, 0, 0], [1, 0, 0, 0])
+    0.6666666666666666
+    >>> dice([[0, 0]], [[0, 0]], batch=True).tolist()
+    [nan]
+    """
+    check_choice(empty, "empty", _EMPTY)
+    b = as_binary_uint8(as_array(binary, "binary"), "binary")
+    y = as_binary_uint8(as_array(reference, "reference"), "reference")
+    if b.shape != y.shape:
+        raise ValueError(f"binary has shape {b.shape} but reference has {y.shape}; they must match")
+    check_not_empty(b, "binary")
+    if batch:
+        if b.ndim < 1:
+            raise ValueError("batch=True needs at least one axis (the batch); received a scalar")
+        b = b.reshape(b.shape[0], -1)
+        y = y.reshape(y.shape[0], -1)
+        inter = (b & y).sum(axis=1, dtype=np.int64)
+        den = b.sum(axis=1, dtype=np.int64) + y.sum(axis=1, dtype=np.int64)
+        fill = np.nan if empty == "nan" else 1.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, 2.0 * inter / np.maximum(den, 1), fill)
+    inter = int((b & y).sum(dtype=np.int64))
+    den = int(b.sum(dtype=np.int64)) + int(y.sum(dtype=np.int64))
+    if den == 0:
+        return float("nan") if empty == "nan" else 1.0
+    return 2.0 * inter / den
