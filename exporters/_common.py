@@ -97,6 +97,15 @@ class ExportResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (path as a string)."""
+        return {
+            "path": str(self.path), "prediction": self.prediction, "outputs": list(self.outputs),
+            "layers": dict(self.layers), "layouts": dict(self.layouts), "exporter": self.exporter,
+            "max_abs_diff": dict(self.max_abs_diff), "metadata": self.metadata,
+            "messages": list(self.messages),
+        }
+
 
 def require(module: str, *, extra: str | None = None) -> Any:
     """Import ``module`` or raise an ImportError naming the protoseg extra to install.
