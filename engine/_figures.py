@@ -177,7 +177,9 @@ def fig_units(
                    color=np.where(order > threshold, "#2ca02c", "#9e9e9e"))
             ax.axhline(threshold, color="k", linestyle="--", linewidth=0.8)
             ax.set_ylim(0, 1.02)
-            ax.set_xlabel("unit (sorted)", fontsize=8)
+            ax.set_xticks([])
+            ax.set_xlim(-0.6, max(order.size, 1) - 0.4)
+            ax.set_xlabel(f"{values.size} units, sorted by SA", fontsize=8)
             ax.set_ylabel("unit SA", fontsize=8)
         else:
             ax.hist(finite, bins=np.linspace(0, 1, 26), color="#9e9e9e", edgecolor="white")
@@ -298,17 +300,19 @@ def fig_maps(
     image : ndarray (*spatial) or None
         The input image (one channel) on the reference grid.
     reference, prediction : ndarray (*spatial) or None
-        Reference mask (contour in every panel) and the model's prediction probability.
+        Reference mask (outlined in every panel) and the model's prediction probability.
     panels : sequence of MapPanel
-        One row per layer: its binary map (red overlay on the input) and probability map.
+        One column per layer (or unit): its binary map (red over the input) and its
+        probability map.
     title : str
         Figure title.
 
     Notes
     -----
-    2-D cases show one column pair (binary, probability); 3-D cases show one pair per axis,
-    each at the slice with the most reference foreground (the middle slice when empty).
-    1-D cases are drawn as curves.
+    Columns: the input (with the reference outlined, above the prediction probability),
+    then one column per panel. 2-D cases have two rows (binary, probability); 3-D cases two
+    rows per axis, each at the slice with the most reference foreground (middle slice when
+    the reference is empty). 1-D cases are drawn as curves.
     """
     from matplotlib.colors import ListedColormap
 
@@ -322,66 +326,80 @@ def fig_maps(
                            (None if prediction is None else np.asarray(prediction) > 0.5),
                            ref_shape) if ndim == 3 else None
     n_views = 3 if slices is not None else 1
-    rows = 1 + len(panels)
-    cols = 2 * n_views
-    cell = 2.1 if n_views == 3 else 2.6
-    fig = new_figure(cell * cols + 0.8, cell * rows * 0.92 + 0.6)
+    cols = 1 + len(panels)
+    rows = 2 * n_views
+    cell = 1.9 if cols > 6 else 2.3
+    aspects = []
+    for v in range(n_views):
+        shp = [n for a, n in enumerate(ref_shape) if slices is None or a != v]
+        aspects.append(min(3.0, max(0.33, shp[0] / max(shp[1], 1))))
+    fig = new_figure(cell * cols + 0.6, sum(2 * cell * a for a in aspects) + 1.1)
     axes = fig.subplots(rows, cols, squeeze=False)
     red = ListedColormap(["#ff2020"])
-    axis_names = ("axis 0", "axis 1", "axis 2")
     img_v = _views(image, slices)
     ref_v = _views(reference, slices)
     pred_v = _views(prediction, slices)
     for v in range(n_views):
-        sub = f" ({axis_names[v]} = {slices[v]})" if slices is not None else ""
-        shape_v = ref_v[v].shape if ref_v[v] is not None else (
-            pred_v[v].shape if pred_v[v] is not None else img_v[v].shape)
-        ax = axes[0, 2 * v]
+        rb, rp = 2 * v, 2 * v + 1
+        where = f"axis {v}, slice {slices[v]}\n" if slices is not None else ""
+        shape_v = next(a.shape for a in (ref_v[v], pred_v[v], img_v[v], np.zeros((1, 1)))
+                       if a is not None)
+        ax = axes[rb, 0]
         _show_image(ax, img_v[v], shape_v)
         _contour(ax, ref_v[v], "yellow")
-        ax.set_title("input + reference" + sub, fontsize=7)
-        ax = axes[0, 2 * v + 1]
+        ax.set_ylabel(where + "binary map", fontsize=8)
+        ax = axes[rp, 0]
         if pred_v[v] is not None:
             ax.imshow(_fit(np.asarray(pred_v[v], dtype=float), shape_v), cmap="magma",
                       vmin=0, vmax=1, interpolation="nearest")
         else:
-            ax.text(0.5, 0.5, "prediction\nnot recorded", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=7)
+            _show_image(ax, None, shape_v)
         _contour(ax, ref_v[v], "cyan")
-        ax.set_title("prediction probability" + sub, fontsize=7)
-    for r, panel in enumerate(panels, start=1):
-        b_v = _views(panel.binary, slices)
-        p_v = _views(panel.probability, slices)
-        for v in range(n_views):
-            shape_v = next((a.shape for a in (b_v[v], p_v[v], ref_v[v]) if a is not None), (1, 1))
-            ax = axes[r, 2 * v]
-            _show_image(ax, img_v[v], shape_v)
-            if b_v[v] is not None:
-                b = np.asarray(b_v[v], dtype=bool)
-                ax.imshow(np.ma.masked_where(~b, np.ones(b.shape)), cmap=red, alpha=0.45,
+        ax.set_ylabel(where + "probability map", fontsize=8)
+        if v == 0:
+            axes[rb, 0].set_title("input + reference", fontsize=8)
+        axes[rp, 0].set_xlabel("prediction" if pred_v[v] is not None
+                               else "prediction not recorded", fontsize=7)
+        for c, panel in enumerate(panels, start=1):
+            b = _views(panel.binary, slices)[v]
+            p = _views(panel.probability, slices)[v]
+            shape_c = next((a.shape for a in (b, p) if a is not None), shape_v)
+            ref_c = None if ref_v[v] is None else _fit(ref_v[v], shape_c)
+            ax = axes[rb, c]
+            _show_image(ax, img_v[v], shape_c)
+            if b is not None:
+                bb = np.asarray(b, dtype=bool)
+                ax.imshow(np.ma.masked_where(~bb, np.ones(bb.shape)), cmap=red, alpha=0.5,
                           vmin=0, vmax=1, interpolation="nearest")
             else:
                 ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
                         transform=ax.transAxes, fontsize=7, color="white")
-            _contour(ax, None if ref_v[v] is None else _fit(ref_v[v], shape_v), "yellow")
-            ax.set_title(f"{panel.label}: binary", fontsize=7)
-            ax = axes[r, 2 * v + 1]
-            if p_v[v] is not None:
-                ax.imshow(np.asarray(p_v[v], dtype=float), cmap="magma", vmin=0, vmax=1,
+            _contour(ax, ref_c, "yellow")
+            ax = axes[rp, c]
+            if p is not None:
+                ax.imshow(np.asarray(p, dtype=float), cmap="magma", vmin=0, vmax=1,
                           interpolation="nearest")
             else:
+                _show_image(ax, None, shape_c)
                 ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=7)
-            _contour(ax, None if ref_v[v] is None else _fit(ref_v[v], shape_v), "cyan")
-            ax.set_title(f"{panel.label}: probability", fontsize=7)
-        if panel.note:
-            axes[r, 0].set_ylabel(panel.note, fontsize=6)
+                        transform=ax.transAxes, fontsize=7, color="white")
+            _contour(ax, ref_c, "cyan")
+            if v == 0:
+                axes[rb, c].set_title(_wrap(panel.label, 22), fontsize=8)
+            if v == n_views - 1 and panel.note:
+                axes[rp, c].set_xlabel(_wrap(panel.note, 26), fontsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True)) or text
 
 
 def _fig_maps_1d(

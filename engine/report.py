@@ -376,9 +376,20 @@ def _per_case_arrays(obj: Any, n_cases: int) -> dict[str, np.ndarray]:
 
 
 def _validation_rows(val: Any) -> list[dict[str, Any]]:
-    """Flatten ``store.validation()`` (dict per estimator, records, or structured array)."""
+    """Flatten ``store.validation()`` (dict per estimator, records, or structured array).
+
+    The output of :func:`engine.validation.validate` is flattened by its own
+    ``validation_rows`` (one row per estimator and scope); anything else generically.
+    """
     if val is None:
         return []
+    if isinstance(val, Mapping) and val:
+        try:
+            from engine.validation import validation_rows
+
+            return [dict(r) for r in validation_rows(val)]
+        except (ImportError, KeyError, TypeError, IndexError, AttributeError):
+            pass
     if isinstance(val, np.ndarray) and val.dtype.names:
         return [{n: _json_safe(r[n]) for n in val.dtype.names} for r in val]
     if isinstance(val, (list, tuple)):
@@ -644,16 +655,17 @@ class _ReportBuilder:
         b.append(("p", f"Summarised {self.n_cases} cases, {len(self.layers)} hidden tensors, "
                        f"{self.n_classes} class(es)."))
         self.run_rows = [{"key": k, "value": _json_safe(v)} for k, v in summary]
-        b.append(("table", "Summary", self.run_rows, ["key", "value"]))
+        b.append(("table", "Summary", [{"key": r["key"], "value": _kv(r["value"])}
+                                       for r in self.run_rows], ["key", "value"]))
         status_rows = [{"case status": k, "cases": v} for k, v in sorted(counts.items())]
         b.append(("table", "Case statuses", status_rows, ["case status", "cases"]))
         b.append(("table", "Configuration (settings that change the numbers)",
-                  [{"setting": k, "value": _json_safe(v)} for k, v in cfg.items()]
+                  [{"setting": k, "value": _kv(v)} for k, v in cfg.items()]
                   or [{"setting": "not recorded", "value": ""}], ["setting", "value"]))
-        b.append(("table", "Timings", [{"item": k, "value": _json_safe(v)}
+        b.append(("table", "Timings", [{"item": k, "value": _kv(v)}
                                        for k, v in timings.items()]
                   or [{"item": "not recorded", "value": ""}], ["item", "value"]))
-        b.append(("table", "Provenance", [{"item": k, "value": _json_safe(v)}
+        b.append(("table", "Provenance", [{"item": k, "value": _kv(v)}
                                           for k, v in prov.items()]
                   or [{"item": "not recorded", "value": ""}], ["item", "value"]))
         _write_table(self.run_rows + [{"key": f"config.{k}", "value": _json_safe(v)}
@@ -684,6 +696,14 @@ class _ReportBuilder:
         if len(self.layers) == 0 or self.n_cases == 0:
             b.append(("p", "Layer-level SA: not recorded (no layers or no cases)."))
             return
+        for k, c in enumerate(self.classes[:4]):
+            ranked = [r for r in rows if r["class"] == c and np.isfinite(r["mean"])]
+            if ranked:
+                hi = max(ranked, key=lambda r: r["mean"])
+                lo = min(ranked, key=lambda r: r["mean"])
+                b.append(("p", f"Class {c}: highest mean SA {hi['mean']:.3f} at {hi['layer']} "
+                               f"(depth {_fmt(hi['depth'])}); lowest {lo['mean']:.3f} at "
+                               f"{lo['layer']} (depth {_fmt(lo['depth'])})."))
         series = [(f"class {c}", self.score[:, k, :]) for k, c in enumerate(self.classes)]
         fig = _figures.fig_sa_depth(self.depth, self.labels, series, input_series=input_series,
                                     title="Layer-level SA by depth")
@@ -965,8 +985,7 @@ class _ReportBuilder:
         _, caption, rows, cols = block
         head = "".join(f"<th>{e(c)}</th>" for c in cols)
         body = "".join(
-            "<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
-            for r in rows)
+            "<tr>" + "".join(_td(r.get(c)) for c in cols) + "</tr>" for r in rows)
         return (f'<div class="tbl"><table><caption>{e(caption)}</caption><thead><tr>{head}'
                 f"</tr></thead><tbody>{body}</tbody></table></div>")
 
@@ -994,6 +1013,22 @@ class _ReportBuilder:
         return "\n".join(lines)
 
 
+def _td(value: Any) -> str:
+    """One HTML table cell: numbers right-aligned, text left-aligned and wrapped."""
+    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+    cls = ' class="n"' if numeric or value is None else ""
+    return f"<td{cls}>{html.escape(_fmt(value))}</td>"
+
+
+def _kv(value: Any) -> str:
+    """A configuration/provenance value as display text (JSON for containers)."""
+    value = _json_safe(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    return _text(value)
+
+
 def _md(text: Any) -> str:
     """Escape a cell for a Markdown table."""
     return _text(text).replace("|", "\\|").replace("\n", " ")
@@ -1015,8 +1050,9 @@ figcaption{font-size:.85em;color:#555;margin-top:.3em;text-align:left}
 .tbl{overflow-x:auto;margin:.8em 0}
 table{border-collapse:collapse;font-size:.82em}caption{text-align:left;font-weight:600;
 padding:.3em 0}
-th,td{border:1px solid #ddd;padding:.2em .55em;text-align:right;white-space:nowrap}
-th{background:#eef2f5}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ddd;padding:.2em .55em;text-align:left;vertical-align:top}
+td{max-width:46em;overflow-wrap:anywhere}td.n{text-align:right;white-space:nowrap}
+th{background:#eef2f5;white-space:nowrap}
 tbody tr:nth-child(even){background:#f7f9fa}
 footer{color:#777;font-size:.8em;text-align:center;padding:1em}
 """.replace("\n", "")
