@@ -543,6 +543,27 @@ def _collect_schema(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     return schema
 
 
+try:
+    import fcntl as _fcntl  # noqa: F401
+    _HAS_FLOCK = True
+except ImportError:  # pragma: no cover
+    _HAS_FLOCK = False
+
+_COPY_ROWS = 4096  # cases copied at a time when assembling (bounds memory)
+
+
+def _scatter(dset: h5py.Dataset, dest: np.ndarray, data: np.ndarray) -> None:
+    """Write rows ``data`` to rows ``dest`` of ``dset`` (a slice when contiguous)."""
+    if len(dest) == 0:
+        return
+    perm = np.argsort(dest, kind="stable")
+    dest_sorted = dest[perm]
+    if dest_sorted[-1] - dest_sorted[0] == len(dest) - 1:
+        dset[int(dest_sorted[0]):int(dest_sorted[-1]) + 1] = data[perm]
+    else:
+        dset[dest_sorted] = data[perm]
+
+
 def _assemble(sources: list[Path], run: _RunInfo, out: Path, provenance: Mapping[str, Any],
               *, expected_ids: Iterable[str] | None = None) -> Path:
     """Write the final store ``out`` from part files / stores, in case order."""
@@ -619,40 +640,26 @@ def _assemble(sources: list[Path], run: _RunInfo, out: Path, provenance: Mapping
                     dtype=_STR if is_str else dtype, chunks=True, **kwargs)
                 _set_encoding(dset, "string-array" if is_str else "array")
                 dsets[key] = dset
-            if not has_index:
-                w.key = "cases/index"
-                dsets["cases/index"] = _write_array(
-                    _require_group(f, "cases", "dict"), "index",
-                    np.zeros(n_total, np.int64), resizable=True)
-            else:
-                w.key = "cases/index"
-                dsets["cases/index"] = _write_array(
-                    f["cases"], "index", np.zeros(n_total, np.int64), resizable=True)
+            w.key = "cases/index"
+            dsets["cases/index"] = _write_array(
+                _require_group(f, "cases", "dict"), "index", np.zeros(n_total, np.int64),
+                resizable=True)
             fill_index = not has_index
             maps = _require_group(f, "maps", "map-collection")
             start = 0
             for src, ids in zip(sources, ids_per_source):
                 dest = rows[start:start + len(ids)]
                 start += len(ids)
-                perm = np.argsort(dest, kind="stable")
-                dest_sorted = dest[perm]
-                contiguous = len(dest) > 0 and dest_sorted[-1] - dest_sorted[0] == len(dest) - 1
                 with h5py.File(src, "r") as s:
-                    for key in sorted(schema):
-                        w.key = key
-                        data = s[key][...]
-                        if contiguous:
-                            dsets[key][dest_sorted[0]:dest_sorted[-1] + 1] = data[perm]
-                        elif len(dest):
-                            dsets[key][dest_sorted] = data[perm]
-                    if len(dest):
+                    for b0 in range(0, len(ids), _COPY_ROWS):
+                        b1 = min(b0 + _COPY_ROWS, len(ids))
+                        for key in sorted(schema):
+                            w.key = key
+                            _scatter(dsets[key], dest[b0:b1], s[key][b0:b1])
                         w.key = "cases/index"
-                        index = (dest_sorted if fill_index
-                                 else _read_array(s["cases/index"])[perm])
-                        if contiguous:
-                            dsets["cases/index"][dest_sorted[0]:dest_sorted[-1] + 1] = index
-                        else:
-                            dsets["cases/index"][dest_sorted] = index
+                        index = (dest[b0:b1] if fill_index
+                                 else _read_array(s["cases/index"], np.s_[b0:b1]))
+                        _scatter(dsets["cases/index"], dest[b0:b1], index)
                     if "maps" in s:
                         for name in s["maps"]:
                             w.key = f"maps/{name}"
@@ -731,6 +738,49 @@ class StoreWriter:
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"folder {self.path.parent} of store {self.path} does not "
                                     "exist; create it or choose another output")
+        self._lock_fd: int | None = None
+        self._lock()
+        try:
+            self._open(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        """Hold an exclusive lock on ``.<store>.lock`` (released by the OS on any exit)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreExistsError(
+                f"another writer holds store {self.path} (lock {lock}); wait for it to "
+                "finish, close() the other StoreWriter, or choose another output") from None
+        self._lock_fd = fd
+
+    def close(self, *, _remove_lock: bool = False) -> None:
+        """Release the store's lock without finalizing (parts stay; resume later)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            if _remove_lock:
+                self.path.with_name(f".{self.path.name}.lock").unlink(missing_ok=True)
+            os.close(fd)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _open(self, resume: bool, overwrite: bool) -> None:
         self._cleanup_temps()
         has_store, has_parts = self.path.exists(), self.parts.exists()
         if overwrite:
@@ -819,9 +869,9 @@ class StoreWriter:
             The part could not be written (e.g. disk full); the message names the file and
             the key. Parts published before are kept; nothing half-written remains.
         """
-        if self._closed:
-            raise ValueError(f"store {self.path} is finalized; open a new StoreWriter with "
-                             "resume=True to add cases")
+        if self._closed or self._lock_fd is None and _HAS_FLOCK:
+            raise ValueError(f"StoreWriter for {self.path} is finalized or closed; open a new "
+                             "StoreWriter with resume=True to add cases")
         ids, arrays, maps = _flatten_batch(batch, self.run)
         again = [c for c in ids if c in self._done or c in self._store_ids]
         if again:
@@ -879,10 +929,14 @@ class StoreWriter:
         """
         if self._closed:
             return self.path
+        if self._lock_fd is None and _HAS_FLOCK:
+            raise ValueError(f"StoreWriter for {self.path} was closed; open a new StoreWriter "
+                             "with resume=True to finalize")
         parts = _list_part_files(self.parts) if self.parts.is_dir() else []
         if self.path.exists() and not parts:
             self._closed = True
             shutil.rmtree(self.parts, ignore_errors=True)
+            self.close(_remove_lock=True)
             return self.path
         sources = ([self.path] if self.path.exists() else []) + parts
         prov = dict(provenance)
@@ -891,6 +945,7 @@ class StoreWriter:
             part.unlink(missing_ok=True)
         shutil.rmtree(self.parts, ignore_errors=True)
         self._closed = True
+        self.close(_remove_lock=True)
         return self.path
 
 

@@ -169,6 +169,7 @@ def run(path: str | Path, n_cases: int, batch_size: int, *, kill_point: str | No
             _hang(signal)
     if finalize:
         return writer.finalize({"worker": "synthetic"})
+    writer.close()
     return Path(path)
 
 

@@ -203,6 +203,11 @@ def test_resume_skips_done_cases(tmp_path):
     cases = _all_cases(8)
     w.write_batch(_expected(cases[:3]))
     w.write_batch(_expected(cases[3:5]))
+    with pytest.raises(StoreExistsError, match="another writer holds"):
+        _writer(path, resume=True)  # w still holds the lock
+    w.close()
+    with pytest.raises(ValueError, match="closed"):
+        w.write_batch(_expected(cases[5:]))
     with pytest.raises(StoreExistsError, match="resume=True"):
         _writer(path)
     w2 = _writer(path, resume=True)
@@ -215,7 +220,8 @@ def test_resume_skips_done_cases(tmp_path):
 
 def test_config_mismatch_names_each_key(tmp_path):
     path = tmp_path / "s.h5"
-    _writer(path).write_batch(_expected(_all_cases(2)))
+    with _writer(path) as w:
+        w.write_batch(_expected(_all_cases(2)))
     other = dict(worker.CONFIG, resize="downsample", threshold=0.3)
     with pytest.raises(StoreConfigError) as info:
         _writer(path, config=other, resume=True)
@@ -264,6 +270,7 @@ def test_damaged_part_is_discarded_and_redone(tmp_path):
     part = w.write_batch(_expected(cases[3:]))
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 3])
+    w.close()
     with pytest.warns(UserWarning, match="discarding damaged part"):
         w2 = _writer(path, resume=True)
     assert w2.done_ids() == {c for _, c in cases[:3]}
@@ -326,7 +333,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, points):
         assert not store.exists() and parts_dir(store).exists()
     worker.run(store, N, BATCH)
     assert not parts_dir(store).exists()
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".lock" in p.name]
     reference = worker.run(tmp_path / "ref.h5", N, BATCH)
     result = open_store(store)
     _assert_store_equals_batch(result, _expected(_all_cases()))
@@ -450,6 +457,7 @@ def test_disk_full_keeps_published_parts_and_names_file_and_key(tmp_path, monkey
     assert "part-000001.h5" in msg and "No space left" in msg
     assert "key 'cases/" in msg or "key 'input_scores/" in msg or "key 'baselines/" in msg
     monkeypatch.setattr(h5py.Group, "create_dataset", orig)
+    w.close()
     parts = sorted(p.name for p in parts_dir(path).iterdir())
     assert parts == ["part-000000.h5", "run.json"]  # no half-written file left
     w2 = _writer(path, resume=True)
@@ -473,6 +481,7 @@ def test_disk_full_during_finalize_keeps_parts(tmp_path, monkeypatch):
     with pytest.raises(StoreWriteError, match=r"key 'unit_scores/0/score'.*s\.h5"):
         w.finalize({})
     monkeypatch.setattr(h5py.Group, "create_dataset", orig)
+    w.close()
     assert not path.exists() and len(list(parts_dir(path).glob("part-*"))) == 1
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     _assert_store_equals_batch(open_store(_writer(path, resume=True).finalize({})),
