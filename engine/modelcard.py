@@ -83,7 +83,8 @@ class ModelCard:
     activation : str
         What the prediction holds: ``sigmoid`` | ``softmax`` (probabilities) or ``logits``.
     classes : tuple of int
-        Output channels scored (one-vs-rest).
+        Classes scored one-vs-rest: output channel indices; for a one-channel output
+        ``0`` and ``1`` both name its single (foreground) channel.
     threshold : float
         Probability threshold of the prediction.
     resize : bool
@@ -182,6 +183,27 @@ class ModelCard:
             if isinstance(value, tuple):
                 out[key] = list(value)
         return out
+
+    def channel_indices(self, n_channels: int) -> list[int]:
+        """Output channels read for ``classes`` on a prediction with ``n_channels`` channels.
+
+        With several channels, class ``c`` is channel ``c``. With one channel (a binary
+        model) that channel is the foreground, whether the class is written ``0`` (its
+        channel index) or ``1`` (the foreground label, as exporters write it).
+
+        Raises
+        ------
+        ValueError
+            When a class has no channel.
+        """
+        if n_channels == 1 and all(c in (0, 1) for c in self.classes):
+            return [0] * len(self.classes)
+        if max(self.classes) >= n_channels:
+            valid = "0 or 1 (the only channel)" if n_channels == 1 else f"0..{n_channels - 1}"
+            raise ValueError(
+                f"classes={list(self.classes)} but the prediction has {n_channels} channel(s); "
+                f"choose classes among {valid}")
+        return list(self.classes)
 
     def layout_of(self, name: str) -> str | None:
         """Layout of a named tensor: the input, the prediction or a hidden tensor (None if unknown)."""
@@ -338,10 +360,7 @@ class ModelCard:
                 f"prediction {self.prediction_output!r} has shape {y.shape}; expected rank "
                 f"{len(layout)} ({layout}) or {len(layout) - 1} without a channel axis")
         n = y.shape[1]
-        if max(self.classes) >= n:
-            raise ValueError(
-                f"classes={list(self.classes)} but the prediction has {n} channel(s); "
-                f"choose classes among 0..{n - 1}")
+        channels = self.channel_indices(n)
         y = y.astype(np.float64)
         if self.activation == "logits":
             if n == 1:
@@ -349,7 +368,7 @@ class ModelCard:
             else:
                 y = np.exp(y - y.max(axis=1, keepdims=True))
                 y /= y.sum(axis=1, keepdims=True)
-        return np.ascontiguousarray(y[:, list(self.classes)], dtype=np.float32)
+        return np.ascontiguousarray(y[:, channels], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,9 +635,10 @@ def resolve_model_card(
             fields["classes"] = tuple(range(1, n_out))
             assumed.append(f"classes {list(range(1, n_out))}: {n_out} output channels, channel 0 taken "
                            "as the background, the others scored one-vs-rest")
-    elif n_out is not None and max(int(c) for c in fields["classes"]) >= n_out:
+    elif n_out is not None and max(int(c) for c in fields["classes"]) >= max(n_out, 2):
+        valid = "0 or 1 (the only channel)" if n_out == 1 else f"0..{n_out - 1}"
         raise ValueError(f"classes={list(fields['classes'])} but output {fields['prediction_output']!r} "
-                         f"has {n_out} channel(s); choose among 0..{n_out - 1}")
+                         f"has {n_out} channel(s); choose among {valid}")
     if "threshold" not in fields:
         fields["threshold"] = 0.5
         assumed.append("threshold 0.5 on the foreground probability")

@@ -141,7 +141,7 @@ def test_ambiguous_prediction_asks_the_user():
     ({"layuot": "NCHW"}, "did you mean \\['layout'\\]"),
     ({"input": {"sise": [32, 32]}}, "input.'sise'"),
     ({"scaling": "meanstd"}, "needs mean and std"),
-    ({"classes": [1]}, "1 channel"),
+    ({"classes": [2]}, "1 channel"),
     ({"threshold": 1.5}, "threshold"),
     ({"input_size": [32]}, "input_size"),
     ({"scaling": "meanstd", "mean": [0, 1], "std": [1]}, "mean has 2 values"),
@@ -233,6 +233,10 @@ def test_probability_heads_select_classes():
     np.testing.assert_array_equal(sig.to_probability(p[:, 0]), p[:, :1])  # no channel axis
     with pytest.raises(ValueError, match="1 channel"):
         _card(classes=(2,)).to_probability(p[:, :1])
+    # a binary model's foreground may be written as label 1 (as exporters do) or channel 0
+    np.testing.assert_array_equal(_card(classes=(1,)).to_probability(p[:, :1]), p[:, :1])
+    with pytest.raises(ValueError, match="0..2"):
+        _card(classes=(3,), activation="softmax").to_probability(p)
     with pytest.raises(ValueError, match="not among the outputs"):
         sig.to_probability({"other": p})
     with pytest.raises(ValueError, match="rank"):
@@ -264,3 +268,11 @@ def test_to_channels_first_views():
     assert card.to_channels_first(t, "unknown") is t  # ONNX computes channels-first
     with pytest.raises(ValueError, match="rank"):
         card.to_channels_first(np.zeros((2, 5, 6)), "h")
+
+
+def test_binary_model_class_written_as_label_one():
+    """Exporters write classes [1] for a one-channel sigmoid output: it reads channel 0."""
+    card = resolve_model_card(unet(), overrides={"classes": [1]})
+    assert card.classes == (1,) and card.channel_indices(1) == [0]
+    p = np.random.default_rng(4).random((2, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(card.to_probability({"prob": p}), p)
