@@ -49,6 +49,10 @@ class DatasetError(ValueError):
     """A case or a dataset cannot be read (raised with ``strict=True``)."""
 
 
+class _ShapeError(DatasetError):
+    """The image's axes do not fit ``spatial_ndim`` (status ``bad-shape``)."""
+
+
 @dataclass
 class Case:
     """One case of a dataset.
@@ -272,7 +276,7 @@ def _to_channels_first(data: np.ndarray, chan: str | int, spatial_ndim: int | No
     nd = data.ndim
     if isinstance(chan, int):
         if spatial_ndim is not None and nd - 1 != spatial_ndim:
-            raise DatasetError(f"{where} has shape {data.shape} with channel axis {chan}, "
+            raise _ShapeError(f"{where} has shape {data.shape} with channel axis {chan}, "
                                f"expected {spatial_ndim} spatial axes")
         out = np.moveaxis(data, chan, 0)
     else:
@@ -283,10 +287,10 @@ def _to_channels_first(data: np.ndarray, chan: str | int, spatial_ndim: int | No
         elif nd == spatial_ndim + 1:
             out = np.moveaxis(data, -1, 0) if chan == "last" else data
         else:
-            raise DatasetError(f"{where} has shape {data.shape}, expected {spatial_ndim} "
+            raise _ShapeError(f"{where} has shape {data.shape}, expected {spatial_ndim} "
                                f"spatial axes (+ 1 channel axis); check spatial_ndim")
     if out.ndim - 1 not in (1, 2, 3):
-        raise DatasetError(f"{where} has {out.ndim - 1} spatial axes (shape {data.shape}), "
+        raise _ShapeError(f"{where} has {out.ndim - 1} spatial axes (shape {data.shape}), "
                            "expected 1, 2 or 3")
     return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -428,10 +432,7 @@ class Dataset:
                     spatial_ndim = mask_raw.ndim  # the mask tells the spatial rank
             image = _to_channels_first(raw, chan, spatial_ndim, str(image_path))
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes a status
-            if isinstance(exc, DatasetError) and "spatial axes" in str(exc):
-                status = "bad-shape"
-            else:
-                status = "unreadable"
+            status = "bad-shape" if isinstance(exc, _ShapeError) else "unreadable"
             return self._bad(Case(case_id, None, None, group, str(image_path), status,
                                   f"case {case_id!r}: cannot read {image_path} "
                                   f"({type(exc).__name__}: {_short(exc)}); case skipped",
@@ -454,7 +455,8 @@ class Dataset:
                 mask_raw = arrays["masks"][i] if self.has_masks else None
             image = _to_channels_first(raw, "first", self.spatial_ndim, where)
         except Exception as exc:  # noqa: BLE001
-            return self._bad(Case(case_id, None, None, group, where, "unreadable",
+            status = "bad-shape" if isinstance(exc, _ShapeError) else "unreadable"
+            return self._bad(Case(case_id, None, None, group, where, status,
                                   f"case {case_id!r}: cannot read {where} "
                                   f"({type(exc).__name__}: {_short(exc)}); case skipped"))
         return self._finish(case_id, image, mask_raw, group, where,

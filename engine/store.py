@@ -1038,6 +1038,8 @@ class Store:
         The store's encoding version.
     config, provenance : dict
     classes : list of int
+    layer_info : list of dict
+        The layer dicts given to :class:`StoreWriter` (all keys, e.g. ``layout``).
     layers : numpy structured array
         ``index, name, layer, op, channels, depth, shape`` (shape as JSON text).
     cases : numpy structured array
@@ -1064,6 +1066,8 @@ class Store:
             self.config: dict[str, Any] = json.loads(_attr_str(f, "config") or "{}")
             self.provenance: dict[str, Any] = json.loads(_attr_str(f, "provenance") or "{}")
             self.classes: list[int] = [int(c) for c in _read_array(f["classes"])]
+            run = json.loads(_attr_str(f, "run") or "{}")
+            self.layer_info: list[dict[str, Any]] = run.get("layers", [])
             self.layers = self._read_layers(f)
             self.cases = self._read_cases(f)
             self.has_units = "unit_scores" in f and len(f["unit_scores"]) > 0

@@ -322,3 +322,21 @@ def test_mask_values_follow_label_rule(values):
 def test_case_dataclass_ok_flag():
     assert Case("a", np.zeros((1, 2, 2), np.float32)).ok
     assert not Case("a", None, status="unreadable").ok
+
+
+def test_bad_shape_status(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 5, 6)))
+    with pytest.warns(UserWarning, match="a.npy"):
+        case = open_dataset(tmp_path)[0]
+    assert case.status == "bad-shape" and case.image is None
+    np.save(tmp_path / "a.npy", np.zeros((4, 5)))
+    with pytest.warns(UserWarning, match="expected 3 spatial axes"):
+        assert open_dataset(tmp_path, spatial_ndim=3)[0].status == "bad-shape"
+
+
+def test_hdf5_spatial_ndim_attribute(tmp_path):
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"] = np.zeros((2, 3, 4, 5), np.float32)
+        f["images"].attrs["spatial_ndim"] = 2
+    assert open_dataset(tmp_path / "d.h5")[0].image.shape == (3, 4, 5)
+    assert open_dataset(tmp_path / "d.h5", spatial_ndim=3)[0].image.shape == (1, 3, 4, 5)
