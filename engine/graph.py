@@ -422,7 +422,7 @@ def expose(model: str | os.PathLike[str] | onnx.ModelProto,
     -------
     onnx.ModelProto
         A new model whose outputs are the original outputs followed by ``tensors`` (typed
-        with element type and inferred shape).
+        with their element type and rank).
 
     Raises
     ------
@@ -461,9 +461,10 @@ def expose(model: str | os.PathLike[str] | onnx.ModelProto,
             continue
         added.add(name)
         if isinstance(t, HiddenTensor):
+            # element type and rank only: the inferred dims may come from assumed input
+            # shapes (list_hidden_tensors(input_shapes=...)) that a run does not use
             vi = onnx.helper.make_tensor_value_info(
-                name, _ELEM_TYPE.get(t.dtype, TensorProto.FLOAT),
-                [d if isinstance(d, (int, str)) else None for d in t.shape])
+                name, _ELEM_TYPE.get(t.dtype, TensorProto.FLOAT), [None] * len(t.shape))
         elif name in value_info or name in inferred:
             vi = onnx.ValueInfoProto()
             vi.CopyFrom(value_info.get(name) or inferred[name])

@@ -194,6 +194,16 @@ def test_expose_does_not_mutate_model_or_file(tmp_path):
     assert names == ["prob"] + [t.name for t in tensors]
     assert [o.name for o in exposed_from_path.graph.output] == names
     onnx.checker.check_model(exposed)
+    cat = next(o for o in exposed.graph.output if o.name == "cat")
+    assert cat.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert len(cat.type.tensor_type.shape.dim) == 4
+
+
+def test_expose_after_listing_with_assumed_shapes_runs_any_batch():
+    model = unet(batch="N", size="S")
+    tensors = list_hidden_tensors(model, input_shapes={"x": [8, 1, 32, 32]})
+    out = _run(expose(model, tensors), {"x": np.zeros((2, 1, 24, 24), np.float32)})
+    assert out["cat"].shape == (2, 12, 24, 24)
 
 
 def _conv_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
