@@ -412,6 +412,33 @@ def _validation_rows(val: Any) -> list[dict[str, Any]]:
     return [{"value": _json_safe(val)}]
 
 
+def _merge_intervals(row: Mapping[str, Any]) -> dict[str, Any]:
+    """For display: ``x, x_lo, x_hi`` (or ``x.r``/``x.value`` + ``x.ci``) -> ``"x [lo, hi]"``."""
+    out: dict[str, Any] = {}
+    keys = list(row)
+    for key in keys:
+        val = row[key]
+        if key.endswith(("_lo", "_hi")) and key[:-3] in row:
+            continue
+        stem, _, leaf = key.rpartition(".")
+        if leaf in ("r", "value") and isinstance(row.get(f"{stem}.ci"), (list, tuple)):
+            continue  # shown with its interval at the ``.ci`` key
+        if f"{key}_lo" in row and f"{key}_hi" in row:
+            val = _interval(val, row[f"{key}_lo"], row[f"{key}_hi"])
+        elif key.endswith(".ci") and isinstance(val, (list, tuple)) and len(val) == 2:
+            stem = key[:-3]
+            point = next((f"{stem}.{p}" for p in ("r", "value") if f"{stem}.{p}" in row), None)
+            if point is not None:
+                out[point] = _interval(row[point], val[0], val[1])
+                continue
+        out[key] = val
+    return out
+
+
+def _interval(point: Any, lo: Any, hi: Any) -> str:
+    return f"{_fmt(point)} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -911,11 +938,13 @@ class _ReportBuilder:
                            "ground truth)."))
             return
         _write_table(rows, self.out / "tables" / "validation")
+        shown = [_merge_intervals(r) for r in rows]
         cols: list[str] = []
-        for r in rows:
+        for r in shown:
             cols += [k for k in r if k not in cols]
-        b.append(("table", "Validation of each estimate and baseline (tables/validation.csv)",
-                  rows, cols))
+        b.append(("table", "Validation of each estimate and baseline against the output's "
+                           "Dice, with 95 % bootstrap intervals (tables/validation.csv)",
+                  shown, cols))
 
     def _cases_section(self) -> None:
         b = self._section("cases", "Cases")

@@ -144,10 +144,13 @@ def check_png(path: Path) -> None:
 def full_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     n = 7
+    from engine.validation import validate
+
     est = {"paper": np.linspace(0.2, 0.9, n), "all-layers": np.linspace(0.9, 0.3, n)}
-    val = {"paper": {"pearson": 0.5, "spearman": {"value": 0.4, "ci": [0.1, 0.7]}, "n": 7},
-           "all-layers": {"pearson": -0.2, "spearman": {"value": -0.1, "ci": [-0.5, 0.3]},
-                          "n": 7}}
+    batches, _ = make_batches(n_cases=n)
+    dice = np.concatenate([b["output_dice"][:, 0] for b in batches])
+    groups = np.concatenate([b["case_group"] for b in batches])
+    val = validate(est, dice, groups=groups, n_boot=50, dice_threshold=0.75)
     store = build_store(tmp, n_cases=n, estimates=est, validation=val)
     path = write_report(store, tmp / "out")
     return store, path
@@ -242,11 +245,29 @@ def test_cases_table_and_correlations(full_report):
 
 
 def test_validation_rendered(full_report):
-    _, path = full_report
+    store, path = full_report
     rows = read_csv(path.parent / "tables" / "validation.csv")
-    assert {r["estimator"] for r in rows} == {"paper", "all-layers"}
-    assert "spearman.ci" in rows[0]
-    assert "spearman.value" in path.read_text()
+    val = store.validation()
+    assert {(r["estimator"], r["scope"]) for r in rows} == {
+        (e, s) for e in ("paper", "all-layers") for s in ("all", "group:s0", "group:s1")}
+    for r in rows:
+        if r["scope"] == "all":
+            v = val[r["estimator"]]
+            assert as_float(r["spearman"]) == pytest.approx(v["spearman"]["r"])
+            assert as_float(r["spearman_lo"]) == pytest.approx(v["spearman"]["ci"][0])
+    text = path.read_text()
+    # intervals shown as "r [lo, hi]" in the HTML table
+    v = val["paper"]["pearson"]
+    assert f"{v['r']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" in text
+
+
+def test_other_validation_layouts_still_render(tmp_path):
+    val = {"paper": {"pearson": 0.5, "spearman": {"value": 0.4, "ci": [0.1, 0.7]}, "n": 7}}
+    store = build_store(tmp_path, n_cases=4, estimates={"paper": np.arange(4.0)}, validation=val)
+    path = write_report(store, tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tables" / "validation.csv")
+    assert rows[0]["estimator"] == "paper" and as_float(rows[0]["spearman.value"]) == 0.4
+    assert "0.400 [0.100, 0.700]" in path.read_text()
 
 
 def test_maps_read_lazily_and_capped(tmp_path):
