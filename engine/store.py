@@ -720,9 +720,11 @@ class StoreWriter:
     Examples
     --------
     >>> w = StoreWriter("out.h5", config={"resize": "upsample"},
-    ...                 layers=[{"name": "conv1", "channels": 8}], classes=[1])
-    >>> w.write_batch({"case_ids": ["a"], "layer_score": np.zeros((1, 1, 1))})
-    >>> w.finalize({"protoseg": "0.1.0"})            # doctest: +SKIP
+    ...                 layers=[{"name": "conv1", "channels": 8}],
+    ...                 classes=[1])                                  # doctest: +SKIP
+    >>> for batch in batches:                                         # doctest: +SKIP
+    ...     w.write_batch({"case_ids": batch.ids, "layer_score": ...})
+    >>> w.finalize({"protoseg": "0.1.0"})                             # doctest: +SKIP
     """
 
     def __init__(self, path: str | os.PathLike[str], *, config: Mapping[str, Any],
@@ -763,11 +765,14 @@ class StoreWriter:
                 "finish, close() the other StoreWriter, or choose another output") from None
         self._lock_fd = fd
 
-    def close(self, *, _remove_lock: bool = False) -> None:
+    def close(self) -> None:
         """Release the store's lock without finalizing (parts stay; resume later)."""
+        self._release(remove=False)
+
+    def _release(self, *, remove: bool) -> None:
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is not None:
-            if _remove_lock:
+            if remove:
                 self.path.with_name(f".{self.path.name}.lock").unlink(missing_ok=True)
             os.close(fd)
 
@@ -796,11 +801,19 @@ class StoreWriter:
                 "resume=True (--resume) to continue it, overwrite=True (--overwrite) to "
                 "start over, or choose another output (-o)")
         if has_store:
-            old = _run_of_file(self.path)
+            try:
+                old = _run_of_file(self.path)
+                self._store_ids = set(_read_part_ids(self.path)[0])
+            except StoreVersionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - not a readable store
+                raise StoreExistsError(
+                    f"{self.path} exists but is not a readable protoseg store "
+                    f"({type(exc).__name__}: {exc}); pass overwrite=True (--overwrite) or "
+                    "choose another output (-o)") from None
             diff = _config_difference(self.path, old, self.run)
             if diff:
                 raise StoreConfigError(diff)
-            self._store_ids = set(_read_part_ids(self.path)[0])
         if has_parts and (self.parts / "run.json").exists():
             old = _read_run(self.parts / "run.json")
             diff = _config_difference(self.path, old, self.run)
@@ -936,7 +949,7 @@ class StoreWriter:
         if self.path.exists() and not parts:
             self._closed = True
             shutil.rmtree(self.parts, ignore_errors=True)
-            self.close(_remove_lock=True)
+            self._release(remove=True)
             return self.path
         sources = ([self.path] if self.path.exists() else []) + parts
         prov = dict(provenance)
@@ -945,7 +958,7 @@ class StoreWriter:
             part.unlink(missing_ok=True)
         shutil.rmtree(self.parts, ignore_errors=True)
         self._closed = True
-        self.close(_remove_lock=True)
+        self._release(remove=True)
         return self.path
 
 

@@ -486,3 +486,13 @@ def test_disk_full_during_finalize_keeps_parts(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     _assert_store_equals_batch(open_store(_writer(path, resume=True).finalize({})),
                                _expected(_all_cases(3)))
+
+
+def test_existing_non_store_file_is_not_clobbered(tmp_path):
+    path = tmp_path / "s.h5"
+    path.write_text("my notes")
+    with pytest.raises(StoreExistsError, match="not a readable protoseg store"):
+        _writer(path, resume=True)
+    with pytest.raises(StoreExistsError, match="exists"):
+        _writer(path)
+    assert path.read_text() == "my notes"
