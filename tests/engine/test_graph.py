@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
 from engine.graph import (
@@ -295,3 +297,41 @@ def test_plan_passes_default_budget_and_bad_args():
         plan_passes(tensors, 0)
     with pytest.raises(ValueError, match="max_activation_memory"):
         plan_passes(tensors, 1, max_activation_memory=0)
+
+
+def test_shape_derived_float_tensor_is_excluded():
+    """ConstantOfShape(Shape(x)) is rank-4 float but holds no features; what it feeds does."""
+    model = tiny_conv(batch="N")
+    g = model.graph
+    g.node.extend([
+        onnx.helper.make_node("Shape", ["r1"], ["r1_shape"]),
+        onnx.helper.make_node("ConstantOfShape", ["r1_shape"], ["zeros"],
+                              value=onnx.numpy_helper.from_array(np.array([0.5], np.float32))),
+        onnx.helper.make_node("Mul", ["zeros", "zeros"], ["zeros_sq"]),
+        onnx.helper.make_node("Add", ["r1", "zeros_sq"], ["r1_plus"]),
+        onnx.helper.make_node("Identity", ["r1_plus"], ["r1_out"]),
+    ])
+    g.output.append(onnx.helper.make_tensor_value_info("r1_out", onnx.TensorProto.FLOAT, None))
+    names = [t.name for t in list_hidden_tensors(model)]
+    assert "zeros" not in names and "zeros_sq" not in names
+    assert "r1_plus" in names
+
+
+def _fake(name: str, channels: int, side: int) -> HiddenTensor:
+    return HiddenTensor(name=name, op="Conv", shape=("N", channels, side, side), dtype="float32",
+                        layer=name, layout="NCHW", depth=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 16), st.integers(1, 32)), min_size=1, max_size=12),
+       st.integers(1, 8), st.integers(1, 200_000))
+def test_plan_passes_invariants(specs, batch, budget):
+    tensors = [_fake(f"t{i}", c, s) for i, (c, s) in enumerate(specs)]
+    passes = plan_passes(tensors, batch, max_activation_memory=budget)
+    assert [t for p in passes for t in p] == tensors
+    sizes = {t.name: batch * 4 * int(np.prod(t.shape[1:])) for t in tensors}
+    for k, p in enumerate(passes):
+        total = sum(sizes[t.name] for t in p)
+        assert total <= budget or len(p) == 1
+        if k + 1 < len(passes):  # greedy: the next tensor did not fit
+            assert total + sizes[passes[k + 1][0].name] > budget
