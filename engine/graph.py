@@ -56,6 +56,11 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "bfloat16": 2}
 #: (and constants) is shape arithmetic.
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 _DEFAULT_LAYOUT = {3: "NCW", 4: "NCHW", 5: "NCDHW"}
+#: ONNX ops whose output is channels-first by definition (whatever a framework calls it).
+CHANNELS_FIRST_OPS = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool",
+    "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization", "InstanceNormalization",
+    "LRN", "MaxRoiPool", "DeformConv"})
 
 Dim = int | str | None
 
@@ -305,6 +310,12 @@ def list_hidden_tensors(
             info = hidden_meta.get(name) or {}
             layer = info.get("layer") or node.name or name
             layout = info.get("layout") or _DEFAULT_LAYOUT.get(len(shape))
+            if _channels_last(layout) and node.op_type in CHANNELS_FIRST_OPS:
+                # e.g. a Keras layer's NHWC layout attached to tf2onnx's NCHW Conv output
+                logger.warning("metadata gives %s a %s layout, but its %s node computes "
+                               "channels-first; using %s", name, layout, node.op_type,
+                               _DEFAULT_LAYOUT.get(len(shape)))
+                layout = _DEFAULT_LAYOUT.get(len(shape))
             out.append(HiddenTensor(name=name, op=node.op_type, shape=shape, dtype=dtype,
                                     layer=str(layer), layout=layout, depth=depth))
     return out

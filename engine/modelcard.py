@@ -646,4 +646,15 @@ def resolve_model_card(
         fields["input_size"] = tuple(fields["input_size"])
     if fields.get("classes") is not None:
         fields["classes"] = tuple(fields["classes"])
+    layouts = dict(fields.get("hidden_layouts") or {})
+    if layouts:
+        from engine.graph import CHANNELS_FIRST_OPS
+
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        for name, lay in layouts.items():
+            if _is_channels_last(lay) and producers.get(name) in CHANNELS_FIRST_OPS:
+                layouts[name] = {"NWC": "NCW", "NHWC": "NCHW", "NDHWC": "NCDHW"}[lay]
+                assumed.append(f"hidden tensor {name!r}: layout {layouts[name]}, not {lay} as given: "
+                               f"its {producers[name]} node computes channels-first")
+        fields["hidden_layouts"] = layouts
     return ModelCard(**fields, assumed=assumed)

@@ -276,3 +276,17 @@ def test_binary_model_class_written_as_label_one():
     assert card.classes == (1,) and card.channel_indices(1) == [0]
     p = np.random.default_rng(4).random((2, 1, 32, 32)).astype(np.float32)
     np.testing.assert_array_equal(card.to_probability({"prob": p}), p)
+
+
+def test_channels_last_hidden_layout_on_a_conv_output_is_corrected():
+    """A Keras layer's NHWC layout attached to tf2onnx's NCHW Conv output must not transpose it."""
+    from engine.graph import list_hidden_tensors
+
+    meta = new_metadata(hidden={"enc1_conv": {"layer": "conv2d", "layout": "NHWC"},
+                                "enc1": {"layer": "relu", "layout": "NCHW"}})
+    model = unet(metadata=meta)
+    card = resolve_model_card(model)
+    assert card.hidden_layouts == {"enc1_conv": "NCHW", "enc1": "NCHW"}
+    assert any("enc1_conv" in s and "channels-first" in s for s in card.assumed)
+    layouts = {t.name: t.layout for t in list_hidden_tensors(model)}
+    assert layouts["enc1_conv"] == "NCHW"
