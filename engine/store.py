@@ -737,6 +737,7 @@ class StoreWriter:
         self._store_ids: set[str] = set()
         self._next = 0
         self._closed = False
+        self._schema: dict[str, tuple[int, ...]] | None = None
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"folder {self.path.parent} of store {self.path} does not "
                                     "exist; create it or choose another output")
@@ -854,6 +855,8 @@ class StoreWriter:
                                  "or start over with overwrite=True")
             for c in ids:
                 self._done[c] = part
+            if self._schema is None:
+                self._schema = {k: v[1] for k, v in _collect_schema(part).items()}
 
     def done_ids(self) -> set[str]:
         """Return the ids of the cases already published (in parts or the final store)."""
@@ -886,6 +889,16 @@ class StoreWriter:
             raise ValueError(f"StoreWriter for {self.path} is finalized or closed; open a new "
                              "StoreWriter with resume=True to add cases")
         ids, arrays, maps = _flatten_batch(batch, self.run)
+        schema = {k: v.shape[1:] for k, v in arrays.items() if k != "cases/index"}
+        if self._schema is not None and schema != self._schema:
+            extra = sorted(set(schema) - set(self._schema))
+            lacking = sorted(set(self._schema) - set(schema))
+            shapes = sorted(k for k in set(schema) & set(self._schema)
+                            if schema[k] != self._schema[k])
+            raise ValueError(
+                f"batch does not match the earlier batches of {self.path}: new arrays "
+                f"{extra[:5]}, missing arrays {lacking[:5]}, other shapes {shapes[:5]}; every "
+                "batch of a store holds the same arrays")
         again = [c for c in ids if c in self._done or c in self._store_ids]
         if again:
             raise ValueError(f"case(s) {again[:5]} are already in store {self.path}; skip "
@@ -917,6 +930,7 @@ class StoreWriter:
                 raise w.fail(exc) from exc
             raise
         self._next += 1
+        self._schema = schema
         for c in ids:
             self._done[c] = final
         return final

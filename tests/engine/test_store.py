@@ -292,6 +292,15 @@ def test_bad_batches_are_refused(tmp_path):
     with pytest.raises(ValueError, match="expected 2 cases"):
         w.write_batch(dict(good, output_dice=np.zeros((3, 2))))
     assert w.done_ids() == set() and list(parts_dir(w.path).glob("part-*")) == []
+    w.write_batch(good)
+    later = _expected(_all_cases(4)[2:])
+    del later["output_dice"]
+    with pytest.raises(ValueError, match=r"missing arrays \['output_dice'\]"):
+        w.write_batch(later)
+    w.close()
+    w2 = _writer(w.path, resume=True)  # the schema is known again after resume
+    with pytest.raises(ValueError, match="same arrays"):
+        w2.write_batch(later)
 
 
 # ------------------------------------------------------------------ crash safety
