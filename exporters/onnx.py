@@ -9,6 +9,7 @@ input file is never modified. Tensor listing, selection and exposing are
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -36,24 +37,27 @@ _OP_SUFFIX = re.compile(r"^(?P<op>[A-Za-z][A-Za-z0-9]*?)(_\d+)?(_output_\d+|:\d+
 
 
 def readable_name(node_name: str, op_type: str) -> str:
-    """A readable layer name for a node: its innermost scope, else the node name.
+    """A readable layer name for a node: its scope without the op, else the node name.
 
     Parameters
     ----------
     node_name : str
-        ONNX node name (``"/enc1/enc1.0/Conv"``, ``"conv3d_1/Relu"``, ``"Conv__160"``).
+        ONNX node name (``"/enc1/enc1.0/Conv"`` from torch, ``"conv3d_1/Relu"`` from tf2onnx).
     op_type : str
         The node's op type (``"Conv"``).
 
     Returns
     -------
     str
-        ``"enc1.0"``, ``"conv3d_1"``, ``"Conv__160"`` for the examples above.
+        The torch module path (``"enc1.0"``), the TF scope (``"conv3d_1"``), or the node
+        name when it has no scope (``"Conv__160"``).
 
     Examples
     --------
-    >>> readable_name("/decoder/decoder.1/conv/Conv", "Conv")
+    >>> readable_name("/decoder/decoder.1/decoder.1.conv/Conv", "Conv")
     'decoder.1.conv'
+    >>> readable_name("/enc2/2/Relu", "Relu")
+    'enc2.2'
     >>> readable_name("conv3d_1/Relu", "Relu")
     'conv3d_1'
     """
@@ -63,9 +67,14 @@ def readable_name(node_name: str, op_type: str) -> str:
         match = _OP_SUFFIX.match(last)
         if match and (match.group("op").lower() == op_type.lower() or last.split("_")[0] == op_type):
             parts = parts[:-1]
-        scope = parts[-1] if parts else node_name
-        return scope
-    return (parts[0] if parts else node_name) or op_type
+    if not parts:
+        return node_name or op_type
+    if not node_name.startswith("/"):  # tf2onnx and others: TF scopes joined by "/"
+        return "/".join(parts)
+    name = ""  # torch: scopes are attribute names ("enc2/2") or full dotted paths ("enc1/enc1.0")
+    for part in parts:
+        name = part if not name or part.startswith(name + ".") else f"{name}.{part}"
+    return name
 
 
 def expose(
@@ -189,7 +198,7 @@ def expose(
         raise layer_not_found(first, [t.name for t in chosen], kind="selected tensor")
     for t in chosen:
         node = producers.get(t.name)
-        layer = (old_hidden.get(t.name) or {}).get("layer") or (
+        layer = (old_hidden.get(t.name) or {}).get("layer") or _torch_scope(node) or (
             readable_name(node.name, node.op_type) if node is not None and node.name else t.layer
         )
         candidates = [names[t.name]] if t.name in names else [layer, node.name if node is not None else "", t.name]
@@ -277,3 +286,17 @@ def _guess_activation(graph: Any, prediction: str) -> str:
         if prediction in node.output:
             return {"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(node.op_type, "logits")
     return "logits"
+
+
+def _torch_scope(node: Any) -> str | None:
+    """The module path torch's dynamo exporter records on a node (``name_scopes``), if any."""
+    if node is None:
+        return None
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s for s in ast.literal_eval(prop.value) if s]
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if len(scopes) >= 2 else None
+    return None

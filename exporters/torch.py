@@ -294,7 +294,8 @@ def _wrapper(torch: Any, model: Any, names: list[str]) -> Any:
             pred = _prediction(torch, self.model(x))
             return (pred, *[self.store[n] for n in names])
 
-    wrapper = Capture().eval()
+    wrapper = Capture()
+    _eval(wrapper)
     modules = dict(model.named_modules())
 
     def hook(name: str) -> Any:
@@ -407,13 +408,17 @@ def export(
         )
     x = x.detach().to(torch.float32).cpu()
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    _eval(model)
     wrapper = None
     try:
-        pred, outs, calls = _probe(torch, model, x)
-        names = _select(torch, model, layers, outs, calls, pred)
-        if isinstance(model, torch.jit.ScriptModule) or (layers is None and not names and not _has_children(model)):
-            logger.info("no submodules to hook in %s; exporting the prediction only", type(model).__name__)
+        scripted = isinstance(model, torch.jit.ScriptModule)
+        if scripted:  # no hooks on TorchScript: name hidden tensors from the ONNX graph instead
+            names = []
+        else:
+            pred, outs, calls = _probe(torch, model, x)
+            names = _select(torch, model, layers, outs, calls, pred)
+            if layers is None and not names:  # e.g. a torch.export module: its submodules never run
+                scripted = True
         if prediction_activation is None:
             prediction_activation = _guess_activation(torch, model)
         if output_name in names or input_name in names or input_name == output_name:
@@ -422,16 +427,20 @@ def export(
                 "pass other names"
             )
         wrapper = _wrapper(torch, model, names)
+        exported = model if scripted else wrapper  # TorchScript modules export as they are
         onnx_names = [output_name] + names
         proto, used, messages = _convert(
-            torch, wrapper, x, input_name, onnx_names, opset=opset, exporter=exporter,
+            torch, exported, x, input_name, onnx_names, opset=opset,
+            exporter="torchscript" if isinstance(model, torch.jit.ScriptModule) and exporter == "auto" else exporter,
             dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
         )
-        wrapper.eval()  # the TorchScript exporter restores the wrapper's mode after export
+        _eval(exported)
         rng = np.random.default_rng(0)
         check = torch.from_numpy(rng.random(tuple(x.shape), dtype=np.float32))
         with torch.no_grad():
-            expected = {n: v.detach().cpu().numpy() for n, v in zip(onnx_names, wrapper(check))}
+            values = exported(check)
+            values = (_prediction(torch, values),) if scripted else values
+            expected = {n: v.detach().cpu().numpy() for n, v in zip(onnx_names, values)}
     finally:
         if wrapper is not None:
             for handle in wrapper.handles:
@@ -451,6 +460,11 @@ def export(
     set_metadata(proto, card)
     actual = run_onnx(proto, {input_name: check.numpy()}, onnx_names)
     diffs = check_close(expected, actual, atol=atol, rtol=rtol, framework="torch")
+    if scripted:
+        return _expose_scripted(
+            proto, path, layers=layers, output_name=output_name, card=card, used=used,
+            diffs=diffs, messages=messages,
+        )
     written = save_onnx(proto, path)
     logger.info("exported %d outputs to %s with %s", len(onnx_names), written, used)
     return ExportResult(
@@ -459,8 +473,41 @@ def export(
     )
 
 
-def _has_children(model: Any) -> bool:
-    return any(True for _ in model.children())
+def _eval(module: Any) -> None:
+    """Eval mode by flags (``eval()`` itself raises on torch.export modules)."""
+    for sub in module.modules():
+        sub.training = False
+
+
+def _expose_scripted(
+    proto: Any, path: Any, *, layers: Any, output_name: str, card: dict[str, Any], used: str,
+    diffs: dict[str, float], messages: list[str],
+) -> ExportResult:
+    """TorchScript models: export the prediction, then expose hidden tensors by ONNX node scope."""
+    from exporters.onnx import expose as onnx_expose
+
+    if layers is not None and not all(isinstance(p, str) for p in ([layers] if isinstance(layers, (str, type)) else layers)):
+        raise TypeError("a TorchScript model's layers are chosen by name, glob or 'op:<OnnxOp>'; got a class")
+    msg = "no hookable submodules (TorchScript/torch.export model): hidden tensors chosen in the ONNX graph, named from node scopes"
+    logger.info(msg)
+    target = Path(path)
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
+        plain = save_onnx(proto, Path(tmp) / "plain.onnx")
+        selectors = layers
+        if selectors is None:  # the activations, else every spatial tensor
+            from engine.graph import list_hidden_tensors
+
+            selectors = "op:Relu" if any(t.op == "Relu" for t in list_hidden_tensors(plain)) else "all"
+        result = onnx_expose(
+            plain, target, layers=selectors, prediction=output_name,
+            activation=card["prediction"]["activation"], input_layout=card["input"]["layout"],
+            preprocessing=card.get("preprocessing"), classes=card["prediction"]["classes"],
+            threshold=card["prediction"]["threshold"], framework="torch",
+        )
+    result.exporter = used
+    result.max_abs_diff = {**diffs, **result.max_abs_diff}
+    result.messages = messages + [msg] + result.messages
+    return result
 
 
 def _guess_activation(torch: Any, model: Any) -> str:
@@ -548,7 +595,10 @@ def _run_exporter(
                 external_data=False, verbose=False, **kwargs,
             )
         else:
-            torch.onnx.export(wrapper, (x,), target, dynamo=False, dynamic_axes=axes or None, **kwargs)
+            torch.onnx.export(
+                wrapper, (x,), target, dynamo=False, dynamic_axes=axes or None,
+                training=torch.onnx.TrainingMode.PRESERVE, **kwargs,  # eval flags set by the caller
+            )
 
 
 def _check_names(proto: Any, input_name: str, onnx_names: list[str]) -> None:
