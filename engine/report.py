@@ -525,6 +525,7 @@ def write_report(
     cases: Iterable[str] | None = None,
     unit_threshold: float = 0.5,
     max_cases: int | None = None,
+    estimates: Any = None,
 ) -> Path:
     """Write the protoseg report of a store: figures, tables and one HTML or Markdown file.
 
@@ -546,6 +547,11 @@ def write_report(
     max_cases : int, optional
         At most this many cases get map figures (default :data:`DEFAULT_MAP_CASES` when
         ``cases`` is not given, otherwise all given cases). Statistics always use every case.
+    estimates : str, Path or Store, optional
+        A second store holding the label-free estimates and their validation (the store
+        written by ``protoseg estimate``). Its ``estimates()`` and ``validation()`` are
+        shown instead of the main store's; estimates are matched to cases by id (NaN for
+        cases it lacks).
 
     Returns
     -------
@@ -594,7 +600,8 @@ def write_report(
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    builder = _ReportBuilder(store, out, unit_threshold=unit_threshold)
+    est_store = None if estimates is None else _open(estimates)
+    builder = _ReportBuilder(store, out, unit_threshold=unit_threshold, est_store=est_store)
     builder.collect(cases=None if cases is None else [str(c) for c in cases],
                     max_cases=max_cases)
     if format == "html":
@@ -609,8 +616,10 @@ def write_report(
 class _ReportBuilder:
     """Collects tables and figures once, then renders HTML or Markdown."""
 
-    def __init__(self, store: Any, out: Path, *, unit_threshold: float) -> None:
+    def __init__(self, store: Any, out: Path, *, unit_threshold: float,
+                 est_store: Any = None) -> None:
         self.store = store
+        self.est_store = est_store
         self.out = out
         self.threshold = unit_threshold
         self.sections: list[dict[str, Any]] = []  # {id, title, blocks}
@@ -878,7 +887,7 @@ class _ReportBuilder:
                                   ).reshape(-1, 1)
         self.dice = np.asarray(dice_all, dtype=np.float64).reshape(self.n_cases, -1)
         self.mean_layer_sa = _nanmean_rows(self.score, axis=2)  # (n_cases, n_classes)
-        self.estimates = _per_case_arrays(_optional(self.store, "estimates"), self.n_cases)
+        self.estimates = self._read_estimates()
         self.baseline_values = _per_case_arrays(_optional(self.store, "baselines"),
                                                 self.n_cases)
         self.corr_rows: list[dict[str, Any]] = []
@@ -929,9 +938,25 @@ class _ReportBuilder:
                   ["x", "y", "n", "pearson_r", "spearman_rho", "note"]))
         _write_table(self.corr_rows, self.out / "tables" / "correlations")
 
+    def _read_estimates(self) -> dict[str, np.ndarray]:
+        """Per-case estimates, from the estimate store (matched by case id) or the main one."""
+        if self.est_store is None:
+            return _per_case_arrays(_optional(self.store, "estimates"), self.n_cases)
+        other_ids = [_text(v) for v in _field(np.asarray(self.est_store.cases), "id", "")]
+        raw = _per_case_arrays(_optional(self.est_store, "estimates"), len(other_ids))
+        pos = {c: i for i, c in enumerate(other_ids)}
+        take = np.array([pos.get(c, -1) for c in self.ids], dtype=np.intp)
+        out = {}
+        for name, arr in raw.items():
+            a = np.full((self.n_cases, arr.shape[1]), np.nan)
+            hit = take >= 0
+            a[hit] = arr[take[hit]]
+            out[name] = a
+        return out
+
     def _validation_section(self) -> None:
         b = self._section("validation", "Validation")
-        rows = _validation_rows(_optional(self.store, "validation"))
+        rows = _validation_rows(_optional(self.est_store or self.store, "validation"))
         self.validation_rows = rows
         if not rows:
             b.append(("p", "Validation: not recorded (run `protoseg estimate` on a store with "

@@ -366,3 +366,25 @@ def test_bad_store(tmp_path):
         write_report(tmp_path / "missing.h5", tmp_path / "out")
     with pytest.raises(TypeError, match="expected a store path"):
         write_report(42, tmp_path / "out")
+
+
+def test_estimates_from_a_second_store(tmp_path):
+    main = build_store(tmp_path, n_cases=5, maps=())
+    # the estimate store lists the cases in another order and lacks c4
+    est_batches, layers = make_batches(n_cases=4, maps=(), units=False, seed=3)
+    path = tmp_path / "est.h5"
+    w = StoreWriter(path, config=dict(CONFIG, reference="prediction"), layers=layers,
+                    classes=[1])
+    for b in est_batches[::-1]:
+        w.write_batch(b)
+    w.finalize(dict(PROVENANCE))
+    est = open_store(path)
+    ids = list(est.cases["id"])
+    values = np.array([0.1 * int(c[1:]) + 0.05 for c in ids])
+    est.write_estimates({"paper": values})
+    write_report(main, tmp_path / "out", estimates=path)
+    rows = read_csv(tmp_path / "out" / "tables" / "cases.csv")
+    for r in rows:
+        i = int(r["id"][1:])
+        expect = 0.1 * i + 0.05 if i < 4 else math.nan
+        assert as_float(r["estimate_paper"]) == pytest.approx(expect, nan_ok=True)
