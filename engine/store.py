@@ -29,6 +29,7 @@ import re
 import shutil
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,6 +550,10 @@ try:
 except ImportError:  # pragma: no cover
     _HAS_FLOCK = False
 
+#: Writers of this process by store path: a new writer on the same store closes the old
+#: one (whose writes are then refused) instead of failing on its own lock.
+_WRITERS: dict[str, weakref.ref[StoreWriter]] = {}
+
 _COPY_ROWS = 4096  # cases copied at a time when assembling (bounds memory)
 
 
@@ -750,11 +755,19 @@ class StoreWriter:
             raise
 
     def _lock(self) -> None:
-        """Hold an exclusive lock on ``.<store>.lock`` (released by the OS on any exit)."""
+        """Hold an exclusive lock on ``.<store>.lock`` (released by the OS on any exit).
+
+        Another process writing the same store is refused. In this process, a writer
+        left alive (e.g. held by a traceback) is closed and replaced.
+        """
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock
             return
+        key = str(self.path.resolve())
+        previous = _WRITERS.get(key)
+        if previous is not None and previous() is not None:
+            previous().close()  # type: ignore[union-attr]  # same process: take over
         lock = self.path.with_name(f".{self.path.name}.lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -765,6 +778,7 @@ class StoreWriter:
                 f"another writer holds store {self.path} (lock {lock}); wait for it to "
                 "finish, close() the other StoreWriter, or choose another output") from None
         self._lock_fd = fd
+        _WRITERS[key] = weakref.ref(self)
 
     def close(self) -> None:
         """Release the store's lock without finalizing (parts stay; resume later)."""

@@ -203,13 +203,10 @@ def test_resume_skips_done_cases(tmp_path):
     cases = _all_cases(8)
     w.write_batch(_expected(cases[:3]))
     w.write_batch(_expected(cases[3:5]))
-    with pytest.raises(StoreExistsError, match="another writer holds"):
-        _writer(path, resume=True)  # w still holds the lock
-    w.close()
-    with pytest.raises(ValueError, match="closed"):
-        w.write_batch(_expected(cases[5:]))
     with pytest.raises(StoreExistsError, match="resume=True"):
-        _writer(path)
+        _writer(path)  # takes the lock over from w, then refuses
+    with pytest.raises(ValueError, match="closed"):
+        w.write_batch(_expected(cases[5:]))  # w was closed by the newer writer
     w2 = _writer(path, resume=True)
     assert w2.done_ids() == {c for _, c in cases[:5]}
     with pytest.raises(ValueError, match="already in store"):
@@ -505,3 +502,26 @@ def test_existing_non_store_file_is_not_clobbered(tmp_path):
     with pytest.raises(StoreExistsError, match="exists"):
         _writer(path)
     assert path.read_text() == "my notes"
+
+
+def test_writer_in_another_process_is_refused(tmp_path):
+    store = tmp_path / "s.h5"
+    sig = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.engine._store_worker", str(store), "4", "2",
+         "--kill-point", "after-parts:1", "--signal", str(sig)], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not sig.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sig.exists(), "worker did not start"
+        with pytest.raises(StoreExistsError, match="another writer holds"):
+            _writer(store, resume=True)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    w = _writer(store, resume=True)  # the dead process's lock is gone
+    assert len(w.done_ids()) == 2
+    w.close()
