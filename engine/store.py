@@ -356,6 +356,13 @@ def _flatten_batch(batch: Mapping[str, Any], run: _RunInfo
         arr = np.asarray(value)
         if arr.dtype.kind in "OUS" and dtype is not object:
             raise TypeError(f"batch[{what!r}] holds {arr.dtype} values, expected numbers")
+        if dtype is not object and np.dtype(dtype).kind in "iu" and arr.dtype.kind == "f":
+            info = np.iinfo(dtype)
+            if arr.size and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()
+                                 and arr.min() >= info.min and arr.max() <= info.max):
+                raise ValueError(f"batch[{what!r}] holds non-integer, NaN or out-of-range "
+                                 f"values, expected integers for {np.dtype(dtype)}; fill "
+                                 "undefined counts with 0 and say why in the status")
         arr = arr.astype(dtype, copy=False) if dtype is not object else np.array(
             ["" if v is None else str(v) for v in arr.ravel()], dtype=object
         ).reshape(arr.shape)
@@ -396,7 +403,7 @@ def _flatten_batch(batch: Mapping[str, Any], run: _RunInfo
                 raise TypeError("batch['unit'] must be a dict layer index -> {score, ...}")
             for li, fields in value.items():
                 units.setdefault(int(li), {}).update(fields)
-        elif key.startswith("unit/") and key.count("/") == 2:
+        elif key.startswith("unit/") and key.count("/") == 2 and key.split("/")[1].isdigit():
             _, li, field = key.split("/")
             units.setdefault(int(li), {})[field] = value
         else:

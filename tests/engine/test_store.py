@@ -288,6 +288,12 @@ def test_bad_batches_are_refused(tmp_path):
         w.write_batch(dict(good, maps={"zzz": {}}))
     with pytest.raises(ValueError, match="expected 2 cases"):
         w.write_batch(dict(good, output_dice=np.zeros((3, 2))))
+    with pytest.raises(ValueError, match="layer_tp.*NaN"):
+        w.write_batch(dict(good, layer_tp=np.full((2, 2, 3), np.nan)))
+    with pytest.raises(ValueError, match="layer_status.*out-of-range"):
+        w.write_batch(dict(good, layer_status=np.full((2, 2, 3), -1.0)))
+    with pytest.raises(ValueError, match="unknown key 'unit/x/score'"):
+        w.write_batch(dict(good, **{"unit/x/score": np.zeros((2, 2, 2))}))
     assert w.done_ids() == set() and list(parts_dir(w.path).glob("part-*")) == []
     w.write_batch(good)
     later = _expected(_all_cases(4)[2:])
