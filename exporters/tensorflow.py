@@ -45,12 +45,12 @@ DEFAULT_KERAS_TYPES = (
     "SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D", "DepthwiseConv2D",
     "Concatenate", "Add",
 )
-#: Layers that only transform a convolution's output elementwise: the default selection
-#: follows a convolution through a single-consumer chain of these and exposes its end.
+#: Layers that transform a convolution's output elementwise: the default selection follows a
+#: convolution through a single-consumer chain of these and exposes its end. Dropout and
+#: noise layers are not followed: they are the identity at inference.
 _KERAS_ELEMENTWISE = (
     "BatchNormalization", "GroupNormalization", "LayerNormalization", "Activation", "ReLU",
-    "LeakyReLU", "PReLU", "ELU", "Softmax", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
-    "SpatialDropout3D", "GaussianNoise", "GaussianDropout",
+    "LeakyReLU", "PReLU", "ELU", "Softmax",
 )
 #: GraphDef op types exposed by default: convolutions, transposed convolutions, concats.
 DEFAULT_GRAPH_OPS = (
@@ -344,7 +344,7 @@ def _export_keras(
             f"and {len(model.outputs)} outputs; wrap it in a single-input single-output keras.Model"
         )
     chosen = _keras_select(model, _as_list(layers))
-    multi = keras.Model(model.inputs, [model.outputs[0]] + [layer.output for layer in chosen])
+    multi = keras.Model(model.inputs[0], [model.outputs[0]] + [layer.output for layer in chosen])
     in_tensor = model.inputs[0]
     input_name = re.sub(r"[^A-Za-z0-9_./-]", "_", str(getattr(in_tensor, "name", "input"))) or "input"
     if input_signature is None:
