@@ -153,11 +153,17 @@ def _as_weight(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_layout(F: np.ndarray, layout: str, spatial: tuple[int, ...], grid: tuple[int, ...]) -> None:
-    """Raise when the other layout matches the reference grid and the given one does not."""
+    """Raise when the other layout matches the grid exactly and the given one is implausible.
+
+    Implausible: the per-axis ratios grid/spatial differ by more than 1.5× (hidden layers of a
+    segmentation network keep the input's aspect ratio), so a genuine 1-D or isotropic layer is
+    never refused.
+    """
     if spatial == grid:
         return
     other = F.shape[1:-1] if layout == "channels_first" else F.shape[2:]
-    if tuple(other) == tuple(grid):
+    ratios = [g / s for g, s in zip(grid, spatial)]
+    if tuple(other) == tuple(grid) and max(ratios) > 1.5 * min(ratios):
         want = "channels_last" if layout == "channels_first" else "channels_first"
         raise ValueError(
             f"layout={layout!r} contradicts the shapes: features {F.shape} read as {layout} have "

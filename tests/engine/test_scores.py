@@ -1,0 +1,312 @@
+"""engine.scores (Numba kernels) against the literal NumPy twin in tests/naive.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from engine.scores import ProtoSegResult, SAScores, dice, protoseg, sa_scores
+from engine.status import Status
+from tests import naive
+
+SETTINGS = settings(max_examples=30, deadline=None)
+TWIN_STATUS = {
+    "ok": Status.OK,
+    "empty_mask": Status.EMPTY_MASK,
+    "empty_foreground": Status.EMPTY_FOREGROUND,
+    "empty_background": Status.EMPTY_BACKGROUND,
+}
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict:
+    """Random inputs: rank, odd ratios up and down, layouts, dtypes, soft/hard guides, masks."""
+    nd = draw(st.integers(1, 3))
+    hi_src, hi_dst = (7, 9) if nd < 3 else (4, 5)
+    src = tuple(draw(st.lists(st.integers(1, hi_src), min_size=nd, max_size=nd)))
+    dst = tuple(draw(st.lists(st.integers(1, hi_dst), min_size=nd, max_size=nd)))
+    B = draw(st.integers(1, 3))
+    C = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    f = rng.normal(size=(B, C, *src)) * draw(st.sampled_from([1.0, 10.0]))
+    if draw(st.booleans()):  # a constant channel
+        f[:, 0] = 0.5
+    f = f.astype(dtype)
+    guide_kind = draw(st.sampled_from(["soft", "hard", "bool"]))
+    g = rng.random((B, *dst))
+    if guide_kind != "soft":
+        g = g > 0.5 if guide_kind == "bool" else (g > 0.5).astype(np.float32)
+    mask = None
+    if draw(st.booleans()):
+        mask = (rng.random((B, *dst)) > 0.3).astype(np.float64)
+    ref = rng.random((B, *dst)) > 0.5
+    layout = draw(st.sampled_from(["channels_first", "channels_last"]))
+    # shapes where the other layout would match the grid exactly are refused on purpose
+    other = (C, *src[:-1]) if layout == "channels_first" else (*src[1:], C)
+    assume(other != dst)
+    return {
+        "f": f, "g": g, "mask": mask, "ref": ref, "src": src, "dst": dst,
+        "layout": layout,
+        "resize": draw(st.sampled_from(["upsample", "upsample", "downsample"])),
+    }
+
+
+def _layout(f: np.ndarray, layout: str) -> np.ndarray:
+    """channels_last as a real (B, *spatial, C) array, sometimes a strided view."""
+    if layout == "channels_first":
+        return f
+    return np.ascontiguousarray(np.moveaxis(f, 1, -1))
+
+
+def _twin_inputs(case: dict, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Per-sample features, guide, mask and reference on the grid where the twin compares."""
+    f = case["f"][b].astype(np.float64)
+    g = np.asarray(case["g"][b], dtype=np.float64)
+    m = None if case["mask"] is None else case["mask"][b]
+    y = case["ref"][b]
+    if case["resize"] == "upsample":
+        return naive.resize_linear(f, case["dst"]), g, m, y
+    src = case["src"]
+    if src == case["dst"]:
+        return f, g, m, y
+    g = naive.resize_area(g, src)
+    m = None if m is None else naive.resize_area(m, src)
+    y = naive.resize_area(y.astype(np.float64), src) >= 0.5 - 1e-12
+    return f, g, m, y
+
+
+def _near_ties(margin: np.ndarray, twin: dict) -> np.ndarray:
+    scale = max(1.0, float(np.max(np.abs(twin["d_plus"]))), float(np.max(np.abs(twin["d_minus"]))))
+    return np.abs(margin) <= 1e-7 * scale
+
+
+def _check_counts(res: SAScores, idx: tuple, twin: dict, near: np.ndarray, y: np.ndarray) -> None:
+    n_near = int(near.sum())
+    for name in ("tp", "fp", "fn"):
+        assert abs(int(getattr(res, name)[idx]) - twin[name]) <= n_near, (name, idx)
+    if n_near == 0:
+        expected = twin["score"]
+        if np.isnan(expected):
+            assert np.isnan(res.score[idx]) and res.status[idx] == Status.EMPTY_DICE
+        else:
+            assert res.score[idx] == pytest.approx(expected, abs=1e-12)
+            assert res.status[idx] == Status.OK
+
+
+@SETTINGS
+@given(cases())
+def test_protoseg_matches_twin(case: dict) -> None:
+    res = protoseg(_layout(case["f"], case["layout"]), case["g"], mask=case["mask"],
+                   resize=case["resize"], layout=case["layout"])
+    assert isinstance(res, ProtoSegResult)
+    grid = case["dst"] if case["resize"] == "upsample" else case["src"]
+    assert res.binary.shape == (len(case["f"]), *grid) and res.binary.dtype == np.bool_
+    assert res.probability.dtype == np.float32
+    for b in range(len(case["f"])):
+        f, g, m, _ = _twin_inputs(case, b)
+        twin = naive.protoseg_one(f, g, m)
+        assert res.status[b] == TWIN_STATUS[twin["status"]]
+        if twin["status"] != "ok":
+            assert np.isnan(res.foreground[b]).all() and not res.binary[b].any()
+            continue
+        np.testing.assert_allclose(res.foreground[b], twin["P"], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(res.background[b], twin["N"], rtol=1e-9, atol=1e-9)
+        near = _near_ties(twin["margin"], twin)
+        np.testing.assert_array_equal(res.binary[b][~near], twin["binary"][~near])
+        np.testing.assert_allclose(res.probability[b], twin["probability"], atol=2e-6)
+
+
+@SETTINGS
+@given(cases())
+def test_sa_scores_layer_and_unit_match_twin(case: dict) -> None:
+    layer, unit = sa_scores(_layout(case["f"], case["layout"]), case["g"], case["ref"], mask=case["mask"],
+                            level="both", resize=case["resize"], layout=case["layout"])
+    B, C = case["f"].shape[:2]
+    assert layer.score.shape == (B,) and unit.score.shape == (B, C)
+    assert layer.level == "layer" and unit.level == "unit"
+    for b in range(B):
+        f, g, m, y = _twin_inputs(case, b)
+        twin = naive.sa_one(f, g, y, m)
+        if twin["status"] != "ok":
+            assert layer.status[b] == TWIN_STATUS[twin["status"]] and np.isnan(layer.score[b])
+            assert (unit.status[b] == TWIN_STATUS[twin["status"]]).all() and np.isnan(unit.score[b]).all()
+            assert layer.tp[b] == 0 and layer.fp[b] == 0 and layer.fn[b] == int(np.sum(y))
+            continue
+        _check_counts(layer, (b,), twin, _near_ties(twin["margin"], twin), y)
+        for c in range(C):
+            tw = naive.sa_one(f[c:c + 1], g, y, m)
+            _check_counts(unit, (b, c), tw, _near_ties(tw["margin"], tw), y)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cases(), st.booleans())
+def test_nonfinite_raise_and_skip(case: dict, use_inf: bool) -> None:
+    f = case["f"].copy()
+    B = len(f)
+    bad = B - 1
+    f[(bad, 0) + tuple(np.array(case["src"]) // 2)] = np.inf if use_inf else np.nan
+    f = _layout(f, case["layout"])
+    kw = dict(mask=case["mask"], resize=case["resize"], layout=case["layout"])
+    with pytest.raises(ValueError, match=f"sample {bad}"):
+        sa_scores(f, case["g"], case["ref"], **kw)
+    with pytest.raises(ValueError, match=f"sample {bad}"):
+        protoseg(f, case["g"], **kw)
+    layer, unit = sa_scores(f, case["g"], case["ref"], level="both", nonfinite="skip", **kw)
+    assert layer.status[bad] == Status.NONFINITE and np.isnan(layer.score[bad])
+    assert (unit.status[bad] == Status.NONFINITE).all() and np.isnan(unit.score[bad]).all()
+    res = protoseg(f, case["g"], nonfinite="skip", **kw)
+    assert res.status[bad] == Status.NONFINITE and not res.binary[bad].any()
+    # the other samples are unaffected
+    clean = sa_scores(_layout(case["f"], case["layout"]), case["g"], case["ref"], **kw)
+    np.testing.assert_array_equal(layer.score[:bad], clean.score[:bad])
+
+
+def test_separable_data_gives_the_guide_and_dice_one() -> None:
+    # two flat regions: the map must recover the guide exactly, whatever the resize
+    g = np.zeros((1, 8, 8))
+    g[0, :, 4:] = 1
+    f = np.zeros((1, 3, 8, 8), np.float32)
+    f[0, :, :, 4:] = [[[1.0]], [[2.0]], [[-1.0]]]
+    res = protoseg(f, g)
+    np.testing.assert_array_equal(res.binary, g > 0)
+    np.testing.assert_allclose(res.foreground[0], [1.0, 2.0, -1.0])
+    np.testing.assert_allclose(res.background[0], 0.0)
+    s = sa_scores(f, g, g > 0)
+    assert s.score.tolist() == [1.0] and s.tp.tolist() == [32] and s.fp.tolist() == [0]
+
+
+def test_upsampled_map_equals_materialised_torch_reference() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    f = rng.normal(size=(2, 3, 23, 28)).astype(np.float32)
+    yy, xx = np.mgrid[:181, :217]
+    g = np.stack([((yy - 90) ** 2 + (xx - 100) ** 2 < 60**2)] * 2).astype(np.float32)
+    up = torch.nn.functional.interpolate(torch.from_numpy(f).double(), size=(181, 217), mode="bilinear",
+                                         align_corners=False).numpy()
+    res = protoseg(f, g)
+    s = sa_scores(f, g, g > 0, level="both")
+    for b in range(2):
+        twin = naive.sa_one(up[b], g[b], g[b] > 0)
+        near = _near_ties(twin["margin"], twin)
+        np.testing.assert_array_equal(res.binary[b][~near], twin["binary"][~near])
+        if not near.any():
+            assert s[0].score[b] == pytest.approx(twin["score"], abs=1e-12)
+        for c in range(3):
+            tw = naive.sa_one(up[b, c:c + 1], g[b], g[b] > 0)
+            if not _near_ties(tw["margin"], tw).any():
+                assert s[1].score[b, c] == pytest.approx(tw["score"], abs=1e-12)
+
+
+def test_3d_odd_ratio_matches_twin() -> None:
+    rng = np.random.default_rng(6)
+    f = rng.normal(size=(1, 2, 3, 4, 5))
+    g = rng.random((1, 7, 6, 9))
+    y = g > 0.4
+    s = sa_scores(f, g, y, level="both")
+    fu = naive.resize_linear(f[0], (7, 6, 9))
+    twin = naive.sa_one(fu, g[0], y[0])
+    assert not _near_ties(twin["margin"], twin).any()
+    assert s[0].score[0] == pytest.approx(twin["score"], abs=1e-12)
+
+
+def test_status_codes_for_undefined_prototypes() -> None:
+    f = np.random.default_rng(1).normal(size=(4, 2, 6, 6))
+    g = np.full((4, 6, 6), 0.5)
+    g[0] = 0.0  # no foreground
+    g[1] = 1.0  # no background
+    mask = np.ones((4, 6, 6))
+    mask[2] = 0.0  # empty mask
+    ref = np.ones((4, 6, 6), bool)
+    s = sa_scores(f, g, ref, mask=mask)
+    assert s.status.tolist() == [Status.EMPTY_FOREGROUND, Status.EMPTY_BACKGROUND, Status.EMPTY_MASK, Status.OK]
+    assert np.isnan(s.score[:3]).all() and np.isfinite(s.score[3])
+    assert s.fn[:3].tolist() == [36, 36, 36] and s.tp[:3].tolist() == [0, 0, 0]
+    r = protoseg(f, g, mask=mask)
+    assert r.status.tolist() == s.status.tolist()
+    assert np.isnan(r.probability[:3]).all() and not r.binary[:3].any()
+
+
+@pytest.mark.parametrize("empty,expected", [("nan", np.nan), ("one", 1.0)])
+def test_empty_dice(empty: str, expected: float) -> None:
+    # a constant feature gives P == N: map all background; with an empty reference Dice is 0/0
+    f = np.ones((1, 1, 5, 5))
+    g = np.zeros((1, 5, 5))
+    g[0, 2] = 1.0
+    s = sa_scores(f, g, np.zeros((1, 5, 5), bool), empty=empty, level="both")
+    for level in s:
+        assert level.status.ravel().tolist() == [Status.EMPTY_DICE]
+        np.testing.assert_equal(level.score.ravel(), [expected])
+
+
+def test_level_both_equals_separate_calls_and_dice_of_map() -> None:
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(3, 5, 7, 9)).astype(np.float32)
+    g = rng.random((3, 13, 11))
+    y = rng.random((3, 13, 11)) > 0.5
+    layer, unit = sa_scores(f, g, y, level="both")
+    only_layer = sa_scores(f, g, y)
+    only_unit = sa_scores(f, g, y, level="unit")
+    for a, b in ((layer, only_layer), (unit, only_unit)):
+        for name in ("score", "status", "tp", "fp", "fn"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_allclose(layer.score, dice(protoseg(f, g).binary, y, batch=True))
+
+
+def test_strided_and_channels_last_views_equal_contiguous() -> None:
+    rng = np.random.default_rng(3)
+    big = rng.normal(size=(2, 6, 10, 14)).astype(np.float32)
+    f = big[:, ::2, :, ::2]  # non-contiguous (2, 3, 10, 7)
+    g = rng.random((2, 17, 9))
+    y = g > 0.5
+    ref_layer, ref_unit = sa_scores(np.ascontiguousarray(f), g, y, level="both")
+    for feats, layout in ((f, "channels_first"), (np.moveaxis(f, 1, -1), "channels_last")):
+        layer, unit = sa_scores(feats, g, y, level="both", layout=layout)
+        np.testing.assert_array_equal(layer.tp, ref_layer.tp)
+        np.testing.assert_array_equal(unit.tp, ref_unit.tp)
+    # guide with an explicit channel axis
+    np.testing.assert_array_equal(sa_scores(f, g[:, None], y[:, None]).tp, ref_layer.tp)
+
+
+def test_downsample_maps_live_on_feature_grid() -> None:
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(1, 2, 4, 6))
+    g = np.zeros((1, 8, 12))
+    g[0, :4] = 1.0
+    res = protoseg(f, g, resize="downsample")
+    assert res.binary.shape == (1, 4, 6)
+    s = sa_scores(f, g, g > 0, resize="downsample")
+    twin = naive.sa_one(f[0], naive.resize_area(g[0], (4, 6)), naive.resize_area(g[0], (4, 6)) >= 0.5)
+    assert s.score[0] == pytest.approx(twin["score"], abs=1e-12)
+
+
+def test_features_finer_than_guide_are_resized_down() -> None:
+    rng = np.random.default_rng(8)
+    f = rng.normal(size=(1, 3, 20, 16))
+    g = rng.random((1, 7, 5))
+    y = g > 0.5
+    s = sa_scores(f, g, y)
+    twin = naive.sa_one(naive.resize_linear(f[0], (7, 5)), g[0], y[0])
+    assert not _near_ties(twin["margin"], twin).any()
+    assert s.score[0] == pytest.approx(twin["score"], abs=1e-12)
+
+
+def test_dice_function() -> None:
+    assert dice([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(2 / 3)
+    assert np.isnan(dice([0, 0], [0, 0]))
+    assert dice([0, 0], [0, 0], empty="one") == 1.0
+    out = dice(np.array([[1, 0], [0, 0]], bool), np.array([[1, 0], [0, 0]], bool), batch=True)
+    assert out[0] == 1.0 and np.isnan(out[1])
+    a = np.random.default_rng(0).random((3, 20)) > 0.5
+    b = np.random.default_rng(1).random((3, 20)) > 0.5
+    np.testing.assert_allclose(dice(a, b, batch=True), [naive.dice(x, y) for x, y in zip(a, b)])
+
+
+def test_float16_features_are_accepted() -> None:
+    f = np.random.default_rng(0).normal(size=(1, 2, 6)).astype(np.float16)
+    g = (np.arange(6) > 2)[None].astype(float)
+    s32 = sa_scores(f.astype(np.float32), g, g > 0)
+    s16 = sa_scores(f, g, g > 0)
+    np.testing.assert_array_equal(s16.tp, s32.tp)
