@@ -1,0 +1,577 @@
+"""The scoring run: an ONNX model and a dataset in, a resumable HDF5 store out.
+
+Per batch: read cases → preprocess → run the model (in one or more passes over the
+exposed hidden tensors) → turn the output into the prediction → ProtoSeg SA scores for
+every exposed tensor and for the input (SPEC §5) → publish the batch → release it.
+Memory is bounded by the batch: nothing accumulates across batches except per-case
+scalars held by the store writer's parts on disk.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import __version__
+from engine.status import Status
+
+__all__ = ["score_dataset", "RunSummary", "GUIDES", "REFERENCES", "LEVELS", "RESIZES"]
+
+log = logging.getLogger("protoseg")
+
+GUIDES = ("prediction", "ground_truth")
+REFERENCES = ("auto", "ground_truth", "prediction")
+LEVELS = ("layer", "unit", "both")
+RESIZES = ("upsample", "downsample")
+GUIDE_KINDS = ("hard", "soft")
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or resumed) run did; returned by :func:`score_dataset`."""
+
+    store: Path
+    provider: str
+    n_cases: int
+    n_scored: int
+    n_skipped_done: int
+    n_failed: int
+    passes: int
+    seconds: float
+    assumed: list[str] = field(default_factory=list)
+
+
+def _sha256(path: Path | None, proto: Any) -> str:
+    h = hashlib.sha256()
+    if path is not None and path.is_file():
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(proto.SerializeToString())
+    return h.hexdigest()
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _class_reference(mask: np.ndarray, cls: int, binary_model: bool) -> np.ndarray:
+    """Ground truth for one scored class: any label for a binary model, else label == cls."""
+    return (mask > 0) if binary_model else (mask == cls)
+
+
+def score_dataset(
+    model: str | os.PathLike[str] | Any,
+    data: str | os.PathLike[str] | Any,
+    store: str | os.PathLike[str],
+    *,
+    layers: str | Sequence[str] = "all",
+    level: str = "layer",
+    guide: str = "prediction",
+    guide_kind: str = "hard",
+    reference: str = "auto",
+    resize: str = "upsample",
+    threshold: float | None = None,
+    batch_size: int = 8,
+    provider: str = "auto",
+    optimization: str = "all",
+    card: Any = None,
+    save_maps: Iterable[str] | int = (),
+    input_sa: bool = True,
+    empty: str = "nan",
+    nonfinite: str = "raise",
+    resume: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    groups: Any = None,
+    max_activation_memory: int | None = None,
+    max_cases: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Score every hidden layer of an ONNX segmentation model on a dataset.
+
+    Parameters
+    ----------
+    model : path or onnx.ModelProto
+        The ONNX model (ideally exported by :mod:`exporters`, whose metadata names the
+        layers and describes the prediction; otherwise what is inferred is reported).
+    data : path or Dataset
+        A dataset accepted by :func:`engine.open_dataset` (folder of image/mask pairs,
+        one HDF5/NPZ file, or a single image).
+    store : path
+        The HDF5 store to write. Work in progress lives in ``<store>.parts/``.
+    layers : str or list of str, optional
+        Hidden tensors to score: ``"all"``, names, layer names, globs, ``re:`` or
+        ``op:`` selectors (see :func:`engine.select_tensors`).
+    level : {"layer", "unit", "both"}
+        Layer-level SA (all channels of a tensor), unit-level SA (each channel), or both.
+    guide : {"prediction", "ground_truth"}
+        Where the prototypes come from. The default, the network's own prediction, needs
+        no ground truth (SPEC §2).
+    guide_kind : {"hard", "soft"}
+        With ``guide="prediction"``: the thresholded prediction (default) or the
+        foreground probability itself as soft weights.
+    reference : {"auto", "ground_truth", "prediction"}
+        What the ProtoSeg map is scored against. ``"auto"``: ground truth when the dataset
+        has masks, else the thresholded prediction.
+    resize : {"upsample", "downsample"}
+        SPEC §3: features to the input grid (default) or guide/reference to each tensor's grid.
+    threshold : float, optional
+        Probability threshold for the prediction (default: the model card's, else 0.5).
+    batch_size : int
+        Cases per model run; bounds memory.
+    provider : {"auto", "cpu", "cuda"}
+        onnxruntime execution provider; ``auto`` takes CUDA only when it can really load.
+    optimization : {"disable", "basic", "extended", "all"}
+        onnxruntime graph optimisation level (recorded).
+    card : dict, path or ModelCard, optional
+        Model-card overrides (a dict of fields, a TOML file path, or a ready ModelCard).
+    save_maps : list of case ids or int
+        Cases whose SA and probability maps are stored (an int n: the first n cases).
+    input_sa : bool
+        Also score the raw input channels (SPEC §5).
+    empty : {"nan", "one"}
+        Dice when map and reference are both empty.
+    nonfinite : {"raise", "skip"}
+        NaN/Inf in a hidden tensor: stop with an error naming tensor and case, or score NaN
+        with status NONFINITE and go on.
+    resume, overwrite : bool
+        Continue an interrupted run with the same settings / replace an existing store.
+    strict : bool
+        Unreadable cases stop the run instead of being skipped with a status.
+    groups : mapping or path, optional
+        Case id → group (subject, site), passed to the dataset reader.
+    max_activation_memory : int, optional
+        Bytes of hidden tensors per batch before the selection is split into passes.
+    max_cases : int, optional
+        Score only the first ``max_cases`` cases.
+    progress : callable, optional
+        ``progress(done, total)`` after each batch.
+
+    Returns
+    -------
+    RunSummary
+        The store path, the provider that ran, and case counts.
+
+    Raises
+    ------
+    ValueError
+        Bad options, a model without spatial hidden tensors, a store made with other
+        settings (unless ``overwrite``), non-finite features with ``nonfinite="raise"``.
+    FileNotFoundError
+        Model or data missing.
+
+    Examples
+    --------
+    >>> summary = score_dataset("model.onnx", "cases/", "run.h5", level="both")  # doctest: +SKIP
+    >>> engine.open_store(summary.store).layer_table()  # doctest: +SKIP
+    """
+    from engine.datasets import open_dataset
+    from engine.graph import expose, list_hidden_tensors, load_model, plan_passes, select_tensors
+    from engine.modelcard import ModelCard, resolve_model_card
+    from engine.runner import make_session
+    from engine.store import StoreWriter
+
+    _check_choice("level", level, LEVELS)
+    _check_choice("guide", guide, GUIDES)
+    _check_choice("guide_kind", guide_kind, GUIDE_KINDS)
+    _check_choice("reference", reference, REFERENCES)
+    _check_choice("resize", resize, RESIZES)
+    _check_choice("empty", empty, ("nan", "one"))
+    _check_choice("nonfinite", nonfinite, ("raise", "skip"))
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    t_start = time.perf_counter()
+    started = _now()
+
+    model_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    proto = load_model(model)
+    hidden = list_hidden_tensors(proto)
+    if not hidden:
+        raise ValueError(
+            "the model has no hidden tensors that can hold spatial features (float, rank >= 3); "
+            "check that this is a segmentation network, or export it with protoseg's exporters"
+        )
+    if isinstance(card, ModelCard):
+        mcard = card
+    elif isinstance(card, (str, os.PathLike)):
+        mcard = resolve_model_card(proto, toml=card)
+    else:
+        mcard = resolve_model_card(proto, overrides=card)
+    if threshold is None:
+        threshold = float(mcard.threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold!r}")
+    for msg in mcard.assumed:
+        log.warning("assumed: %s", msg)
+
+    selected = select_tensors(hidden, layers)
+    passes = plan_passes(selected, batch_size, max_activation_memory=max_activation_memory,
+                         input_size=mcard.input_size) if _accepts(plan_passes, "input_size") else \
+        plan_passes(selected, batch_size, max_activation_memory=max_activation_memory)
+    pred_name = mcard.prediction_output
+    sessions = []
+    for tensors in passes:
+        exposed = expose(proto, tensors)
+        sessions.append((tensors, make_session(exposed, provider=provider, optimization=optimization)))
+    ran_provider = sessions[0][1].provider
+
+    dataset = data if hasattr(data, "ids") and hasattr(data, "__getitem__") else open_dataset(
+        data, spatial_ndim=mcard.spatial_ndim, strict=strict, groups=groups)
+    n_total = len(dataset) if max_cases is None else min(len(dataset), int(max_cases))
+    has_masks = bool(getattr(dataset, "has_masks", False))
+    if guide == "ground_truth" and not has_masks:
+        raise ValueError("guide='ground_truth' needs masks, but the dataset has none; "
+                         "use guide='prediction' (the default) for label-free runs")
+    if reference == "ground_truth" and not has_masks:
+        raise ValueError("reference='ground_truth' needs masks, but the dataset has none; "
+                         "use reference='auto' or 'prediction'")
+    ref_mode = ("ground_truth" if has_masks else "prediction") if reference == "auto" else reference
+
+    classes = [int(c) for c in mcard.classes]
+    binary_model = len(classes) == 1
+    if isinstance(save_maps, (int, np.integer)):
+        map_ids = set(list(dataset.ids)[: int(save_maps)])
+    else:
+        map_ids = {str(s) for s in save_maps}
+        unknown = map_ids - set(map(str, dataset.ids))
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(sorted(unknown)[0], list(map(str, dataset.ids)), n=3)
+            raise ValueError(f"--maps names case(s) not in the dataset: {sorted(unknown)}; "
+                             f"closest: {hint or list(dataset.ids)[:5]}")
+
+    layer_rows = []
+    for tensors in passes:
+        for t in tensors:
+            layer_rows.append(_layer_row(t))
+    order = {t.name: i for i, t in enumerate(selected)}
+    layer_rows.sort(key=lambda r: order[r["name"]])
+    layer_index = {r["name"]: i for i, r in enumerate(layer_rows)}
+
+    config = {
+        "model_sha256": _sha256(model_path, proto),
+        "layers": [r["name"] for r in layer_rows],
+        "level": level,
+        "guide": guide,
+        "guide_kind": guide_kind,
+        "reference": ref_mode,
+        "resize": resize,
+        "threshold": threshold,
+        "classes": classes,
+        "empty": empty,
+        "nonfinite": nonfinite,
+        "input_sa": bool(input_sa),
+        "model_card": mcard.to_dict(),
+        "dataset": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
+        "n_cases": n_total,
+        "saved_maps": sorted(map_ids),
+    }
+    if extra_config:
+        config.update(extra_config)
+    writer = StoreWriter(store, config=config, layers=layer_rows, classes=classes,
+                         resume=resume, overwrite=overwrite)
+    done = set(writer.done_ids())
+    todo = [i for i in range(n_total) if str(dataset.ids[i]) not in done]
+    n_skipped_done = n_total - len(todo)
+    if n_skipped_done:
+        log.info("resuming: %d of %d cases already scored", n_skipped_done, n_total)
+
+    from engine.scores import dice, protoseg, sa_scores
+
+    try:
+        from engine.estimation import baselines as _baselines
+    except ImportError:  # pragma: no cover - estimation module is part of the package
+        _baselines = None
+
+    n_failed = 0
+    n_done = n_skipped_done
+    if progress:
+        progress(n_done, n_total)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        cases = [dataset[i] for i in idx]
+        batch = _score_batch(
+            cases, sessions, mcard, layer_index, len(layer_rows), classes, binary_model,
+            pred_name=pred_name, level=level, guide=guide, guide_kind=guide_kind,
+            ref_mode=ref_mode, resize=resize, threshold=threshold, empty=empty,
+            nonfinite=nonfinite, input_sa=input_sa, map_ids=map_ids, has_masks=has_masks,
+            sa_scores=sa_scores, protoseg=protoseg, dice=dice, baselines=_baselines,
+        )
+        n_failed += int(np.sum(np.asarray(batch["case_status"]) != "ok"))
+        writer.write_batch(batch)
+        n_done += len(idx)
+        del batch, cases
+        if progress:
+            progress(n_done, n_total)
+
+    provenance = {
+        "protoseg_version": __version__,
+        "model": str(model_path) if model_path else "<in-memory model>",
+        "model_sha256": config["model_sha256"],
+        "provider": ran_provider,
+        "optimization": optimization,
+        "passes": len(passes),
+        "batch_size": int(batch_size),
+        "started": started,
+        "finished": _now(),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "assumed": list(mcard.assumed),
+    }
+    path = writer.finalize(provenance)
+    return RunSummary(
+        store=Path(path), provider=ran_provider, n_cases=n_total, n_scored=len(todo),
+        n_skipped_done=n_skipped_done, n_failed=n_failed, passes=len(passes),
+        seconds=time.perf_counter() - t_start, assumed=list(mcard.assumed),
+    )
+
+
+def _accepts(func: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _layer_row(t: Any) -> dict[str, Any]:
+    shape = [d if isinstance(d, int) else str(d) for d in (t.shape or ())]
+    chans = None
+    layout = (t.layout or "NC").upper()
+    if shape:
+        ch_axis = 1 if layout.startswith("NC") else len(shape) - 1
+        if ch_axis < len(shape) and isinstance(shape[ch_axis], int):
+            chans = shape[ch_axis]
+    return {
+        "name": t.name, "layer": t.layer, "op": t.op, "depth": int(t.depth),
+        "shape": "x".join(str(d) for d in shape), "channels": -1 if chans is None else int(chans),
+        "layout": t.layout or "",
+    }
+
+
+def _nan_block(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {
+        "score": np.full(shape, np.nan),
+        "status": np.full(shape, int(Status.NOT_COMPUTED), dtype=np.uint8),
+        "tp": np.zeros(shape, dtype=np.int64),
+        "fp": np.zeros(shape, dtype=np.int64),
+        "fn": np.zeros(shape, dtype=np.int64),
+    }
+
+
+def _put(block: dict[str, np.ndarray], where: tuple, res: Any) -> None:
+    block["score"][where] = res.score
+    block["status"][where] = res.status
+    block["tp"][where] = res.tp
+    block["fp"][where] = res.fp
+    block["fn"][where] = res.fn
+
+
+def _score_batch(cases, sessions, card, layer_index, n_layers, classes, binary_model, *,
+                 pred_name, level, guide, guide_kind, ref_mode, resize, threshold, empty,
+                 nonfinite, input_sa, map_ids, has_masks, sa_scores, protoseg, dice, baselines):
+    """Score one batch of cases; returns the batch dict of docs/architecture.md."""
+    from engine.resize import resize_nearest
+
+    nb = len(cases)
+    nk = len(classes)
+    status = np.array([c.status for c in cases], dtype=object)
+    ok = [i for i, c in enumerate(cases) if c.status == "ok"]
+    batch: dict[str, Any] = {
+        "case_ids": np.array([str(c.id) for c in cases], dtype=object),
+        "case_status": status,
+        "case_group": np.array(["" if c.group is None else str(c.group) for c in cases], dtype=object),
+    }
+    layer_block = _nan_block((nb, nk, n_layers))
+    unit_blocks: dict[int, dict[str, np.ndarray]] = {}
+    out_dice = np.full((nb, nk), np.nan)
+    base: dict[str, np.ndarray] = {}
+    maps: dict[str, Any] = {}
+    input_block = None
+
+    if ok:
+        # preprocess: model input per case, plus the channels-first image on the reference grid
+        xs = []
+        for i in ok:
+            xs.append(card.preprocess(cases[i].image))
+        x = np.stack(xs).astype(np.float32, copy=False)
+        bad = ~np.isfinite(x.reshape(len(ok), -1)).all(axis=1)
+        if bad.any():
+            first = str(cases[ok[int(np.argmax(bad))]].id)
+            if nonfinite == "raise":
+                raise ValueError(
+                    f"case {first!r}: the input image holds NaN or Inf ({int(bad.sum())} case(s) "
+                    "in this batch); fix the data or pass nonfinite='skip' (--nonfinite skip) to "
+                    "record such cases as NONFINITE and go on")
+            for j in np.flatnonzero(bad):
+                status[ok[j]] = "nonfinite-input"
+            keep = np.flatnonzero(~bad)
+            x = x[keep]
+            ok = [ok[j] for j in keep]
+    if ok:
+        x_cf = card.to_channels_first(x, card.input_name)  # (B, C, *ref grid)
+        ref_shape = tuple(x_cf.shape[2:])
+
+        outputs_by_pass = []
+        first = True
+        for tensors, sess in sessions:
+            names = [t.name for t in tensors]
+            want = names + ([pred_name] if first else [])
+            out = sess.run({card.input_name: x}, outputs=want)
+            outputs_by_pass.append((tensors, out))
+            if first:
+                prob = card.to_probability({pred_name: out[pred_name]})  # (B, K, *grid)
+                first = False
+        if tuple(prob.shape[2:]) != ref_shape:
+            from engine.resize import resize_linear
+
+            prob = resize_linear(prob, ref_shape)
+        finite = np.isfinite(prob.reshape(len(ok), -1)).all(axis=1)
+        if not finite.all():
+            first = str(cases[ok[int(np.argmax(~finite))]].id)
+            raise ValueError(
+                f"case {first!r}: the prediction output {pred_name!r} holds NaN or Inf although the "
+                "input is finite; check the model (its export or its weights)")
+        pred = prob > threshold  # (B, K, *ref)
+
+        gt = None
+        if has_masks:
+            gt = np.zeros((len(ok), nk) + ref_shape, dtype=bool)
+            for j, i in enumerate(ok):
+                m = cases[i].mask
+                if m is None:
+                    gt[j] = False
+                    continue
+                m = np.asarray(m)
+                if tuple(m.shape) != ref_shape:
+                    m = resize_nearest(m, ref_shape)
+                for k, cls in enumerate(classes):
+                    gt[j, k] = _class_reference(m, cls, binary_model)
+            for k in range(nk):
+                out_dice[ok, k] = dice(pred[:, k], gt[:, k], empty=empty, batch=True)
+
+        if baselines is not None:
+            for k in range(nk):
+                for name, val in baselines(prob[:, k], threshold=threshold).items():
+                    base.setdefault(name, np.full((nb, nk), np.nan))[ok, k] = val
+
+        # guide and reference per class
+        guides, refs = [], []
+        for k in range(nk):
+            if guide == "prediction":
+                g = prob[:, k] if guide_kind == "soft" else pred[:, k]
+            else:
+                g = gt[:, k]
+            guides.append(np.ascontiguousarray(g, dtype=np.float32))
+            refs.append(pred[:, k] if ref_mode == "prediction" else gt[:, k])
+
+        want_unit = level in ("unit", "both")
+        want_layer = level in ("layer", "both")
+        sa_level = "both" if (want_unit and want_layer) else ("unit" if want_unit else "layer")
+        map_rows = [j for j, i in enumerate(ok) if str(cases[i].id) in map_ids]
+
+        for tensors, out in outputs_by_pass:
+            for t in tensors:
+                li = layer_index[t.name]
+                feats = card.to_channels_first(out[t.name], t.name)
+                for k in range(nk):
+                    try:
+                        res = sa_scores(feats, guides[k], refs[k], level=sa_level, resize=resize,
+                                        empty=empty, nonfinite=nonfinite)
+                    except ValueError as exc:
+                        import re as _re
+
+                        msg = str(exc)
+                        m = _re.search(r"sample (\\d+)", msg)
+                        where = f"case {str(cases[ok[int(m.group(1))]].id)!r}, " if m else ""
+                        raise ValueError(f"{where}tensor {t.name!r} (layer {t.layer}): {msg}") from None
+                    lres, ures = (res if sa_level == "both" else
+                                  ((res, None) if sa_level == "layer" else (None, res)))
+                    if lres is not None:
+                        _put(layer_block, (ok, k, li), lres)
+                    if ures is not None:
+                        ub = unit_blocks.get(li)
+                        if ub is None:
+                            ub = unit_blocks[li] = _nan_block((nb, nk, feats.shape[1]))
+                        _put(ub, (ok, k), ures)
+                for j in map_rows:
+                    cid = str(cases[ok[j]].id)
+                    entry = maps.setdefault(cid, {})
+                    for k in range(nk):
+                        r = protoseg(feats[j:j + 1], guides[k][j:j + 1], resize=resize,
+                                     nonfinite="skip")
+                        key = t.name if nk == 1 else f"{t.name}[class {classes[k]}]"
+                        entry[key] = {"binary": r.binary[0], "probability": r.probability[0]}
+                del feats
+            del out
+
+        if input_sa:
+            c_in = x_cf.shape[1]
+            n_in = 1 + (c_in if c_in > 1 else 0)
+            input_block = _nan_block((nb, nk, n_in))
+            for k in range(nk):
+                res = sa_scores(x_cf, guides[k], refs[k], level="both" if c_in > 1 else "layer",
+                                resize="upsample", empty=empty, nonfinite="skip")
+                lres, ures = res if c_in > 1 else (res, None)
+                _put(input_block, (ok, k, slice(0, 1)), _Expand(lres))
+                if ures is not None:
+                    _put(input_block, (ok, k, slice(1, n_in)), ures)
+
+        for j in map_rows:
+            cid = str(cases[ok[j]].id)
+            entry = maps.setdefault(cid, {})
+            entry["_image"] = np.asarray(x_cf[j, 0], dtype=np.float32)
+            entry["_prediction"] = np.asarray(prob[j], dtype=np.float32)
+            if gt is not None:
+                entry["_reference"] = gt[j]
+    if input_block is None and input_sa:
+        input_block = _nan_block((nb, nk, 1))
+
+    nonfinite_rows = [i for i in range(nb) if status[i] == "nonfinite-input"]
+    if nonfinite_rows:
+        for blk in [layer_block, *unit_blocks.values()] + ([input_block] if input_block else []):
+            blk["status"][nonfinite_rows] = int(Status.NONFINITE)
+    for name, blk in (("layer", layer_block),):
+        for key, arr in blk.items():
+            batch[f"{name}_{key}"] = arr
+    for li, blk in unit_blocks.items():
+        for key, arr in blk.items():
+            batch[f"unit/{li}/{key}"] = arr
+    if input_block is not None:
+        for key, arr in input_block.items():
+            batch[f"input_{key}"] = arr
+    batch["output_dice"] = out_dice
+    batch["baselines"] = base
+    batch["maps"] = maps
+    return batch
+
+
+class _Expand:
+    """View a layer-level result (B,) as (B, 1) to fill one column of a block."""
+
+    def __init__(self, res: Any) -> None:
+        self.score = np.asarray(res.score)[:, None]
+        self.status = np.asarray(res.status)[:, None]
+        self.tp = np.asarray(res.tp)[:, None]
+        self.fp = np.asarray(res.fp)[:, None]
+        self.fn = np.asarray(res.fn)[:, None]
