@@ -175,8 +175,15 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
     from engine.validation import validate, validation_rows
 
     store = open_store(store_path)
-    ls = store.layer_scores()
-    layers = store.layers
+    ls_all = store.layer_scores()
+    layers_all = store.layers
+    # the deepest one-channel tensor is the output's logits, not a hidden layer: leave it out
+    # of every estimator (its SA against the prediction is close to 1 by construction)
+    deepest = int(np.argmax(layers_all["depth"]))
+    keep = np.array([not (i == deepest and layers_all["channels"][i] == 1) for i in range(len(layers_all))])
+    layers = layers_all[keep]
+    ls = {k: v[..., keep] for k, v in ls_all.items()}
+    dropped = [str(n) for n in layers_all["name"][~keep]]
     cases = store.cases
     dice = store.output_dice()[:, 0].astype(float)
     groups = [str(g) for g in cases["group"]]
@@ -185,10 +192,17 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
     details = {}
     for name in ("paper", "all-layers"):
         e, d = estimate_quality(ls, units, layers, estimator=name, exclude=paper_exclude, return_details=True)
+        d_reasons = [r for r in d["reason"] if r]
         est[name] = e
-        details[name] = {"layers": d["layers"], "level": d["level"], "n_nan": int(np.isnan(e).sum())}
-    cal = calibrate(ls, units, layers, dice, groups=groups, folds=folds)
-    est["calibrated (out-of-fold)"] = np.asarray(cal.oof_estimate, dtype=float)
+        details[name] = {"layers": d["layers"], "level": d["level"], "n_nan": int(np.isnan(e).sum()),
+                         "nan_reasons": sorted(set(d_reasons))[:5]}
+    try:
+        cal = calibrate(ls, units, layers, dice, groups=groups, folds=folds)
+    except ValueError as exc:  # e.g. too few defined scores: say so in the results
+        cal, cal_error = None, str(exc)
+    else:
+        cal_error = None
+        est["calibrated (out-of-fold)"] = np.asarray(cal.oof_estimate, dtype=float)
     base = {k: np.asarray(v)[:, 0] for k, v in store.baselines().items()}
     est.update(base)
     volume = base.get("predicted_fraction")
@@ -196,7 +210,7 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
     store.write_estimates(
         {k.split(" ")[0]: v for k, v in est.items()},
         validation=val,
-        info={"calibration": json.loads(cal.to_json()), "details": details},
+        info={"calibration": None if cal is None else json.loads(cal.to_json()), "details": details},
     )
     return {
         "store": str(store_path),
@@ -204,9 +218,11 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
         "n_layers": int(len(layers)),
         "dice": {"min": float(np.nanmin(dice)), "median": float(np.nanmedian(dice)), "max": float(np.nanmax(dice))},
         "groups": sorted(set(groups)),
+        "left_out_as_output_logits": dropped,
         "details": details,
-        "calibration": {
+        "calibration": {"error": cal_error} if cal is None else {
             "choice": cal.choice["name"],
+            "choice_layers": cal.choice["layers"],
             "cv_spearman_pooled_oof": cal.cv_metric,
             "in_sample_spearman": cal.in_sample_metric,
             "folds": [{k: f[k] for k in ("fold", "selected", "train_metric", "test_metric", "n_test", "test_groups")} for f in cal.folds],
@@ -247,19 +263,24 @@ def markdown(result: dict[str, Any], title: str) -> str:
             + " | ".join(_fmt(within[g]["spearman"]) if g in within else "—" for g in groups) + " |"
         )
     cal = result["calibration"]
-    lines += [
-        "",
-        f"Calibrated: cross-validated (pooled out-of-fold) Spearman **{_fmt(cal['cv_spearman_pooled_oof'])}**; "
-        f"the final choice on all labelled cases is `{cal['choice']}` with in-sample Spearman "
-        f"{_fmt(cal['in_sample_spearman'])} (optimistic). Per fold: "
-        + "; ".join(
-            f"fold {f['fold']} ({', '.join(f['test_groups'] or []) or str(f['n_test']) + ' cases'}) chose `{f['selected']}`, "
-            f"held-out Spearman {_fmt(f['test_metric'])}"
-            for f in cal["folds"]
-        )
-        + ".",
-        "",
-    ]
+    if "error" in cal:
+        lines += ["", f"Calibration failed: {cal['error']}", ""]
+    else:
+        lines += [
+            "",
+            f"Calibrated: cross-validated (pooled out-of-fold) Spearman **{_fmt(cal['cv_spearman_pooled_oof'])}**; "
+            f"the final choice on all labelled cases is `{cal['choice']}` with in-sample Spearman "
+            f"{_fmt(cal['in_sample_spearman'])} (optimistic). Per fold: "
+            + "; ".join(
+                f"fold {f['fold']} ({', '.join(f['test_groups'] or []) or str(f['n_test']) + ' cases'}) chose "
+                f"`{f['selected']}`, held-out Spearman {_fmt(f['test_metric'])}"
+                for f in cal["folds"]
+            )
+            + ".",
+            "",
+        ]
+    if result["left_out_as_output_logits"]:
+        lines.insert(3, f"Left out as the output's logits: {', '.join(result['left_out_as_output_logits'])}.")
     return "\n".join(lines)
 
 
@@ -282,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=3, help="deepbrain: corruption levels per kind (1-3)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/estimation.md")
     args = parser.parse_args(argv)
 
@@ -291,13 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.experiment == "unet2d":
-        model = REPO / "cli" / "data" / "unet2d" / "unet2d.onnx"
+        model = Path(args.model or REPO / "cli" / "data" / "unet2d" / "unet2d.onnx")
         data = build_unet2d_cases(out, args.wheel)
-        layers, batch, title = "op:Relu", args.batch_size or 16, "2-D U-Net: held-out MNI152 slices and Colin27 slices"
+        layers, batch, title = "all", args.batch_size or 16, "2-D U-Net: held-out MNI152 slices and Colin27 slices"
     else:
         if not 1 <= args.levels <= 3:
             parser.error("--levels must be 1, 2 or 3")
-        model = REPO / "cli" / "data" / "deepbrain" / "deepbrain.onnx"
+        model = Path(args.model or REPO / "cli" / "data" / "deepbrain" / "deepbrain.onnx")
         data = build_deepbrain_cases(out, args.wheel, args.levels)
         layers, batch, title = "all", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
     print(f"cases written to {data} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

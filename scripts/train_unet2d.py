@@ -53,6 +53,7 @@ MNI_FILES = {
 LICENSE_MEMBER_SUFFIX = ".dist-info/licenses/LICENSE"
 SIZE = (128, 128)
 MIN_BRAIN_PIXELS = 200
+HIDDEN_LAYERS = ("enc1", "enc2", "enc3", "bottleneck", "up3", "dec3", "up2", "dec2", "up1", "dec1")
 
 
 def find_wheel(wheel: str | None) -> Path:
@@ -206,8 +207,9 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
 def export_onnx(model, path: Path, *, source: str) -> dict:
     """Export to ONNX with protoseg metadata naming every ReLU output after its module.
 
-    Uses ``exporters.torch.export`` when it exists; until then ``torch.onnx.export``
-    (TorchScript exporter, opset 17) plus :mod:`engine.metadata`.
+    Uses ``exporters.torch.export`` (hidden outputs :data:`HIDDEN_LAYERS`); without it,
+    ``torch.onnx.export`` (TorchScript exporter, opset 17) plus :mod:`engine.metadata`
+    naming every ReLU output.
     """
     import onnx
     import torch
@@ -216,13 +218,19 @@ def export_onnx(model, path: Path, *, source: str) -> dict:
 
     model.eval()
     dummy = torch.zeros(1, 1, *SIZE)
-    try:  # the project's exporter, once written
-        from exporters.torch import export as project_export  # type: ignore[attr-defined]
-    except ImportError:
+    try:  # the project's exporter
+        from exporters.torch import export as project_export
+    except ImportError:  # pragma: no cover - exporters.torch missing in an old checkout
         project_export = None
     if project_export is not None:
-        project_export(model, dummy, path)  # pragma: no cover - depends on another module
-        return {"exporter": "exporters.torch.export"}
+        # every block and up-convolution; not "head": it is the output's logits, not a hidden layer
+        result = project_export(
+            model, dummy, path, layers=list(HIDDEN_LAYERS), prediction_activation="sigmoid",
+            input_layout="NCHW", preprocessing={"resize": True, "scaling": "minmax", "mean": None, "std": None},
+            input_name="image", output_name="prob", threshold=0.5, source=source,
+        )
+        return {"exporter": f"exporters.torch.export ({result.exporter})", "hidden_layers": len(result.layers),
+                "max_abs_diff": {k: float(v) for k, v in result.max_abs_diff.items()}}
     torch.onnx.export(
         model, (dummy,), str(path), input_names=["image"], output_names=["prob"], opset_version=17,
         dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}}, dynamo=False,
@@ -259,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-weights", action="store_true", help="also save the torch state dict (.pt)")
     args = parser.parse_args(argv)
 
     import torch
@@ -302,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled = _dice(pt > 0.5, y[test] > 0.5)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_weights:
+        torch.save(model.state_dict(), out.with_suffix(".pt"))
     info = export_onnx(model, out, source="scripts/train_unet2d.py UNet2D(width=%d)" % args.width)
     summary = {
         "command": "python scripts/train_unet2d.py " + " ".join(argv if argv is not None else sys.argv[1:]),
