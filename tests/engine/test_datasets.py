@@ -340,3 +340,18 @@ def test_hdf5_spatial_ndim_attribute(tmp_path):
         f["images"].attrs["spatial_ndim"] = 2
     assert open_dataset(tmp_path / "d.h5")[0].image.shape == (3, 4, 5)
     assert open_dataset(tmp_path / "d.h5", spatial_ndim=3)[0].image.shape == (1, 3, 4, 5)
+
+
+def test_flat_folder_orphan_mask_warns(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    np.save(tmp_path / "b_mask.npy", np.ones((4, 4), np.uint8))
+    with pytest.warns(UserWarning, match="b_mask.npy has no matching image"):
+        ds = open_dataset(tmp_path)
+    assert ds.ids == ["a"] and not ds.has_masks
+
+
+def test_groups_csv_bad_row(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    (tmp_path / "groups.csv").write_text("a\n")
+    with pytest.raises(DatasetError, match="line 1 has 1 column"):
+        open_dataset(tmp_path)
