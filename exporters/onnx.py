@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -65,7 +66,7 @@ def readable_name(node_name: str, op_type: str) -> str:
     if len(parts) >= 2:
         last = parts[-1]
         match = _OP_SUFFIX.match(last)
-        if match and (match.group("op").lower() == op_type.lower() or last.split("_")[0] == op_type):
+        if match and match.group("op").lower().startswith(op_type.lower()):  # Conv, Conv_1, Conv2D
             parts = parts[:-1]
     if not parts:
         return node_name or op_type
@@ -102,7 +103,8 @@ def expose(
         The ONNX file to write (must differ from the source file).
     layers : str or list of str
         ``"all"`` or selectors of :func:`engine.graph.select_tensors`: tensor names,
-        layer names, globs, ``re:<regex>``, ``op:<OpType>``.
+        layer names, globs, ``re:<regex>``, ``op:<OpType>``. ``"all"`` leaves out the
+        prediction's logits when they only feed its final Sigmoid/Softmax.
     prediction : str, optional
         The graph output holding the prediction (default: the only graph output).
     activation : {"sigmoid", "softmax", "logits"}, optional
@@ -183,11 +185,19 @@ def expose(
             "the model has no hidden tensor that can hold spatial features (float, rank >= 3); "
             "protoseg needs a convolutional segmentation network"
         )
-    chosen = select_tensors(tensors, layers)
     producers = {o: n for n in graph.node for o in n.output}
+    old_hidden: Mapping[str, Any] = old_meta.get("hidden") or {}
+    # selectors match the readable layer names too (``enc*`` finds ``/enc1/enc1.0/Conv``)
+    tensors = [replace(t, layer=_layer_name(t, producers.get(t.name), old_hidden)) for t in tensors]
+    chosen = select_tensors(tensors, layers)
+    if layers == "all":  # the prediction's own logits (only feeding its Sigmoid/Softmax) are not hidden
+        pred_node = producers.get(prediction)
+        if pred_node is not None and pred_node.op_type in ("Sigmoid", "Softmax", "LogSoftmax"):
+            users = [n for n in graph.node if pred_node.input[0] in n.input]
+            if len(users) == 1:
+                chosen = [t for t in chosen if t.name != pred_node.input[0]]
     taken = {n for node in graph.node for n in list(node.input) + list(node.output)} | init_names
     taken |= {i.name for i in graph.input} | set(outputs)
-    old_hidden: Mapping[str, Any] = old_meta.get("hidden") or {}
     mapping: dict[str, str] = {}
     layer_of: dict[str, str] = {}
     used: set[str] = set()
@@ -198,9 +208,7 @@ def expose(
         raise layer_not_found(first, [t.name for t in chosen], kind="selected tensor")
     for t in chosen:
         node = producers.get(t.name)
-        layer = (old_hidden.get(t.name) or {}).get("layer") or _torch_scope(node) or (
-            readable_name(node.name, node.op_type) if node is not None and node.name else t.layer
-        )
+        layer = t.layer
         candidates = [names[t.name]] if t.name in names else [layer, node.name if node is not None else "", t.name]
         new = next((c for c in candidates if c and (c == t.name or c not in taken) and c not in used), t.name)
         if t.name in names and new != names[t.name]:
@@ -300,3 +308,12 @@ def _torch_scope(node: Any) -> str | None:
                 return None
             return scopes[-2] if len(scopes) >= 2 else None
     return None
+
+
+def _layer_name(tensor: Any, node: Any, old_hidden: Mapping[str, Any]) -> str:
+    """Layer name of a hidden tensor: model card, torch scope, readable node name, as found."""
+    return str(
+        (old_hidden.get(tensor.name) or {}).get("layer")
+        or _torch_scope(node)
+        or (readable_name(node.name, node.op_type) if node is not None and node.name else tensor.layer)
+    )
