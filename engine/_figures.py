@@ -60,6 +60,8 @@ def save_figure(fig: Any, stem: Path, *, dpi: int = 110) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     png = buf.getvalue()
     stem.with_suffix(".png").write_bytes(png)
+    # the layout was computed while drawing the PNG; keep it rather than recompute it
+    fig.set_layout_engine("none")
     # SVG keeps glyphs as paths (matplotlib's default), so the file needs no fonts.
     fig.savefig(stem.with_suffix(".svg"), format="svg", metadata={"Date": None})
     return png

@@ -263,18 +263,23 @@ def test_validation_rendered(full_report):
 
 def test_other_validation_layouts_still_render(tmp_path):
     val = {"paper": {"pearson": 0.5, "spearman": {"value": 0.4, "ci": [0.1, 0.7]}, "n": 7}}
-    store = build_store(tmp_path, n_cases=4, estimates={"paper": np.arange(4.0)}, validation=val)
+    store = build_store(tmp_path, n_cases=4, estimates={"paper": np.arange(4.0)}, validation=val,
+                        maps=(), units=False)
     path = write_report(store, tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "tables" / "validation.csv")
     assert rows[0]["estimator"] == "paper" and as_float(rows[0]["spearman.value"]) == 0.4
     assert "0.400 [0.100, 0.700]" in path.read_text()
 
 
-def test_maps_read_lazily_and_capped(tmp_path):
+def test_maps_read_lazily_and_capped(tmp_path, monkeypatch):
+    import engine.report
+
+    monkeypatch.setattr(engine.report, "DEFAULT_MAP_CASES", 2)
     ids = tuple(f"c{i}" for i in range(6))
-    store = build_store(tmp_path, n_cases=6, maps=ids, units=False)
+    store = build_store(tmp_path, n_cases=6, maps=ids, units=False, channels=(2, 3),
+                        spatial=(8, 9))
     write_report(store, tmp_path / "out")
-    assert store.maps_read == ["c0", "c1", "c2", "c3"]  # default cap, one read per case
+    assert store.maps_read == ["c0", "c1"]  # default cap, one read per case
     store.maps_read.clear()
     write_report(store, tmp_path / "out2", cases=["c5"], max_cases=1)
     assert store.maps_read == ["c5"]
@@ -293,8 +298,9 @@ def test_minimal_store_says_not_recorded(tmp_path):
     assert not (tmp_path / "out" / "figures" / "unit_sa_class1.png").exists()
 
 
-def test_markdown(full_report, tmp_path):
-    store, _ = full_report
+def test_markdown(tmp_path):
+    store = build_store(tmp_path, maps=("c1",), channels=(2, 3), spatial=(8, 8),
+                        estimates={"paper": np.linspace(0, 1, 7)})
     path = write_report(store, tmp_path / "md", format="md")
     assert path.name == "report.md"
     text = path.read_text()
@@ -308,7 +314,7 @@ def test_markdown(full_report, tmp_path):
 
 def test_multiclass_and_3d(tmp_path):
     store = build_store(tmp_path, classes=(1, 2), spatial=(6, 7, 8), n_cases=4,
-                        maps=("c1",), channels=(2, 3))
+                        maps=("c1",), channels=(2,))
     path = write_report(store, tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "tables" / "layer_summary.csv")
     assert {r["class"] for r in rows} == {"1", "2"}
@@ -325,7 +331,7 @@ def test_multiclass_and_3d(tmp_path):
 
 
 def test_escapes_text(tmp_path):
-    store = build_store(tmp_path, maps=())
+    store = build_store(tmp_path, maps=(), units=False)
     store.config = dict(CONFIG, note="<script>alert(1)</script>")
     text = write_report(store, tmp_path / "out").read_text()
     assert "<script>" not in text
