@@ -339,6 +339,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, points):
     store = tmp_path / "s.h5"
     for point in points:
         _kill_at(store, point)
+        if point.startswith("mid-part"):  # killed with a half-written part on disk
+            assert list(parts_dir(store).glob(".part-*.tmp-*"))
     if points[-1].startswith("finalize-after"):
         assert store.exists()
     else:
