@@ -261,7 +261,7 @@ class _Table:
         return sorted(range(len(self.layers)), key=lambda i: (self.layers[i].depth, i))
 
 
-def _table(layer_scores: Any, unit_scores: Any, layers: Any, class_index: int, need_units: bool = False) -> _Table:
+def _table(layer_scores: Any, unit_scores: Any, layers: Any, class_index: int) -> _Table:
     lay = _layers(layers)
     s, st = _score_array(layer_scores, "layer_scores", class_index)
     if s.shape[1] != len(lay):

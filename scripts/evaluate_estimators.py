@@ -177,10 +177,12 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
     store = open_store(store_path)
     ls_all = store.layer_scores()
     layers_all = store.layers
-    # the deepest one-channel tensor is the output's logits, not a hidden layer: leave it out
-    # of every estimator (its SA against the prediction is close to 1 by construction)
-    deepest = int(np.argmax(layers_all["depth"]))
-    keep = np.array([not (i == deepest and layers_all["channels"][i] == 1) for i in range(len(layers_all))])
+    # one-channel tensors before the first / after the last multi-channel tensor (by depth) are
+    # copies of the input or the output head (logits, sigmoid), not hidden layers: left out of
+    # every estimator (their SA against the prediction is close to 1 by construction)
+    depth, chans = layers_all["depth"], layers_all["channels"]
+    multi = depth[chans > 1]
+    keep = (chans > 1) | ((depth > multi.min()) & (depth < multi.max())) if multi.size else np.ones(len(depth), bool)
     layers = layers_all[keep]
     ls = {k: v[..., keep] for k, v in ls_all.items()}
     dropped = [str(n) for n in layers_all["name"][~keep]]
@@ -218,7 +220,7 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
         "n_layers": int(len(layers)),
         "dice": {"min": float(np.nanmin(dice)), "median": float(np.nanmedian(dice)), "max": float(np.nanmax(dice))},
         "groups": sorted(set(groups)),
-        "left_out_as_output_logits": dropped,
+        "left_out_input_or_head": dropped,
         "details": details,
         "calibration": {"error": cal_error} if cal is None else {
             "choice": cal.choice["name"],
@@ -279,8 +281,8 @@ def markdown(result: dict[str, Any], title: str) -> str:
             + ".",
             "",
         ]
-    if result["left_out_as_output_logits"]:
-        lines.insert(3, f"Left out as the output's logits: {', '.join(result['left_out_as_output_logits'])}.")
+    if result["left_out_input_or_head"]:
+        lines.insert(3, f"Left out (one-channel copies of the input or the output head): {', '.join(result['left_out_input_or_head'])}.")
     return "\n".join(lines)
 
 
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--levels must be 1, 2 or 3")
         model = Path(args.model or REPO / "cli" / "data" / "deepbrain" / "deepbrain.onnx")
         data = build_deepbrain_cases(out, args.wheel, args.levels)
-        layers, batch, title = "all", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
+        layers, batch, title = "op:Relu", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
     print(f"cases written to {data} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     store = out / "scores.h5"
     summary = score_dataset(model, data, store, layers=layers, level="both", batch_size=batch, overwrite=True,
