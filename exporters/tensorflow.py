@@ -363,12 +363,9 @@ def _export_keras(
     def forward(x: Any) -> Any:
         return list(multi(x, training=False))
 
-    pred_name = _clean(model.outputs[0].name if hasattr(model.outputs[0], "name") else "output")
-    last_layer = model.layers[-1]
-    if pred_name in {layer.name for layer in chosen}:
-        pred_name = pred_name + "_output"
-    names = [last_layer.name if last_layer.name not in {c.name for c in chosen} else pred_name]
-    names += [layer.name for layer in chosen]
+    history = getattr(model.outputs[0], "_keras_history", None)
+    last_layer = history[0] if history else model.layers[-1]  # the layer producing the prediction
+    names = [last_layer.name] + [layer.name for layer in chosen]  # the output is never in `chosen`
     if prediction_activation is None:
         prediction_activation = _keras_activation(last_layer)
     try:
@@ -387,8 +384,7 @@ def _export_keras(
     mapping[proto.graph.input[0].name] = input_name
     rename_tensors(proto, mapping)
     layouts: dict[str, str | None] = {}
-    for name, tensor in zip(names, [model.outputs[0]] + [c.output for c in chosen]):
-        producer = last_layer if name == names[0] else next(c for c in chosen if c.name == name)
+    for name, producer, tensor in zip(names, [last_layer] + chosen, [model.outputs[0]] + [c.output for c in chosen]):
         layouts[name] = _keras_layout(producer, len(tensor.shape), channels_last)
     hidden = {c.name: {"layer": c.name, "layout": layouts[c.name]} for c in chosen}
     x = _check_input(check_input, shape)
