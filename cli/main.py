@@ -1,6 +1,21 @@
-"""The ``protoseg`` click group. Commands are thin: they parse options, call one
-engine/exporters function and print the result (stdout) or progress (stderr)."""
+"""The ``protoseg`` click group.
+
+Commands are thin: they parse options, call one engine/exporters function and print the
+result on stdout (progress and logs go to stderr). Domain errors become one-line
+``click.ClickException`` messages (exit 1); bad flag combinations are usage errors
+(exit 2). ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -8,16 +23,763 @@ from engine import __version__
 
 __all__ = ["cli", "main"]
 
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEMO_MODEL = DATA_DIR / "deepbrain" / "deepbrain.onnx"
+DEMO_DATA = DATA_DIR / "colin27"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+log = logging.getLogger("protoseg")
+
+# Errors that are the user's to fix: shown as one line, exit 1.
+_DOMAIN_ERRORS = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError,
+                  FileExistsError, PermissionError, ImportError, OSError, RuntimeError)
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = " ".join(str(msg).split())
+    return msg or type(exc).__name__
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn domain errors into one-line ClickExceptions unless ``--debug`` was given."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool((ctx.find_root().obj or {}).get("debug"))
+        try:
+            return func(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except _DOMAIN_ERRORS as exc:
+            if debug:
+                raise
+            raise click.ClickException(_one_line(exc)) from None
+
+    return wrapper
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _clean(v: Any) -> Any:
+    """NaN → None so that JSON stays valid."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Plain-text table (no dependency): left-aligned text, right-aligned numbers."""
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    numeric = [all(_isnum(r.get(c)) for r in rows) for c in columns]
+
+    def fmt(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric)).rstrip()
+
+    lines = [fmt(columns), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in cells]
+    return "\n".join(lines)
+
+
+def _isnum(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
+
+
+def _progress(quiet: bool, desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A tqdm progress bar on stderr (cases, cases/s, ETA); silent when quiet or not a tty."""
+    if quiet or not sys.stderr.isatty():
+        return (lambda done, total: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, initial=done, desc=desc, unit="case", file=sys.stderr,
+                              dynamic_ncols=True)
+        else:
+            bar["bar"].update(done - bar["bar"].n)
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if verbose:
+        level = logging.INFO if verbose == 1 else logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("protoseg: %(message)s"))
+    root = logging.getLogger("protoseg")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="protoseg")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """protoseg: what can each layer of a segmentation network segment?
 
     Scores the hidden layers of any ONNX segmentation model with ProtoSeg
     segmentation-ability (SA) scores, estimates output quality without ground
     truth, and writes framework-independent reports.
+
+    \b
+    Start with the demo (a real 3-D U-Net on a real T1 MRI, all offline):
+      protoseg demo -o protoseg-demo
+    Then on your own model and data:
+      protoseg inspect model.onnx
+      protoseg score model.onnx cases/ -o run.h5 --level both
+      protoseg report run.h5 -o report/
     """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    ctx.obj["verbose"] = verbose
+    _setup_logging(verbose, quiet=False)
+
+
+# ---------------------------------------------------------------- inspect
+def _tensor_dict(t: Any) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "layer": t.layer,
+        "op": t.op,
+        "shape": [d if isinstance(d, int) else (None if d is None else str(d)) for d in t.shape],
+        "dtype": t.dtype,
+        "exported": bool(getattr(t, "exported", False)),
+    }
+
+
+def _io_dict(vi: Any) -> dict[str, Any]:
+    import onnx
+
+    tt = vi.type.tensor_type
+    shape = []
+    for d in tt.shape.dim:
+        shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    except (KeyError, ValueError, TypeError):  # pragma: no cover - exotic types
+        dtype = str(tt.elem_type)
+    return {"name": vi.name, "layer": vi.name, "op": "input/output", "shape": shape, "dtype": dtype}
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--layers", default="all", show_default=True,
+              help="Only list tensors matching this selector: all, auto (the layers an exporter named), "
+                   "name, layer, glob, re:REGEX, op:OpType.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with inputs, outputs, hidden.")
+@handle_errors
+def inspect(model: Path, layers: str, as_json: bool) -> None:
+    """Show a model's inputs, outputs and the hidden tensors protoseg can score.
+
+    \b
+    Example:
+      protoseg inspect model.onnx
+      protoseg inspect model.onnx --layers 'op:Conv' --json
+    """
+    from engine.graph import list_hidden_tensors, load_model, select_tensors
+
+    proto = load_model(model)
+    init_names = {i.name for i in proto.graph.initializer}
+    inputs = [_io_dict(v) for v in proto.graph.input if v.name not in init_names]
+    outputs = [_io_dict(v) for v in proto.graph.output]
+    hidden = list_hidden_tensors(proto)
+    if layers != "all":
+        hidden = select_tensors(hidden, _split_selectors(layers))
+    n_exported = sum(t.exported for t in hidden)
+    if as_json:
+        _echo_json({"model": str(model), "inputs": inputs, "outputs": outputs,
+                    "hidden": [_tensor_dict(t) for t in hidden]})
+        return
+    cols = ["name", "layer", "op", "shape", "dtype"]
+
+    def rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**d, "name": ("* " if d.get("exported") else "") + d["name"],
+                 "shape": "x".join("?" if s is None else str(s) for s in d["shape"])} for d in items]
+
+    click.echo(f"model: {model}")
+    click.echo("\ninputs:")
+    click.echo(_table(rows(inputs), ["name", "shape", "dtype"]))
+    click.echo("\noutputs:")
+    click.echo(_table(rows(outputs), ["name", "shape", "dtype"]))
+    click.echo(f"\nhidden tensors ({len(hidden)}" + (
+        f"; {n_exported} exported and named, marked *, scored by default" if n_exported else "") + "):")
+    click.echo(_table(rows([_tensor_dict(t) for t in hidden]), cols))
+
+
+def _split_selectors(value: str | tuple[str, ...]) -> str | list[str]:
+    if isinstance(value, tuple):
+        items = [v for part in value for v in part.split(",") if v]
+    else:
+        items = [v for v in value.split(",") if v]
+    if not items:
+        return "auto"
+    if items in (["all"], ["auto"]):
+        return items[0]
+    return items
+
+
+# ---------------------------------------------------------------- score
+def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("-o", "--output", "store", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="HDF5 store to write (work in progress lives in STORE.parts/)."),
+        click.option("--layers", multiple=True, default=("auto",), show_default=True,
+                     help="Hidden tensors to score: auto (the layers the exporter named, else all), all, "
+                          "names, layer names, globs, re:REGEX, op:OpType (repeat or comma-separate)."),
+        click.option("--resize", type=click.Choice(["upsample", "downsample"]), default="upsample",
+                     show_default=True, help="Bring features to the input grid, or masks to each tensor's grid."),
+        click.option("--threshold", type=float, default=None,
+                     help="Probability threshold of the prediction [default: the model card's, else 0.5]."),
+        click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Cases per model run (bounds memory)."),
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="onnxruntime execution provider (auto: CUDA only when it loads)."),
+        click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]),
+                     default="all", show_default=True, help="onnxruntime graph optimisation level."),
+        click.option("--card", "card_toml", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TOML model card (prediction output, activation, layout, preprocessing)."),
+        click.option("--activation", type=click.Choice(["sigmoid", "softmax", "logits"]),
+                     help="What the prediction output holds (overrides the model card)."),
+        click.option("--prediction-output", help="Graph output holding the prediction (overrides the card)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC", "NCDHW", "NDHWC", "NCW", "NWC"]),
+                     help="Input layout (overrides the card)."),
+        click.option("--scaling", type=click.Choice(["none", "minmax", "zscore", "meanstd"]),
+                     help="Intensity scaling before the model (overrides the card)."),
+        click.option("--classes", help="Classes to score one-vs-rest, comma-separated (e.g. 1,2,3)."),
+        click.option("--maps", "save_maps", multiple=True,
+                     help="Save SA and probability maps for these case ids (repeatable), or N for the first N."),
+        click.option("--no-input-sa", is_flag=True, help="Do not score the raw input channels."),
+        click.option("--nonfinite", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
+                     help="NaN/Inf in a hidden tensor: stop, or score NaN with a status and go on."),
+        click.option("--strict", is_flag=True, help="Stop at the first unreadable case instead of skipping it."),
+        click.option("--max-cases", type=click.IntRange(min=1), help="Score only the first N cases."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary table."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _card_overrides(card_toml: Path | None, activation: str | None, prediction_output: str | None,
+                    layout: str | None, scaling: str | None, classes: str | None) -> Any:
+    overrides: dict[str, Any] = {}
+    if activation:
+        overrides["activation"] = activation
+    if prediction_output:
+        overrides["prediction_output"] = prediction_output
+    if layout:
+        overrides["layout"] = layout
+    if scaling:
+        overrides["scaling"] = scaling
+    if classes:
+        try:
+            overrides["classes"] = tuple(int(c) for c in classes.split(",") if c.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {classes!r}",
+                                     param_hint="--classes") from None
+    if card_toml is not None and overrides:
+        return {"_toml": str(card_toml), **overrides}
+    if card_toml is not None:
+        return card_toml
+    return overrides or None
+
+
+def _maps_arg(save_maps: tuple[str, ...]) -> Any:
+    if len(save_maps) == 1 and save_maps[0].isdigit():
+        return int(save_maps[0])
+    return [s for part in save_maps for s in part.split(",") if s]
+
+
+def _check_store_flags(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other; choose one")
+
+
+def layer_summary(store: Any) -> list[dict[str, Any]]:
+    """Per layer (and class): mean ± sd SA, cases used, NaN count and why."""
+    import numpy as np
+
+    from engine.status import Status
+
+    ls = store.layer_scores()
+    score, status = np.asarray(ls["score"]), np.asarray(ls["status"])
+    layers = store.layers
+    classes = list(store.classes)
+    rows = []
+    for k, cls in enumerate(classes):
+        for li in range(score.shape[2]):
+            s = score[:, k, li]
+            st = status[:, k, li]
+            used = np.isfinite(s)
+            why = {}
+            for code in np.unique(st[~used]):
+                why[Status(int(code)).name] = int(np.sum(st[~used] == code))
+            rows.append({
+                "layer": str(layers["layer"][li]) or str(layers["name"][li]),
+                "tensor": str(layers["name"][li]),
+                "class": int(cls),
+                "mean": float(np.mean(s[used])) if used.any() else None,
+                "sd": float(np.std(s[used], ddof=1)) if used.sum() > 1 else None,
+                "cases": int(used.sum()),
+                "nan": int((~used).sum()),
+                "why": ", ".join(f"{k}: {v}" for k, v in why.items()),
+            })
+    return rows
+
+
+def _print_layer_summary(rows: list[dict[str, Any]], multi_class: bool) -> None:
+    shown = []
+    for r in rows:
+        m, sd = r["mean"], r["sd"]
+        sa = "nan" if m is None else (f"{m:.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+        row = {"layer": r["layer"], "SA (mean ± sd)": sa, "cases": r["cases"], "NaN": r["nan"],
+               "why NaN": r["why"]}
+        if multi_class:
+            row = {"class": r["class"], **row}
+        shown.append(row)
+    cols = (["class"] if multi_class else []) + ["layer", "SA (mean ± sd)", "cases", "NaN", "why NaN"]
+    click.echo(_table(shown, cols))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@_score_options
+@click.option("--level", type=click.Choice(["layer", "unit", "both"]), default="layer", show_default=True,
+              help="Layer-level SA (all channels), unit-level SA (each channel), or both.")
+@click.option("--guide", type=click.Choice(["prediction", "ground_truth"]), default="prediction",
+              show_default=True, help="Where the prototypes come from.")
+@click.option("--soft-guide", is_flag=True, help="Use the predicted probability as soft guide weights.")
+@click.option("--reference", type=click.Choice(["auto", "ground_truth", "prediction"]), default="auto",
+              show_default=True, help="What maps are scored against (auto: ground truth when masks exist).")
+@handle_errors
+def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: str, guide: str,
+          soft_guide: bool, reference: str, resize: str, threshold: float | None, batch_size: int,
+          provider: str, optimization: str, card_toml: Path | None, activation: str | None,
+          prediction_output: str | None, layout: str | None, scaling: str | None, classes: str | None,
+          save_maps: tuple[str, ...], no_input_sa: bool, nonfinite: str, strict: bool,
+          max_cases: int | None, resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
+    """Score every hidden layer of MODEL on the cases in DATA into an HDF5 store.
+
+    DATA is a folder of image/mask pairs (NIfTI, NRRD, PNG/JPEG/TIFF, .npy), one
+    HDF5/NPZ file with `images` (and optional `masks`), or a single image.
+
+    \b
+    Example:
+      protoseg score model.onnx cases/ -o run.h5 --level both --maps 2
+      protoseg score model.onnx cases/ -o run.h5 --resume     # after an interruption
+    """
+    from engine import open_store
+    from engine.pipeline import score_dataset
+
+    _check_store_flags(resume, overwrite)
+    if guide == "ground_truth" and soft_guide:
+        raise click.UsageError("--soft-guide applies to --guide prediction only")
+    if quiet:
+        _setup_logging(0, quiet=True)
+    update, close = _progress(quiet, "scoring")
+    try:
+        summary = score_dataset(
+            model, data, store, layers=_split_selectors(layers), level=level, guide=guide,
+            guide_kind="soft" if soft_guide else "hard", reference=reference, resize=resize,
+            threshold=threshold, batch_size=batch_size, provider=provider, optimization=optimization,
+            card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
+            save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
+            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, progress=update,
+        )
+    finally:
+        close()
+    st = open_store(summary.store)
+    rows = layer_summary(st)
+    if as_json:
+        _echo_json(_clean({"store": str(summary.store), "provider": summary.provider,
+                           "cases": summary.n_cases, "scored": summary.n_scored,
+                           "resumed_skipped": summary.n_skipped_done, "failed": summary.n_failed,
+                           "seconds": round(summary.seconds, 3), "layers": rows}))
+        return
+    if not quiet:
+        _print_layer_summary(rows, multi_class=len(st.classes) > 1)
+        click.echo(f"\nstore: {summary.store}  ({summary.n_cases} cases, {summary.n_failed} failed, "
+                   f"provider {summary.provider}, {summary.seconds:.1f} s)")
+    else:
+        click.echo(str(summary.store))
+
+
+# ---------------------------------------------------------------- estimate
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@_score_options
+@click.option("--estimator", type=click.Choice(["paper", "all-layers", "calibrated"]), multiple=True,
+              help="Estimators to compute (repeatable) [default: paper and all-layers, "
+                   "plus calibrated with --calibration].")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration file: read it when it exists, else fit it on DATA's masks and save it.")
+@click.option("--rank-by", default=None, help="Estimator used to rank and flag [default: the first].")
+@click.option("--flag-below", type=float, help="Flag cases whose estimate is below this value.")
+@click.option("--flag-lowest", type=click.IntRange(min=1), help="Flag the N least-supported cases.")
+@click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), help="Flag this fraction of cases.")
+@click.option("--dice-threshold", type=float, default=0.8, show_default=True,
+              help="Validation: cases with true Dice below this are 'bad' (AUROC).")
+@handle_errors
+def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resize: str,
+             threshold: float | None, batch_size: int, provider: str, optimization: str,
+             card_toml: Path | None, activation: str | None, prediction_output: str | None,
+             layout: str | None, scaling: str | None, classes: str | None, save_maps: tuple[str, ...],
+             no_input_sa: bool, nonfinite: str, strict: bool, max_cases: int | None, resume: bool,
+             overwrite: bool, quiet: bool, as_json: bool, estimator: tuple[str, ...],
+             calibration: Path | None, rank_by: str | None, flag_below: float | None,
+             flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float) -> None:
+    """Label-free quality estimate (mean SA) per case, least supported first.
+
+    The network's own prediction is both guide and reference (SPEC §4), so no ground
+    truth is needed. When DATA has masks, each estimator is also validated against
+    the prediction's true Dice, beside trivial baselines.
+
+    \b
+    Example:
+      protoseg estimate model.onnx cases/ -o est.h5 --flag-lowest 5
+      protoseg estimate model.onnx labelled/ -o cal.h5 --calibration cal.json
+      protoseg estimate model.onnx new/ -o new.h5 --calibration cal.json
+    """
+    from engine.pipeline import estimate_dataset
+
+    _check_store_flags(resume, overwrite)
+    rules = [r for r in (flag_below, flag_lowest, flag_fraction) if r is not None]
+    if len(rules) > 1:
+        raise click.UsageError("give at most one of --flag-below, --flag-lowest, --flag-fraction")
+    if quiet:
+        _setup_logging(0, quiet=True)
+    update, close = _progress(quiet, "estimating")
+    try:
+        result = estimate_dataset(
+            model, data, store, layers=_split_selectors(layers), estimators=list(estimator) or None,
+            calibration=calibration, resize=resize, threshold=threshold, batch_size=batch_size,
+            provider=provider, optimization=optimization,
+            card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
+            save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
+            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases,
+            rank_by=rank_by, flag_below=flag_below, flag_lowest=flag_lowest,
+            flag_fraction=flag_fraction, dice_threshold=dice_threshold, progress=update,
+        )
+    finally:
+        close()
+    if as_json:
+        _echo_json(_clean(result))
+        return
+    rows = result["ranking"]
+    cols = ["rank", "case", "group", result["rank_by"]] + [
+        e for e in result["estimators"] if e != result["rank_by"]] + ["predicted_fraction", "flag"]
+    if any(r.get("true_dice") is not None for r in rows):
+        cols.append("true_dice")
+    shown = [{c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c)) for c in cols} for r in rows]
+    click.echo(_table(shown, cols))
+    if result.get("validation"):
+        click.echo("\nvalidation against true Dice (Spearman ρ [95% CI], AUROC for Dice < "
+                   f"{dice_threshold}):")
+        vrows = [{"estimate": v["name"],
+                  "spearman": _fmt_ci(v.get("spearman"), v.get("spearman_ci")),
+                  "pearson": _fmt_ci(v.get("pearson"), v.get("pearson_ci")),
+                  "partial|volume": _fmt(v.get("partial_spearman")),
+                  "auroc": _fmt(v.get("auroc")), "n": v.get("n")} for v in result["validation"]]
+        click.echo(_table(vrows, ["estimate", "spearman", "pearson", "partial|volume", "auroc", "n"]))
+    click.echo(f"\nstore: {result['store']}  ({len(rows)} cases, {sum(bool(r['flag']) for r in rows)} flagged)")
+
+
+def _fmt(v: Any) -> str:
+    return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def _fmt_ci(v: Any, ci: Any) -> str:
+    if ci is None or v is None:
+        return _fmt(v)
+    return f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+# ---------------------------------------------------------------- report
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.html (or report.md), figures (PNG, SVG) and tables (CSV, JSON).")
+@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True)
+@click.option("--cases", multiple=True, help="Case ids whose maps to draw (default: those saved, up to 4).")
+@click.option("--unit-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Count units whose SA is above this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
+@handle_errors
+def report(store: Path, out_dir: Path, fmt: str, cases: tuple[str, ...], unit_threshold: float,
+           as_json: bool) -> None:
+    """Write a self-contained report (HTML or Markdown) of a store.
+
+    \b
+    Example:
+      protoseg report run.h5 -o report/
+      protoseg report run.h5 -o report/ --format md
+    """
+    from engine.report import write_report
+
+    path = write_report(store, out_dir, format=fmt, cases=list(cases) or None,
+                        unit_threshold=unit_threshold)
+    if as_json:
+        _echo_json({"report": str(path), "dir": str(out_dir)})
+    else:
+        click.echo(str(path))
+
+
+# ---------------------------------------------------------------- export
+@cli.group()
+def export() -> None:
+    """Export a model to ONNX with its hidden layers as named outputs.
+
+    \b
+    Sources:
+      torch       package.module:function returning an nn.Module (+ --weights state dict),
+                  or a TorchScript (.pt) / torch.export (.pt2) file
+      tensorflow  a Keras .keras/.h5 file, a SavedModel folder, or a frozen .pb graph
+      onnx        an ONNX file from any other framework
+    """
+
+
+def _export_common(func: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="ONNX file to write."),
+        click.option("--layers", multiple=True, help="Layers to expose (names, globs, types); default: blocks."),
+        click.option("--activation", type=click.Choice(["sigmoid", "softmax", "logits"]),
+                     help="What the prediction output holds."),
+        click.option("--scaling", type=click.Choice(["none", "minmax", "zscore", "meanstd"]),
+                     help="Intensity scaling the model expects (recorded in the model card)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the export result as JSON."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _print_export(result: Any, as_json: bool) -> None:
+    d = result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+    if as_json:
+        _echo_json(_clean(d))
+        return
+    outs = d.get("outputs") or []
+    click.echo(f"wrote {d.get('path')} ({len(outs)} outputs)")
+    layers = d.get("layers") or d.get("layer_map") or {}
+    if isinstance(layers, dict) and layers:
+        click.echo(_table([{"output": k, "layer": v} for k, v in layers.items()], ["output", "layer"]))
+
+
+def _shape(value: str | None, opt: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.lower().replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a shape like 1,1,256,256, got {value!r}", param_hint=opt) from None
+
+
+@export.command("torch")
+@click.argument("source")
+@_export_common
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="State-dict file loaded with weights_only=True.")
+@click.option("--input-shape", required=True, help="Example input shape, e.g. 1,1,256,256.")
+@handle_errors
+def export_torch(source: str, out: Path, layers: tuple[str, ...], activation: str | None,
+                 scaling: str | None, as_json: bool, weights: Path | None, input_shape: str) -> None:
+    """Export a PyTorch model (SOURCE: pkg.module:function, or a .pt/.pt2 file).
+
+    \b
+    Example:
+      protoseg export torch mypkg.nets:make_unet --weights unet.pth \\
+          --input-shape 1,1,256,256 --activation sigmoid -o unet.onnx
+    """
+    from exporters.torch import export as torch_export
+    from exporters.torch import load_torch_model
+
+    import numpy as np
+
+    model = load_torch_model(source, weights=weights)
+    shape = _shape(input_shape, "--input-shape")
+    import torch
+
+    example = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    kwargs: dict[str, Any] = {"layers": list(layers) or None}
+    if activation:
+        kwargs["prediction_activation"] = activation
+    if scaling:
+        kwargs["preprocessing"] = {"scaling": scaling}
+    _print_export(torch_export(model, example, out, **kwargs), as_json)
+
+
+@export.command("tensorflow")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@_export_common
+@click.option("--input-shape", help="Input shape for .pb graphs or models without a static shape.")
+@handle_errors
+def export_tensorflow(source: Path, out: Path, layers: tuple[str, ...], activation: str | None,
+                      scaling: str | None, as_json: bool, input_shape: str | None) -> None:
+    """Export a TensorFlow/Keras model (SOURCE: .keras, .h5, SavedModel folder or .pb).
+
+    \b
+    Example:
+      protoseg export tensorflow unet.keras -o unet.onnx --layers 'enc*' --layers 'dec*'
+    """
+    from exporters.tensorflow import export as tf_export
+
+    kwargs: dict[str, Any] = {"layers": list(layers) or None}
+    if activation:
+        kwargs["prediction_activation"] = activation
+    if scaling:
+        kwargs["preprocessing"] = {"scaling": scaling}
+    if input_shape:
+        kwargs["input_shape"] = _shape(input_shape, "--input-shape")
+    _print_export(tf_export(source, out, **kwargs), as_json)
+
+
+@export.command("onnx")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_export_common
+@click.option("--prediction", help="Graph output holding the prediction (default: the only output).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC", "NCDHW", "NDHWC", "NCW", "NWC"]),
+              help="Input layout.")
+@handle_errors
+def export_onnx(source: Path, out: Path, layers: tuple[str, ...], activation: str | None,
+                scaling: str | None, as_json: bool, prediction: str | None, layout: str | None) -> None:
+    """Expose the hidden tensors of an ONNX model from any framework, with a model card.
+
+    \b
+    Example:
+      protoseg export onnx model.onnx -o model-protoseg.onnx --activation softmax
+    """
+    from exporters.onnx import expose as onnx_expose
+
+    kwargs: dict[str, Any] = {"layers": _split_selectors(layers) if layers else "all"}
+    if prediction:
+        kwargs["prediction"] = prediction
+    if activation:
+        kwargs["activation"] = activation
+    if layout:
+        kwargs["input_layout"] = layout
+    if scaling:
+        kwargs["preprocessing"] = {"scaling": scaling}
+    _print_export(onnx_expose(source, out, **kwargs), as_json)
+
+
+# ---------------------------------------------------------------- demo
+@cli.command()
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("protoseg-demo"), show_default=True, help="Folder for the store and the report.")
+@click.option("--level", type=click.Choice(["layer", "unit", "both"]), default="both", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@handle_errors
+def demo(out_dir: Path, level: str, provider: str, quiet: bool, as_json: bool) -> None:
+    """Run the main job on real data, offline: deepbrain's 3-D U-Net on Colin27.
+
+    Scores every hidden layer of the shipped deepbrain brain-extraction network
+    (MIT) on the Colin27 T1 MRI with its brain mask (BSD-3), at layer and unit
+    level, estimates the output quality without ground truth (mean SA), and
+    writes the store and the HTML report.
+
+    \b
+    Example:
+      protoseg demo -o protoseg-demo
+    """
+    from engine.pipeline import estimate_dataset, score_dataset
+    from engine.report import write_report
+
+    if quiet:
+        _setup_logging(0, quiet=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = None
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    say(f"model: {DEMO_MODEL.relative_to(DATA_DIR.parent.parent) if DEMO_MODEL.is_relative_to(DATA_DIR.parent.parent) else DEMO_MODEL}")
+    say("data:  Colin27 T1 MRI + brain mask (181x217x181)")
+    update, close = _progress(quiet or as_json, "scoring")
+    try:
+        summary = score_dataset(DEMO_MODEL, DEMO_DATA, out_dir / "demo.h5", level=level,
+                                provider=provider, card=card, save_maps=1, overwrite=True,
+                                progress=update)
+    finally:
+        close()
+    say(f"scored every hidden layer in {summary.seconds:.1f} s on {summary.provider}")
+    est = estimate_dataset(DEMO_MODEL, DEMO_DATA, out_dir / "demo-estimate.h5", provider=provider,
+                           card=card, overwrite=True, flag_lowest=None)
+    rep = write_report(out_dir / "demo.h5", out_dir / "report", estimates=out_dir / "demo-estimate.h5") \
+        if _accepts_kw(write_report, "estimates") else write_report(out_dir / "demo.h5", out_dir / "report")
+    from engine import open_store
+
+    st = open_store(summary.store)
+    rows = layer_summary(st)
+    dice = st.output_dice()
+    result = {
+        "store": str(summary.store),
+        "estimate_store": str(est["store"]),
+        "report": str(rep),
+        "provider": summary.provider,
+        "seconds": round(summary.seconds, 2),
+        "output_dice": float(dice[0, 0]),
+        "mean_sa": {r: est["ranking"][0].get(r) for r in est["estimators"]},
+        "layers": rows,
+    }
+    if as_json:
+        _echo_json(_clean(result))
+        return
+    if not quiet:
+        _print_layer_summary(rows, multi_class=False)
+        click.echo("")
+        click.echo(f"prediction Dice vs brain mask: {result['output_dice']:.4f}")
+        for name, v in result["mean_sa"].items():
+            click.echo(f"mean SA ({name}): {_fmt(v)}")
+    click.echo(f"store:  {summary.store}")
+    click.echo(f"report: {rep}")
+
+
+def _accepts_kw(func: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
 
 
 def main() -> None:

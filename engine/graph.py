@@ -90,7 +90,12 @@ class HiddenTensor:
         ``"NCHW"``-like layout name; from metadata when present, else channels-first
         by rank (ONNX computes channels-first internally, even for converted NHWC models).
     depth : int
-        Position of the producing node in topological order (0 = first node).
+        Depth of the producing node: the longest path, in nodes, from a graph input (layout
+        ops such as Transpose keep their input's depth), so that sorting by depth follows
+        the network from input to output whatever order the file lists its nodes in.
+    exported : bool
+        True for a graph output that the model card declares hidden (a layer an exporter
+        chose and named); :func:`select_tensors` with ``"auto"`` takes exactly these.
     """
 
     name: str
@@ -100,6 +105,7 @@ class HiddenTensor:
     layer: str
     layout: str | None
     depth: int
+    exported: bool = False
 
     @property
     def channels(self) -> int | None:
@@ -254,7 +260,8 @@ def list_hidden_tensors(
 
     Notes
     -----
-    Left out: graph inputs and outputs, non-float tensors, rank < 3 (or unknown rank),
+    Left out: graph inputs and outputs (except outputs the model card declares hidden:
+    layers an exporter exposed, marked ``exported``), non-float tensors, rank < 3 (or unknown rank),
     outputs of nodes computed only from initializers/constants, and shape arithmetic
     (everything computed from ``Shape``/``Size`` outputs and constants only). Only the main
     graph is listed (not the bodies of ``If``/``Loop``).
@@ -286,8 +293,15 @@ def list_hidden_tensors(
     constant: set[str] = set(initializers) | {""}
     shape_derived: set[str] = set()
     out: list[HiddenTensor] = []
-    for depth, node in enumerate(_topological(list(graph.node), initializers | graph_inputs)):
+    level: dict[str, int] = {}  # tensor -> longest path (in nodes) from a graph input
+    for node in _topological(list(graph.node), initializers | graph_inputs):
         ins = [x for x in node.input if x]
+        depth = 1 + max((level.get(x, 0) for x in ins), default=0)
+        # a pure layout op (tf2onnx's output Transposes) keeps its input's depth
+        if node.op_type in ("Transpose", "Identity") and ins:
+            depth = level.get(ins[0], depth)
+        for o in node.output:
+            level[o] = depth
         if node.op_type in _SHAPE_OPS:
             shape_derived.update(node.output)
             continue
@@ -298,8 +312,10 @@ def list_hidden_tensors(
             shape_derived.update(node.output)
             continue
         for name in node.output:
-            if not name or name in graph_outputs or name in graph_inputs:
+            if not name or name in graph_inputs:
                 continue
+            if name in graph_outputs and name not in hidden_meta:
+                continue  # the prediction (or another model output), not a hidden layer
             tp = types.get(name)
             if tp is None or not tp.HasField("tensor_type"):
                 continue
@@ -317,7 +333,8 @@ def list_hidden_tensors(
                                _DEFAULT_LAYOUT.get(len(shape)))
                 layout = _DEFAULT_LAYOUT.get(len(shape))
             out.append(HiddenTensor(name=name, op=node.op_type, shape=shape, dtype=dtype,
-                                    layer=str(layer), layout=layout, depth=depth))
+                                    layer=str(layer), layout=layout, depth=depth,
+                                    exported=name in graph_outputs))
     return out
 
 
@@ -369,7 +386,9 @@ def select_tensors(tensors: Sequence[HiddenTensor], select: str | Iterable[str] 
     tensors : sequence of HiddenTensor
         From :func:`list_hidden_tensors`.
     select : str or iterable of str
-        ``"all"``, or one pattern or several, each one of: an exact tensor name, an exact
+        ``"auto"``: the layers an exporter exposed and named (graph outputs declared hidden
+        in the model card) when there are any, else every tensor; ``"all"``: every hidden
+        tensor; or one pattern or several, each one of: an exact tensor name, an exact
         layer name, a glob (``"enc*"``, :mod:`fnmatch`, matched against names and layers),
         ``"re:<regex>"`` (``re.search`` on names and layers), ``"op:<OpType>"``.
 
@@ -399,6 +418,9 @@ def select_tensors(tensors: Sequence[HiddenTensor], select: str | Iterable[str] 
         raise ValueError("select is empty; pass 'all' or at least one tensor name or pattern")
     if "all" in patterns:
         return list(tensors)
+    if patterns == ["auto"]:
+        exported = [t for t in tensors if t.exported]
+        return exported if exported else list(tensors)
     chosen: set[str] = set()
     for pattern in patterns:
         hits = _match_one(tensors, pattern)

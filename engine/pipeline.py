@@ -24,7 +24,8 @@ import numpy as np
 from engine import __version__
 from engine.status import Status
 
-__all__ = ["score_dataset", "RunSummary", "GUIDES", "REFERENCES", "LEVELS", "RESIZES"]
+__all__ = ["score_dataset", "estimate_dataset", "output_path_tensors", "RunSummary", "GUIDES",
+           "REFERENCES", "LEVELS", "RESIZES", "ESTIMATORS"]
 
 log = logging.getLogger("protoseg")
 
@@ -80,7 +81,7 @@ def score_dataset(
     data: str | os.PathLike[str] | Any,
     store: str | os.PathLike[str],
     *,
-    layers: str | Sequence[str] = "all",
+    layers: str | Sequence[str] = "auto",
     level: str = "layer",
     guide: str = "prediction",
     guide_kind: str = "hard",
@@ -117,8 +118,9 @@ def score_dataset(
     store : path
         The HDF5 store to write. Work in progress lives in ``<store>.parts/``.
     layers : str or list of str, optional
-        Hidden tensors to score: ``"all"``, names, layer names, globs, ``re:`` or
-        ``op:`` selectors (see :func:`engine.select_tensors`).
+        Hidden tensors to score: ``"auto"`` (the layers an exporter exposed and named,
+        else every hidden tensor), ``"all"``, names, layer names, globs, ``re:`` or ``op:``
+        selectors (see :func:`engine.select_tensors`).
     level : {"layer", "unit", "both"}
         Layer-level SA (all channels of a tensor), unit-level SA (each channel), or both.
     guide : {"prediction", "ground_truth"}
@@ -221,7 +223,8 @@ def score_dataset(
     for msg in mcard.assumed:
         log.warning("assumed: %s", msg)
 
-    selected = select_tensors(hidden, layers)
+    # network order: by depth from the input (stable for equal depths)
+    selected = sorted(select_tensors(hidden, layers), key=lambda t: t.depth)
     passes = plan_passes(selected, batch_size, max_activation_memory=max_activation_memory,
                          input_size=mcard.input_size) if _accepts(plan_passes, "input_size") else \
         plan_passes(selected, batch_size, max_activation_memory=max_activation_memory)
@@ -575,3 +578,212 @@ class _Expand:
         self.tp = np.asarray(res.tp)[:, None]
         self.fp = np.asarray(res.fp)[:, None]
         self.fn = np.asarray(res.fn)[:, None]
+
+
+# ------------------------------------------------------------------ estimation (SPEC §4)
+_OUTPUT_PATH_OPS = {"Sigmoid", "Softmax", "LogSoftmax", "Transpose", "Identity", "Reshape",
+                    "Squeeze", "Unsqueeze", "Cast", "Flatten"}
+ESTIMATORS = ("paper", "all-layers", "calibrated")
+
+
+def output_path_tensors(model: Any, output: str) -> list[str]:
+    """Tensors that are the prediction in another form (logits before the final activation).
+
+    Walks back from ``output`` through activation and layout ops; the tensors met are the
+    output itself, not hidden layers, so the ``paper`` estimator leaves them out.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names: list[str] = []
+    cur = output
+    while cur in producer and producer[cur].op_type in _OUTPUT_PATH_OPS:
+        node = producer[cur]
+        cur = node.input[0]
+        names.append(cur)
+    return names
+
+
+def estimate_dataset(
+    model: str | os.PathLike[str] | Any,
+    data: str | os.PathLike[str] | Any,
+    store: str | os.PathLike[str],
+    *,
+    estimators: Sequence[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    rank_by: str | None = None,
+    flag_below: float | None = None,
+    flag_lowest: int | None = None,
+    flag_fraction: float | None = None,
+    dice_threshold: float = 0.8,
+    worst_fraction: float = 0.1,
+    n_boot: int = 1000,
+    folds: int = 5,
+    seed: int = 0,
+    **score_kwargs: Any,
+) -> dict[str, Any]:
+    """Label-free quality estimate per case (mean SA), with baselines and validation.
+
+    Scores the dataset with the network's prediction as guide *and* reference (SPEC §4) at
+    layer and unit level, then computes the estimators, ranks cases (least supported
+    first), flags by one rule, and — when the dataset has ground truth — validates every
+    estimator and baseline against the prediction's true Dice. Everything is written into
+    the store (``Store.estimates()``, ``Store.validation()``).
+
+    Parameters
+    ----------
+    model, data, store
+        As in :func:`score_dataset`.
+    estimators : list of {"paper", "all-layers", "calibrated"}, optional
+        Default: ``paper`` and ``all-layers``, plus ``calibrated`` when ``calibration`` is
+        given.
+    calibration : path, optional
+        A calibration JSON file. When it exists it is loaded and applied; when it does not,
+        it is fitted on this dataset's ground truth by cross-validation and saved there.
+    rank_by : str, optional
+        Estimator used for ranking and flagging (default: the first).
+    flag_below, flag_lowest, flag_fraction : optional
+        At most one flagging rule (threshold, lowest k, lowest fraction).
+    dice_threshold, worst_fraction, n_boot, folds, seed
+        Validation and calibration settings.
+    **score_kwargs
+        Passed to :func:`score_dataset` (layers, batch_size, provider, card, ...).
+
+    Returns
+    -------
+    dict
+        ``store``, ``estimators``, ``rank_by``, ``ranking`` (one row per case, least
+        supported first), ``validation`` (rows) or None, ``calibration`` (dict) or None.
+    """
+    from engine.estimation import Calibration, calibrate, estimate_quality, flag_cases, rank_cases
+    from engine.graph import load_model
+    from engine.modelcard import resolve_model_card
+    from engine.store import open_store
+    from engine.validation import validate
+
+    for bad in ("level", "guide", "reference", "guide_kind"):
+        if bad in score_kwargs:
+            raise ValueError(f"estimate_dataset fixes {bad} (guide = reference = the prediction, "
+                             "layer and unit level); do not pass it")
+    names = list(estimators) if estimators else (
+        ["paper", "all-layers"] + (["calibrated"] if calibration else []))
+    for e in names:
+        _check_choice("estimator", e, ESTIMATORS)
+    if "calibrated" in names and not calibration:
+        raise ValueError("estimator 'calibrated' needs a calibration file (--calibration FILE): "
+                         "an existing one to apply, or a new path to fit on labelled data")
+    rules = [r for r in (flag_below, flag_lowest, flag_fraction) if r is not None]
+    if len(rules) > 1:
+        raise ValueError("give at most one flagging rule (flag_below, flag_lowest, flag_fraction)")
+    rank_by = rank_by or names[0]
+    if rank_by not in names:
+        raise ValueError(f"rank_by={rank_by!r} is not among the estimators computed {names}")
+
+    proto = load_model(model)
+    card = score_kwargs.get("card")
+    mcard = card if hasattr(card, "prediction_output") else (
+        resolve_model_card(proto, toml=card) if isinstance(card, (str, os.PathLike))
+        else resolve_model_card(proto, overrides=card))
+    exclude = output_path_tensors(proto, mcard.prediction_output)
+    summary = score_dataset(proto if not isinstance(model, (str, os.PathLike)) else model, data, store,
+                            level="both", guide="prediction", reference="prediction",
+                            extra_config={"mode": "estimate"}, **score_kwargs)
+    st = open_store(summary.store)
+    cases = st.cases
+    n = len(cases)
+    ls = st.layer_scores()
+    true_dice = st.output_dice()[:, 0]
+    has_truth = bool(np.isfinite(true_dice).any())
+    groups = [str(g) for g in cases["group"]]
+    use_groups = groups if len(set(groups)) > 1 else None
+
+    cal = None
+    if calibration is not None:
+        cpath = Path(calibration)
+        if cpath.exists():
+            cal = Calibration.load(cpath)
+        else:
+            if not has_truth:
+                raise ValueError(f"calibration file {str(cpath)!r} does not exist and this dataset "
+                                 "has no ground truth to fit one; fit it on labelled data first")
+            cal = calibrate(ls, st.unit_scores, st.layers, true_dice, groups=use_groups,
+                            folds=folds, seed=seed)
+            cal.save(cpath)
+            log.info("calibration fitted by %d-fold cross-validation and saved to %s", folds, cpath)
+
+    values: dict[str, np.ndarray] = {}
+    details: dict[str, Any] = {}
+    for e in names:
+        v, d = estimate_quality(ls, st.unit_scores, st.layers, estimator=e,
+                                calibration=cal if e == "calibrated" else None,
+                                exclude=exclude if e == "paper" else (), return_details=True)
+        values[e] = np.asarray(v, dtype=np.float64)
+        details[e] = d
+    base = {k: np.asarray(v)[:, 0] for k, v in st.baselines().items()}
+    inp = st.input_scores()
+    input_sa = np.asarray(inp["score"])[:, 0, 0] if inp is not None else np.full(n, np.nan)
+
+    est = values[rank_by]
+    if rules:
+        flags, reasons = flag_cases(est, threshold=flag_below, lowest=flag_lowest,
+                                    fraction=flag_fraction, return_reasons=True)
+    else:
+        flags = np.isnan(est)
+        reasons = np.where(flags, "estimate undefined", "")
+    order = rank_cases(est)
+
+    validation = None
+    if has_truth:
+        validation = validate({**values, **base, "input_sa": input_sa}, true_dice,
+                              groups=use_groups, predicted_volume=base.get("predicted_fraction"),
+                              dice_threshold=dice_threshold, worst_fraction=worst_fraction,
+                              n_boot=n_boot, seed=seed)
+    info = {"estimators": names, "rank_by": rank_by, "paper_excluded": exclude,
+            "flag_rule": {"below": flag_below, "lowest": flag_lowest, "fraction": flag_fraction},
+            "details": _jsonable(details), "calibration": cal.to_dict() if cal else None,
+            "dice_threshold": dice_threshold}
+    st.write_estimates({**values, "input_sa": input_sa, "flag": flags.astype(np.uint8)},
+                       validation=_jsonable(validation) if validation else None, info=info)
+
+    ranking = []
+    for r, i in enumerate(order, start=1):
+        row = {"rank": r, "case": str(cases["id"][i]), "group": groups[i]}
+        for e in names:
+            row[e] = _f(values[e][i])
+        row["predicted_fraction"] = _f(base.get("predicted_fraction", np.full(n, np.nan))[i])
+        row["input_sa"] = _f(input_sa[i])
+        row["flag"] = bool(flags[i])
+        row["reason"] = str(reasons[i])
+        row["true_dice"] = _f(true_dice[i]) if has_truth else None
+        ranking.append(row)
+    vrows = None
+    if validation:
+        vrows = []
+        for name, res in validation.items():
+            vrows.append({
+                "name": name, "n": res["n"],
+                "spearman": _f(res["spearman"]["r"]), "spearman_ci": res["spearman"]["ci"],
+                "pearson": _f(res["pearson"]["r"]), "pearson_ci": res["pearson"]["ci"],
+                "partial_spearman": _f(res.get("partial_spearman", {}).get("r", float("nan"))),
+                "auroc": _f(res["auroc"]["value"]),
+            })
+    return {"store": str(summary.store), "estimators": names, "rank_by": rank_by,
+            "ranking": ranking, "validation": vrows,
+            "calibration": cal.to_dict() if cal else None, "provider": summary.provider}
+
+
+def _f(v: Any) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
