@@ -57,6 +57,8 @@ DEFAULT_GRAPH_OPS = (
     "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput",
     "Conv3DBackpropInputV2", "ConcatV2", "Concat",
 )
+#: Ops between a model's logits and its prediction output (the logits are not hidden layers).
+_GRAPH_PASS = ("Sigmoid", "Softmax", "Identity", "Add", "AddV2")
 _GRAPH_ELEMENTWISE = (
     "BiasAdd", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "FusedBatchNorm",
     "FusedBatchNormV2", "FusedBatchNormV3",
@@ -500,13 +502,26 @@ def _graph_select(graph_def: Any, layers: list[str] | None, stop: set[str]) -> l
                 raise layer_not_found(pattern, [n.name for n in graph_def.node if n.op != "Const"], kind="graph op")
             picks.extend(hits)
     # a chain that only feeds the prediction is its pre-activation (logits), not a hidden layer
-    logits = {p for p in picks if consumers.get(p) and set(consumers[p]) <= stop}
+    def feeds_only_prediction(name: str) -> bool:
+        for _ in range(len(nodes)):
+            nxt = consumers.get(name, [])
+            if len(nxt) != 1:
+                return False
+            if nxt[0] in stop:
+                return True
+            if nodes[nxt[0]].op not in _GRAPH_ELEMENTWISE + _GRAPH_PASS:
+                return False
+            name = nxt[0]
+        return False
+
+    logits = {p for p in picks if feeds_only_prediction(p)}
     return [p for i, p in enumerate(picks) if p not in stop | logits and p not in picks[:i]]
 
 
 def _layer_of(op_name: str, start_ops: dict[str, str]) -> str:
     """Readable output name for an exposed op: its layer scope (``conv3d_1/Relu`` -> ``conv3d_1``)."""
     origin = start_ops.get(op_name, op_name)
+    origin = origin.removeprefix("StatefulPartitionedCall/")  # frozen SavedModel functions
     return origin.rsplit("/", 1)[0] if "/" in origin else origin
 
 
@@ -535,8 +550,10 @@ def _export_graph_def(
     if pred_op not in nodes:
         raise layer_not_found(pred_op, [n.name for n in graph_def.node if n.op != "Const"], kind="output op")
     if prediction_activation is None:
-        op = nodes[pred_op].op
-        prediction_activation = {"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(op, "logits")
+        node = nodes[pred_op]
+        while node.op == "Identity" and node.input and node.input[0].split(":")[0] in nodes:
+            node = nodes[node.input[0].split(":")[0]]  # SavedModel outputs end in Identity ops
+        prediction_activation = {"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(node.op, "logits")
     hidden_ops = _graph_select(graph_def, _as_list(layers), stop={pred_op, input_op})
     start_ops = _chain_starts(graph_def)
     names: list[str] = []

@@ -187,3 +187,17 @@ def test_graph_def_ops_named_after_scopes(tmp_path):
     assert r.outputs == ["prob", "block1"]
     with pytest.raises(LayerNotFoundError, match="graph op"):
         tfx.export(graph_def, tmp_path / "g3.onnx", inputs=["img"], outputs=["prob"], layers="block2/Relu")
+
+
+def test_saved_model_folder_is_frozen_and_exported(tmp_path, unet2d):
+    unet2d.export(str(tmp_path / "sm"))
+    r = tfx.export(tmp_path / "sm", tmp_path / "sm.onnx")
+    assert r.exporter == "tf2onnx.from_graph_def"
+    hidden = r.outputs[1:]
+    # one output per convolution / transposed conv / concat, named by layer scope; the head's
+    # logits (only feeding the sigmoid prediction) are left out
+    assert [h.rsplit("/", 1)[-1].rsplit("_", 1)[0] for h in hidden] == ["enc1", "enc1b", "enc2", "up", "cat", "dec1"]
+    assert r.metadata["prediction"]["activation"] == "sigmoid"
+    x = np.random.default_rng(5).random((2, 16, 16, 1), dtype=np.float32)
+    got = run_onnx(r.path, {r.metadata["input"]["name"]: x})
+    np.testing.assert_allclose(got[r.prediction], np.asarray(unet2d(x, training=False)), atol=1e-5)
