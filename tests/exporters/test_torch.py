@@ -261,3 +261,32 @@ def test_torchscript_and_torch_export_models_get_named_hidden_outputs(tmp_path):
     got = run_onnx(r.path, {"input": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got["enc1.4"], model.enc1(x).numpy(), atol=1e-5)
+
+
+def test_default_layers_rule():
+    class DoubleConv(nn.Module):  # a custom block wrapping one Sequential: named after the block
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 2, 3, padding=1)  # a conv leaf outside any block
+            self.act = nn.ReLU()
+            self.down1 = DoubleConv(2, 4)
+            self.encoder = nn.Sequential(DoubleConv(4, 4), DoubleConv(4, 4))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Flatten()
+            self.head = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.encoder(self.down1(self.act(self.stem(x))))
+            _ = self.fc(self.pool(h))  # rank-2 side output: never a hidden layer
+            return self.head(h)
+
+    names = texp.default_layers(Net(), torch.rand(1, 1, 8, 8))
+    assert names == ["stem", "down1", "encoder.0", "encoder.1"]
