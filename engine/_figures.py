@@ -175,8 +175,16 @@ def fig_units(
         frac = n_above / values.size if values.size else float("nan")
         if values.size <= max_bars:
             order = np.sort(finite)[::-1]
-            ax.bar(np.arange(order.size), order, width=0.85,
-                   color=np.where(order > threshold, "#2ca02c", "#9e9e9e"))
+            k = int(np.count_nonzero(order > threshold))
+            if order.size <= 24:
+                ax.bar(np.arange(order.size), order, width=0.85,
+                       color=np.where(order > threshold, "#2ca02c", "#9e9e9e"))
+            else:  # one artist per colour instead of one rectangle per unit: fast to draw
+                edges = np.arange(order.size + 1) - 0.5
+                if k:
+                    ax.stairs(order[:k], edges[: k + 1], fill=True, color="#2ca02c")
+                if k < order.size:
+                    ax.stairs(order[k:], edges[k:], fill=True, color="#9e9e9e")
             ax.axhline(threshold, color="k", linestyle="--", linewidth=0.8)
             ax.set_ylim(0, 1.02)
             ax.set_xticks([])
@@ -214,7 +222,10 @@ def fig_scatter(
         xv = np.asarray(xv, dtype=float)
         yv = np.asarray(yv, dtype=float)
         ok = np.isfinite(xv) & np.isfinite(yv)
-        ax.scatter(xv[ok], yv[ok], s=14, alpha=0.7, color="#1f77b4", edgecolors="none")
+        many = int(ok.sum()) > 1500
+        # thousands of points: rasterise the markers so the SVG stays small and fast
+        ax.scatter(xv[ok], yv[ok], s=4 if many else 14, alpha=0.35 if many else 0.7,
+                   color="#1f77b4", edgecolors="none", rasterized=many)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
