@@ -58,6 +58,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "mean_entropy": False,
 }
 CALIBRATION_ENCODING = ("protoseg-calibration", "1")
+#: Rounding tolerated on probabilities (float32 resizing can overshoot [0, 1] by an ulp or two).
+_PROB_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- baselines
@@ -127,11 +129,14 @@ def baselines(
     p = p.astype(np.float64, copy=False)
     if not class_axis:
         p = p[:, None]
-    if not np.all(np.isfinite(p)) or p.min(initial=0.0) < 0.0 or p.max(initial=0.0) > 1.0:
+    lo, hi = p.min(initial=0.0), p.max(initial=0.0)
+    if not np.all(np.isfinite(p)) or lo < -_PROB_TOL or hi > 1.0 + _PROB_TOL:
         raise ValueError(
-            "probability holds values outside [0, 1] or NaN/Inf; pass foreground probabilities "
-            "(apply the sigmoid/softmax first)"
+            f"probability holds values outside [0, 1] or NaN/Inf (range {lo:g} to {hi:g}); pass foreground "
+            "probabilities (apply the sigmoid/softmax first)"
         )
+    if lo < 0.0 or hi > 1.0:  # float32 rounding of a resized probability map
+        p = np.clip(p, 0.0, 1.0)
     batch, n_cls = p.shape[:2]
     spatial = p.shape[2:]
     flat = p.reshape(batch, n_cls, -1)

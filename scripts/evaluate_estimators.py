@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=3, help="deepbrain: corruption levels per kind (1-3)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--resume", action="store_true", help="resume an interrupted scoring run in --out")
     parser.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/estimation.md")
     args = parser.parse_args(argv)
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         layers, batch, title = "op:Relu", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
     print(f"cases written to {data} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     store = out / "scores.h5"
-    summary = score_dataset(model, data, store, layers=layers, level="both", batch_size=batch, overwrite=True,
+    summary = score_dataset(model, data, store, layers=layers, level="both", batch_size=batch,
+                            overwrite=not args.resume, resume=args.resume,
                             save_maps=0, progress=None)
     print(f"scored: {summary}", file=sys.stderr)
     result = evaluate_store(store, n_boot=args.n_boot)

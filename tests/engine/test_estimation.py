@@ -116,6 +116,15 @@ def test_baselines_empty_prediction_soft_dice_is_nan_not_one():
     assert np.all(got["predicted_fraction"] == 0)
 
 
+def test_baselines_tolerate_float_rounding_only():
+    p = np.array([[1.0 + 1e-7, -1e-7, 0.7, 0.2]], dtype=np.float64)
+    got = baselines(p)
+    assert got["predicted_fraction"][0] == pytest.approx(0.5)
+    assert got["mean_entropy"][0] < 1  # clipped, no NaN from log of a negative number
+    with pytest.raises(ValueError, match="range"):
+        baselines(np.array([[1.01, 0.5]]))
+
+
 def test_baselines_empty_mask_gives_nan():
     mask = np.zeros((1, 3, 3), np.uint8)
     got = baselines(np.full((1, 1, 3, 3), 0.7), mask=mask, class_axis=True)
