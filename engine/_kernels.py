@@ -66,55 +66,58 @@ def _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
                     sf += f
                     sb += k
         return sm, sf, sb
-    # along z (whole planes, contiguous), then y (rows), then x (scatter on the reduced grid)
-    tzf = np.zeros((Zs, Yt, Xt))
-    tzb = np.zeros((Zs, Yt, Xt))
+    # one pass over the target grid: each target row goes, weighted, into the (up to four)
+    # source (z, y) rows it reads from; then the x adjoint runs on the reduced grid
+    tf = np.zeros((Zs, Ys, Xt))
+    tb = np.zeros((Zs, Ys, Xt))
+    rf = np.empty(Xt)
+    rb = np.empty(Xt)
     for zt in range(Zt):
         za = iz0[zt]
         zb = iz1[zt]
-        a0 = wz0[zt]
-        a1 = wz1[zt]
-        for y in range(Yt):
-            for x in range(Xt):
-                gv = np.float64(gb[zt, y, x])
-                mv = np.float64(mb[zt, y, x]) if has_mask else 1.0
-                f = gv * mv
-                k = (1.0 - gv) * mv
-                sm += mv
-                sf += f
-                sb += k
-                tzf[za, y, x] += a0 * f
-                tzb[za, y, x] += a0 * k
-                if a1 != 0.0:
-                    tzf[zb, y, x] += a1 * f
-                    tzb[zb, y, x] += a1 * k
-    tyf = np.zeros((Zs, Ys, Xt))
-    tyb = np.zeros((Zs, Ys, Xt))
-    for z in range(Zs):
         for yt in range(Yt):
             ya = iy0[yt]
             yb = iy1[yt]
-            b0 = wy0[yt]
-            b1 = wy1[yt]
             for x in range(Xt):
-                tyf[z, ya, x] += b0 * tzf[z, yt, x]
-                tyb[z, ya, x] += b0 * tzb[z, yt, x]
-            if b1 != 0.0:
-                for x in range(Xt):
-                    tyf[z, yb, x] += b1 * tzf[z, yt, x]
-                    tyb[z, yb, x] += b1 * tzb[z, yt, x]
+                gv = np.float64(gb[zt, yt, x])
+                mv = np.float64(mb[zt, yt, x]) if has_mask else 1.0
+                f = gv * mv
+                k = (1.0 - gv) * mv
+                rf[x] = f
+                rb[x] = k
+                sm += mv
+                sf += f
+                sb += k
+            for corner in range(4):
+                zz = za if corner < 2 else zb
+                yy = ya if corner % 2 == 0 else yb
+                c = (wz0[zt] if corner < 2 else wz1[zt]) * (wy0[yt] if corner % 2 == 0 else wy1[yt])
+                if c != 0.0:
+                    for x in range(Xt):
+                        tf[zz, yy, x] += c * rf[x]
+                        tb[zz, yy, x] += c * rb[x]
+    starts = _runs(ix0, ix1)
     for z in range(Zs):
         for y in range(Ys):
             for x in range(Xs):
                 Wf[z, y, x] = 0.0
                 Wb[z, y, x] = 0.0
-            for xt in range(Xt):
-                xa = ix0[xt]
-                xb = ix1[xt]
-                Wf[z, y, xa] += wx0[xt] * tyf[z, y, xt]
-                Wb[z, y, xa] += wx0[xt] * tyb[z, y, xt]
-                Wf[z, y, xb] += wx1[xt] * tyf[z, y, xt]
-                Wb[z, y, xb] += wx1[xt] * tyb[z, y, xt]
+            for r in range(len(starts) - 1):
+                s0 = starts[r]
+                s1 = starts[r + 1]
+                f0 = 0.0
+                f1 = 0.0
+                k0 = 0.0
+                k1 = 0.0
+                for x in range(s0, s1):
+                    f0 += wx0[x] * tf[z, y, x]
+                    f1 += wx1[x] * tf[z, y, x]
+                    k0 += wx0[x] * tb[z, y, x]
+                    k1 += wx1[x] * tb[z, y, x]
+                Wf[z, y, ix0[s0]] += f0
+                Wf[z, y, ix1[s0]] += f1
+                Wb[z, y, ix0[s0]] += k0
+                Wb[z, y, ix1[s0]] += k1
     return sm, sf, sb
 
 
@@ -208,15 +211,42 @@ def _project(Fb, D, channels_inner, out):
 
 
 # --------------------------------------------------------------------------- maps and counts
+@njit(cache=True)
+def _runs(i0, i1):
+    """Start of each run of equal (i0, i1) pairs, plus the end: int64[n_runs + 1]."""
+    n = len(i0)
+    starts = np.empty(n + 1, dtype=np.int64)
+    k = 0
+    for x in range(n):
+        if x == 0 or i0[x] != i0[x - 1] or i1[x] != i1[x - 1]:
+            starts[k] = x
+            k += 1
+    starts[k] = n
+    return starts[: k + 1]
+
+
 @njit(cache=True, fastmath=_FM)
 def _interp_x(a, Xt, ix0, ix1, wx0, wx1):
-    """Interpolate every source row along x: (Zs, Ys, Xs) -> (Zs, Ys, Xt) float64."""
-    Zs, Ys, _ = a.shape
+    """Interpolate every source row along x: (Zs, Ys, Xs) -> (Zs, Ys, Xt) float64.
+
+    Each source row is copied to a contiguous float64 buffer with its forward differences,
+    so every output is one gather: ``row[i0] + w1·(row[i1] - row[i0])`` (``i1`` is ``i0 + 1``
+    or, at the last position, ``i0``, as :func:`engine.resize.linear_weights` guarantees).
+    """
+    Zs, Ys, Xs = a.shape
     out = np.empty((Zs, Ys, Xt))
+    base = np.empty(Xs)
+    diff = np.empty(Xs)
     for z in range(Zs):
         for y in range(Ys):
+            for i in range(Xs):
+                base[i] = np.float64(a[z, y, i])
+            for i in range(Xs - 1):
+                diff[i] = base[i + 1] - base[i]
+            diff[Xs - 1] = 0.0
             for x in range(Xt):
-                out[z, y, x] = wx0[x] * np.float64(a[z, y, ix0[x]]) + wx1[x] * np.float64(a[z, y, ix1[x]])
+                j = ix0[x]
+                out[z, y, x] = base[j] + wx1[x] * diff[j]
     return out
 
 

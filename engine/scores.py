@@ -14,6 +14,7 @@ medical image segmentation", Medical Image Analysis 84 (2023), arXiv:2212.09206.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -172,6 +173,16 @@ def _check_layout(F: np.ndarray, layout: str, spatial: tuple[int, ...], grid: tu
         )
 
 
+@lru_cache(maxsize=256)
+def _kernel_weights(n_in: int, n_out: int) -> tuple[np.ndarray, ...]:
+    """linear_weights with uint32 indices (unsigned: no wrap-around checks in the kernels)."""
+    i0, i1, w0, w1 = _resize.linear_weights(n_in, n_out)
+    out = (i0.astype(np.uint32), i1.astype(np.uint32), w0, w1)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
 def _pad3(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (1,) * (3 - len(shape)) + tuple(shape)  # type: ignore[return-value]
 
@@ -211,7 +222,7 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     src3, tgt3 = _pad3(fsp), _pad3(target)
     weights: tuple[np.ndarray, ...] = ()
     for n_in, n_out in zip(src3, tgt3):
-        weights += _resize.linear_weights(n_in, n_out)
+        weights += _kernel_weights(n_in, n_out)
     s = F5.strides
     channels_inner = F5.shape[1] > 1 and abs(s[1]) < abs(s[4]) and F5.shape[4] > 1
     g4 = g.reshape((B,) + tgt3)
