@@ -579,8 +579,24 @@ def _run_exporter(
     torch: Any, kind: str, wrapper: Any, x: Any, target: str, input_name: str,
     onnx_names: list[str], axes: dict[str, dict[int, str]], opset: int | None,
 ) -> None:
+    import logging
     import warnings
 
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # exporter chatter (e.g. "torchvision is not installed") is not ours to print
+        q.setLevel(logging.ERROR)
+    try:
+        _export_quietly(torch, kind, wrapper, x, target, input_name, onnx_names, axes, opset, warnings)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _export_quietly(
+    torch: Any, kind: str, wrapper: Any, x: Any, target: str, input_name: str,
+    onnx_names: list[str], axes: dict[str, dict[int, str]], opset: int | None, warnings: Any,
+) -> None:
     kwargs: dict[str, Any] = dict(input_names=[input_name], output_names=onnx_names)
     if opset is not None:
         kwargs["opset_version"] = opset
