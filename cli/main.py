@@ -287,7 +287,9 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="NaN/Inf in a hidden tensor: stop, or score NaN with a status and go on."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable case instead of skipping it."),
         click.option("--max-cases", type=click.IntRange(min=1), help="Score only the first N cases."),
-        click.option("--resume", is_flag=True, help="Continue an interrupted run with the same settings."),
+        click.option("--resume/--no-resume", default=True, show_default=True,
+                     help="Continue an interrupted run made with the same settings (a finished one is "
+                          "left as is); --no-resume refuses an existing store."),
         click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary table."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
@@ -328,7 +330,9 @@ def _maps_arg(save_maps: tuple[str, ...]) -> Any:
 
 
 def _check_store_flags(resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
+    ctx = click.get_current_context()
+    explicit = ctx.get_parameter_source("resume") == click.core.ParameterSource.COMMANDLINE
+    if resume and overwrite and explicit:
         raise click.UsageError("--resume and --overwrite contradict each other; choose one")
 
 

@@ -96,7 +96,7 @@ def score_dataset(
     input_sa: bool = True,
     empty: str = "nan",
     nonfinite: str = "raise",
-    resume: bool = False,
+    resume: bool = True,
     overwrite: bool = False,
     strict: bool = False,
     groups: Any = None,
@@ -153,8 +153,12 @@ def score_dataset(
     nonfinite : {"raise", "skip"}
         NaN/Inf in a hidden tensor: stop with an error naming tensor and case, or score NaN
         with status NONFINITE and go on.
-    resume, overwrite : bool
-        Continue an interrupted run with the same settings / replace an existing store.
+    resume : bool
+        Continue an interrupted run made with the same settings (default): the same call
+        after a crash or a kill picks up where it stopped, and on a finished store it
+        does nothing. ``False`` refuses an existing store or unfinished run.
+    overwrite : bool
+        Replace an existing store (or unfinished run), whatever its settings.
     strict : bool
         Unreadable cases stop the run instead of being skipped with a status.
     groups : mapping or path, optional
@@ -290,7 +294,7 @@ def score_dataset(
     if extra_config:
         config.update(extra_config)
     writer = StoreWriter(store, config=config, layers=layer_rows, classes=classes,
-                         resume=resume, overwrite=overwrite)
+                         resume=resume and not overwrite, overwrite=overwrite)
     done = set(writer.done_ids())
     todo = [i for i in range(n_total) if str(dataset.ids[i]) not in done]
     n_skipped_done = n_total - len(todo)
