@@ -432,7 +432,7 @@ def _fig_maps_1d(
         axes[0].plot(np.asarray(prediction, dtype=float), color="#d62728", label="prediction")
     if reference is not None:
         axes[0].fill_between(np.arange(len(reference)), 0, np.asarray(reference, dtype=float),
-                             color="gold", alpha=0.3, label="reference")
+                             color="gold", alpha=0.3, step="mid", label="reference")
     axes[0].legend(fontsize=7)
     for ax, panel in zip(axes[1:], panels):
         if panel.probability is not None:
@@ -441,7 +441,7 @@ def _fig_maps_1d(
         if panel.binary is not None:
             ax.fill_between(np.arange(len(panel.binary)), 0,
                             np.asarray(panel.binary, dtype=float), color="#ff2020",
-                            alpha=0.35, label="binary")
+                            alpha=0.35, step="mid", label="binary")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(panel.label, fontsize=8)
         ax.legend(fontsize=7)

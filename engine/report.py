@@ -475,10 +475,23 @@ def _case_maps(
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[Any], str]:
     """Read one case's maps (lazily, this case only) into figure panels for class ``k``."""
     maps = store.maps(case_id)
-    ref = _squeeze_class(maps.get("_reference"), n_classes, k)
-    pred = _squeeze_class(maps.get("_prediction"), n_classes, k)
+    # layer maps are (*spatial); the case-wide ones may carry a leading class axis
+    spatial = next((np.ndim(v["binary"]) for v in maps.values()
+                    if isinstance(v, Mapping) and v.get("binary") is not None), None)
+
+    def per_class(arr: Any) -> np.ndarray | None:
+        if arr is None:
+            return None
+        a = np.asarray(arr)
+        if spatial is not None:
+            return a[k] if a.ndim == spatial + 1 else a
+        return _squeeze_class(a, n_classes, k)
+
+    ref = per_class(maps.get("_reference"))
+    pred = per_class(maps.get("_prediction"))
     image = maps.get("_image")
-    spatial = ref.ndim if ref is not None else (pred.ndim if pred is not None else None)
+    if spatial is None:
+        spatial = ref.ndim if ref is not None else (pred.ndim if pred is not None else None)
     if image is not None:
         image = np.asarray(image, dtype=np.float32)
         if spatial is not None and image.ndim == spatial + 1:
@@ -489,6 +502,13 @@ def _case_maps(
         suffix = f"[class {cls}]"
         keys = [key for key in keys if key.endswith(suffix)]
     base = {key: (key[: -len(f"[class {cls}]")] if n_classes > 1 else key) for key in keys}
+    # unit maps, when recorded, are keyed "<tensor>#unit<u>" and drawn after their layer
+    unit_keys: dict[str, list[tuple[int, str]]] = {}
+    for key in list(keys):
+        parent, sep, unit = base[key].rpartition("#unit")
+        if sep and unit.isdigit():
+            unit_keys.setdefault(parent, []).append((int(unit), key))
+            keys.remove(key)
     keys.sort(key=lambda key: depth_of.get(base[key], math.inf))
     note = ""
     if len(keys) > MAX_MAP_LAYERS:
@@ -506,12 +526,11 @@ def _case_maps(
             probability=_squeeze_class(entry.get("probability"), n_classes, k),
             note=best_units.get(name, ""),
         ))
-        for unit, unit_maps in sorted((entry.get("units") or {}).items(),
-                                      key=lambda kv: str(kv[0]))[:3]:
+        for unit, ukey in sorted(unit_keys.get(name, []))[:3]:
             panels.append(_figures.MapPanel(
-                label=f"{label} unit {_text(unit)}",
-                binary=_squeeze_class(unit_maps.get("binary"), n_classes, k),
-                probability=_squeeze_class(unit_maps.get("probability"), n_classes, k),
+                label=f"{label} unit {unit}",
+                binary=_squeeze_class(maps[ukey].get("binary"), n_classes, k),
+                probability=_squeeze_class(maps[ukey].get("probability"), n_classes, k),
             ))
     return image, ref, pred, panels, note
 
@@ -627,6 +646,10 @@ class _ReportBuilder:
 
     # -- building blocks: ("p", text) | ("table", caption, rows, columns) | ("fig", name, caption)
     def _figure(self, fig: Any, name: str) -> str:
+        stem, i = name, 1
+        while name in self.figures:  # two case ids may share a file-name slug
+            i += 1
+            name = f"{stem}-{i}"
         self.figures[name] = _figures.save_figure(fig, self.out / "figures" / name)
         return name
 
@@ -1034,8 +1057,10 @@ class _ReportBuilder:
         if kind == "fig":
             name, caption = block[1], block[2]
             data = base64.b64encode(self.figures[name]).decode("ascii")
+            links = (f' <a href="figures/{e(name)}.png">PNG</a> · '
+                     f'<a href="figures/{e(name)}.svg">SVG</a>')
             return (f'<figure><img src="data:image/png;base64,{data}" alt="{e(caption)}">'
-                    f"<figcaption>{e(caption)}</figcaption></figure>")
+                    f"<figcaption>{e(caption)}{links}</figcaption></figure>")
         _, caption, rows, cols = block
         head = "".join(f"<th>{e(c)}</th>" for c in cols)
         body = "".join(
