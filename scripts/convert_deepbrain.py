@@ -180,7 +180,7 @@ def convert(wheel: Path, out: Path, colin: Path) -> dict[str, Any]:
     x, brain, shape = colin27_input(colin)
     result = export(
         graph_def, out, inputs=["img"], outputs=["prob"], input_shape=(None, SIZE, SIZE, SIZE, 1),
-        prediction_activation="sigmoid", input_layout="NDHWC", classes=[1], threshold=0.5,
+        prediction_activation="sigmoid", input_layout="NDHWC", classes=[0], threshold=0.5,
         preprocessing={"resize": True, "scaling": "minmax"}, check_input=x, atol=1e-4, rtol=1e-3,
         source="deepbrain 0.1 (PyPI wheel, MIT), deepbrain/models/graph.pb",
     )

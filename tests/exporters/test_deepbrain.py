@@ -44,7 +44,7 @@ def test_shipped_model_card_and_outputs():
     assert meta["framework"] == "tensorflow"
     assert meta["input"] == {"name": "img", "layout": "NDHWC", "size": [128, 128, 128]}
     assert meta["prediction"] == {"output": "prob", "activation": "sigmoid", "layout": "NDHWC",
-                                  "classes": [1], "threshold": 0.5}
+                                  "classes": [0], "threshold": 0.5}
     assert meta["preprocessing"]["resize"] is True and meta["preprocessing"]["scaling"] == "minmax"
     assert set(meta["hidden"]) == set(HIDDEN)
     assert all(v["layout"] == "NDHWC" for v in meta["hidden"].values())
