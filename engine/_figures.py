@@ -131,7 +131,7 @@ def fig_sa_depth(
         labels = ["input"] + labels
     if len(ticks) <= 40:
         ax.set_xticks(ticks, labels, rotation=60, ha="right", fontsize=8)
-    ax.set_xlabel("layer (by depth)")
+    ax.set_xlabel("layer, ordered by depth")
     ax.set_ylabel("SA score (Dice)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)

@@ -668,8 +668,10 @@ class _ReportBuilder:
         self.score = np.asarray(ls["score"], dtype=np.float64)
         self.status = np.asarray(ls["status"])
         self.depth = np.asarray(_field(self.layers, "depth", 0), dtype=np.float64)
-        if not np.all(np.isfinite(self.depth)) or np.unique(self.depth).size != len(self.depth):
+        if not np.all(np.isfinite(self.depth)):
             self.depth = np.arange(len(self.layers), dtype=np.float64)
+        # drawing order: by depth, ties (parallel branches) by layer index
+        self.order = np.lexsort((np.arange(len(self.layers)), self.depth))
 
         self._run_section()
         self._depth_section()
@@ -763,12 +765,14 @@ class _ReportBuilder:
                 b.append(("p", f"Class {c}: highest mean SA {hi['mean']:.3f} at {hi['layer']} "
                                f"(depth {_fmt(hi['depth'])}); lowest {lo['mean']:.3f} at "
                                f"{lo['layer']} (depth {_fmt(lo['depth'])})."))
-        series = [(f"class {c}", self.score[:, k, :]) for k, c in enumerate(self.classes)]
-        fig = _figures.fig_sa_depth(self.depth, self.labels, series, input_series=input_series,
-                                    title="Layer-level SA by depth")
+        o = self.order
+        series = [(f"class {c}", self.score[:, k, o]) for k, c in enumerate(self.classes)]
+        fig = _figures.fig_sa_depth(np.arange(len(o), dtype=np.float64),
+                                    [self.labels[j] for j in o], series,
+                                    input_series=input_series, title="Layer-level SA by depth")
         b.append(("fig", self._figure(fig, "sa_depth"),
-                  f"Layer-level SA against depth: mean over cases (line) and interquartile "
-                  f"range (band), per class; {self._caption_settings()}. "
+                  f"Layer-level SA against depth (layers ordered by their depth in the graph): "
+                  f"mean over cases (line) and interquartile range (band), per class; {self._caption_settings()}. "
                   f"Undefined scores (NaN) are left out; see n_nan in the table. "
                   f"{self.n_cases} cases."))
         cols = ["class", "layer", "depth", "channels", "mean", "sd", "median", "q25", "q75",
@@ -823,7 +827,8 @@ class _ReportBuilder:
         panels: dict[int, list[tuple[str, np.ndarray]]] = {k: [] for k in range(self.n_classes)}
         names = [_text(v) for v in _field(self.layers, "name", "")]
         indices = [int(v) for v in _field(self.layers, "index", 0)]
-        for j, (name, index) in enumerate(zip(names, indices)):
+        for j in self.order:
+            name, index = names[j], indices[j]
             us = _optional(self.store, "unit_scores", index)
             if us is None:
                 continue
