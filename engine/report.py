@@ -664,9 +664,13 @@ class _ReportBuilder:
         self.labels = _layer_labels(self.layers)
         self.classes = [int(c) for c in st.classes]
         self.n_classes = len(self.classes)
-        ls = st.layer_scores()
-        self.score = np.asarray(ls["score"], dtype=np.float64)
-        self.status = np.asarray(ls["status"])
+        shape = (self.n_cases, self.n_classes, len(self.layers))
+        ls = _optional(st, "layer_scores")  # None: no case was scored (empty store)
+        if ls is None or "score" not in ls:
+            ls = {"score": np.full(shape, np.nan),
+                  "status": np.full(shape, int(Status.NOT_COMPUTED), np.uint8)}
+        self.score = np.asarray(ls["score"], dtype=np.float64).reshape(shape)
+        self.status = np.asarray(ls["status"]).reshape(shape)
         self.depth = np.asarray(_field(self.layers, "depth", 0), dtype=np.float64)
         if not np.all(np.isfinite(self.depth)):
             self.depth = np.arange(len(self.layers), dtype=np.float64)
@@ -913,7 +917,8 @@ class _ReportBuilder:
         if dice_all is None:
             dice_all = np.asarray(_field(self.cases, "output_dice", np.nan), dtype=np.float64
                                   ).reshape(-1, 1)
-        self.dice = np.asarray(dice_all, dtype=np.float64).reshape(self.n_cases, -1)
+        self.dice = np.asarray(dice_all, dtype=np.float64).reshape(self.n_cases, -1) \
+            if np.size(dice_all) else np.full((self.n_cases, self.n_classes), np.nan)
         self.mean_layer_sa = _nanmean_rows(self.score, axis=2)  # (n_cases, n_classes)
         self.estimates = self._read_estimates()
         self.baseline_values = _per_case_arrays(_optional(self.store, "baselines"),

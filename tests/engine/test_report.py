@@ -416,3 +416,13 @@ def test_unit_maps_follow_their_layer_and_1d(tmp_path):
     assert ref.shape == (20,)
     write_report(store, tmp_path / "out")  # 1-D maps are drawn as curves
     check_png(tmp_path / "out" / "figures" / "maps_c0.png")
+
+
+def test_store_without_scored_cases(tmp_path):
+    batches, layers = make_batches(n_cases=2, maps=(), units=False)
+    path = tmp_path / "empty.h5"
+    StoreWriter(path, config=dict(CONFIG), layers=layers, classes=[1]).finalize(dict(PROVENANCE))
+    text = write_report(path, tmp_path / "out").read_text()
+    assert "summarised 0 cases" in text and "Layer-level SA: not recorded" in text
+    rows = read_csv(tmp_path / "out" / "tables" / "layer_summary.csv")
+    assert [int(r["n_used"]) for r in rows] == [0, 0, 0]
