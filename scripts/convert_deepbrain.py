@@ -111,12 +111,11 @@ def make_convertible(graph_bytes: bytes) -> Any:
 
 
 def _resize(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear resize, half-pixel centres (torch ``interpolate(align_corners=False)``)."""
-    import torch
+    """Trilinear resize, half-pixel centres (the engine's, = torch ``interpolate(align_corners=False)``)."""
+    sys.path.insert(0, str(ROOT))
+    from engine.resize import resize_linear
 
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return resize_linear(np.asarray(volume, dtype=np.float32), tuple(shape))
 
 
 def colin27_input(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
