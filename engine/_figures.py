@@ -125,7 +125,7 @@ def fig_sa_depth(
                     if np.isfinite(mean[0]) else None,
                     fmt="s", color=colour, mfc="white", capsize=3, label=f"{label}: input SA")
     ticks = list(x)
-    labels = list(tick_labels)
+    labels = [lab if len(lab) <= 28 else lab[:12] + "…" + lab[-15:] for lab in tick_labels]
     if input_series:
         ticks = [(x.min() if n_layers else 0.0) - step] + ticks
         labels = ["input"] + labels

@@ -387,7 +387,17 @@ def _validation_rows(val: Any) -> list[dict[str, Any]]:
         try:
             from engine.validation import validation_rows
 
-            return [dict(r) for r in validation_rows(val)]
+            rows = [dict(r) for r in validation_rows(val)]
+            for row in rows:
+                res = val.get(row.get("estimator"))
+                if row.get("scope") != "all" or not isinstance(res, Mapping):
+                    continue
+                row["orientation"] = res.get("orientation")
+                why = [f"{stat}: {res[stat]['reason']}" for stat in
+                       ("pearson", "spearman", "partial_spearman", "auroc")
+                       if isinstance(res.get(stat), Mapping) and res[stat].get("reason")]
+                row["note"] = "; ".join(why)
+            return rows
         except (ImportError, KeyError, TypeError, IndexError, AttributeError):
             pass
     if isinstance(val, np.ndarray) and val.dtype.names:
@@ -436,6 +446,8 @@ def _merge_intervals(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _interval(point: Any, lo: Any, hi: Any) -> str:
+    if _num(lo) is None and _num(hi) is None:  # no interval (too few cases): the point alone
+        return _fmt(point)
     return f"{_fmt(point)} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
@@ -920,7 +932,7 @@ class _ReportBuilder:
         self.dice = np.asarray(dice_all, dtype=np.float64).reshape(self.n_cases, -1) \
             if np.size(dice_all) else np.full((self.n_cases, self.n_classes), np.nan)
         self.mean_layer_sa = _nanmean_rows(self.score, axis=2)  # (n_cases, n_classes)
-        self.estimates = self._read_estimates()
+        self.estimates, self.estimate_extras = self._read_estimates()
         self.baseline_values = _per_case_arrays(_optional(self.store, "baselines"),
                                                 self.n_cases)
         self.corr_rows: list[dict[str, Any]] = []
@@ -930,6 +942,11 @@ class _ReportBuilder:
                            "compared with the output's quality here."))
             return
         d0 = self.dice[:, 0]
+        n_dice = int(np.isfinite(d0).sum())
+        draw = n_dice >= 3
+        if not draw:
+            b.append(("p", f"Scatter plots need at least 3 cases with ground truth; this store "
+                           f"has {n_dice}. The values are in the table below."))
         panels = []
         if self.estimates:
             sources = [(f"estimate: {n}", a[:, 0]) for n, a in self.estimates.items()]
@@ -944,14 +961,15 @@ class _ReportBuilder:
             c = _correlations(x, d0)
             self.corr_rows.append({"x": "input SA", "y": "output Dice", **c})
             panels.append((x, d0, "input SA", "output Dice", _corr_label(c)))
-        fig = _figures.fig_scatter(panels, title=f"Against the output's Dice, class "
-                                                 f"{self.classes[0]}")
         src = ("the recorded estimates" if self.estimates else
                "the mean layer-level SA over all layers (no estimates recorded)")
-        b.append(("fig", self._figure(fig, "sa_vs_dice"),
-                  f"Each point is a case: {src} and the input SA against the output's Dice "
-                  f"(ground truth). r: Pearson; ρ: Spearman; cases with either value undefined "
-                  f"are left out."))
+        if draw:
+            fig = _figures.fig_scatter(panels, title=f"Against the output's Dice, class "
+                                                     f"{self.classes[0]}")
+            b.append(("fig", self._figure(fig, "sa_vs_dice"),
+                      f"Each point is a case: {src} and the input SA against the output's "
+                      f"Dice (ground truth). r: Pearson; ρ: Spearman; cases with either value "
+                      f"undefined are left out."))
         if not self.estimates:
             b.append(("p", "Quality estimates: not recorded (run `protoseg estimate`)."))
         if self.input_score is None:
@@ -963,29 +981,44 @@ class _ReportBuilder:
                 self.corr_rows.append({"x": f"baseline: {name}", "y": "output Dice", **c})
                 panels.append((a[:, 0], d0, f"baseline: {name}", "output Dice",
                                _corr_label(c)))
-            fig = _figures.fig_scatter(panels, title="Baselines against the output's Dice")
-            b.append(("fig", self._figure(fig, "baselines_vs_dice"),
-                      "Trivial baselines against the output's Dice: an estimate is useful only "
-                      "where it beats them."))
+            if draw:
+                fig = _figures.fig_scatter(panels, title="Baselines against the output's Dice")
+                b.append(("fig", self._figure(fig, "baselines_vs_dice"),
+                          "Trivial baselines against the output's Dice: an estimate is useful "
+                          "only where it beats them."))
         b.append(("table", "Correlations with the output's Dice", self.corr_rows,
                   ["x", "y", "n", "pearson_r", "spearman_rho", "note"]))
         _write_table(self.corr_rows, self.out / "tables" / "correlations")
 
-    def _read_estimates(self) -> dict[str, np.ndarray]:
-        """Per-case estimates, from the estimate store (matched by case id) or the main one."""
-        if self.est_store is None:
-            return _per_case_arrays(_optional(self.store, "estimates"), self.n_cases)
-        other_ids = [_text(v) for v in _field(np.asarray(self.est_store.cases), "id", "")]
-        raw = _per_case_arrays(_optional(self.est_store, "estimates"), len(other_ids))
-        pos = {c: i for i, c in enumerate(other_ids)}
-        take = np.array([pos.get(c, -1) for c in self.ids], dtype=np.intp)
-        out = {}
-        for name, arr in raw.items():
-            a = np.full((self.n_cases, arr.shape[1]), np.nan)
+    def _read_estimates(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per-case estimates to draw, and other per-case values (flags...) for the table.
+
+        Read from the estimate store (matched by case id) when given, else the main store.
+        The estimators are those named in ``estimates()["info"]["estimators"]`` when
+        recorded, else every floating-point array; integer/bool arrays are never drawn.
+        """
+        src = self.est_store if self.est_store is not None else self.store
+        raw_obj = _optional(src, "estimates")
+        if not isinstance(raw_obj, Mapping):
+            return {}, {}
+        other_ids = [_text(v) for v in _field(np.asarray(src.cases), "id", "")]
+        raw = _per_case_arrays(raw_obj, len(other_ids))
+        info = raw_obj.get("info")
+        named = info.get("estimators") if isinstance(info, Mapping) else None
+        if named:
+            drawn = [n for n in (_text(x) for x in named) if n in raw]
+        else:
+            drawn = [n for n in raw if np.asarray(raw_obj[n]).dtype.kind == "f"]
+        if src is not self.store:
+            pos = {c: i for i, c in enumerate(other_ids)}
+            take = np.array([pos.get(c, -1) for c in self.ids], dtype=np.intp)
             hit = take >= 0
-            a[hit] = arr[take[hit]]
-            out[name] = a
-        return out
+            for name, arr in list(raw.items()):
+                a = np.full((self.n_cases, arr.shape[1]), np.nan)
+                a[hit] = arr[take[hit]]
+                raw[name] = a
+        return ({n: raw[n] for n in drawn},
+                {n: a for n, a in raw.items() if n not in drawn})
 
     def _validation_section(self) -> None:
         b = self._section("validation", "Validation")
@@ -1024,6 +1057,8 @@ class _ReportBuilder:
                     row[f"estimate_{name}{sfx}"] = a[i, k] if k < a.shape[1] else a[i, 0]
                 for name, a in self.baseline_values.items():
                     row[f"baseline_{name}{sfx}"] = a[i, k] if k < a.shape[1] else a[i, 0]
+                for name, a in self.estimate_extras.items():
+                    row[f"{name}{sfx}"] = a[i, k] if k < a.shape[1] else a[i, 0]
             rows.append(row)
         _write_table(rows, self.out / "tables" / "cases")
         key = "mean_layer_sa_class%d" % self.classes[0] if multi else "mean_layer_sa"
@@ -1140,7 +1175,7 @@ figcaption{font-size:.85em;color:#555;margin-top:.3em;text-align:left}
 table{border-collapse:collapse;font-size:.82em}caption{text-align:left;font-weight:600;
 padding:.3em 0}
 th,td{border:1px solid #ddd;padding:.2em .55em;text-align:left;vertical-align:top}
-td{max-width:46em;overflow-wrap:anywhere}td.n{text-align:right;white-space:nowrap}
+td{max-width:46em;overflow-wrap:break-word}td.n{text-align:right;white-space:nowrap}
 th{background:#eef2f5;white-space:nowrap}
 tbody tr:nth-child(even){background:#f7f9fa}
 footer{color:#777;font-size:.8em;text-align:center;padding:1em}

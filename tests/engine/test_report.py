@@ -387,13 +387,18 @@ def test_estimates_from_a_second_store(tmp_path):
     est = open_store(path)
     ids = list(est.cases["id"])
     values = np.array([0.1 * int(c[1:]) + 0.05 for c in ids])
-    est.write_estimates({"paper": values})
+    flags = (values < 0.2).astype(np.uint8)
+    est.write_estimates({"paper": values, "flag": flags}, info={"estimators": ["paper"]})
     write_report(main, tmp_path / "out", estimates=path)
     rows = read_csv(tmp_path / "out" / "tables" / "cases.csv")
     for r in rows:
         i = int(r["id"][1:])
         expect = 0.1 * i + 0.05 if i < 4 else math.nan
         assert as_float(r["estimate_paper"]) == pytest.approx(expect, nan_ok=True)
+        assert as_float(r["flag"]) == pytest.approx(float(expect < 0.2) if i < 4 else math.nan,
+                                                    nan_ok=True)
+    drawn = [r["x"] for r in read_csv(tmp_path / "out" / "tables" / "correlations.csv")]
+    assert "estimate: paper" in drawn and "estimate: flag" not in drawn
 
 
 def test_unit_maps_follow_their_layer_and_1d(tmp_path):
