@@ -15,8 +15,13 @@ $(VENV)/.core: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+DEEPBRAIN_WHEEL := .cache/wheels/deepbrain-0.1-py3-none-any.whl
+export PROTOSEG_DEEPBRAIN_WHEEL ?= $(CURDIR)/$(DEEPBRAIN_WHEEL)
+
 $(VENV)/.test: $(VENV)/.core pyproject.toml
 	$(PY) -m pip install --quiet -e ".[torch,tensorflow,test]"
+	@# deepbrain's wheel (MIT) only for the test that reproduces the shipped ONNX conversion
+	test -f $(DEEPBRAIN_WHEEL) || $(PY) -m pip download --quiet --no-deps deepbrain==0.1 -d .cache/wheels
 	@# headless Chromium for the report's browser test (Debian package; needs root or sudo)
 	command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "warning: could not install chromium; browser tests will skip" >&2; }
 	touch $@
