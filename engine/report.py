@@ -1086,8 +1086,20 @@ class _ReportBuilder:
         ]
         for sec in self.sections:
             parts.append(f'<section id="{sec["id"]}"><h2>{e(sec["title"])}</h2>')
-            for block in sec["blocks"]:
-                parts.append(self._html_block(block))
+            blocks = sec["blocks"]
+            i = 0
+            while i < len(blocks):
+                j = i
+                while j < len(blocks) and blocks[j][0] == "table":
+                    j += 1
+                if j - i > 1:  # consecutive small tables sit side by side
+                    parts.append('<div class="row">')
+                    parts += [self._html_block(blk) for blk in blocks[i:j]]
+                    parts.append("</div>")
+                    i = j
+                else:
+                    parts.append(self._html_block(blocks[i]))
+                    i += 1
             parts.append("</section>")
         now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         parts += ["</main>", f"<footer>Written by protoseg on {e(now)}. Figures and tables: "
@@ -1171,8 +1183,9 @@ h2{border-bottom:2px solid #24323f;padding-bottom:.2em;font-size:1.25em}
 figure{margin:1em 0;text-align:center}figure img{max-width:100%;height:auto;
 border:1px solid #eee}
 figcaption{font-size:.85em;color:#555;margin-top:.3em;text-align:left}
-.tbl{overflow-x:auto;margin:.8em 0}
-table{border-collapse:collapse;font-size:.82em}caption{text-align:left;font-weight:600;
+.tbl{overflow-x:auto;margin:.8em 0;max-width:100%}
+.row{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
+table{border-collapse:collapse;font-size:.82em}caption{text-align:left;font-weight:600;white-space:nowrap;
 padding:.3em 0}
 th,td{border:1px solid #ddd;padding:.2em .55em;text-align:left;vertical-align:top}
 td{max-width:46em;overflow-wrap:break-word}td.n{text-align:right;white-space:nowrap}
