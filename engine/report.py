@@ -76,7 +76,9 @@ def _json_safe(obj: Any) -> Any:
         return [_json_safe(v) for v in obj]
     if isinstance(obj, (bytes, np.bytes_, np.str_)):
         return _text(obj)
-    if isinstance(obj, (float, int, np.floating, np.integer, np.bool_)):
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (float, int, np.floating, np.integer)):
         return _num(obj)
     return obj
 
@@ -85,9 +87,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     """Human display of a table cell (NaN/None -> an en dash)."""
     if value is None:
         return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}f}" if math.isfinite(value) else "–"
-    if isinstance(value, (int, np.integer, bool, np.bool_)):
+    if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
@@ -1136,15 +1140,15 @@ class _ReportBuilder:
                 if kind == "p":
                     lines += [_md(block[1]), ""]
                 elif kind == "fig":
-                    lines += [f"![{_md(block[2])}](figures/{block[1]}.png)", "",
+                    lines += [f"![{block[1]}](figures/{block[1]}.png)", "",
                               f"*{_md(block[2])}* ([SVG](figures/{block[1]}.svg))", ""]
                 else:
                     _, caption, rows, cols = block
                     lines += [f"**{_md(caption)}**", "",
                               "| " + " | ".join(_md(c) for c in cols) + " |",
                               "|" + "---|" * len(cols)]
-                    lines += ["| " + " | ".join(_md(_fmt(r.get(c))) for c in cols) + " |"
-                              for r in rows]
+                    lines += ["| " + " | ".join(_md(_short(_fmt(r.get(c)))) for c in cols)
+                              + " |" for r in rows]
                     lines.append("")
         return "\n".join(lines)
 
@@ -1160,9 +1164,14 @@ def _td(value: Any) -> str:
 def _kv(value: Any) -> str:
     """A configuration/provenance value as display text (JSON for containers)."""
     value = _json_safe(value)
-    if isinstance(value, (dict, list)):
+    if isinstance(value, (dict, list, bool)):
         return json.dumps(value, separators=(", ", ": "))
     return _text(value)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """Markdown cells stay short (full values are in tables/*.csv)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _md(text: Any) -> str:
