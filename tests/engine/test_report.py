@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from engine.report import layer_summary, unit_summary, write_report
@@ -431,3 +433,48 @@ def test_store_without_scored_cases(tmp_path):
     assert "summarised 0 cases" in text and "Layer-level SA: not recorded" in text
     rows = read_csv(tmp_path / "out" / "tables" / "layer_summary.csv")
     assert [int(r["n_used"]) for r in rows] == [0, 0, 0]
+
+
+def _naive_layer_stats(s: np.ndarray) -> dict[str, float]:
+    vals = [float(v) for v in s if not math.isnan(v)]
+    n = len(vals)
+    out = {"n_used": n, "mean": math.nan, "sd": math.nan, "median": math.nan}
+    if n:
+        out["mean"] = sum(vals) / n
+        srt = sorted(vals)
+        out["median"] = (srt[(n - 1) // 2] + srt[n // 2]) / 2
+    if n > 1:
+        out["sd"] = math.sqrt(sum((v - out["mean"]) ** 2 for v in vals) / (n - 1))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_layer_summary_matches_naive(data):
+    n_cases = data.draw(st.integers(0, 9))
+    n_layers = data.draw(st.integers(1, 3))
+    shape = (n_cases, 1, n_layers)
+    values = data.draw(st.lists(st.one_of(st.floats(0, 1), st.just(math.nan)),
+                                min_size=n_cases * n_layers, max_size=n_cases * n_layers))
+    score = np.array(values, dtype=np.float64).reshape(shape)
+    status = np.where(np.isnan(score), int(Status.EMPTY_DICE), 0).astype(np.uint8)
+    layers = np.array([(j, f"t{j}", "", "Conv", 1, j) for j in range(n_layers)], dtype=[
+        ("index", "i8"), ("name", "O"), ("layer", "O"), ("op", "O"), ("channels", "i8"),
+        ("depth", "i8")])
+    rows = layer_summary(score, status, layers, [1])
+    for j, row in enumerate(rows):
+        naive = _naive_layer_stats(score[:, 0, j])
+        assert row["n_used"] == naive["n_used"]
+        assert row["n_nan"] == row["nan_EMPTY_DICE"] == n_cases - naive["n_used"]
+        for key in ("mean", "sd", "median"):
+            assert row[key] == pytest.approx(naive[key], nan_ok=True, abs=1e-12)
+
+
+def test_many_units_drawn_as_histogram():
+    from engine._figures import fig_units
+
+    fig = fig_units([("few", np.linspace(0, 1, 10)), ("many", np.linspace(0, 1, 200))], 0.5)
+    few, many = fig.axes[:2]
+    assert few.get_xlabel() == "10 units, sorted by SA"
+    assert many.get_xlabel() == "unit SA"
+    assert "100/200 units > 0.5 (50%)" in many.get_title()
