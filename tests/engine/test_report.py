@@ -478,3 +478,29 @@ def test_many_units_drawn_as_histogram():
     assert few.get_xlabel() == "10 units, sorted by SA"
     assert many.get_xlabel() == "unit SA"
     assert "100/200 units > 0.5 (50%)" in many.get_title()
+
+
+def test_html_is_well_formed(full_report):
+    from html.parser import HTMLParser
+
+    class Balance(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+            self.errors: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "img", "br", "hr", "link"):
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            if self.stack and self.stack[-1] == tag:
+                self.stack.pop()
+            else:
+                self.errors.append(tag)
+
+    _, path = full_report
+    parser = Balance()
+    parser.feed(path.read_text())
+    assert parser.errors == [] and parser.stack == []
+    assert path.read_text().startswith("<!DOCTYPE html>")
