@@ -83,14 +83,14 @@ class SAScores:
 
 @dataclass
 class _Prepared:
-    F: np.ndarray  # (B, C, Zs, Ys, Xs) view
+    F: np.ndarray  # (B, C, Zs, Ys, Xs) or channels-last (B, Zs, Ys, Xs, C) view
     g: np.ndarray  # (B, Zt, Yt, Xt) float32/float64, C-contiguous
     m: np.ndarray  # same, or (1, 1, 1, 1) dummy
     has_mask: bool
     ref: np.ndarray | None  # (B, Zt, Yt, Xt) uint8
     target: tuple[int, ...]  # spatial shape of the maps (unpadded)
     identity: bool
-    channels_inner: bool
+    channels_last: bool
     weights: tuple[np.ndarray, ...]
 
 
@@ -216,22 +216,21 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     else:
         target = grid
 
-    # (B, C, Z, Y, X) view of the features, never a copy
-    F5 = F if layout == "channels_first" else np.moveaxis(F, -1, 1)
-    F5 = F5[(slice(None), slice(None)) + (None,) * (3 - nsp)]
+    # 5-D view of the features (unit axes added), never a copy; channels-last stays in its
+    # own order so that contiguous inputs keep contiguous inner loops
+    channels_last = layout == "channels_last"
+    F5 = F[(slice(None),) * (1 if channels_last else 2) + (None,) * (3 - nsp)]
     src3, tgt3 = _pad3(fsp), _pad3(target)
     weights: tuple[np.ndarray, ...] = ()
     for n_in, n_out in zip(src3, tgt3):
         weights += _kernel_weights(n_in, n_out)
-    s = F5.strides
-    channels_inner = F5.shape[1] > 1 and abs(s[1]) < abs(s[4]) and F5.shape[4] > 1
     g4 = g.reshape((B,) + tgt3)
     if m is None:
         m4, has_mask = np.ones((1, 1, 1, 1), dtype=g4.dtype), False
     else:
         m4, has_mask = np.ascontiguousarray(m, dtype=g4.dtype).reshape((B,) + tgt3), True
     ref4 = None if ref is None else ref.reshape((B,) + tgt3)
-    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, bool(channels_inner), weights)
+    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, channels_last, weights)
 
 
 def _raise_nonfinite(status: np.ndarray) -> None:
@@ -246,13 +245,13 @@ def _raise_nonfinite(status: np.ndarray) -> None:
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
     from engine import _kernels
 
-    B, C = p.F.shape[:2]
+    B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     P = np.empty((B, C))
     N = np.empty((B, C))
     status = np.empty(B, dtype=np.uint8)
     npos = np.zeros(B, dtype=np.int64)
     tp = np.zeros(B, dtype=np.int64)
-    _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_inner,
+    _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,
                           *p.weights, P, N, status, npos, tp)
     return P, N, status, npos, tp
 
@@ -350,14 +349,14 @@ def protoseg(
     p = _prepare(features, guide, None, mask, resize=resize, layout=layout)
     from engine import _kernels
 
-    B, C = p.F.shape[:2]
+    B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     tgt3 = p.g.shape[1:]
     P = np.empty((B, C))
     N = np.empty((B, C))
     status = np.empty(B, dtype=np.uint8)
     binary = np.empty((B,) + tuple(tgt3), dtype=np.bool_)
     prob = np.empty((B,) + tuple(tgt3), dtype=np.float32)
-    _kernels.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_inner, *p.weights,
+    _kernels.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_last, *p.weights,
                          P, N, status, binary, prob)
     if nonfinite == "raise":
         _raise_nonfinite(status)
@@ -432,7 +431,7 @@ def sa_scores(
         raise TypeError("reference is required; received None; pass the binary reference map")
     p = _prepare(features, guide, reference, mask, resize=resize, layout=layout)
     assert p.ref is not None
-    B, C = p.F.shape[:2]
+    B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     ny = p.ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
     P, N, status, npos, tp = _prototypes(p, p.ref, level in ("layer", "both"))
     if nonfinite == "raise":
@@ -444,7 +443,8 @@ def sa_scores(
 
     upos = np.zeros((B, C), dtype=np.int64)
     utp = np.zeros((B, C), dtype=np.int64)
-    _kernels.unit_kernel(p.F, p.ref, p.identity, *p.weights, P, N, status == Status.OK, upos, utp)
+    _kernels.unit_kernel(p.F, p.ref, p.identity, p.channels_last, *p.weights, P, N, status == Status.OK,
+                         upos, utp)
     unit = _finish(np.repeat(status[:, None], C, axis=1), upos, utp, ny[:, None], empty, "unit")
     return unit if level == "unit" else (layer, unit)
 

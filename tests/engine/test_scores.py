@@ -10,7 +10,7 @@ from engine.scores import ProtoSegResult, SAScores, dice, protoseg, sa_scores
 from engine.status import Status
 from tests import naive
 
-SETTINGS = settings(max_examples=30, deadline=None)
+SETTINGS = settings(max_examples=20, deadline=None)
 TWIN_STATUS = {
     "ok": Status.OK,
     "empty_mask": Status.EMPTY_MASK,
