@@ -36,6 +36,8 @@ __all__ = ["write_report", "layer_summary", "unit_summary", "DEFAULT_MAP_CASES"]
 DEFAULT_MAP_CASES = 4
 #: Rows of a map figure (layers); more layers are subsampled evenly over depth.
 MAX_MAP_LAYERS = 8
+#: Classes whose maps are drawn (multi-class stores).
+MAX_MAP_CLASSES = 3
 #: Case rows shown in the HTML/Markdown table (the CSV/JSON tables hold every case).
 MAX_CASE_ROWS = 40
 
@@ -480,8 +482,7 @@ def _squeeze_class(arr: Any, n_classes: int, k: int) -> np.ndarray | None:
 
 
 def _case_maps(
-    store: Any,
-    case_id: str,
+    maps: Mapping[str, Any],
     layer_labels: Mapping[str, str],
     depth_of: Mapping[str, float],
     n_classes: int,
@@ -489,8 +490,7 @@ def _case_maps(
     cls: int,
     best_units: Mapping[str, str],
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, list[Any], str]:
-    """Read one case's maps (lazily, this case only) into figure panels for class ``k``."""
-    maps = store.maps(case_id)
+    """One case's maps (``store.maps(case_id)``) as figure panels for class index ``k``."""
     # layer maps are (*spatial); the case-wide ones may carry a leading class axis
     spatial = next((np.ndim(v["binary"]) for v in maps.values()
                     if isinstance(v, Mapping) and v.get("binary") is not None), None)
@@ -693,6 +693,13 @@ class _ReportBuilder:
         # drawing order: by depth, ties (parallel branches) by layer index
         self.order = np.lexsort((np.arange(len(self.layers)), self.depth))
 
+        dice_all = _optional(self.store, "output_dice")
+        if dice_all is None:
+            dice_all = np.asarray(_field(self.cases, "output_dice", np.nan), dtype=np.float64
+                                  ).reshape(-1, 1)
+        self.dice = np.asarray(dice_all, dtype=np.float64).reshape(self.n_cases, -1) \
+            if np.size(dice_all) else np.full((self.n_cases, self.n_classes), np.nan)
+
         self._run_section()
         self._depth_section()
         self._unit_section(cases, max_cases)
@@ -839,7 +846,7 @@ class _ReportBuilder:
         self.map_ids_all = map_ids
         self.map_cases = chosen
         idx_of = {c: i for i, c in enumerate(self.ids)}
-        self.best_units: dict[str, dict[str, str]] = {c: {} for c in chosen}
+        self.best_units: dict[str, dict[int, dict[str, str]]] = {c: {} for c in chosen}
         self.unit_rows: list[dict[str, Any]] = []
         if not getattr(self.store, "has_units", False):
             b.append(("p", "Unit-level SA: not recorded (score with level='unit' or 'both')."))
@@ -863,14 +870,13 @@ class _ReportBuilder:
                     "n_above": s["n_above"], "fraction_above": s["fraction_above"],
                     "mean_unit_sa": s["mean_unit_sa"], "best_unit": s["best_unit"],
                     "best_unit_sa": s["best_unit_sa"]})
-                if k == 0:
-                    for c in chosen:
-                        row = u[idx_of[c], 0, :]
-                        ok = np.flatnonzero(np.isfinite(row))
-                        top = ok[np.argsort(-row[ok], kind="stable")][:3]
-                        if top.size:
-                            self.best_units[c][name] = "best units: " + ", ".join(
-                                f"{t} ({row[t]:.2f})" for t in top)
+                for c in chosen:
+                    row = u[idx_of[c], k, :]
+                    ok = np.flatnonzero(np.isfinite(row))
+                    top = ok[np.argsort(-row[ok], kind="stable")][:3]
+                    if top.size:
+                        self.best_units[c].setdefault(k, {})[name] = "best units: " + ", ".join(
+                            f"{t} ({row[t]:.2f})" for t in top)
         if not self.unit_rows:
             b.append(("p", "Unit-level SA: not recorded for any layer."))
             return
@@ -911,30 +917,31 @@ class _ReportBuilder:
                     label_of.setdefault(key, self.labels[j])
                     depth_of.setdefault(key, float(self.depth[j]))
         idx_of = {c: i for i, c in enumerate(self.ids)}
+        n_drawn = min(self.n_classes, MAX_MAP_CLASSES)
+        if self.n_classes > n_drawn:
+            b.append(("p", f"Maps drawn for the first {n_drawn} of {self.n_classes} classes."))
         for c in self.map_cases:
-            image, ref, pred, panels, note = _case_maps(
-                self.store, c, label_of, depth_of, self.n_classes, 0, self.classes[0],
-                self.best_units.get(c, {}))
-            dice = _field(self.cases, "output_dice", np.nan)[idx_of[c]]
-            title = f"case {c}" + (f" (output Dice {float(dice):.3f})"
-                                   if dice is not None and np.isfinite(float(dice)) else "")
-            fig = _figures.fig_maps(image, ref, pred, panels, title=title)
-            caption = f"Case {c}, class {self.classes[0]}: input, prediction and each layer's "
-            caption += "binary and probability maps."
-            if note:
-                caption += f" {note}."
-            if ref is not None and ref.ndim == 3:
-                caption += (" 3-D: on each axis, the slice with the most reference foreground.")
-            b.append(("fig", self._figure(fig, f"maps_{_slug(c)}"), caption))
+            maps = self.store.maps(c)  # this case only, read once for every class
+            for k in range(n_drawn):
+                cls = self.classes[k]
+                image, ref, pred, panels, note = _case_maps(
+                    maps, label_of, depth_of, self.n_classes, k, cls,
+                    self.best_units.get(c, {}).get(k, {}))
+                dice = self.dice[idx_of[c], k] if k < self.dice.shape[1] else np.nan
+                title = f"case {c}" + (f", class {cls}" if self.n_classes > 1 else "") + (
+                    f" (output Dice {float(dice):.3f})" if np.isfinite(float(dice)) else "")
+                fig = _figures.fig_maps(image, ref, pred, panels, title=title)
+                caption = (f"Case {c}, class {cls}: input, prediction and each layer's binary "
+                           "and probability maps.")
+                if note:
+                    caption += f" {note}."
+                if ref is not None and ref.ndim == 3:
+                    caption += " 3-D: on each axis, the slice with the most reference foreground."
+                name = f"maps_{_slug(c)}" + (f"_class{cls}" if self.n_classes > 1 else "")
+                b.append(("fig", self._figure(fig, name), caption))
 
     def _quality_section(self) -> None:
         b = self._section("quality", "Quality estimate and input SA against output Dice")
-        dice_all = _optional(self.store, "output_dice")
-        if dice_all is None:
-            dice_all = np.asarray(_field(self.cases, "output_dice", np.nan), dtype=np.float64
-                                  ).reshape(-1, 1)
-        self.dice = np.asarray(dice_all, dtype=np.float64).reshape(self.n_cases, -1) \
-            if np.size(dice_all) else np.full((self.n_cases, self.n_classes), np.nan)
         self.mean_layer_sa = _nanmean_rows(self.score, axis=2)  # (n_cases, n_classes)
         self.estimates, self.estimate_extras = self._read_estimates()
         self.baseline_values = _per_case_arrays(_optional(self.store, "baselines"),

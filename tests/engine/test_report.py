@@ -325,7 +325,9 @@ def test_multiclass_and_3d(tmp_path):
         k = [1, 2].index(int(r["class"]))
         s = score[:, k, int(r["layer_index"])]
         assert as_float(r["mean"]) == pytest.approx(np.mean(s[np.isfinite(s)]))
-    check_png(tmp_path / "out" / "figures" / "maps_c1.png")
+    check_png(tmp_path / "out" / "figures" / "maps_c1_class1.png")
+    check_png(tmp_path / "out" / "figures" / "maps_c1_class2.png")
+    assert store.maps_read == ["c1"]  # read once for both classes
     check_png(tmp_path / "out" / "figures" / "unit_sa_class2.png")
     cases = read_csv(tmp_path / "out" / "tables" / "cases.csv")
     assert "mean_layer_sa_class2" in cases[0]
@@ -417,7 +419,8 @@ def test_unit_maps_follow_their_layer_and_1d(tmp_path):
     w.finalize(dict(PROVENANCE))
     store = open_store(store_path)
     labels = {"t0": "block0.conv", "t1": "block1.conv"}
-    _, ref, _, panels, _ = _case_maps(store, "c0", labels, {"t0": 1, "t1": 3}, 1, 0, 1, {})
+    _, ref, _, panels, _ = _case_maps(store.maps("c0"), labels, {"t0": 1, "t1": 3}, 1, 0, 1,
+                                      {})
     assert [p.label for p in panels] == ["block0.conv", "block0.conv unit 1", "block1.conv"]
     np.testing.assert_array_equal(panels[1].probability, prob)
     assert ref.shape == (20,)
