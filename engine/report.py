@@ -6,7 +6,9 @@
       report.html | report.md       the report (HTML: every figure embedded as a PNG data URI)
       figures/<name>.png, .svg      every figure, both formats
       tables/<name>.csv, .json      layer_summary, unit_summary, input_summary, cases, run,
-                                    validation (when recorded)
+                                    correlations, validation (each when recorded)
+
+See ``docs/report.md`` for every figure, table column and definition.
 
 The report reads only what it draws: per-layer score arrays (small: cases x classes x
 layers), each layer's unit scores one layer at a time, and the maps of at most a few
