@@ -595,7 +595,9 @@ class Calibration:
 
     ``choice`` is the spec applied to new data (``name``, ``level``, ``layers``);
     ``cv_metric`` is the pooled out-of-fold rank correlation (the honest figure);
-    ``in_sample_metric`` is the final choice's correlation on all labelled data (optimistic).
+    ``in_sample_metric`` is the final choice's correlation on all labelled data (optimistic);
+    ``cv_fold_mean`` is the mean of the per-fold held-out correlations (each fold on its own,
+    so that offsets between folds — e.g. subjects — do not enter; NaN folds ignored).
     """
 
     choice: dict[str, Any]
@@ -610,6 +612,7 @@ class Calibration:
     class_index: int = 0
     seed: int = 0
     oof_estimate: list[float] = field(default_factory=list)
+    cv_fold_mean: float = float("nan")
 
     def check_layers(self, names: Sequence[str]) -> None:
         """Raise when the chosen layers are not among ``names`` (another model or layer set)."""
@@ -646,7 +649,7 @@ class Calibration:
             )
         d.pop("encoding-type")
         d.pop("encoding-version")
-        for key in ("cv_metric", "in_sample_metric"):
+        for key in ("cv_metric", "in_sample_metric", "cv_fold_mean"):
             d[key] = float("nan") if d.get(key) is None else float(d[key])
         d["oof_estimate"] = [float("nan") if v is None else v for v in d.get("oof_estimate", [])]
         return cls(**d)
@@ -736,8 +739,9 @@ def calibrate(
     Calibration
         ``choice`` = the candidate selected on all labelled data; ``cv_metric`` = the
         correlation of the pooled out-of-fold estimates (each fold scored by the candidate
-        selected on the other folds) with true Dice; ``folds`` = per fold the selected
-        candidate, its training and held-out metric and the held-out case indices.
+        selected on the other folds) with true Dice; ``cv_fold_mean`` = the mean held-out
+        correlation per fold; ``folds`` = per fold the selected candidate, its training and
+        held-out metric and the held-out case indices.
 
     Raises
     ------
@@ -815,7 +819,13 @@ def calibrate(
         class_index=class_index,
         seed=seed,
         oof_estimate=oof.tolist(),
+        cv_fold_mean=_nanmean([f["test_metric"] for f in fold_info]),
     )
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 # --------------------------------------------------------------------------- flagging

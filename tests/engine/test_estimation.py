@@ -335,6 +335,8 @@ def test_calibration_never_selects_on_the_test_fold():
     oof = np.asarray(cal.oof_estimate)
     np.testing.assert_allclose(oof[folds == target], honest[folds == target])
     assert cal.cv_metric == pytest.approx(stats.spearmanr(oof, dice)[0])
+    held_out = [stats.spearmanr(oof[folds == f], dice[folds == f])[0] for f in range(4)]
+    assert cal.cv_fold_mean == pytest.approx(np.mean(held_out))
     # the final choice uses all labelled data, and its in-sample figure is reported apart
     assert cal.choice["name"] == "cheat"
     assert cal.in_sample_metric == pytest.approx(rho(cheat, everything))
