@@ -511,6 +511,25 @@ def default_candidates(layers: Any, *, has_units: Sequence[bool] | None = None, 
     (``units:<name>``, when unit scores exist), the mean over all layers (``all-layers``),
     the paper recipe (``paper``) and every contiguous depth window of 2 to L-1 layers at
     layer level (``window:<first>..<last>``).
+
+    Parameters
+    ----------
+    layers : structured array or list
+        As in :func:`estimate_quality`.
+    has_units : sequence of bool, optional
+        Per layer, whether unit-level scores exist (unit candidates only for those).
+    last_k : int, optional
+        Layers of the ``paper`` candidate.
+
+    Returns
+    -------
+    list of dict
+        Specs with ``name``, ``level`` (``"layer"`` or ``"unit"``) and ``layers`` (names).
+
+    Examples
+    --------
+    >>> [c["name"] for c in default_candidates(["a", "b"])]
+    ['layer:a', 'layer:b', 'all-layers']
     """
     lay = _layers(layers)
     order = sorted(range(len(lay)), key=lambda i: (lay[i].depth, i))
@@ -535,7 +554,28 @@ def default_candidates(layers: Any, *, has_units: Sequence[bool] | None = None, 
 def candidate_estimates(
     layer_scores: Any, unit_scores: Any, layers: Any, candidates: Sequence[Mapping[str, Any]], *, class_index: int = 0
 ) -> np.ndarray:
-    """Evaluate candidate specs: float64 ``(n_candidates, n_cases)``."""
+    """Evaluate candidate specs on scores.
+
+    Parameters
+    ----------
+    layer_scores, unit_scores, layers
+        As in :func:`estimate_quality`.
+    candidates : sequence of dict
+        Specs as returned by :func:`default_candidates` (or ``Calibration.choice``).
+    class_index : int, optional
+
+    Returns
+    -------
+    ndarray
+        float64 ``(n_candidates, n_cases)``; NaN where a case has no defined score.
+
+    Raises
+    ------
+    KeyError
+        A spec names a layer that was not scored.
+    ValueError
+        A unit-level spec without unit scores.
+    """
     table = _table(layer_scores, unit_scores, layers, class_index)
     return np.stack([_evaluate_spec(table, c)[0] for c in candidates]) if candidates else np.zeros((0, table.n_cases))
 
@@ -558,6 +598,30 @@ def group_folds(n_cases: int, folds: int, *, groups: Sequence[Any] | None = None
     with the fewest cases so far; ties by a seeded shuffle), as scikit-learn's
     ``GroupKFold``; the number of folds is capped at the number of groups. Without groups,
     a seeded random permutation is cut into ``folds`` near-equal parts.
+
+    Parameters
+    ----------
+    n_cases : int
+    folds : int
+        At least 2.
+    groups : sequence, optional
+        One label per case.
+    seed : int, optional
+
+    Returns
+    -------
+    ndarray of int64
+        Fold index per case, ``0 .. k-1``.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 folds, a single group, fewer cases than folds, or mismatched lengths.
+
+    Examples
+    --------
+    >>> group_folds(4, 2, groups=["a", "a", "b", "b"]).tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
+    True
     """
     if folds < 2:
         raise ValueError(f"folds={folds}; cross-validation needs at least 2 folds")
@@ -832,7 +896,23 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def rank_cases(estimates: np.ndarray) -> np.ndarray:
-    """Case indices, least supported first: NaN estimates first, then ascending (stable)."""
+    """Case indices, least supported first: NaN estimates first, then ascending (stable).
+
+    Parameters
+    ----------
+    estimates : ndarray
+        ``(n_cases,)``; higher = better supported.
+
+    Returns
+    -------
+    ndarray of int
+        A permutation of ``range(n_cases)``.
+
+    Examples
+    --------
+    >>> rank_cases(np.array([0.5, np.nan, 0.1])).tolist()
+    [1, 2, 0]
+    """
     e = np.asarray(estimates, dtype=np.float64).reshape(-1)
     key = np.where(np.isnan(e), -np.inf, e)
     nan_first = np.lexsort((np.arange(e.size), key, ~np.isnan(e)))
