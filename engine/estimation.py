@@ -411,8 +411,8 @@ def estimate_quality(
     last_k : int, optional
         ``paper``: how many of the deepest layers (by ``depth``) to use.
     exclude : sequence of str, optional
-        ``paper``: layer names to skip when choosing the deepest layers (e.g. the logits
-        tensor when it was scored as a hidden layer).
+        ``paper`` and ``all-layers``: layer names that are not hidden layers and must not be
+        used (e.g. the logits tensor, or any tensor on the output path, when it was scored).
     class_index : int, optional
         Which class (position along the class axis) when the scores carry one.
     return_details : bool, optional
@@ -466,7 +466,10 @@ def estimate_quality(
         if estimator == "paper":
             spec = _paper_spec(table, last_k, exclude)
         else:
-            spec = {"name": "all-layers", "level": "layer", "layers": [lay.name for lay in table.layers]}
+            kept = [lay.name for lay in table.layers if lay.name not in set(exclude)]
+            if not kept:
+                raise ValueError(f"exclude={list(exclude)!r} leaves no layer for 'all-layers'; exclude fewer layers")
+            spec = {"name": "all-layers", "level": "layer", "layers": kept}
     est, used, cols = _evaluate_spec(table, spec)
     if not return_details:
         return est
@@ -775,6 +778,7 @@ def calibrate(
     last_k: int = 2,
     min_coverage: float = 0.9,
     class_index: int = 0,
+    exclude: Sequence[str] = (),
 ) -> Calibration:
     """Choose the layer(s) and level whose mean SA best ranks true Dice, by cross-validation.
 
@@ -797,6 +801,10 @@ def calibrate(
         Fold assignment seed.
     min_coverage : float, optional
         A candidate defined on fewer than this fraction of the training cases is skipped.
+    class_index : int, optional
+        Which class when the scores carry a class axis.
+    exclude : sequence of str, optional
+        Layer names left out of the default candidates (e.g. tensors on the output path).
 
     Returns
     -------
@@ -825,9 +833,12 @@ def calibrate(
     if y.shape[0] != table.n_cases:
         raise ValueError(f"true_dice has {y.shape[0]} values but the scores hold {table.n_cases} cases")
     if candidates is None:
+        usable = [j for j, lay in enumerate(table.layers) if lay.name not in set(exclude)]
+        if not usable:
+            raise ValueError(f"exclude={list(exclude)!r} leaves no layer to calibrate on; exclude fewer layers")
         candidates = default_candidates(
-            [{"name": lay.name, "depth": lay.depth, "index": lay.index} for lay in table.layers],
-            has_units=[bool(t) for t in table.unit_total],
+            [{"name": table.layers[j].name, "depth": table.layers[j].depth, "index": table.layers[j].index} for j in usable],
+            has_units=[bool(table.unit_total[j]) for j in usable],
             last_k=last_k,
         )
     candidates = [dict(c) for c in candidates]

@@ -230,6 +230,18 @@ def test_undefined_units_are_excluded_never_counted_as_one():
     assert "EMPTY_DICE: 2" in det2["reason"][1]
 
 
+def test_exclude_applies_to_all_layers_and_calibration_candidates():
+    scores = np.array([[0.2, 0.4, 1.0], [0.3, 0.5, 1.0]])
+    est = estimate_quality(scores, None, ["a", "b", "logits"], estimator="all-layers", exclude=["logits"])
+    np.testing.assert_allclose(est, [0.3, 0.4])
+    rng = np.random.default_rng(0)
+    dice = rng.random(12)
+    cal = calibrate(np.column_stack([rng.random(12), rng.random(12), dice]), None, ["a", "b", "logits"], dice,
+                    folds=3, exclude=["logits"])
+    assert all("logits" not in c["name"] for c in cal.candidates)
+    assert "logits" not in cal.choice["layers"]
+
+
 def test_status_not_ok_overrides_a_finite_score():
     layer = {"score": np.array([[1.0, 0.4]]), "status": np.array([[Status.EMPTY_DICE, Status.OK]], np.uint8)}
     assert estimate_quality(layer, None, ["a", "b"], estimator="all-layers")[0] == pytest.approx(0.4)
