@@ -1,0 +1,501 @@
+"""Pipeline benchmark: end-to-end cases/s of scoring against inference alone (issue 3, item 7).
+
+Run as a module::
+
+    python -m benchmarks.pipeline [--cases N] [--size S] [--base B] [--repeat R] [--quick] [--write]
+
+Workload: the two-level test U-Net of :func:`tests.models.unet` (2-D, NCHW, sigmoid head,
+dynamic batch, protoseg metadata, ``base`` feature channels on the first level and ``2*base``
+on the second), images of ``size``×``size`` with one smooth blob each and a mask of that blob,
+in one HDF5 file (read lazily, one case at a time, as users' data is). Every block output the
+model card names (11 tensors: ``enc1_conv`` … ``head``) is exposed. Batch 8.
+
+Three methods on the same data, in one process, interleaved (a, b, c, a, b, c, …) because the
+machine is shared; each figure is the median over repeats after one untimed warm-up round:
+
+(a) ``inference``: ``Session.run`` on preprocessed batches (prepared once, outside the timing)
+    with the same exposed outputs as the pipeline's session;
+(b) ``layer``: :func:`engine.pipeline.score_dataset` with ``level="layer"``;
+(c) ``both``: :func:`engine.pipeline.score_dataset` with ``level="both"`` (layer and unit SA).
+
+(b) and (c) run with ``input_sa=True`` (the default) and a fresh store each time
+(``overwrite=True``): they include reading the data, preprocessing, building the session,
+scoring, and writing and finalising the store. During (b) and (c) the phases are timed by
+wrapping the functions the pipeline calls (dataset reads, ``ModelCard.preprocess``,
+``Session.run``, ``sa_scores``, the baselines, ``StoreWriter.write_batch`` / ``finalize``), so
+that a missed target can be attributed to a phase.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import functools
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Workload",
+    "make_images",
+    "write_hdf5_dataset",
+    "build_workload",
+    "PhaseTimer",
+    "time_inference",
+    "time_pipeline",
+    "machine",
+    "main",
+]
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Pipeline"
+BATCH = 8
+METHODS = ("inference", "layer", "both")
+TARGETS = {"layer": 0.15, "both": 0.60}
+
+
+# --------------------------------------------------------------------------------------------
+# workload
+# --------------------------------------------------------------------------------------------
+def make_images(n_cases: int, size: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic cases: one smooth bright blob on a noisy background, and its mask.
+
+    Parameters
+    ----------
+    n_cases, size : int
+        Number of cases and the side of the square images.
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    images : numpy.ndarray
+        float32 (n_cases, 1, size, size).
+    masks : numpy.ndarray
+        uint8 (n_cases, size, size), 1 inside the blob (never empty, never full).
+
+    Raises
+    ------
+    ValueError
+        ``n_cases < 1`` or ``size < 8``.
+
+    Examples
+    --------
+    >>> images, masks = make_images(2, 16)
+    >>> images.shape, masks.shape
+    ((2, 1, 16, 16), (2, 16, 16))
+    """
+    if int(n_cases) < 1 or int(size) < 8:
+        raise ValueError(f"n_cases={n_cases!r}, size={size!r}; expected n_cases >= 1 and size >= 8")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images = np.empty((n_cases, 1, size, size), np.float32)
+    masks = np.empty((n_cases, size, size), np.uint8)
+    for i in range(n_cases):
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        r = rng.uniform(0.12, 0.25)
+        d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r**2
+        blob = np.exp(-d2)
+        images[i, 0] = blob + rng.normal(0.0, 0.1, (size, size)).astype(np.float32)
+        masks[i] = d2 < 1.0
+    return images, masks
+
+
+def write_hdf5_dataset(path: str | os.PathLike[str], images: np.ndarray, masks: np.ndarray) -> Path:
+    """Write ``images`` and ``masks`` into one HDF5 file (one chunk per case) for lazy reading.
+
+    Parameters
+    ----------
+    path : path
+        Output file (``.h5``).
+    images, masks : numpy.ndarray
+        (N, C, *spatial) and (N, *spatial).
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images, chunks=(1,) + images.shape[1:])
+        f.create_dataset("masks", data=masks, chunks=(1,) + masks.shape[1:])
+    return path
+
+
+@dataclass
+class Workload:
+    """Files of one benchmark run.
+
+    Attributes
+    ----------
+    model, data : pathlib.Path
+        The ONNX U-Net (with metadata) and the HDF5 dataset.
+    n_cases, size, base : int
+        Cases, image side, first-level channels of the U-Net.
+    tensors : list of str
+        The hidden tensors the pipeline exposes (``layers="auto"``).
+    """
+
+    model: Path
+    data: Path
+    n_cases: int
+    size: int
+    base: int
+    tensors: list[str] = field(default_factory=list)
+
+
+def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: int = 256,
+                   base: int = 16, seed: int = 0) -> Workload:
+    """Write the U-Net and the dataset into ``folder``.
+
+    Parameters
+    ----------
+    folder : path
+        Where ``unet.onnx`` and ``data.h5`` go.
+    n_cases, size, base : int
+        Cases, image side (even), first-level channels.
+    seed : int
+        Seed of the weights and the images.
+
+    Returns
+    -------
+    Workload
+
+    Raises
+    ------
+    ValueError
+        A size that is odd or below 8, ``base < 1``, or ``n_cases < 1``.
+
+    Examples
+    --------
+    >>> w = build_workload(tmp_path, n_cases=2, size=16, base=2)  # doctest: +SKIP
+    >>> w.tensors[:2]  # doctest: +SKIP
+    ['enc1_conv', 'enc1']
+    """
+    if int(size) % 2 or int(base) < 1:
+        raise ValueError(f"size={size!r}, base={base!r}; expected an even size >= 8 and base >= 1")
+    from engine.graph import list_hidden_tensors, select_tensors
+    from tests.models import save, unet
+
+    folder = Path(folder)
+    proto = unet(ndim=2, batch="N", size=int(size), base=int(base), seed=seed, metadata=True)
+    model = save(proto, folder / "unet.onnx")
+    images, masks = make_images(n_cases, size, seed=seed)
+    data = write_hdf5_dataset(folder / "data.h5", images, masks)
+    tensors = [t.name for t in select_tensors(list_hidden_tensors(proto), "auto")] if _has_auto() \
+        else [t.name for t in list_hidden_tensors(proto)]
+    return Workload(model=model, data=data, n_cases=int(n_cases), size=int(size), base=int(base),
+                    tensors=tensors)
+
+
+def _has_auto() -> bool:
+    from engine.graph import list_hidden_tensors, select_tensors
+    from tests.models import unet
+
+    try:
+        select_tensors(list_hidden_tensors(unet(metadata=True)), "auto")
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# phase timing
+# --------------------------------------------------------------------------------------------
+class PhaseTimer:
+    """Wall time spent inside named functions, accumulated while :meth:`patched` is active.
+
+    Wrapping replaces a function object on its owner (a class or a module) for the duration
+    of the ``with`` block and restores it afterwards; nested calls of timed functions are
+    counted in each (an outer phase includes its inner ones).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _wrap(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        return timed
+
+    @contextlib.contextmanager
+    def patched(self, targets: Sequence[tuple[str, Any, str]]) -> Iterator[PhaseTimer]:
+        """Time ``owner.attr`` under ``name`` for each ``(name, owner, attr)`` in ``targets``."""
+        saved = []
+        try:
+            for name, owner, attr in targets:
+                original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+                saved.append((owner, attr, original))
+                setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+            yield self
+        finally:
+            for owner, attr, original in reversed(saved):
+                setattr(owner, attr, original)
+
+
+def _pipeline_targets() -> list[tuple[str, Any, str]]:
+    import engine.estimation
+    import engine.scores
+    from engine.datasets import Dataset
+    from engine.modelcard import ModelCard
+    from engine.runner import Session
+    from engine.store import StoreWriter
+
+    return [
+        ("read", Dataset, "__getitem__"),
+        ("preprocess", ModelCard, "preprocess"),
+        ("inference", Session, "run"),
+        ("sa_scores", engine.scores, "sa_scores"),
+        ("baselines", engine.estimation, "baselines"),
+        ("write_batch", StoreWriter, "write_batch"),
+        ("finalize", StoreWriter, "finalize"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+def _prepared_batches(w: Workload) -> tuple[Any, list[dict[str, np.ndarray]], list[str]]:
+    """The pipeline's session (same exposed outputs) and the preprocessed input batches."""
+    from engine.datasets import open_dataset
+    from engine.graph import expose, list_hidden_tensors, load_model, select_tensors
+    from engine.modelcard import resolve_model_card
+    from engine.runner import make_session
+
+    proto = load_model(w.model)
+    card = resolve_model_card(proto)
+    tensors = [t for t in list_hidden_tensors(proto) if t.name in set(w.tensors)]
+    tensors = select_tensors(tensors, "all")
+    session = make_session(expose(proto, tensors), provider="cpu")
+    ds = open_dataset(w.data, spatial_ndim=card.spatial_ndim)
+    batches = []
+    for start in range(0, w.n_cases, BATCH):
+        x = np.stack([card.preprocess(ds[i].image) for i in range(start, min(start + BATCH, w.n_cases))])
+        batches.append({card.input_name: x.astype(np.float32, copy=False)})
+    outputs = [t.name for t in tensors] + [card.prediction_output]
+    return session, batches, outputs
+
+
+def time_inference(session: Any, batches: Sequence[dict[str, np.ndarray]], outputs: Sequence[str]) -> float:
+    """Seconds to run every batch through ``session`` asking for ``outputs`` (results dropped)."""
+    t0 = time.perf_counter()
+    for feeds in batches:
+        out = session.run(feeds, outputs=list(outputs))
+        del out
+    return time.perf_counter() - t0
+
+
+def time_pipeline(w: Workload, store: Path, *, level: str, timer: PhaseTimer | None = None) -> float:
+    """Seconds of one :func:`engine.pipeline.score_dataset` run into a fresh ``store``."""
+    from engine.pipeline import score_dataset
+
+    ctx = timer.patched(_pipeline_targets()) if timer is not None else contextlib.nullcontext()
+    with ctx:
+        t0 = time.perf_counter()
+        summary = score_dataset(w.model, w.data, store, level=level, batch_size=BATCH, provider="cpu",
+                                input_sa=True, overwrite=True, resume=False)
+        seconds = time.perf_counter() - t0
+    if summary.n_scored != w.n_cases or summary.n_failed:
+        raise RuntimeError(f"pipeline scored {summary.n_scored} of {w.n_cases} cases "
+                           f"({summary.n_failed} failed); the benchmark needs every case scored")
+    return seconds
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and thread settings of this process."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import numba
+    import onnxruntime as ort
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _ort_threads() -> int:
+    """Threads an onnxruntime CPU session built as the pipeline builds it adds to this process.
+
+    The pipeline leaves ``intra_op_num_threads`` at onnxruntime's default (one per physical
+    core); the pool has that many threads minus one (the caller's thread works too).
+    """
+    from engine.runner import make_session
+    from tests.models import tiny_conv
+
+    def count() -> int:
+        try:
+            return len(os.listdir("/proc/self/task"))
+        except OSError:  # pragma: no cover - not Linux
+            return -1
+
+    before = count()
+    sess = make_session(tiny_conv(), provider="cpu")
+    sess.run({"x": np.zeros((1, 1, 8, 8), np.float32)})
+    return count() - before + 1
+
+
+# --------------------------------------------------------------------------------------------
+# run and report
+# --------------------------------------------------------------------------------------------
+def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Interleaved repeats of the three methods; medians, ratios and phase shares."""
+    session, batches, outputs = _prepared_batches(w)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS[1:]}
+    for r in range(repeat + 1):  # round 0 warms up (Numba cache load, ORT first run, page cache)
+        for m in METHODS:
+            if m == "inference":
+                sec = time_inference(session, batches, outputs)
+                ph = None
+            else:
+                timer = PhaseTimer()
+                sec = time_pipeline(w, folder / f"store_{m}.h5", level=m, timer=timer)
+                ph = dict(timer.seconds)
+            if r:
+                times[m].append(sec)
+                if ph is not None:
+                    phases[m].append(ph)
+            log(f"round {r}{' (warm-up)' if not r else ''} {m:9s} {sec:7.3f} s "
+                f"({w.n_cases / sec:6.1f} cases/s)")
+    med = {m: statistics.median(v) for m, v in times.items()}
+    result: dict[str, Any] = {
+        "seconds": med, "all_seconds": times,
+        "cases_per_s": {m: w.n_cases / s for m, s in med.items()},
+        "overhead": {m: med[m] / med["inference"] - 1.0 for m in METHODS[1:]},
+        "phases": {m: {k: statistics.median(p.get(k, 0.0) for p in v) for k in _phase_names()}
+                   for m, v in phases.items()},
+    }
+    # paired ratios per round (same round, adjacent in time) are less sensitive to drift
+    result["paired_overhead"] = {m: statistics.median(b / a - 1.0 for a, b in zip(times["inference"], times[m]))
+                                 for m in METHODS[1:]}
+    return result
+
+
+def _phase_names() -> list[str]:
+    return [name for name, _, _ in _pipeline_targets()]
+
+
+def format_section(w: Workload, res: dict[str, Any], info: dict[str, Any], command: str,
+                   repeat: int) -> str:
+    """The ``## Pipeline`` section of RESULTS.md."""
+    med, cps, ov, pov = res["seconds"], res["cases_per_s"], res["overhead"], res["paired_overhead"]
+    lines = [
+        SECTION, "",
+        f"Command: `{command}`  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores, shared with other jobs while measuring "
+        f"(medians of {repeat} interleaved repeats; expect a few % noise). {info['date']}; "
+        f"onnxruntime {info['onnxruntime']} on CPU, intra-op threads {info['ort_threads']} "
+        f"(onnxruntime's default, spinning off), Numba threads {info['numba_threads']}, OMP_WAIT_POLICY="
+        f"{info['omp_wait_policy']}.",
+        "",
+        f"Workload: `tests.models.unet` 2-D, base {w.base} ({w.base}/{2 * w.base} channels), "
+        f"{w.size}×{w.size}, batch {BATCH}, {w.n_cases} cases from one HDF5 file, "
+        f"{len(w.tensors)} exposed tensors ({', '.join(w.tensors)}); `input_sa=True`.",
+        "",
+        "| method | s per run | cases/s | overhead vs (a) | paired overhead | target |",
+        "|---|---|---|---|---|---|",
+        f"| (a) inference alone (`Session.run`, same outputs) | {med['inference']:.3f} | "
+        f"{cps['inference']:.1f} | — | — | — |",
+    ]
+    for m, label in (("layer", "(b) inference + layer SA (`score_dataset`)"),
+                     ("both", "(c) inference + layer + unit SA")):
+        ok = "met" if ov[m] <= TARGETS[m] else "**missed**"
+        lines.append(f"| {label} | {med[m]:.3f} | {cps[m]:.1f} | {ov[m]:+.1%} | {pov[m]:+.1%} | "
+                     f"≤ {TARGETS[m]:.0%} ({ok}) |")
+    lines += ["", "Where (b) and (c) spend their time (median seconds per run; phases timed by "
+              "wrapping the functions the pipeline calls; `other` = session build, prediction, "
+              "guides, Python glue):", "",
+              "| phase | (b) layer s | share | (c) both s | share |", "|---|---|---|---|---|"]
+    for k in _phase_names() + ["other"]:
+        row = [k]
+        for m in ("layer", "both"):
+            ph = res["phases"][m]
+            v = med[m] - sum(ph.values()) if k == "other" else ph[k]
+            row += [f"{v:.3f}", f"{v / med[m]:.0%}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the ``## Pipeline`` section of ``path``, keeping every other section."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        nxt = old.find("\n## ", start + len(SECTION))
+        tail = old[nxt + 1:] if nxt >= 0 else ""
+        new = old[:start] + text + ("\n" + tail if tail else "")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n")[0])
+    p.add_argument("--cases", type=int, default=64, help="cases per run (default 64 = 8 batches)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--base", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke run)")
+    p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    p.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp dir)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.cases, a.size, a.base, a.repeat = 16, 32, 4, 1
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    folder = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="protoseg-bench-"))
+    try:
+        w = build_workload(folder, n_cases=a.cases, size=a.size, base=a.base)
+        info = machine()
+        info["ort_threads"] = _ort_threads()
+        print(info)
+        res = run(w, repeat=a.repeat, folder=folder)
+        command = "python -m benchmarks.pipeline " + " ".join(
+            x for x in (f"--cases {a.cases}", f"--size {a.size}", f"--base {a.base}",
+                        f"--repeat {a.repeat}", "--write" if a.write else "") if x)
+        text = format_section(w, res, info, command, a.repeat)
+        print(text)
+        if a.write:
+            write_section(text)
+    finally:
+        if not a.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
