@@ -546,21 +546,26 @@ def _fmt_ci(v: Any, ci: Any) -> str:
 @click.option("--cases", multiple=True, help="Case ids whose maps to draw (default: those saved, up to 4).")
 @click.option("--unit-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Count units whose SA is above this.")
+@click.option("--estimates", "estimates", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A store written by `protoseg estimate` on the same cases: draw its estimates and validation.")
+@click.option("--max-cases", type=click.IntRange(min=0), default=None,
+              help="At most this many cases get map figures [default: 4].")
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
 @handle_errors
 def report(store: Path, out_dir: Path, fmt: str, cases: tuple[str, ...], unit_threshold: float,
-           as_json: bool) -> None:
+           estimates: Path | None, max_cases: int | None, as_json: bool) -> None:
     """Write a self-contained report (HTML or Markdown) of a store.
 
     \b
     Example:
       protoseg report run.h5 -o report/
       protoseg report run.h5 -o report/ --format md
+      protoseg report run.h5 -o report/ --estimates est.h5
     """
     from engine.report import write_report
 
     path = write_report(store, out_dir, format=fmt, cases=list(cases) or None,
-                        unit_threshold=unit_threshold)
+                        unit_threshold=unit_threshold, estimates=estimates, max_cases=max_cases)
     if as_json:
         _echo_json({"report": str(path), "dir": str(out_dir)})
     else:
@@ -747,8 +752,7 @@ def demo(out_dir: Path, level: str, provider: str, quiet: bool, as_json: bool) -
     say(f"scored every hidden layer in {summary.seconds:.1f} s on {summary.provider}")
     est = estimate_dataset(DEMO_MODEL, DEMO_DATA, out_dir / "demo-estimate.h5", provider=provider,
                            card=card, overwrite=True, flag_lowest=None)
-    rep = write_report(out_dir / "demo.h5", out_dir / "report", estimates=out_dir / "demo-estimate.h5") \
-        if _accepts_kw(write_report, "estimates") else write_report(out_dir / "demo.h5", out_dir / "report")
+    rep = write_report(out_dir / "demo.h5", out_dir / "report", estimates=out_dir / "demo-estimate.h5")
     from engine import open_store
 
     st = open_store(summary.store)
@@ -775,15 +779,6 @@ def demo(out_dir: Path, level: str, provider: str, quiet: bool, as_json: bool) -
             click.echo(f"mean SA ({name}): {_fmt(v)}")
     click.echo(f"store:  {summary.store}")
     click.echo(f"report: {rep}")
-
-
-def _accepts_kw(func: Callable[..., Any], name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ REFERENCES = ("auto", "ground_truth", "prediction")
 LEVELS = ("layer", "unit", "both")
 RESIZES = ("upsample", "downsample")
 GUIDE_KINDS = ("hard", "soft")
+#: Unit maps stored per layer for each case in ``save_maps`` (the best units by unit SA).
+BEST_UNIT_MAPS = 3
 
 
 @dataclass
@@ -230,8 +232,7 @@ def score_dataset(
     # network order: by depth from the input (stable for equal depths)
     selected = sorted(select_tensors(hidden, layers), key=lambda t: t.depth)
     passes = plan_passes(selected, batch_size, max_activation_memory=max_activation_memory,
-                         input_size=mcard.input_size) if _accepts(plan_passes, "input_size") else \
-        plan_passes(selected, batch_size, max_activation_memory=max_activation_memory)
+                         input_size=mcard.input_size)
     pred_name = mcard.prediction_output
     sessions = []
     for tensors in passes:
@@ -350,15 +351,6 @@ def score_dataset(
         n_skipped_done=n_skipped_done, n_failed=n_failed, passes=len(passes),
         seconds=time.perf_counter() - t_start, assumed=list(mcard.assumed),
     )
-
-
-def _accepts(func: Callable[..., Any], name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 def _layer_row(t: Any) -> dict[str, Any]:
@@ -525,10 +517,23 @@ def _score_batch(cases, sessions, card, layer_index, n_layers, classes, binary_m
                     cid = str(cases[ok[j]].id)
                     entry = maps.setdefault(cid, {})
                     for k in range(nk):
+                        suffix = "" if nk == 1 else f"[class {classes[k]}]"
                         r = protoseg(feats[j:j + 1], guides[k][j:j + 1], resize=resize,
                                      nonfinite="skip")
-                        key = t.name if nk == 1 else f"{t.name}[class {classes[k]}]"
-                        entry[key] = {"binary": r.binary[0], "probability": r.probability[0]}
+                        entry[t.name + suffix] = {"binary": r.binary[0],
+                                                  "probability": r.probability[0]}
+                        ub = unit_blocks.get(li)
+                        if ub is None:
+                            continue
+                        # the best units of this layer for this case (by unit SA), drawn by reports
+                        row = ub["score"][ok[j], k]
+                        best = [int(u) for u in np.argsort(np.where(np.isfinite(row), -row, np.inf))
+                                [:BEST_UNIT_MAPS] if np.isfinite(row[u])]
+                        for u in best:
+                            r = protoseg(feats[j:j + 1, u:u + 1], guides[k][j:j + 1], resize=resize,
+                                         nonfinite="skip")
+                            entry[f"{t.name}#unit{u}{suffix}"] = {"binary": r.binary[0],
+                                                                  "probability": r.probability[0]}
                 del feats
             del out
 

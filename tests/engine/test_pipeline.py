@@ -172,6 +172,22 @@ def test_input_sa_and_maps_are_stored(tmp_path, unet2d):
     assert list(st.map_case_ids) == ["case001"]
     maps = st.maps("case001")
     assert any(k.startswith("enc1") for k in maps)
+    assert not any("#unit" in k for k in maps)  # unit maps need unit scores
+
+
+def test_best_unit_maps_are_the_units_with_the_highest_sa(tmp_path, unet2d):
+    _, path = unet2d
+    data = _npz(tmp_path / "d.npz", 2, 32)
+    st = engine.open_store(score_dataset(path, data, tmp_path / "r.h5", level="both",
+                                         layers=["enc1"], save_maps=["case000"]).store)
+    keys = [k for k in st.maps("case000") if k.startswith("enc1#unit")]
+    units = sorted(int(k.split("#unit")[1]) for k in keys)
+    scores = st.unit_scores(0)["score"][0, 0]
+    want = sorted(np.argsort(np.where(np.isfinite(scores), -scores, np.inf))[:3].tolist())
+    assert units == want
+    u = units[0]
+    m = st.maps("case000")[f"enc1#unit{u}"]
+    assert m["binary"].shape == (32, 32)
 
 
 def test_unreadable_and_mismatched_cases_are_skipped_and_recorded(tmp_path, unet2d):
