@@ -36,6 +36,7 @@ from engine.status import Status
 __all__: list[str] = []  # private module
 
 _FM = {"reassoc", "contract"}
+_TILE = 2048  # positions per spatial tile in the channel loops (16 KiB of float64)
 
 _OK = int(Status.OK)
 _EMPTY_FOREGROUND = int(Status.EMPTY_FOREGROUND)
@@ -141,17 +142,27 @@ def _feature_sums(Fb, Wf, Wb, channels_last, pf, pb):
                         pf[c] += f * wf
                         pb[c] += f * wb
     else:
+        # spatial tiles of ~2k positions: the weight tiles stay in L1 while every channel
+        # streams through (instead of re-reading the whole weight maps once per channel)
         for c in range(C):
-            af = 0.0
-            ab = 0.0
-            for z in range(Z):
-                for y in range(Y):
+            pf[c] = 0.0
+            pb[c] = 0.0
+        rows = Z * Y
+        step = max(1, _TILE // X)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            for c in range(C):
+                af = 0.0
+                ab = 0.0
+                for r in range(r0, r1):
+                    z = r // Y
+                    y = r - z * Y
                     for x in range(X):
                         f = np.float64(Fb[c, z, y, x])
                         af += f * Wf[z, y, x]
                         ab += f * Wb[z, y, x]
-            pf[c] = af
-            pb[c] = ab
+                pf[c] += af
+                pb[c] += ab
 
 
 @njit(cache=True, fastmath=_FM)
@@ -204,14 +215,21 @@ def _project(Fb, D, channels_last, out):
                         acc += np.float64(Fb[z, y, x, c]) * D[c]
                     out[z, y, x] = acc
     else:
-        for z in range(Z):
-            for y in range(Y):
+        # spatial tiles: the output tile stays in L1 while the channels stream through
+        rows = Z * Y
+        step = max(1, _TILE // X)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            for r in range(r0, r1):
+                z = r // Y
+                y = r - z * Y
                 for x in range(X):
                     out[z, y, x] = 0.0
-        for c in range(C):
-            d = D[c]
-            for z in range(Z):
-                for y in range(Y):
+            for c in range(C):
+                d = D[c]
+                for r in range(r0, r1):
+                    z = r // Y
+                    y = r - z * Y
                     for x in range(X):
                         out[z, y, x] += np.float64(Fb[c, z, y, x]) * d
 
