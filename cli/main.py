@@ -287,6 +287,8 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="NaN/Inf in a hidden tensor: stop, or score NaN with a status and go on."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable case instead of skipping it."),
         click.option("--max-cases", type=click.IntRange(min=1), help="Score only the first N cases."),
+        click.option("--shard", metavar="I/N", help="Score only cases with index % N == I (one worker of N; "
+                     "join the stores with engine.merge_parts)."),
         click.option("--resume/--no-resume", default=True, show_default=True,
                      help="Continue an interrupted run made with the same settings (a finished one is "
                           "left as is); --no-resume refuses an existing store."),
@@ -399,7 +401,8 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
           provider: str, optimization: str, card_toml: Path | None, activation: str | None,
           prediction_output: str | None, layout: str | None, scaling: str | None, classes: str | None,
           save_maps: tuple[str, ...], no_input_sa: bool, nonfinite: str, strict: bool,
-          max_cases: int | None, resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
+          max_cases: int | None, shard: str | None, resume: bool, overwrite: bool, quiet: bool,
+          as_json: bool) -> None:
     """Score every hidden layer of MODEL on the cases in DATA into an HDF5 store.
 
     DATA is a folder of image/mask pairs (NIfTI, NRRD, PNG/JPEG/TIFF, .npy), one
@@ -426,7 +429,8 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
             threshold=threshold, batch_size=batch_size, provider=provider, optimization=optimization,
             card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
             save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
-            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, progress=update,
+            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
+            progress=update,
         )
     finally:
         close()
@@ -467,7 +471,8 @@ def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resi
              threshold: float | None, batch_size: int, provider: str, optimization: str,
              card_toml: Path | None, activation: str | None, prediction_output: str | None,
              layout: str | None, scaling: str | None, classes: str | None, save_maps: tuple[str, ...],
-             no_input_sa: bool, nonfinite: str, strict: bool, max_cases: int | None, resume: bool,
+             no_input_sa: bool, nonfinite: str, strict: bool, max_cases: int | None,
+             shard: str | None, resume: bool,
              overwrite: bool, quiet: bool, as_json: bool, estimator: tuple[str, ...],
              calibration: Path | None, rank_by: str | None, flag_below: float | None,
              flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float) -> None:
@@ -499,7 +504,7 @@ def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resi
             provider=provider, optimization=optimization,
             card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
             save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
-            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases,
+            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
             rank_by=rank_by, flag_below=flag_below, flag_lowest=flag_lowest,
             flag_fraction=flag_fraction, dice_threshold=dice_threshold, progress=update,
         )

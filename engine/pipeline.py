@@ -104,6 +104,7 @@ def score_dataset(
     groups: Any = None,
     max_activation_memory: int | None = None,
     max_cases: int | None = None,
+    shard: str | tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra_config: dict[str, Any] | None = None,
 ) -> RunSummary:
@@ -169,6 +170,10 @@ def score_dataset(
         Bytes of hidden tensors per batch before the selection is split into passes.
     max_cases : int, optional
         Score only the first ``max_cases`` cases.
+    shard : "I/N" or (I, N), optional
+        Score only the cases whose dataset index ``i`` has ``i % N == I``: N workers (or
+        machines) each write their own store, and :func:`engine.merge_parts` joins them
+        in dataset order. The shard is provenance, not configuration, so shards merge.
     progress : callable, optional
         ``progress(done, total)`` after each batch.
 
@@ -192,7 +197,6 @@ def score_dataset(
     """
     from engine.datasets import open_dataset
     from engine.graph import expose, list_hidden_tensors, load_model, plan_passes, select_tensors
-    from engine.modelcard import ModelCard, resolve_model_card
     from engine.runner import make_session
     from engine.store import StoreWriter
 
@@ -216,12 +220,7 @@ def score_dataset(
             "the model has no hidden tensors that can hold spatial features (float, rank >= 3); "
             "check that this is a segmentation network, or export it with protoseg's exporters"
         )
-    if isinstance(card, ModelCard):
-        mcard = card
-    elif isinstance(card, (str, os.PathLike)):
-        mcard = resolve_model_card(proto, toml=card)
-    else:
-        mcard = resolve_model_card(proto, overrides=card)
+    mcard = _resolve_card(proto, card)
     if threshold is None:
         threshold = float(mcard.threshold)
     if not 0.0 < threshold < 1.0:
@@ -297,8 +296,10 @@ def score_dataset(
     writer = StoreWriter(store, config=config, layers=layer_rows, classes=classes,
                          resume=resume and not overwrite, overwrite=overwrite)
     done = set(writer.done_ids())
-    todo = [i for i in range(n_total) if str(dataset.ids[i]) not in done]
-    n_skipped_done = n_total - len(todo)
+    shard_spec = _parse_shard(shard)
+    mine = range(n_total) if shard_spec is None else range(shard_spec[0], n_total, shard_spec[1])
+    todo = [i for i in mine if str(dataset.ids[i]) not in done]
+    n_skipped_done = len(mine) - len(todo)
     if n_skipped_done:
         log.info("resuming: %d of %d cases already scored", n_skipped_done, n_total)
 
@@ -312,7 +313,7 @@ def score_dataset(
     n_failed = 0
     n_done = n_skipped_done
     if progress:
-        progress(n_done, n_total)
+        progress(n_done, len(mine))
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
         cases = [dataset[i] for i in idx]
@@ -323,12 +324,13 @@ def score_dataset(
             nonfinite=nonfinite, input_sa=input_sa, map_ids=map_ids, has_masks=has_masks,
             sa_scores=sa_scores, protoseg=protoseg, dice=dice, baselines=_baselines,
         )
+        batch["case_index"] = np.asarray(idx, dtype=np.int64)
         n_failed += int(np.sum(np.asarray(batch["case_status"]) != "ok"))
         writer.write_batch(batch)
         n_done += len(idx)
         del batch, cases
         if progress:
-            progress(n_done, n_total)
+            progress(n_done, len(mine))
 
     provenance = {
         "protoseg_version": __version__,
@@ -338,6 +340,7 @@ def score_dataset(
         "optimization": optimization,
         "passes": len(passes),
         "batch_size": int(batch_size),
+        "shard": None if shard_spec is None else f"{shard_spec[0]}/{shard_spec[1]}",
         "started": started,
         "finished": _now(),
         "seconds": round(time.perf_counter() - t_start, 3),
@@ -347,10 +350,40 @@ def score_dataset(
     }
     path = writer.finalize(provenance)
     return RunSummary(
-        store=Path(path), provider=ran_provider, n_cases=n_total, n_scored=len(todo),
+        store=Path(path), provider=ran_provider, n_cases=len(mine), n_scored=len(todo),
         n_skipped_done=n_skipped_done, n_failed=n_failed, passes=len(passes),
         seconds=time.perf_counter() - t_start, assumed=list(mcard.assumed),
     )
+
+
+def _resolve_card(proto: Any, card: Any) -> Any:
+    """A ModelCard from: a ready card, a TOML path, an overrides dict (its optional
+    ``"_toml"`` key names a TOML file the overrides apply on top of), or None."""
+    from engine.modelcard import ModelCard, resolve_model_card
+
+    if isinstance(card, ModelCard):
+        return card
+    if isinstance(card, (str, os.PathLike)):
+        return resolve_model_card(proto, toml=card)
+    if isinstance(card, dict) and "_toml" in card:
+        rest = {k: v for k, v in card.items() if k != "_toml"}
+        return resolve_model_card(proto, toml=card["_toml"], overrides=rest or None)
+    return resolve_model_card(proto, overrides=card)
+
+
+def _parse_shard(shard: Any) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard={shard!r}; expected 'I/N' such as '0/4'") from None
+    else:
+        i, n = (int(v) for v in shard)
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard {i}/{n}: expected 0 <= I < N")
+    return i, n
 
 
 def _layer_row(t: Any) -> dict[str, Any]:
@@ -664,7 +697,6 @@ def estimate_dataset(
     """
     from engine.estimation import Calibration, calibrate, estimate_quality, flag_cases, rank_cases
     from engine.graph import load_model
-    from engine.modelcard import resolve_model_card
     from engine.store import open_store
     from engine.validation import validate
 
@@ -688,9 +720,7 @@ def estimate_dataset(
 
     proto = load_model(model)
     card = score_kwargs.get("card")
-    mcard = card if hasattr(card, "prediction_output") else (
-        resolve_model_card(proto, toml=card) if isinstance(card, (str, os.PathLike))
-        else resolve_model_card(proto, overrides=card))
+    mcard = _resolve_card(proto, card)
     exclude = output_path_tensors(proto, mcard.prediction_output)
     summary = score_dataset(proto if not isinstance(model, (str, os.PathLike)) else model, data, store,
                             level="both", guide="prediction", reference="prediction",

@@ -324,3 +324,31 @@ def test_a_failing_write_names_the_file_and_keeps_finished_batches(tmp_path, une
     summary = score_dataset(path, data, tmp_path / "r.h5", batch_size=2, resume=True)
     assert summary.n_skipped_done == 2
     assert engine.open_store(summary.store).cases.shape[0] == 6
+
+
+def test_shards_merge_into_the_store_of_one_run(tmp_path, unet2d):
+    _, path = unet2d
+    data = _npz(tmp_path / "d.npz", 7, 32)
+    whole = engine.open_store(score_dataset(path, data, tmp_path / "whole.h5", batch_size=2).store)
+    shards = [score_dataset(path, data, tmp_path / f"s{i}.h5", batch_size=2, shard=f"{i}/3").store
+              for i in range(3)]
+    assert [len(engine.open_store(s).cases) for s in shards] == [3, 2, 2]
+    merged = engine.open_store(engine.merge_parts(shards, tmp_path / "merged.h5",
+                                                  expected_ids=list(whole.cases["id"])))
+    assert list(merged.cases["id"]) == list(whole.cases["id"])
+    np.testing.assert_array_equal(merged.layer_scores()["score"], whole.layer_scores()["score"])
+    with pytest.raises(ValueError, match="shard"):
+        score_dataset(path, data, tmp_path / "x.h5", shard="3/3")
+
+
+def test_card_toml_with_overrides_on_top(tmp_path):
+    model = models.unet(batch="N", metadata=False)
+    path = models.save(model, tmp_path / "u.onnx")
+    toml = tmp_path / "card.toml"
+    toml.write_text('[prediction]\noutput = "prob"\nactivation = "sigmoid"\n'
+                    '[preprocessing]\nscaling = "minmax"\n')
+    data = _npz(tmp_path / "d.npz", 2, 32)
+    st = engine.open_store(score_dataset(path, data, tmp_path / "r.h5",
+                                         card={"_toml": str(toml), "scaling": "zscore"}).store)
+    card = st.config["model_card"]
+    assert card["activation"] == "sigmoid" and card["scaling"] == "zscore"
