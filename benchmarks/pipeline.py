@@ -226,16 +226,18 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
     def _wrap(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return func(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - t0
+                self.cpu[name] += time.process_time() - c0
                 self.calls[name] += 1
 
         return timed
@@ -298,29 +300,31 @@ def _prepared_batches(w: Workload) -> tuple[Any, list[dict[str, np.ndarray]], li
     return session, batches, outputs
 
 
-def time_inference(session: Any, batches: Sequence[dict[str, np.ndarray]], outputs: Sequence[str]) -> float:
-    """Seconds to run every batch through ``session`` asking for ``outputs`` (results dropped)."""
-    t0 = time.perf_counter()
+def time_inference(session: Any, batches: Sequence[dict[str, np.ndarray]],
+                   outputs: Sequence[str]) -> tuple[float, float]:
+    """Wall and process CPU seconds to run every batch through ``session`` (results dropped)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for feeds in batches:
         out = session.run(feeds, outputs=list(outputs))
         del out
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def time_pipeline(w: Workload, store: Path, *, level: str, timer: PhaseTimer | None = None) -> float:
-    """Seconds of one :func:`engine.pipeline.score_dataset` run into a fresh ``store``."""
+def time_pipeline(w: Workload, store: Path, *, level: str,
+                  timer: PhaseTimer | None = None) -> tuple[float, float]:
+    """Wall and process CPU seconds of one :func:`engine.pipeline.score_dataset` run (fresh store)."""
     from engine.pipeline import score_dataset
 
     ctx = timer.patched(_pipeline_targets()) if timer is not None else contextlib.nullcontext()
     with ctx:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         summary = score_dataset(w.model, w.data, store, level=level, batch_size=BATCH, provider="cpu",
                                 input_sa=True, overwrite=True, resume=False)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if summary.n_scored != w.n_cases or summary.n_failed:
         raise RuntimeError(f"pipeline scored {summary.n_scored} of {w.n_cases} cases "
                            f"({summary.n_failed} failed); the benchmark needs every case scored")
-    return seconds
+    return seconds, cpu
 
 
 def machine() -> dict[str, Any]:
@@ -370,82 +374,100 @@ def _ort_threads() -> int:
 # run and report
 # --------------------------------------------------------------------------------------------
 def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Interleaved repeats of the three methods; medians, ratios and phase shares."""
+    """Interleaved repeats of the three methods; medians, ratios and phase shares.
+
+    Returns a dict with, per method, the median wall seconds (``seconds``), median process CPU
+    seconds (``cpu``; all threads, less sensitive to other jobs on a shared machine), cases/s,
+    overheads against inference alone (from medians, and the median of per-round ratios), and
+    per phase the median wall and CPU seconds.
+    """
     session, batches, outputs = _prepared_batches(w)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    phases: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS[1:]}
+    wall: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    phases: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {m: [] for m in METHODS[1:]}
     for r in range(repeat + 1):  # round 0 warms up (Numba cache load, ORT first run, page cache)
         for m in METHODS:
             if m == "inference":
-                sec = time_inference(session, batches, outputs)
+                sec, cs = time_inference(session, batches, outputs)
                 ph = None
             else:
                 timer = PhaseTimer()
-                sec = time_pipeline(w, folder / f"store_{m}.h5", level=m, timer=timer)
-                ph = dict(timer.seconds)
+                sec, cs = time_pipeline(w, folder / f"store_{m}.h5", level=m, timer=timer)
+                ph = (dict(timer.seconds), dict(timer.cpu))
             if r:
-                times[m].append(sec)
+                wall[m].append(sec)
+                cpu[m].append(cs)
                 if ph is not None:
                     phases[m].append(ph)
-            log(f"round {r}{' (warm-up)' if not r else ''} {m:9s} {sec:7.3f} s "
+            log(f"round {r}{' (warm-up)' if not r else ''} {m:9s} wall {sec:7.3f} s cpu {cs:7.3f} s "
                 f"({w.n_cases / sec:6.1f} cases/s)")
-    med = {m: statistics.median(v) for m, v in times.items()}
-    result: dict[str, Any] = {
-        "seconds": med, "all_seconds": times,
+    med = {m: statistics.median(v) for m, v in wall.items()}
+    mcpu = {m: statistics.median(v) for m, v in cpu.items()}
+    names = _phase_names()
+    return {
+        "seconds": med, "cpu": mcpu, "all_seconds": wall, "all_cpu": cpu,
         "cases_per_s": {m: w.n_cases / s for m, s in med.items()},
         "overhead": {m: med[m] / med["inference"] - 1.0 for m in METHODS[1:]},
-        "phases": {m: {k: statistics.median(p.get(k, 0.0) for p in v) for k in _phase_names()}
+        "cpu_overhead": {m: mcpu[m] / mcpu["inference"] - 1.0 for m in METHODS[1:]},
+        # paired ratios (same round, adjacent in time) are less sensitive to drift
+        "paired_overhead": {m: statistics.median(b / a - 1.0 for a, b in zip(wall["inference"], wall[m]))
+                            for m in METHODS[1:]},
+        "phases": {m: {k: statistics.median(p[0].get(k, 0.0) for p in v) for k in names}
                    for m, v in phases.items()},
+        "phases_cpu": {m: {k: statistics.median(p[1].get(k, 0.0) for p in v) for k in names}
+                       for m, v in phases.items()},
     }
-    # paired ratios per round (same round, adjacent in time) are less sensitive to drift
-    result["paired_overhead"] = {m: statistics.median(b / a - 1.0 for a, b in zip(times["inference"], times[m]))
-                                 for m in METHODS[1:]}
-    return result
 
 
 def _phase_names() -> list[str]:
     return [name for name, _, _ in _pipeline_targets()]
 
 
-def format_section(w: Workload, res: dict[str, Any], info: dict[str, Any], command: str,
-                   repeat: int) -> str:
-    """The ``## Pipeline`` section of RESULTS.md."""
-    med, cps, ov, pov = res["seconds"], res["cases_per_s"], res["overhead"], res["paired_overhead"]
+def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dict[str, Any],
+                   commands: Sequence[str], repeat: int) -> str:
+    """The ``## Pipeline`` section of RESULTS.md: one throughput and one phase table per workload."""
     lines = [
         SECTION, "",
-        f"Command: `{command}`  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores, shared with other jobs while measuring "
-        f"(medians of {repeat} interleaved repeats; expect a few % noise). {info['date']}; "
-        f"onnxruntime {info['onnxruntime']} on CPU, intra-op threads {info['ort_threads']} "
-        f"(onnxruntime's default, spinning off), Numba threads {info['numba_threads']}, OMP_WAIT_POLICY="
-        f"{info['omp_wait_policy']}.",
+        "Commands: " + ", ".join(f"`{c}`" for c in commands) + "  ",
+        f"Machine: {info['cpu']}, {info['cores']} cores, **shared with other jobs while measuring** "
+        f"(load average ≈ {info.get('load', '?')}); medians of {repeat} interleaved repeats after a "
+        f"warm-up round. {info['date']}; onnxruntime {info['onnxruntime']} on CPU, intra-op threads "
+        f"{info['ort_threads']} (onnxruntime's default, spinning off), Numba threads "
+        f"{info['numba_threads']}, OMP_WAIT_POLICY={info['omp_wait_policy']}. Wall time is what a "
+        "user waits; CPU time (all threads of the process) is less disturbed by the other jobs.",
         "",
-        f"Workload: `tests.models.unet` 2-D, base {w.base} ({w.base}/{2 * w.base} channels), "
-        f"{w.size}×{w.size}, batch {BATCH}, {w.n_cases} cases from one HDF5 file, "
-        f"{len(w.tensors)} exposed tensors ({', '.join(w.tensors)}); `input_sa=True`.",
-        "",
-        "| method | s per run | cases/s | overhead vs (a) | paired overhead | target |",
-        "|---|---|---|---|---|---|",
-        f"| (a) inference alone (`Session.run`, same outputs) | {med['inference']:.3f} | "
-        f"{cps['inference']:.1f} | — | — | — |",
     ]
-    for m, label in (("layer", "(b) inference + layer SA (`score_dataset`)"),
-                     ("both", "(c) inference + layer + unit SA")):
-        ok = "met" if ov[m] <= TARGETS[m] else "**missed**"
-        lines.append(f"| {label} | {med[m]:.3f} | {cps[m]:.1f} | {ov[m]:+.1%} | {pov[m]:+.1%} | "
-                     f"≤ {TARGETS[m]:.0%} ({ok}) |")
-    lines += ["", "Where (b) and (c) spend their time (median seconds per run; phases timed by "
-              "wrapping the functions the pipeline calls; `other` = session build, prediction, "
-              "guides, Python glue):", "",
-              "| phase | (b) layer s | share | (c) both s | share |", "|---|---|---|---|---|"]
-    for k in _phase_names() + ["other"]:
-        row = [k]
-        for m in ("layer", "both"):
-            ph = res["phases"][m]
-            v = med[m] - sum(ph.values()) if k == "other" else ph[k]
-            row += [f"{v:.3f}", f"{v / med[m]:.0%}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    for w, res in results:
+        med, cpu, cps = res["seconds"], res["cpu"], res["cases_per_s"]
+        ov, pov, cov = res["overhead"], res["paired_overhead"], res["cpu_overhead"]
+        lines += [
+            f"### U-Net base {w.base}, {w.size}×{w.size}, {w.n_cases} cases", "",
+            f"`tests.models.unet` 2-D ({w.base}/{2 * w.base} channels), batch {BATCH}, cases read "
+            f"from one HDF5 file, {len(w.tensors)} exposed tensors ({', '.join(w.tensors)}); "
+            "`input_sa=True`; a fresh store per run.", "",
+            "| method | wall s/run | cases/s | overhead (wall) | paired | CPU s/run | overhead (CPU) | target |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| (a) inference alone (`Session.run`, same outputs) | {med['inference']:.2f} | "
+            f"{cps['inference']:.1f} | — | — | {cpu['inference']:.2f} | — | — |",
+        ]
+        for m, label in (("layer", "(b) inference + layer SA (`score_dataset`)"),
+                         ("both", "(c) inference + layer + unit SA")):
+            ok = "met" if ov[m] <= TARGETS[m] else "**missed**"
+            lines.append(f"| {label} | {med[m]:.2f} | {cps[m]:.1f} | {ov[m]:+.0%} | {pov[m]:+.0%} | "
+                         f"{cpu[m]:.2f} | {cov[m]:+.0%} | ≤ {TARGETS[m]:.0%} ({ok}) |")
+        lines += ["", "Phases of (b) and (c), median seconds per run, wall (CPU); `other` = model "
+                  "load and session build, prediction, guides, Python glue:", "",
+                  "| phase | (b) layer | share | (c) both | share |", "|---|---|---|---|---|"]
+        for k in _phase_names() + ["other"]:
+            row = [k]
+            for m in ("layer", "both"):
+                ph, pc = res["phases"][m], res["phases_cpu"][m]
+                v = med[m] - sum(ph.values()) if k == "other" else ph[k]
+                c = cpu[m] - sum(pc.values()) if k == "other" else pc[k]
+                row += [f"{v:.2f} ({c:.2f})", f"{v / med[m]:.0%}"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
@@ -468,32 +490,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=64, help="cases per run (default 64 = 8 batches)")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--base", type=int, default=16)
+    p.add_argument("--base", type=int, nargs="+", default=[16, 32],
+                   help="first-level channels; one workload per value (default 16 32)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke run)")
-    p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
-    p.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp dir)")
+    p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     if a.quick:
-        a.cases, a.size, a.base, a.repeat = 16, 32, 4, 1
+        a.cases, a.size, a.base, a.repeat = 16, 32, [4], 1
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    folder = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="protoseg-bench-"))
-    try:
-        w = build_workload(folder, n_cases=a.cases, size=a.size, base=a.base)
-        info = machine()
-        info["ort_threads"] = _ort_threads()
-        print(info)
-        res = run(w, repeat=a.repeat, folder=folder)
-        command = "python -m benchmarks.pipeline " + " ".join(
-            x for x in (f"--cases {a.cases}", f"--size {a.size}", f"--base {a.base}",
-                        f"--repeat {a.repeat}", "--write" if a.write else "") if x)
-        text = format_section(w, res, info, command, a.repeat)
-        print(text)
-        if a.write:
-            write_section(text)
-    finally:
-        if not a.keep:
+    info = machine()
+    info["ort_threads"] = _ort_threads()
+    print(info)
+    results = []
+    for base in a.base:
+        folder = Path(tempfile.mkdtemp(prefix="protoseg-bench-"))
+        try:
+            w = build_workload(folder, n_cases=a.cases, size=a.size, base=base)
+            results.append((w, run(w, repeat=a.repeat, folder=folder)))
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        info["load"] = Path("/proc/loadavg").read_text().split()[1]
+    command = (f"python -m benchmarks.pipeline --cases {a.cases} --size {a.size} --base "
+               f"{' '.join(map(str, a.base))} --repeat {a.repeat}" + (" --write" if a.write else ""))
+    text = format_section(results, info, [command], a.repeat)
+    print(text)
+    if a.write:
+        write_section(text)
     return 0
 
 
