@@ -186,7 +186,7 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
     >>> w.tensors[:2]  # doctest: +SKIP
     ['enc1_conv', 'enc1']
     """
-    if int(size) % 2 or int(base) < 1:
+    if int(size) % 2 or int(size) < 8 or int(base) < 1:
         raise ValueError(f"size={size!r}, base={base!r}; expected an even size >= 8 and base >= 1")
     from engine.graph import list_hidden_tensors, select_tensors
     from tests.models import save, unet
@@ -196,21 +196,9 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
     model = save(proto, folder / "unet.onnx")
     images, masks = make_images(n_cases, size, seed=seed)
     data = write_hdf5_dataset(folder / "data.h5", images, masks)
-    tensors = [t.name for t in select_tensors(list_hidden_tensors(proto), "auto")] if _has_auto() \
-        else [t.name for t in list_hidden_tensors(proto)]
+    tensors = [t.name for t in select_tensors(list_hidden_tensors(proto), "auto")]
     return Workload(model=model, data=data, n_cases=int(n_cases), size=int(size), base=int(base),
                     tensors=tensors)
-
-
-def _has_auto() -> bool:
-    from engine.graph import list_hidden_tensors, select_tensors
-    from tests.models import unet
-
-    try:
-        select_tensors(list_hidden_tensors(unet(metadata=True)), "auto")
-    except (KeyError, ValueError):
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,14 +459,23 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the ``## Pipeline`` section of ``path``, keeping every other section."""
+    """Replace (or append) the ``## Pipeline`` section of ``path``, keeping every other section.
+
+    A ``### Memory bounded by the batch`` subsection already there (written by
+    :mod:`benchmarks.memory`) is kept at the end of the new section.
+    """
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start = old.find(SECTION + "\n")
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         nxt = old.find("\n## ", start + len(SECTION))
+        body = old[start:nxt + 1] if nxt >= 0 else old[start:]
         tail = old[nxt + 1:] if nxt >= 0 else ""
+        mem = body.find("### Memory bounded by the batch\n")
+        if mem >= 0:
+            end = body.find("\n### ", mem + 1)
+            text = text.rstrip("\n") + "\n\n" + (body[mem:end + 1] if end >= 0 else body[mem:]).rstrip("\n") + "\n"
         new = old[:start] + text + ("\n" + tail if tail else "")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new)
