@@ -458,6 +458,21 @@ def _machine() -> str:
     return f"{model}, {cores}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
 
 
+def _engine_revision() -> str:
+    """Commit of the engine code timed (``+dirty`` when engine/ has uncommitted changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "log", "-1", "--format=%h", "--", "engine"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "engine"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{rev}{'+dirty' if dirty else ''}" if rev else "unknown"
+
+
 def _fmt(ms: float) -> str:
     if ms != ms:  # NaN
         return "-"
@@ -562,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     started = _dt.datetime.now(_dt.timezone.utc)
+    revision = _engine_revision()
     load_before = os.getloadavg()
     if args.quick:
         workload = build_workload(batch=2, size=64, layers=QUICK_LAYERS)
@@ -621,7 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"(threading layer {numba.threading_layer()}).  ")
     out.append(
         f"Date: {started:%Y-%m-%d %H:%M} UTC; Python {platform.python_version()}, NumPy {np.__version__}, "
-        f"Numba {numba.__version__}, torch {torch.__version__}, protoseg {engine.__version__}.  "
+        f"Numba {numba.__version__}, torch {torch.__version__}, protoseg {engine.__version__} "
+        f"(engine/ at commit {revision}).  "
     )
     out.append(
         f"Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after: the machine is shared, "
