@@ -175,6 +175,12 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
     from engine.validation import validate, validation_rows
 
     store = open_store(store_path)
+    if store.config.get("guide") != "prediction" or store.config.get("reference") != "prediction":
+        raise ValueError(
+            f"{store_path} was scored with guide={store.config.get('guide')!r}, reference="
+            f"{store.config.get('reference')!r}; label-free estimates need guide = reference = 'prediction' "
+            "(ground truth would leak into the estimate) — rescore without --reuse-store"
+        )
     ls_all = store.layer_scores()
     layers_all = store.layers
     # one-channel tensors before the first / after the last multi-channel tensor (by depth) are
@@ -333,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data = build_deepbrain_cases(out, args.wheel, args.levels)
         print(f"cases written to {data} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        summary = score_dataset(model, data, store, layers=layers, level="both", batch_size=batch,
+        # label-free: guide = reference = the prediction (ground truth only for true Dice)
+        summary = score_dataset(model, data, store, layers=layers, level="both", guide="prediction",
+                                reference="prediction", batch_size=batch,
                                 overwrite=not args.resume, resume=args.resume, save_maps=0, progress=None)
         print(f"scored: {summary}", file=sys.stderr)
     result = evaluate_store(store, n_boot=args.n_boot)
