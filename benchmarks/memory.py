@@ -86,7 +86,7 @@ def proc_status_mib(key: str = "VmHWM") -> float:
 
 
 def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = False,
-              every: int = 25) -> dict[str, Any]:
+              every: int = 25, trace_at: tuple[int, int] = (10, 100)) -> dict[str, Any]:
     """Score ``n_cases`` cases in this process and return its memory figures.
 
     Parameters
@@ -96,10 +96,12 @@ def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = 
     n_cases : int
         ``max_cases`` of the run.
     trace : bool
-        Record :mod:`tracemalloc` snapshots after batch 10 and batch 100 and return the 15
+        Record :mod:`tracemalloc` snapshots after the batches ``trace_at`` and return the 15
         allocation sites (file:line) whose live size grew most between them.
     every : int
         Sample ``VmRSS`` every ``every`` batches.
+    trace_at : (int, int)
+        Batch numbers of the two snapshots (default: after batch 10 and batch 100).
 
     Returns
     -------
@@ -124,7 +126,7 @@ def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = 
             rss.append([done, round(proc_status_mib("VmRSS"), 1)])
         if done == total:
             state["before_finalize"] = proc_status_mib("VmHWM")
-        if trace and done in (10 * BATCH, 100 * BATCH):
+        if trace and done in (trace_at[0] * BATCH, trace_at[1] * BATCH):
             import gc
             import tracemalloc
 
@@ -142,10 +144,11 @@ def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = 
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if trace and len(snaps) == 2:
-        diff = snaps[100].compare_to(snaps[10], "lineno")
+        first, last = trace_at
+        diff = snaps[last].compare_to(snaps[first], "lineno")
         out["growth"] = [[str(s.traceback[0]), s.size_diff, s.count_diff] for s in diff[:15]]
         out["traced_mib"] = [round(sum(s.size for s in snaps[k].statistics("filename")) / 2**20, 2)
-                             for k in (10, 100)]
+                             for k in (first, last)]
     return out
 
 

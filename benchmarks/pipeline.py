@@ -62,6 +62,7 @@ SECTION = "## Pipeline"
 BATCH = 8
 METHODS = ("inference", "layer", "both")
 TARGETS = {"layer": 0.15, "both": 0.60}
+GENERATED = "U-Net base "  # title of the ### subsections this module writes
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,8 +462,8 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
 def write_section(text: str, path: Path = RESULTS) -> None:
     """Replace (or append) the ``## Pipeline`` section of ``path``, keeping every other section.
 
-    A ``### Memory bounded by the batch`` subsection already there (written by
-    :mod:`benchmarks.memory`) is kept at the end of the new section.
+    ``###`` subsections of the old section that this module does not generate (the memory
+    table of :mod:`benchmarks.memory`, hand-written analysis) are kept after the new tables.
     """
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start = old.find(SECTION + "\n")
@@ -472,10 +473,10 @@ def write_section(text: str, path: Path = RESULTS) -> None:
         nxt = old.find("\n## ", start + len(SECTION))
         body = old[start:nxt + 1] if nxt >= 0 else old[start:]
         tail = old[nxt + 1:] if nxt >= 0 else ""
-        mem = body.find("### Memory bounded by the batch\n")
-        if mem >= 0:
-            end = body.find("\n### ", mem + 1)
-            text = text.rstrip("\n") + "\n\n" + (body[mem:end + 1] if end >= 0 else body[mem:]).rstrip("\n") + "\n"
+        kept = [part for part in body.split("\n### ")[1:] if not part.startswith(GENERATED)]
+        if kept:
+            text = text.rstrip("\n") + "\n\n" + "\n".join(
+                "### " + part.rstrip("\n") + "\n" for part in kept)
         new = old[:start] + text + ("\n" + tail if tail else "")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new)

@@ -85,16 +85,28 @@ def test_memory_child_run_reports_peak(tmp_path):
     assert res["peak_mib"] >= res["peak_before_finalize_mib"] >= max(m for _, m in res["rss_mib"])
 
 
+def test_memory_child_run_traces_growth(tmp_path):
+    model, data = memory.build_workload(tmp_path, n_cases=24, size=16, base=2)
+    res = memory.child_run(str(model), str(data), str(tmp_path / "t.h5"), 24, trace=True, trace_at=(1, 3))
+    assert len(res["growth"]) >= 1 and all(len(row) == 3 for row in res["growth"])
+    assert all(m > 0 for m in res["traced_mib"])
+    text = memory.format_section([res, res], {"cpu": "x", "cores": 2, "date": "d", "workload": "w"},
+                                 "cmd", res)
+    assert "**1.000**" in text and "sites that grew most" in text
+
+
 def test_sections_keep_other_content(tmp_path, monkeypatch):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Benchmark results\n\n## Kernels\n\nkernel table\n")
     monkeypatch.setattr(pipeline, "RESULTS", path)
-    pipeline.write_section("## Pipeline\n\nthroughput v1\n", path)
+    pipeline.write_section("## Pipeline\n\n### U-Net base 4\n\nthroughput v1\n", path)
     memory.write_subsection("### Memory bounded by the batch\n\nmemory v1\n")
-    pipeline.write_section("## Pipeline\n\nthroughput v2\n", path)
+    path.write_text(path.read_text() + "\n### Analysis\n\nwhy\n")
+    pipeline.write_section("## Pipeline\n\n### U-Net base 4\n\nthroughput v2\n", path)
     memory.write_subsection("### Memory bounded by the batch\n\nmemory v2\n")
     text = path.read_text()
     assert "kernel table" in text and "throughput v2" in text and "memory v2" in text
+    assert "### Analysis\n\nwhy\n" in text
     assert "v1" not in text
     assert text.count("## Pipeline") == 1 and text.count("### Memory") == 1
     assert text.index("## Kernels") < text.index("## Pipeline") < text.index("### Memory")
