@@ -124,37 +124,33 @@ def _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
 
 
 @njit(cache=True, fastmath=_FM)
-def _feature_sums(Fb, Wf, Wb, channels_last, pf, pb):
-    """pf[c] = Σ_s F[c, s]·Wf[s], pb[c] = Σ_s F[c, s]·Wb[s] (float64)."""
+def _feature_sums_rows(Fb, Wf, Wb, channels_last, r0, r1, pf, pb):
+    """Add Σ F[c, s]·Wf[s] to pf[c] and Σ F[c, s]·Wb[s] to pb[c] over source rows [r0, r1).
+
+    Rows are the flattened (z, y) index. Channels-first walks spatial tiles of ~2k positions
+    so that the weight tiles stay in L1 while every channel streams through.
+    """
     C = pf.shape[0]
     Z, Y, X = Wf.shape
     if channels_last:
-        for c in range(C):
-            pf[c] = 0.0
-            pb[c] = 0.0
-        for z in range(Z):
-            for y in range(Y):
-                for x in range(X):
-                    wf = Wf[z, y, x]
-                    wb = Wb[z, y, x]
-                    for c in range(C):
-                        f = np.float64(Fb[z, y, x, c])
-                        pf[c] += f * wf
-                        pb[c] += f * wb
+        for r in range(r0, r1):
+            z = r // Y
+            y = r - z * Y
+            for x in range(X):
+                wf = Wf[z, y, x]
+                wb = Wb[z, y, x]
+                for c in range(C):
+                    f = np.float64(Fb[z, y, x, c])
+                    pf[c] += f * wf
+                    pb[c] += f * wb
     else:
-        # spatial tiles of ~2k positions: the weight tiles stay in L1 while every channel
-        # streams through (instead of re-reading the whole weight maps once per channel)
-        for c in range(C):
-            pf[c] = 0.0
-            pb[c] = 0.0
-        rows = Z * Y
         step = max(1, _TILE // X)
-        for r0 in range(0, rows, step):
-            r1 = min(r0 + step, rows)
+        for t0 in range(r0, r1, step):
+            t1 = min(t0 + step, r1)
             for c in range(C):
                 af = 0.0
                 ab = 0.0
-                for r in range(r0, r1):
+                for r in range(t0, t1):
                     z = r // Y
                     y = r - z * Y
                     for x in range(X):
@@ -166,18 +162,18 @@ def _feature_sums(Fb, Wf, Wb, channels_last, pf, pb):
 
 
 @njit(cache=True, fastmath=_FM)
-def _sample_prototypes(Fb, gb, mb, has_mask, identity, channels_last,
-                       iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Pb, Nb):
-    """Prototypes of one sample into Pb, Nb (NaN when undefined); returns the status code."""
-    if channels_last:
-        Zs, Ys, Xs, C = Fb.shape
-    else:
-        C, Zs, Ys, Xs = Fb.shape
-    Wf = np.empty((Zs, Ys, Xs))
-    Wb = np.empty((Zs, Ys, Xs))
-    sm, sf, sb = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
-                                iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb)
-    _feature_sums(Fb, Wf, Wb, channels_last, Pb, Nb)
+def _feature_sums(Fb, Wf, Wb, channels_last, pf, pb):
+    """pf[c] = Σ_s F[c, s]·Wf[s], pb[c] = Σ_s F[c, s]·Wb[s] (float64)."""
+    pf[:] = 0.0
+    pb[:] = 0.0
+    Z, Y, _ = Wf.shape
+    _feature_sums_rows(Fb, Wf, Wb, channels_last, 0, Z * Y, pf, pb)
+
+
+@njit(cache=True)
+def _finalize(Pb, Nb, sm, sf, sb):
+    """Status from the sums; divide the prototype sums (NaN when undefined)."""
+    C = Pb.shape[0]
     total = 0.0
     for c in range(C):
         total += Pb[c] + Nb[c]
@@ -202,36 +198,59 @@ def _sample_prototypes(Fb, gb, mb, has_mask, identity, channels_last,
 
 
 @njit(cache=True, fastmath=_FM)
-def _project(Fb, D, channels_last, out):
-    """out[s] = Σ_c F[c, s]·D[c] on the source grid (float64)."""
+def _sample_prototypes(Fb, gb, mb, has_mask, identity, channels_last,
+                       iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Pb, Nb):
+    """Prototypes of one sample into Pb, Nb (NaN when undefined); returns the status code."""
+    if channels_last:
+        Zs, Ys, Xs, C = Fb.shape
+    else:
+        C, Zs, Ys, Xs = Fb.shape
+    Wf = np.empty((Zs, Ys, Xs))
+    Wb = np.empty((Zs, Ys, Xs))
+    sm, sf, sb = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
+                                iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb)
+    _feature_sums(Fb, Wf, Wb, channels_last, Pb, Nb)
+    return _finalize(Pb, Nb, sm, sf, sb)
+
+
+@njit(cache=True, fastmath=_FM)
+def _project_rows(Fb, D, channels_last, r0, r1, out):
+    """out[s] = Σ_c F[c, s]·D[c] (float64) for the source rows [r0, r1) (flattened (z, y))."""
     C = D.shape[0]
     Z, Y, X = out.shape
     if channels_last:
-        for z in range(Z):
-            for y in range(Y):
-                for x in range(X):
-                    acc = 0.0
-                    for c in range(C):
-                        acc += np.float64(Fb[z, y, x, c]) * D[c]
-                    out[z, y, x] = acc
+        for r in range(r0, r1):
+            z = r // Y
+            y = r - z * Y
+            for x in range(X):
+                acc = 0.0
+                for c in range(C):
+                    acc += np.float64(Fb[z, y, x, c]) * D[c]
+                out[z, y, x] = acc
     else:
         # spatial tiles: the output tile stays in L1 while the channels stream through
-        rows = Z * Y
         step = max(1, _TILE // X)
-        for r0 in range(0, rows, step):
-            r1 = min(r0 + step, rows)
-            for r in range(r0, r1):
+        for t0 in range(r0, r1, step):
+            t1 = min(t0 + step, r1)
+            for r in range(t0, t1):
                 z = r // Y
                 y = r - z * Y
                 for x in range(X):
                     out[z, y, x] = 0.0
             for c in range(C):
                 d = D[c]
-                for r in range(r0, r1):
+                for r in range(t0, t1):
                     z = r // Y
                     y = r - z * Y
                     for x in range(X):
                         out[z, y, x] += np.float64(Fb[c, z, y, x]) * d
+
+
+@njit(cache=True, fastmath=_FM)
+def _project(Fb, D, channels_last, out):
+    """out[s] = Σ_c F[c, s]·D[c] on the whole source grid (float64)."""
+    Z, Y, _ = out.shape
+    _project_rows(Fb, D, channels_last, 0, Z * Y, out)
 
 
 # --------------------------------------------------------------------------- maps and counts
@@ -275,46 +294,61 @@ def _interp_x(a, Xt, ix0, ix1, wx0, wx1):
 
 
 @njit(cache=True, fastmath=_FM)
-def _count(a, refb, mid, sign, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1):
-    """Count positions with ``sign·(R a - mid) > 0`` and those also in ``refb``: (npos, tp)."""
+def _count_rows(A, refb, mid, sign, identity, r0, r1, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
+    """Counts over target rows [r0, r1) (flattened (zt, yt)) of ``sign·(v - mid) > 0``.
+
+    ``A`` is the source map itself when ``identity``, else the map already interpolated along
+    x (:func:`_interp_x`); each target row combines two (2-D) or four (3-D) rows of ``A``.
+    Returns (positives, positives inside ``refb``).
+    """
     npos = 0
     tp = 0
     if sign == 0.0:
         return npos, tp
-    Zt, Yt, Xt = refb.shape
+    _, Yt, Xt = refb.shape
     smid = sign * mid
-    if identity:
-        for z in range(Zt):
-            for y in range(Yt):
-                for x in range(Xt):
-                    p = 1 if sign * np.float64(a[z, y, x]) > smid else 0
-                    npos += p
-                    tp += p * refb[z, y, x]
-        return npos, tp
-    A = _interp_x(a, Xt, ix0, ix1, wx0, wx1)
-    for zt in range(Zt):
+    for r in range(r0, r1):
+        zt = r // Yt
+        yt = r - zt * Yt
+        if identity:
+            for x in range(Xt):
+                p = 1 if sign * np.float64(A[zt, yt, x]) > smid else 0
+                npos += p
+                tp += p * refb[zt, yt, x]
+            continue
         z0 = iz0[zt]
         z1 = iz1[zt]
-        for yt in range(Yt):
-            y0 = iy0[yt]
-            y1 = iy1[yt]
-            c00 = sign * wz0[zt] * wy0[yt]
-            c01 = sign * wz0[zt] * wy1[yt]
-            if wz1[zt] == 0.0:
-                for x in range(Xt):
-                    v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x]
-                    p = 1 if v > smid else 0
-                    npos += p
-                    tp += p * refb[zt, yt, x]
-            else:
-                c10 = sign * wz1[zt] * wy0[yt]
-                c11 = sign * wz1[zt] * wy1[yt]
-                for x in range(Xt):
-                    v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x] + c10 * A[z1, y0, x] + c11 * A[z1, y1, x]
-                    p = 1 if v > smid else 0
-                    npos += p
-                    tp += p * refb[zt, yt, x]
+        y0 = iy0[yt]
+        y1 = iy1[yt]
+        c00 = sign * wz0[zt] * wy0[yt]
+        c01 = sign * wz0[zt] * wy1[yt]
+        if wz1[zt] == 0.0:
+            for x in range(Xt):
+                v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x]
+                p = 1 if v > smid else 0
+                npos += p
+                tp += p * refb[zt, yt, x]
+        else:
+            c10 = sign * wz1[zt] * wy0[yt]
+            c11 = sign * wz1[zt] * wy1[yt]
+            for x in range(Xt):
+                v = c00 * A[z0, y0, x] + c01 * A[z0, y1, x] + c10 * A[z1, y0, x] + c11 * A[z1, y1, x]
+                p = 1 if v > smid else 0
+                npos += p
+                tp += p * refb[zt, yt, x]
     return npos, tp
+
+
+@njit(cache=True, fastmath=_FM)
+def _count(a, refb, mid, sign, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1):
+    """Count positions with ``sign·(R a - mid) > 0`` and those also in ``refb``: (npos, tp)."""
+    Zt, Yt, Xt = refb.shape
+    if sign == 0.0:
+        return 0, 0
+    if identity:
+        return _count_rows(a, refb, mid, sign, identity, 0, Zt * Yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+    A = _interp_x(a, Xt, ix0, ix1, wx0, wx1)
+    return _count_rows(A, refb, mid, sign, identity, 0, Zt * Yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
 
 
 @njit(cache=True, fastmath=_FM)
