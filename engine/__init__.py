@@ -19,6 +19,9 @@ _EXPORTS: dict[str, str] = {
     "ProtoSegResult": "engine.scores",
     "SAScores": "engine.scores",
     "Status": "engine.status",
+    "resize_linear": "engine.resize",
+    "resize_nearest": "engine.resize",
+    "resize_area": "engine.resize",
     "describe": "engine.status",
     # ONNX graph tools and the runner
     "HiddenTensor": "engine.graph",

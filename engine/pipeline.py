@@ -744,7 +744,7 @@ def estimate_dataset(
                 raise ValueError(f"calibration file {str(cpath)!r} does not exist and this dataset "
                                  "has no ground truth to fit one; fit it on labelled data first")
             cal = calibrate(ls, st.unit_scores, st.layers, true_dice, groups=use_groups,
-                            folds=folds, seed=seed)
+                            folds=folds, seed=seed, exclude=exclude)
             cal.save(cpath)
             log.info("calibration fitted by %d-fold cross-validation and saved to %s", folds, cpath)
 
@@ -753,7 +753,7 @@ def estimate_dataset(
     for e in names:
         v, d = estimate_quality(ls, st.unit_scores, st.layers, estimator=e,
                                 calibration=cal if e == "calibrated" else None,
-                                exclude=exclude if e == "paper" else (), return_details=True)
+                                exclude=exclude, return_details=True)
         values[e] = np.asarray(v, dtype=np.float64)
         details[e] = d
     base = {k: np.asarray(v)[:, 0] for k, v in st.baselines().items()}
@@ -775,7 +775,7 @@ def estimate_dataset(
                               groups=use_groups, predicted_volume=base.get("predicted_fraction"),
                               dice_threshold=dice_threshold, worst_fraction=worst_fraction,
                               n_boot=n_boot, seed=seed)
-    info = {"estimators": names, "rank_by": rank_by, "paper_excluded": exclude,
+    info = {"estimators": names, "rank_by": rank_by, "excluded_output_path": exclude,
             "flag_rule": {"below": flag_below, "lowest": flag_lowest, "fraction": flag_fraction},
             "details": _jsonable(details), "calibration": cal.to_dict() if cal else None,
             "dice_threshold": dice_threshold}

@@ -2,7 +2,9 @@
 
 Every score the engine produces comes with a status of the same shape. A score is
 finite only when its status is :attr:`Status.OK`; every other status names the reason
-the score is NaN. Codes are stored as ``uint8`` in arrays and in HDF5 stores; their
+the score is NaN — with one exception the caller asks for: with ``empty="one"`` a
+score whose map and reference are both empty is 1.0 and keeps :attr:`Status.EMPTY_DICE`,
+so aggregates can still tell such cases apart. Codes are stored as ``uint8`` in arrays and in HDF5 stores; their
 meaning is fixed (new codes may be added, existing ones never change).
 """
 from __future__ import annotations

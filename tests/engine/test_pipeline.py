@@ -352,3 +352,15 @@ def test_card_toml_with_overrides_on_top(tmp_path):
                                          card={"_toml": str(toml), "scaling": "zscore"}).store)
     card = st.config["model_card"]
     assert card["activation"] == "sigmoid" and card["scaling"] == "zscore"
+
+
+@pytest.mark.parametrize("kwargs, want", [
+    ({"head": "sigmoid"}, ["head"]),
+    ({"head": "logits"}, ["head"]),  # the output is Identity(head)
+    ({"ndim": 3, "layout": "NDHWC", "head": "softmax", "n_classes": 3}, ["prob_nchw", "head"]),
+])
+def test_output_path_tensors_are_the_prediction_in_another_form(kwargs, want):
+    from engine.pipeline import output_path_tensors
+
+    model = models.unet(batch="N", size=16, **kwargs)
+    assert output_path_tensors(model, "prob" if kwargs["head"] != "logits" else model.graph.output[0].name) == want
