@@ -28,8 +28,15 @@ every target row combines two (2-D) or four (3-D) of those rows.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
-from numba import njit, prange
+
+from engine._numba_cache import ensure_cache_dir
+
+ensure_cache_dir(os.path.dirname(os.path.abspath(__file__)))
+
+from numba import njit, prange  # noqa: E402  (after the cache folder is settled)
 
 from engine.status import Status
 

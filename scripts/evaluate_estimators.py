@@ -327,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     store = out / "scores.h5"
     if args.experiment == "unet2d":
         model = Path(args.model or REPO / "cli" / "data" / "unet2d" / "unet2d.onnx")
-        layers, batch, title = "all", args.batch_size or 16, "2-D U-Net: held-out MNI152 slices and Colin27 slices"
+        # "auto": the layers the torch exporter exposed and named (module paths)
+        layers, batch, title = "auto", args.batch_size or 16, "2-D U-Net: held-out MNI152 slices and Colin27 slices"
     else:
         if not 1 <= args.levels <= 3:
             parser.error("--levels must be 1, 2 or 3")
         model = Path(args.model or REPO / "cli" / "data" / "deepbrain" / "deepbrain.onnx")
-        layers, batch, title = "op:Relu", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
+        # "auto": the 15 Keras layers the TensorFlow exporter exposed and named
+        layers, batch, title = "auto", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
     if not args.reuse_store:
         if args.experiment == "unet2d":
             data = build_unet2d_cases(out, args.wheel)

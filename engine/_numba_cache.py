@@ -1,0 +1,59 @@
+"""Choose where Numba caches compiled kernels, before any kernel is defined.
+
+Numba's ``cache=True`` writes next to the source file (``engine/__pycache__``) and falls
+back to a per-user folder; when neither is writable — a read-only site-packages in a
+container, a locked-down HOME — it raises at import. protoseg keeps ``cache=True`` (a cold
+compile of the kernels takes tens of seconds) and, only when the user has not set
+``NUMBA_CACHE_DIR`` and the package folder is not writable, points Numba at the first
+writable of: ``$XDG_CACHE_HOME/protoseg/numba`` (default ``~/.cache/protoseg/numba``) and
+``<tempdir>/protoseg-numba-<uid>``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["ensure_cache_dir", "candidate_dirs"]
+
+
+def _writable(path: Path) -> bool:
+    """True when ``path`` exists (or can be made) and a file can be created in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def candidate_dirs() -> list[Path]:
+    """Fallback cache folders, in order of preference."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [Path(xdg) / "protoseg" / "numba", Path(tempfile.gettempdir()) / f"protoseg-numba-{uid}"]
+
+
+def ensure_cache_dir(package_dir: str | os.PathLike[str]) -> str | None:
+    """Set ``NUMBA_CACHE_DIR`` when the package folder cannot hold Numba's cache.
+
+    Returns the folder chosen, or None when nothing needed changing (the user's own
+    ``NUMBA_CACHE_DIR`` is always respected).
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return None
+    pkg = Path(package_dir)
+    pycache = pkg / "__pycache__"
+    if _writable(pycache) if pycache.exists() else os.access(pkg, os.W_OK | os.X_OK):
+        return None
+    for cand in candidate_dirs():
+        if _writable(cand):
+            os.environ["NUMBA_CACHE_DIR"] = str(cand)
+            try:  # numba already imported by someone else: its config was read already
+                import sys
+
+                if "numba" in sys.modules:
+                    sys.modules["numba"].config.CACHE_DIR = str(cand)
+            except AttributeError:  # pragma: no cover
+                pass
+            return str(cand)
+    return None
