@@ -2,13 +2,18 @@
 
 Run as a module::
 
-    python -m benchmarks.pipeline [--cases N] [--size S] [--base B] [--repeat R] [--quick] [--write]
+    python -m benchmarks.pipeline [--cases N] [--size S] [--base B ...] [--deep B ...]
+        [--levels L] [--repeat R] [--quick] [--write]
 
-Workload: the two-level test U-Net of :func:`tests.models.unet` (2-D, NCHW, sigmoid head,
-dynamic batch, protoseg metadata, ``base`` feature channels on the first level and ``2*base``
-on the second), images of ``size``×``size`` with one smooth blob each and a mask of that blob,
-in one HDF5 file (read lazily, one case at a time, as users' data is). Every block output the
-model card names (11 tensors: ``enc1_conv`` … ``head``) is exposed. Batch 8.
+Workloads (batch 8, images of ``size``×``size`` with one smooth blob each and a mask of that
+blob, in one HDF5 file read lazily, one case at a time, as users' data is):
+
+- the two-level test U-Net of :func:`tests.models.unet` (2-D, NCHW, sigmoid head, dynamic
+  batch, protoseg metadata, ``base``/``2*base`` channels, one conv per block), with every
+  tensor its model card names exposed (11: ``enc1_conv`` … ``head``, pre-activations, the
+  pooled map and the concatenation included) — little compute per exposed byte;
+- :func:`deep_unet`, a more typical U-Net (``levels`` levels, two convs per block), with its
+  block outputs exposed as an exporter names them (``layers="auto"``).
 
 Three methods on the same data, in one process, interleaved (a, b, c, a, b, c, …) because the
 machine is shared; each figure is the median over repeats after one untimed warm-up round:
@@ -46,6 +51,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "deep_unet",
     "Workload",
     "make_images",
     "write_hdf5_dataset",
@@ -137,6 +143,105 @@ def write_hdf5_dataset(path: str | os.PathLike[str], images: np.ndarray, masks: 
     return path
 
 
+def deep_unet(*, levels: int = 4, base: int = 16, size: int = 256, seed: int = 0) -> Any:
+    """A deeper, more typical 2-D U-Net whose model card names only the block outputs.
+
+    Each block is two 3×3 Conv + Relu; ``levels`` encoder blocks (``base``·2^l channels)
+    with 2×2 max pooling between them, a bottleneck block, and ``levels`` decoder blocks
+    (linear Resize ×2, Concat with the skip, two convs), then a 1×1 conv and a sigmoid.
+    Hidden layers: ``enc<l>``, ``bottleneck`` and ``dec<l>`` only, graph outputs named in the
+    metadata, as protoseg's exporters give the blocks of a real network (``layers="auto"``
+    takes exactly these).
+
+    Parameters
+    ----------
+    levels, base, size : int
+        Encoder depth (>= 1), first-level channels (>= 1), image side (divisible by 2^levels).
+    seed : int
+        Weight seed.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Opset 17, dynamic batch ``N``, input ``x`` (N, 1, size, size), output ``prob``.
+
+    Raises
+    ------
+    ValueError
+        ``levels < 1``, ``base < 1`` or a size not divisible by 2^levels.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.metadata import new_metadata, write_metadata
+    from tests.models import OPSET
+
+    if int(levels) < 1 or int(base) < 1 or int(size) % (2 ** int(levels)):
+        raise ValueError(f"levels={levels!r}, base={base!r}, size={size!r}; expected levels >= 1, "
+                         "base >= 1 and a size divisible by 2**levels")
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int = 3) -> str:
+        w = rng.normal(0.0, np.sqrt(2.0 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32)
+        b = rng.normal(0.0, 0.1, cout).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], name=name,
+                                      kernel_shape=[k, k], pads=[k // 2] * 4))
+        return f"{name}_c"
+
+    def block(name: str, x: str, cin: int, cout: int) -> str:
+        h = conv(f"{name}_a", x, cin, cout)
+        nodes.append(helper.make_node("Relu", [h], [f"{name}_ar"], name=f"{name}_a_relu"))
+        h = conv(f"{name}_b", f"{name}_ar", cout, cout)
+        nodes.append(helper.make_node("Relu", [h], [name], name=f"{name}_relu"))
+        return name
+
+    chans = [int(base) * 2**lv for lv in range(int(levels) + 1)]
+    x, cin, skips, hidden = "x", 1, [], []
+    for lv in range(int(levels)):
+        x = block(f"enc{lv}", x, cin, chans[lv])
+        skips.append(x)
+        hidden.append(x)
+        nodes.append(helper.make_node("MaxPool", [x], [f"pool{lv}"], name=f"pool{lv}",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        x, cin = f"pool{lv}", chans[lv]
+    x = block("bottleneck", x, cin, chans[-1])
+    hidden.append(x)
+    cin = chans[-1]
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up_scales"))
+    for lv in reversed(range(int(levels))):
+        nodes.append(helper.make_node("Resize", [x, "", "up_scales"], [f"up{lv}"], name=f"up{lv}",
+                                      mode="linear", coordinate_transformation_mode="half_pixel"))
+        nodes.append(helper.make_node("Concat", [skips[lv], f"up{lv}"], [f"cat{lv}"], name=f"cat{lv}",
+                                      axis=1))
+        x = block(f"dec{lv}", f"cat{lv}", chans[lv] + cin, chans[lv])
+        hidden.append(x)
+        cin = chans[lv]
+    head = conv("head", x, cin, 1, k=1)
+    nodes.append(helper.make_node("Sigmoid", [head], ["prob"], name="sigmoid"))
+    graph = helper.make_graph(
+        nodes, "deep_unet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, int(size), int(size)])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, int(size), int(size)])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", None, None, None])
+           for name in hidden],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="protoseg-benchmarks")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    write_metadata(model, new_metadata(
+        framework="onnx", source="benchmarks.pipeline.deep_unet",
+        input={"name": "x", "layout": "NCHW", "size": [int(size)] * 2},
+        prediction={"output": "prob", "activation": "sigmoid", "layout": None, "classes": [0],
+                    "threshold": 0.5},
+        preprocessing={"resize": True, "scaling": "minmax", "mean": None, "std": None},
+        hidden={name: {"layer": f"block/{name}", "layout": "NCHW"} for name in hidden}))
+    return model
+
+
 @dataclass
 class Workload:
     """Files of one benchmark run.
@@ -157,10 +262,12 @@ class Workload:
     size: int
     base: int
     tensors: list[str] = field(default_factory=list)
+    kind: str = "unet"
+    levels: int = 2
 
 
 def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: int = 256,
-                   base: int = 16, seed: int = 0) -> Workload:
+                   base: int = 16, seed: int = 0, kind: str = "unet", levels: int = 4) -> Workload:
     """Write the U-Net and the dataset into ``folder``.
 
     Parameters
@@ -171,6 +278,12 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
         Cases, image side (even), first-level channels.
     seed : int
         Seed of the weights and the images.
+    kind : {"unet", "deep"}
+        ``"unet"``: :func:`tests.models.unet` (two levels, one conv per block, 11 named
+        tensors including pre-activations, the pooled map and the concatenation);
+        ``"deep"``: :func:`deep_unet` with ``levels`` levels (block outputs only).
+    levels : int
+        Depth of the ``"deep"`` model.
 
     Returns
     -------
@@ -192,14 +305,19 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
     from engine.graph import list_hidden_tensors, select_tensors
     from tests.models import save, unet
 
+    if kind not in ("unet", "deep"):
+        raise ValueError(f"kind={kind!r}; expected 'unet' or 'deep'")
     folder = Path(folder)
-    proto = unet(ndim=2, batch="N", size=int(size), base=int(base), seed=seed, metadata=True)
+    if kind == "deep":
+        proto = deep_unet(levels=levels, base=base, size=size, seed=seed)
+    else:
+        proto = unet(ndim=2, batch="N", size=int(size), base=int(base), seed=seed, metadata=True)
     model = save(proto, folder / "unet.onnx")
     images, masks = make_images(n_cases, size, seed=seed)
     data = write_hdf5_dataset(folder / "data.h5", images, masks)
     tensors = [t.name for t in select_tensors(list_hidden_tensors(proto), "auto")]
     return Workload(model=model, data=data, n_cases=int(n_cases), size=int(size), base=int(base),
-                    tensors=tensors)
+                    tensors=tensors, kind=kind, levels=int(levels) if kind == "deep" else 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,11 +547,17 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
     for w, res in results:
         med, cpu, cps = res["seconds"], res["cpu"], res["cases_per_s"]
         ov, pov, cov = res["overhead"], res["paired_overhead"], res["cpu_overhead"]
+        if w.kind == "deep":
+            title = f"### U-Net base {w.base}, {w.levels} levels (`deep_unet`), {w.size}×{w.size}, {w.n_cases} cases"
+            what = (f"`benchmarks.pipeline.deep_unet` ({w.levels} levels, two 3×3 convs per block, "
+                    f"{w.base}…{w.base * 2 ** w.levels} channels)")
+        else:
+            title = f"### U-Net base {w.base}, {w.size}×{w.size}, {w.n_cases} cases"
+            what = f"`tests.models.unet` 2-D ({w.base}/{2 * w.base} channels)"
         lines += [
-            f"### U-Net base {w.base}, {w.size}×{w.size}, {w.n_cases} cases", "",
-            f"`tests.models.unet` 2-D ({w.base}/{2 * w.base} channels), batch {BATCH}, cases read "
-            f"from one HDF5 file, {len(w.tensors)} exposed tensors ({', '.join(w.tensors)}); "
-            "`input_sa=True`; a fresh store per run.", "",
+            title, "",
+            f"{what}, batch {BATCH}, cases read from one HDF5 file, {len(w.tensors)} exposed "
+            f"tensors ({', '.join(w.tensors)}); `input_sa=True`; a fresh store per run.", "",
             "| method | wall s/run | cases/s | overhead (wall) | paired | CPU s/run | overhead (CPU) | target |",
             "|---|---|---|---|---|---|---|---|",
             f"| (a) inference alone (`Session.run`, same outputs) | {med['inference']:.2f} | "
@@ -490,28 +614,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--base", type=int, nargs="+", default=[16, 32],
                    help="first-level channels; one workload per value (default 16 32)")
+    p.add_argument("--deep", type=int, nargs="*", default=[16],
+                   help="first-level channels of deep_unet workloads (default 16; none: skip)")
+    p.add_argument("--levels", type=int, default=4, help="levels of deep_unet (default 4)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke run)")
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     if a.quick:
-        a.cases, a.size, a.base, a.repeat = 16, 32, [4], 1
+        a.cases, a.size, a.base, a.deep, a.levels, a.repeat = 16, 32, [4], [2], 2, 1
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     info = machine()
     info["ort_threads"] = _ort_threads()
     print(info)
     results = []
-    for base in a.base:
+    jobs = [("unet", b) for b in a.base] + [("deep", b) for b in a.deep]
+    for kind, base in jobs:
         folder = Path(tempfile.mkdtemp(prefix="protoseg-bench-"))
         try:
-            w = build_workload(folder, n_cases=a.cases, size=a.size, base=base)
+            w = build_workload(folder, n_cases=a.cases, size=a.size, base=base, kind=kind, levels=a.levels)
             results.append((w, run(w, repeat=a.repeat, folder=folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         info["load"] = Path("/proc/loadavg").read_text().split()[1]
     command = (f"python -m benchmarks.pipeline --cases {a.cases} --size {a.size} --base "
-               f"{' '.join(map(str, a.base))} --repeat {a.repeat}" + (" --write" if a.write else ""))
+               f"{' '.join(map(str, a.base))} --deep {' '.join(map(str, a.deep))} --levels {a.levels} "
+               f"--repeat {a.repeat}" + (" --write" if a.write else ""))
     text = format_section(results, info, [command], a.repeat)
     print(text)
     if a.write:

@@ -40,6 +40,18 @@ def test_build_workload_reads_back(tmp_path):
     np.testing.assert_array_equal(ds[4].mask, masks[4])
 
 
+def test_deep_unet_exposes_block_outputs(tmp_path):
+    w = pipeline.build_workload(tmp_path, n_cases=2, size=16, base=2, kind="deep", levels=2)
+    assert w.tensors == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]
+    session, batches, outputs = pipeline._prepared_batches(w)
+    out = session.run(batches[0], outputs=outputs)
+    assert out["enc1"].shape == (2, 4, 8, 8) and out["bottleneck"].shape == (2, 8, 4, 4)
+    assert out["dec0"].shape == (2, 2, 16, 16) and out["prob"].shape == (2, 1, 16, 16)
+    assert ((out["prob"] > 0) & (out["prob"] < 1)).all()
+    with pytest.raises(ValueError, match="size=18"):
+        pipeline.deep_unet(levels=2, size=18)
+
+
 def test_build_workload_rejects_odd_size(tmp_path):
     with pytest.raises(ValueError, match="size=15"):
         pipeline.build_workload(tmp_path, n_cases=2, size=15, base=2)
