@@ -478,7 +478,7 @@ def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resi
              flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float) -> None:
     """Label-free quality estimate (mean SA) per case, least supported first.
 
-    The network's own prediction is both guide and reference (SPEC §4), so no ground
+    The network's own prediction is both guide and reference (He et al. 2023), so no ground
     truth is needed. When DATA has masks, each estimator is also validated against
     the prediction's true Dice, beside trivial baselines.
 
