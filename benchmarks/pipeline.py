@@ -531,18 +531,21 @@ def _phase_names() -> list[str]:
 
 
 def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dict[str, Any],
-                   commands: Sequence[str], repeat: int) -> str:
-    """The ``## Pipeline`` section of RESULTS.md: one throughput and one phase table per workload."""
+                   command: str, repeat: int) -> str:
+    """The ``## Pipeline`` section of RESULTS.md: one subsection per workload.
+
+    Each subsection carries its own command, date and machine line, so that subsections
+    from different runs can stand side by side (see :func:`write_section`).
+    """
     lines = [
         SECTION, "",
-        "Commands: " + ", ".join(f"`{c}`" for c in commands) + "  ",
-        f"Machine: {info['cpu']}, {info['cores']} cores, **shared with other jobs while measuring** "
-        f"(load average ≈ {info.get('load', '?')}); medians of {repeat} interleaved repeats after a "
-        f"warm-up round. {info['date']}; onnxruntime {info['onnxruntime']} on CPU, intra-op threads "
-        f"{info['ort_threads']} (onnxruntime's default, spinning off), Numba threads "
-        f"{info['numba_threads']}, OMP_WAIT_POLICY={info['omp_wait_policy']}. Wall time is what a "
-        "user waits; CPU time (all threads of the process) is less disturbed by the other jobs.",
-        "",
+        "Methods, on the same data in one process, interleaved (a, b, c, a, b, c, …): (a) "
+        "`Session.run` on preprocessed batches with the pipeline's exposed outputs; (b) "
+        "`score_dataset(level=\"layer\")`; (c) `score_dataset(level=\"both\")`; (b) and (c) "
+        "include reading, preprocessing, session build, baselines and the store. Wall time is "
+        "what a user waits; CPU time (all threads of the process) is less disturbed by the other "
+        "jobs on this shared machine. Phases are timed by wrapping the functions the pipeline "
+        "calls; `other` = model load and session build, prediction, guides, Python glue.", "",
     ]
     for w, res in results:
         med, cpu, cps = res["seconds"], res["cpu"], res["cases_per_s"]
@@ -556,21 +559,25 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
             what = f"`tests.models.unet` 2-D ({w.base}/{2 * w.base} channels)"
         lines += [
             title, "",
+            f"Command: `{command}`  ",
+            f"{info['date']}; {info['cpu']}, {info['cores']} cores, **shared with other jobs** "
+            f"(load average ≈ {info.get('load', '?')}); medians of {repeat} interleaved repeats "
+            f"after a warm-up round; onnxruntime {info['onnxruntime']} on CPU, intra-op threads "
+            f"{info['ort_threads']} (its default, spinning off), Numba threads "
+            f"{info['numba_threads']}, OMP_WAIT_POLICY={info['omp_wait_policy']}.", "",
             f"{what}, batch {BATCH}, cases read from one HDF5 file, {len(w.tensors)} exposed "
             f"tensors ({', '.join(w.tensors)}); `input_sa=True`; a fresh store per run.", "",
             "| method | wall s/run | cases/s | overhead (wall) | paired | CPU s/run | overhead (CPU) | target |",
             "|---|---|---|---|---|---|---|---|",
-            f"| (a) inference alone (`Session.run`, same outputs) | {med['inference']:.2f} | "
+            f"| (a) inference alone | {med['inference']:.2f} | "
             f"{cps['inference']:.1f} | — | — | {cpu['inference']:.2f} | — | — |",
         ]
-        for m, label in (("layer", "(b) inference + layer SA (`score_dataset`)"),
-                         ("both", "(c) inference + layer + unit SA")):
+        for m, label in (("layer", "(b) inference + layer SA"), ("both", "(c) inference + layer + unit SA")):
             ok = "met" if ov[m] <= TARGETS[m] else "**missed**"
             lines.append(f"| {label} | {med[m]:.2f} | {cps[m]:.1f} | {ov[m]:+.0%} | {pov[m]:+.0%} | "
                          f"{cpu[m]:.2f} | {cov[m]:+.0%} | ≤ {TARGETS[m]:.0%} ({ok}) |")
-        lines += ["", "Phases of (b) and (c), median seconds per run, wall (CPU); `other` = model "
-                  "load and session build, prediction, guides, Python glue:", "",
-                  "| phase | (b) layer | share | (c) both | share |", "|---|---|---|---|---|"]
+        lines += ["", "| phase, s per run wall (CPU) | (b) layer | share | (c) both | share |",
+                  "|---|---|---|---|---|"]
         for k in _phase_names() + ["other"]:
             row = [k]
             for m in ("layer", "both"):
@@ -584,10 +591,11 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the ``## Pipeline`` section of ``path``, keeping every other section.
+    """Merge a new ``## Pipeline`` section into ``path``, keeping every other section.
 
-    ``###`` subsections of the old section that this module does not generate (the memory
-    table of :mod:`benchmarks.memory`, hand-written analysis) are kept after the new tables.
+    Within the section, a ``###`` subsection of the new text replaces the old one with the
+    same title; old subsections with other titles (other workloads, the memory table of
+    :mod:`benchmarks.memory`, hand-written analysis) are kept, generated ones first.
     """
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start = old.find(SECTION + "\n")
@@ -597,10 +605,16 @@ def write_section(text: str, path: Path = RESULTS) -> None:
         nxt = old.find("\n## ", start + len(SECTION))
         body = old[start:nxt + 1] if nxt >= 0 else old[start:]
         tail = old[nxt + 1:] if nxt >= 0 else ""
-        kept = [part for part in body.split("\n### ")[1:] if not part.startswith(GENERATED)]
-        if kept:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(
-                "### " + part.rstrip("\n") + "\n" for part in kept)
+        head, *fresh = text.split("\n### ")
+        fresh_by_title = {part.split("\n", 1)[0]: part for part in fresh}
+        merged: list[str] = []
+        for part in body.split("\n### ")[1:]:
+            merged.append(fresh_by_title.pop(part.split("\n", 1)[0], part))
+        n_gen = sum(1 for part in merged if part.startswith(GENERATED))
+        merged[n_gen:n_gen] = list(fresh_by_title.values())
+        merged.sort(key=lambda part: not part.startswith(GENERATED))  # stable: generated first
+        text = head.rstrip("\n") + "\n\n" + "\n".join(
+            "### " + part.rstrip("\n") + "\n" for part in merged)
         new = old[:start] + text + ("\n" + tail if tail else "")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new)
@@ -612,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=64, help="cases per run (default 64 = 8 batches)")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--base", type=int, nargs="+", default=[16, 32],
+    p.add_argument("--base", type=int, nargs="*", default=[16, 32],
                    help="first-level channels; one workload per value (default 16 32)")
     p.add_argument("--deep", type=int, nargs="*", default=[16],
                    help="first-level channels of deep_unet workloads (default 16; none: skip)")
@@ -641,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = (f"python -m benchmarks.pipeline --cases {a.cases} --size {a.size} --base "
                f"{' '.join(map(str, a.base))} --deep {' '.join(map(str, a.deep))} --levels {a.levels} "
                f"--repeat {a.repeat}" + (" --write" if a.write else ""))
-    text = format_section(results, info, [command], a.repeat)
+    text = format_section(results, info, command, a.repeat)
     print(text)
     if a.write:
         write_section(text)

@@ -115,10 +115,12 @@ def test_sections_keep_other_content(tmp_path, monkeypatch):
     memory.write_subsection("### Memory bounded by the batch\n\nmemory v1\n")
     path.write_text(path.read_text() + "\n### Analysis\n\nwhy\n")
     pipeline.write_section("## Pipeline\n\n### U-Net base 4\n\nthroughput v2\n", path)
+    pipeline.write_section("## Pipeline\n\n### U-Net base 8\n\nother workload\n", path)
     memory.write_subsection("### Memory bounded by the batch\n\nmemory v2\n")
     text = path.read_text()
     assert "kernel table" in text and "throughput v2" in text and "memory v2" in text
-    assert "### Analysis\n\nwhy\n" in text
+    assert "### Analysis\n\nwhy\n" in text and "other workload" in text
+    assert text.index("base 4") < text.index("base 8") < text.index("### Memory") < text.index("### Analysis")
     assert "v1" not in text
     assert text.count("## Pipeline") == 1 and text.count("### Memory") == 1
     assert text.index("## Kernels") < text.index("## Pipeline") < text.index("### Memory")
