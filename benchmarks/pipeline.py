@@ -652,9 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         info["load"] = Path("/proc/loadavg").read_text().split()[1]
-    command = (f"python -m benchmarks.pipeline --cases {a.cases} --size {a.size} --base "
-               f"{' '.join(map(str, a.base))} --deep {' '.join(map(str, a.deep))} --levels {a.levels} "
-               f"--repeat {a.repeat}" + (" --write" if a.write else ""))
+    command = " ".join(["python -m benchmarks.pipeline", f"--cases {a.cases}", f"--size {a.size}",
+                        "--base " + " ".join(map(str, a.base)), "--deep " + " ".join(map(str, a.deep)),
+                        f"--levels {a.levels}", f"--repeat {a.repeat}"] + (["--write"] if a.write else []))
+    command = command.replace("  ", " ")  # an empty --base or --deep list
     text = format_section(results, info, command, a.repeat)
     print(text)
     if a.write:
