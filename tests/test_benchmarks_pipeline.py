@@ -94,7 +94,8 @@ def test_memory_child_run_reports_peak(tmp_path):
     res = memory.child_run(str(model), str(data), str(tmp_path / "m.h5"), 16, every=1)
     assert res["n_cases"] == 16
     assert [d for d, _ in res["rss_mib"]] == [8, 16]
-    assert res["peak_mib"] >= res["peak_before_finalize_mib"] >= max(m for _, m in res["rss_mib"])
+    # Linux syncs per-thread RSS counters lazily: VmHWM may trail VmRSS by a few pages
+    assert res["peak_mib"] >= res["peak_before_finalize_mib"] >= max(m for _, m in res["rss_mib"]) - 1.0
 
 
 def test_memory_child_run_traces_growth(tmp_path):
