@@ -60,6 +60,9 @@ __all__ = [
     "time_inference",
     "time_pipeline",
     "machine",
+    "run",
+    "format_section",
+    "write_section",
     "main",
 ]
 
