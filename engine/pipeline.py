@@ -464,16 +464,11 @@ def _score_batch(cases, sessions, card, layer_index, n_layers, classes, binary_m
         x_cf = card.to_channels_first(x, card.input_name)  # (B, C, *ref grid)
         ref_shape = tuple(x_cf.shape[2:])
 
-        outputs_by_pass = []
-        first = True
-        for tensors, sess in sessions:
-            names = [t.name for t in tensors]
-            want = names + ([pred_name] if first else [])
-            out = sess.run({card.input_name: x}, outputs=want)
-            outputs_by_pass.append((tensors, out))
-            if first:
-                prob = card.to_probability({pred_name: out[pred_name]})  # (B, K, *grid)
-                first = False
+        # the first pass also yields the prediction; the other passes run one at a time in
+        # the scoring loop below, so that one pass's activations are alive at a time
+        tensors0, sess0 = sessions[0]
+        out0 = sess0.run({card.input_name: x}, outputs=[t.name for t in tensors0] + [pred_name])
+        prob = card.to_probability({pred_name: out0[pred_name]})  # (B, K, *grid)
         if tuple(prob.shape[2:]) != ref_shape:
             from engine.resize import resize_linear
 
@@ -522,7 +517,9 @@ def _score_batch(cases, sessions, card, layer_index, n_layers, classes, binary_m
         sa_level = "both" if (want_unit and want_layer) else ("unit" if want_unit else "layer")
         map_rows = [j for j, i in enumerate(ok) if str(cases[i].id) in map_ids]
 
-        for tensors, out in outputs_by_pass:
+        for p, (tensors, sess) in enumerate(sessions):
+            out = out0 if p == 0 else sess.run({card.input_name: x}, outputs=[t.name for t in tensors])
+            out0 = None
             for t in tensors:
                 li = layer_index[t.name]
                 feats = card.to_channels_first(out[t.name], t.name)
