@@ -126,41 +126,42 @@ def baselines(
         )
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold={threshold!r}; expected a number strictly between 0 and 1")
-    p = p.astype(np.float64, copy=False)
+    from engine._baseline_kernel import CHUNK, N_SUMS, baseline_sums
+
+    if p.dtype not in (np.float32, np.float64):
+        p = p.astype(np.float64)
     if not class_axis:
         p = p[:, None]
-    lo, hi = p.min(initial=0.0), p.max(initial=0.0)
-    if not np.all(np.isfinite(p)) or lo < -_PROB_TOL or hi > 1.0 + _PROB_TOL:
-        raise ValueError(
-            f"probability holds values outside [0, 1] or NaN/Inf (range {lo:g} to {hi:g}); pass foreground "
-            "probabilities (apply the sigmoid/softmax first)"
-        )
-    if lo < 0.0 or hi > 1.0:  # float32 rounding of a resized probability map
-        p = np.clip(p, 0.0, 1.0)
     batch, n_cls = p.shape[:2]
     spatial = p.shape[2:]
-    flat = p.reshape(batch, n_cls, -1)
+    flat = np.ascontiguousarray(p.reshape(batch, n_cls, -1))
     if mask is None:
-        w = np.ones((batch, 1, flat.shape[-1]))
+        w = np.ones((batch, flat.shape[-1]), dtype=np.uint8)
     else:
         m = np.asarray(mask)
         if m.shape == spatial:
             m = np.broadcast_to(m, (batch, *spatial))
         if m.shape != (batch, *spatial):
             raise ValueError(f"mask has shape {m.shape}; expected {spatial} or {(batch, *spatial)} to match probability")
-        w = (m.reshape(batch, 1, -1) != 0).astype(np.float64)
-    n = w.sum(axis=-1)  # (B, 1)
-    b = (flat > threshold).astype(np.float64)
+        w = np.ascontiguousarray((m.reshape(batch, -1) != 0).astype(np.uint8))
+    n_chunks = max(1, -(-flat.shape[-1] // CHUNK))
+    part = np.empty((batch, n_cls, n_chunks, N_SUMS))
+    baseline_sums(flat, w, float(threshold), part)
+    lo = float(part[..., 6].min(initial=np.inf))
+    hi = float(part[..., 7].max(initial=-np.inf))
+    if part[..., 8].sum() > 0 or lo < -_PROB_TOL or hi > 1.0 + _PROB_TOL:
+        raise ValueError(
+            f"probability holds values outside [0, 1] or NaN/Inf (range {lo:g} to {hi:g}); pass foreground "
+            "probabilities (apply the sigmoid/softmax first)"
+        )
+    sums = part[..., :6].sum(axis=2)  # (B, K, 6)
+    n, sb, su, se, sp, spb = (sums[..., i] for i in range(6))
     with np.errstate(invalid="ignore", divide="ignore"):
-        predicted = (b * w).sum(-1) / n
-        uncertain = (((flat > 0.1) & (flat < 0.9)) * w).sum(-1) / n
-        q = np.clip(flat, 1e-300, 1.0)
-        r = np.clip(1.0 - flat, 1e-300, 1.0)
-        ent = -(flat * np.log2(q) + (1.0 - flat) * np.log2(r))
-        entropy = (ent * w).sum(-1) / n
-        num = 2.0 * (flat * b * w).sum(-1)
-        den = (flat * w).sum(-1) + (b * w).sum(-1)
-        soft = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        predicted = sb / n
+        uncertain = su / n
+        entropy = se / n
+        den = sp + sb
+        soft = np.where(den > 0, 2.0 * spb / np.where(den > 0, den, 1.0), np.nan)
     empty = np.broadcast_to(n == 0, predicted.shape)
     out = {
         "predicted_fraction": predicted,
