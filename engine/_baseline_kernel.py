@@ -9,9 +9,10 @@ import os
 
 import numpy as np
 
-from engine._numba_cache import ensure_cache_dir
+from engine._numba_cache import ensure_cache_dir, prefer_passive_waiting
 
 ensure_cache_dir(os.path.dirname(os.path.abspath(__file__)))
+prefer_passive_waiting()
 
 from numba import njit, prange  # noqa: E402
 

@@ -55,3 +55,13 @@ def test_kernels_import_with_the_cache_elsewhere(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1,)"
     assert any((tmp_path / "cache").rglob("*.nbi")), "Numba wrote no cache index there"
+
+
+def test_kernels_make_idle_openmp_threads_sleep_unless_told_otherwise():
+    code = "import os, engine._kernels; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ACTIVE", out.stderr
