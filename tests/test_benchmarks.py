@@ -59,6 +59,8 @@ def test_baselines_agree_and_single_channel_is_a_midpoint_threshold():
         axis=1,
     )
     np.testing.assert_allclose(units, alone, atol=1e-12)
+    # comparing the two probabilities gives the argmax's labels
+    np.testing.assert_array_equal(reference_sa(f, w.guide, w.reference, level="unit", decision="compare"), units)
     np.testing.assert_allclose(naive_sa(f, w.guide, w.reference, level="unit"), units, atol=kernels.QUICK_TOLERANCE)
 
 
