@@ -44,7 +44,12 @@ def _rowwise_partial(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         ac = a - a.mean(-1, keepdims=True)
         zz = (zc * zc).sum(-1, keepdims=True)
         beta = np.where(zz > 0, (zc * ac).sum(-1, keepdims=True) / np.where(zz > 0, zz, 1.0), 0.0)
-        return ac - beta * zc
+        r = ac - beta * zc
+        # a residual at rounding level means "a is a linear function of z": nothing is left
+        # to correlate, so the partial correlation is undefined (NaN), not rounding noise
+        scale = np.sqrt((ac * ac).sum(-1, keepdims=True))
+        tiny = np.sqrt((r * r).sum(-1, keepdims=True)) <= 1e-10 * scale
+        return np.where(tiny, 0.0, r)
 
     return _rowwise_pearson(resid(x), resid(y))
 
