@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -339,34 +338,29 @@ def _check_store_flags(resume: bool, overwrite: bool) -> None:
 
 
 def layer_summary(store: Any) -> list[dict[str, Any]]:
-    """Per layer (and class): mean ± sd SA, cases used, NaN count and why."""
-    import numpy as np
+    """Per layer (and class): mean ± sd SA, cases used, NaN count and why.
 
-    from engine.status import Status
+    A view of :func:`engine.report.layer_summary` (the report's table) shaped for the
+    terminal and ``--json``: undefined statistics are None, NaN reasons one string.
+    """
+    import math
+
+    from engine.report import layer_summary as report_layer_summary
 
     ls = store.layer_scores()
-    score, status = np.asarray(ls["score"]), np.asarray(ls["status"])
-    layers = store.layers
-    classes = list(store.classes)
     rows = []
-    for k, cls in enumerate(classes):
-        for li in range(score.shape[2]):
-            s = score[:, k, li]
-            st = status[:, k, li]
-            used = np.isfinite(s)
-            why = {}
-            for code in np.unique(st[~used]):
-                why[Status(int(code)).name] = int(np.sum(st[~used] == code))
-            rows.append({
-                "layer": str(layers["layer"][li]) or str(layers["name"][li]),
-                "tensor": str(layers["name"][li]),
-                "class": int(cls),
-                "mean": float(np.mean(s[used])) if used.any() else None,
-                "sd": float(np.std(s[used], ddof=1)) if used.sum() > 1 else None,
-                "cases": int(used.sum()),
-                "nan": int((~used).sum()),
-                "why": ", ".join(f"{k}: {v}" for k, v in why.items()),
-            })
+    for r in report_layer_summary(ls["score"], ls["status"], store.layers, list(store.classes)):
+        why = {k[len("nan_"):]: v for k, v in r.items() if k.startswith("nan_") and v}
+        rows.append({
+            "layer": r["layer"],
+            "tensor": r["name"],
+            "class": r["class"],
+            "mean": r["mean"] if math.isfinite(r["mean"]) else None,
+            "sd": r["sd"] if math.isfinite(r["sd"]) else None,
+            "cases": r["n_used"],
+            "nan": r["n_nan"],
+            "why": ", ".join(f"{k}: {v}" for k, v in why.items()),
+        })
     return rows
 
 
