@@ -744,6 +744,8 @@ def _nan_to_none(obj: Any) -> Any:
         return {k: _nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _nan_to_none(obj.tolist())
     if isinstance(obj, np.generic):
         return _nan_to_none(obj.item())
     return obj

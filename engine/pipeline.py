@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine import __version__
+from engine._checks import check_choice
 from engine.status import Status
 
 __all__ = ["score_dataset", "estimate_dataset", "output_path_tensors", "RunSummary", "GUIDES",
@@ -62,11 +63,6 @@ def _sha256(path: Path | None, proto: Any) -> str:
     else:
         h.update(proto.SerializeToString())
     return h.hexdigest()
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def _now() -> str:
@@ -200,13 +196,13 @@ def score_dataset(
     from engine.runner import make_session
     from engine.store import StoreWriter
 
-    _check_choice("level", level, LEVELS)
-    _check_choice("guide", guide, GUIDES)
-    _check_choice("guide_kind", guide_kind, GUIDE_KINDS)
-    _check_choice("reference", reference, REFERENCES)
-    _check_choice("resize", resize, RESIZES)
-    _check_choice("empty", empty, ("nan", "one"))
-    _check_choice("nonfinite", nonfinite, ("raise", "skip"))
+    check_choice(level, "level", LEVELS)
+    check_choice(guide, "guide", GUIDES)
+    check_choice(guide_kind, "guide_kind", GUIDE_KINDS)
+    check_choice(reference, "reference", REFERENCES)
+    check_choice(resize, "resize", RESIZES)
+    check_choice(empty, "empty", ("nan", "one"))
+    check_choice(nonfinite, "nonfinite", ("raise", "skip"))
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     t_start = time.perf_counter()
@@ -575,7 +571,7 @@ def _score_batch(cases, sessions, card, layer_index, n_layers, classes, binary_m
                 res = sa_scores(x_cf, guides[k], refs[k], level="both" if c_in > 1 else "layer",
                                 resize="upsample", empty=empty, nonfinite="skip")
                 lres, ures = res if c_in > 1 else (res, None)
-                _put(input_block, (ok, k, slice(0, 1)), _Expand(lres))
+                _put(input_block, (ok, k, 0), lres)
                 if ures is not None:
                     _put(input_block, (ok, k, slice(1, n_in)), ures)
 
@@ -593,9 +589,8 @@ def _score_batch(cases, sessions, card, layer_index, n_layers, classes, binary_m
     if nonfinite_rows:
         for blk in [layer_block, *unit_blocks.values()] + ([input_block] if input_block else []):
             blk["status"][nonfinite_rows] = int(Status.NONFINITE)
-    for name, blk in (("layer", layer_block),):
-        for key, arr in blk.items():
-            batch[f"{name}_{key}"] = arr
+    for key, arr in layer_block.items():
+        batch[f"layer_{key}"] = arr
     for li, blk in unit_blocks.items():
         for key, arr in blk.items():
             batch[f"unit/{li}/{key}"] = arr
@@ -612,17 +607,6 @@ def _map16(prob: np.ndarray) -> np.ndarray:
     """Probability maps are stored as float16: they are drawn, never scored, and a 128³ map
     compresses 3x smaller and writes 1.4x faster than in float32 (measured on the demo)."""
     return np.asarray(prob, dtype=np.float16)
-
-
-class _Expand:
-    """View a layer-level result (B,) as (B, 1) to fill one column of a block."""
-
-    def __init__(self, res: Any) -> None:
-        self.score = np.asarray(res.score)[:, None]
-        self.status = np.asarray(res.status)[:, None]
-        self.tp = np.asarray(res.tp)[:, None]
-        self.fp = np.asarray(res.fp)[:, None]
-        self.fn = np.asarray(res.fn)[:, None]
 
 
 # ------------------------------------------------------------------ estimation (SPEC §4)
@@ -698,7 +682,8 @@ def estimate_dataset(
         ``store``, ``estimators``, ``rank_by``, ``ranking`` (one row per case, least
         supported first), ``validation`` (rows) or None, ``calibration`` (dict) or None.
     """
-    from engine.estimation import Calibration, calibrate, estimate_quality, flag_cases, rank_cases
+    from engine.estimation import (Calibration, _nan_to_none, calibrate, estimate_quality, flag_cases,
+                                   rank_cases)
     from engine.graph import load_model
     from engine.store import open_store
     from engine.validation import validate
@@ -710,7 +695,7 @@ def estimate_dataset(
     names = list(estimators) if estimators else (
         ["paper", "all-layers"] + (["calibrated"] if calibration else []))
     for e in names:
-        _check_choice("estimator", e, ESTIMATORS)
+        check_choice(e, "estimator", ESTIMATORS)
     if "calibrated" in names and not calibration:
         raise ValueError("estimator 'calibrated' needs a calibration file (--calibration FILE): "
                          "an existing one to apply, or a new path to fit on labelled data")
@@ -722,8 +707,8 @@ def estimate_dataset(
         raise ValueError(f"rank_by={rank_by!r} is not among the estimators computed {names}")
 
     proto = load_model(model)
-    card = score_kwargs.get("card")
-    mcard = _resolve_card(proto, card)
+    mcard = _resolve_card(proto, score_kwargs.get("card"))
+    score_kwargs["card"] = mcard  # resolved once: score_dataset takes a ready ModelCard as is
     exclude = output_path_tensors(proto, mcard.prediction_output)
     summary = score_dataset(proto if not isinstance(model, (str, os.PathLike)) else model, data, store,
                             level="both", guide="prediction", reference="prediction",
@@ -780,10 +765,10 @@ def estimate_dataset(
                               n_boot=n_boot, seed=seed)
     info = {"estimators": names, "rank_by": rank_by, "excluded_output_path": exclude,
             "flag_rule": {"below": flag_below, "lowest": flag_lowest, "fraction": flag_fraction},
-            "details": _jsonable(details), "calibration": cal.to_dict() if cal else None,
+            "details": _nan_to_none(details), "calibration": cal.to_dict() if cal else None,
             "dice_threshold": dice_threshold}
     st.write_estimates({**values, "input_sa": input_sa, "flag": flags.astype(np.uint8)},
-                       validation=_jsonable(validation) if validation else None, info=info)
+                       validation=_nan_to_none(validation) if validation else None, info=info)
 
     ranking = []
     for r, i in enumerate(order, start=1):
@@ -815,17 +800,3 @@ def estimate_dataset(
 def _f(v: Any) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
