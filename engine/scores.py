@@ -30,6 +30,7 @@ _RESIZES = ("upsample", "downsample")
 _NONFINITE = ("raise", "skip")
 _EMPTY = ("nan", "one")
 _LEVELS = ("layer", "unit", "both")
+_NONFINITE_CODE = int(Status.NONFINITE)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class _Prepared:
     identity: bool
     channels_last: bool
     weights: tuple[np.ndarray, ...]
+    flat: np.ndarray | None  # (B, C, S) view when the features are C-contiguous channels-first
+    src: tuple[int, int, int]  # source grid padded to 3-D
+    deferred: tuple[tuple[np.ndarray, str], ...]  # [0, 1] checks left to the flat kernels
 
 
 # --------------------------------------------------------------------------- validation
@@ -144,10 +148,11 @@ def _spatial_map(value: Any, name: str, batch: int, nsp: int, spatial: tuple[int
     return arr
 
 
-def _as_weight(arr: np.ndarray, name: str) -> np.ndarray:
+def _as_weight(arr: np.ndarray, name: str, check: bool = True) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be boolean or numeric; received dtype {arr.dtype}")
-    check_unit_interval(arr, name)
+    if check:
+        check_unit_interval(arr, name)
     if arr.dtype == np.float64:
         return np.ascontiguousarray(arr)
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -196,10 +201,18 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     g = _spatial_map(guide, "guide", B, nsp, None)
     grid = tuple(int(s) for s in g.shape[1:])
     _check_layout(F, layout, fsp, grid)
-    g = _as_weight(g, "guide")
+    # C-contiguous channels-first features take the fused kernels, which also count guide and
+    # mask values outside [0, 1] as they read them: the check costs no pass of its own there
+    # (unless the guide is resized here first)
+    flat_ok = layout == "channels_first" and F.flags.c_contiguous
+    defer = flat_ok and not (resize == "downsample" and fsp != grid)
+    g = _as_weight(g, "guide", check=not defer)
+    deferred = [(g, "guide")] if defer else []
     m = None
     if mask is not None:
-        m = _as_weight(_spatial_map(mask, "mask", B, nsp, grid), "mask")
+        m = _as_weight(_spatial_map(mask, "mask", B, nsp, grid), "mask", check=not defer)
+        if defer:
+            deferred.append((m, "mask"))
     ref = None
     if reference is not None:
         ref = as_binary_uint8(_spatial_map(reference, "reference", B, nsp, grid), "reference")
@@ -230,11 +243,24 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     else:
         m4, has_mask = np.ascontiguousarray(m, dtype=g4.dtype).reshape((B,) + tgt3), True
     ref4 = None if ref is None else ref.reshape((B,) + tgt3)
-    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, channels_last, weights)
+    flat = F5.reshape(B, F5.shape[1], -1) if flat_ok else None  # a view: no copy
+    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, channels_last, weights,
+                     flat, src3, tuple(deferred))
+
+
+def _check_deferred(p: _Prepared, bad: np.ndarray) -> None:
+    """Raise the [0, 1] error of the guide or mask when the kernel counted bad values."""
+    if not bad.any():
+        return
+    for arr, name in p.deferred:
+        check_unit_interval(arr, name)
+    raise ValueError("guide or mask has values outside [0, 1]; expected a probability or a binary map")
 
 
 def _raise_nonfinite(status: np.ndarray) -> None:
-    bad = np.flatnonzero(status == Status.NONFINITE)
+    if not (status == _NONFINITE_CODE).any():
+        return
+    bad = np.flatnonzero(status == _NONFINITE_CODE)
     if bad.size:
         raise ValueError(
             f"features contain NaN or Inf in sample {int(bad[0])} ({bad.size} sample(s) affected); "
@@ -243,6 +269,7 @@ def _raise_nonfinite(status: np.ndarray) -> None:
 
 
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
+    """Prototypes, status and (with ``do_counts``) layer-level counts; also ``|ref|`` per sample."""
     from engine import _kernels
 
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
@@ -251,26 +278,35 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
     status = np.empty(B, dtype=np.uint8)
     npos = np.zeros(B, dtype=np.int64)
     tp = np.zeros(B, dtype=np.int64)
-    _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,
-                          *p.weights, P, N, status, npos, tp)
-    return P, N, status, npos, tp
+    ny = np.zeros(B, dtype=np.int64)
+    if p.flat is not None:
+        bad = np.zeros(B, dtype=np.int64)
+        _kernels.layer_kernel_flat(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
+                                   *p.weights, P, N, status, npos, tp, ny, bad)
+        _check_deferred(p, bad)
+    else:
+        _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,
+                              *p.weights, P, N, status, npos, tp)
+        ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+    return P, N, status, npos, tp, ny
 
 
 def _finish(status: np.ndarray, npos: np.ndarray, tp: np.ndarray, ny: np.ndarray, empty: str, level: str) -> SAScores:
-    ok = status == Status.OK
-    tp = np.where(ok, tp, 0)
-    fp = np.where(ok, npos - tp, 0)
-    fn = ny - tp
-    den = 2 * tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = np.where(ok & (den > 0), 2.0 * tp / np.maximum(den, 1), np.nan)
-    status = status.copy()
-    empty_dice = ok & (den == 0)
-    status[empty_dice] = Status.EMPTY_DICE
-    if empty == "one":
-        score[empty_dice] = 1.0
-    return SAScores(score.astype(np.float64), status.astype(np.uint8), tp.astype(np.int64),
-                    fp.astype(np.int64), fn.astype(np.int64), level)
+    """Scores from counts; ``status``/``npos``/``tp`` (B,) or (B, C), ``ny`` (B,)."""
+    from engine import _kernels
+
+    shape = status.shape
+    per = 1 if status.ndim == 1 else shape[1]
+    n = status.size
+    score = np.empty(n)
+    status_out = np.empty(n, dtype=np.uint8)
+    tp_out = np.empty(n, dtype=np.int64)
+    fp = np.empty(n, dtype=np.int64)
+    fn = np.empty(n, dtype=np.int64)
+    _kernels.dice_counts(np.ascontiguousarray(status).reshape(-1), npos.reshape(-1), tp.reshape(-1), ny, per,
+                         empty == "one", score, status_out, tp_out, fp, fn)
+    return SAScores(score.reshape(shape), status_out.reshape(shape), tp_out.reshape(shape),
+                    fp.reshape(shape), fn.reshape(shape), level)
 
 
 # --------------------------------------------------------------------------- public API
@@ -356,8 +392,14 @@ def protoseg(
     status = np.empty(B, dtype=np.uint8)
     binary = np.empty((B,) + tuple(tgt3), dtype=np.bool_)
     prob = np.empty((B,) + tuple(tgt3), dtype=np.float32)
-    _kernels.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_last, *p.weights,
-                         P, N, status, binary, prob)
+    if p.flat is not None:
+        bad = np.zeros(B, dtype=np.int64)
+        _kernels.maps_kernel_flat(p.flat, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights,
+                                  P, N, status, binary, prob, bad)
+        _check_deferred(p, bad)
+    else:
+        _kernels.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_last, *p.weights,
+                             P, N, status, binary, prob)
     if nonfinite == "raise":
         _raise_nonfinite(status)
     shape = (B,) + p.target
@@ -432,8 +474,7 @@ def sa_scores(
     p = _prepare(features, guide, reference, mask, resize=resize, layout=layout)
     assert p.ref is not None
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
-    ny = p.ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
-    P, N, status, npos, tp = _prototypes(p, p.ref, level in ("layer", "both"))
+    P, N, status, npos, tp, ny = _prototypes(p, p.ref, level in ("layer", "both"))
     if nonfinite == "raise":
         _raise_nonfinite(status)
     layer = _finish(status, npos, tp, ny, empty, "layer")
@@ -445,7 +486,7 @@ def sa_scores(
     utp = np.zeros((B, C), dtype=np.int64)
     _kernels.unit_kernel(p.F, p.ref, p.identity, p.channels_last, *p.weights, P, N, status == Status.OK,
                          upos, utp)
-    unit = _finish(np.repeat(status[:, None], C, axis=1), upos, utp, ny[:, None], empty, "unit")
+    unit = _finish(np.repeat(status[:, None], C, axis=1), upos, utp, ny, empty, "unit")
     return unit if level == "unit" else (layer, unit)
 
 

@@ -58,10 +58,10 @@ def test_kernels_import_with_the_cache_elsewhere(tmp_path):
 
 
 def test_kernels_make_idle_openmp_threads_sleep_unless_told_otherwise():
-    code = "import os, engine._kernels; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, engine._kernels as k; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "PASSIVE", out.stderr
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert out.stdout.split() == ["PASSIVE", "10000"], out.stderr
+    env.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="5")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "ACTIVE", out.stderr
+    assert out.stdout.split() == ["ACTIVE", "5"], out.stderr
