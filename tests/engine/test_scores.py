@@ -50,15 +50,26 @@ def cases(draw: st.DrawFn) -> dict:
     return {
         "f": f, "g": g, "mask": mask, "ref": ref, "src": src, "dst": dst,
         "layout": layout,
+        "strided": draw(st.booleans()),  # a non-contiguous view: the non-fused kernels
         "resize": draw(st.sampled_from(["upsample", "upsample", "downsample"])),
     }
 
 
-def _layout(f: np.ndarray, layout: str) -> np.ndarray:
-    """channels_last as a real (B, *spatial, C) array, sometimes a strided view."""
-    if layout == "channels_first":
-        return f
-    return np.ascontiguousarray(np.moveaxis(f, 1, -1))
+def _layout(f: np.ndarray, layout: str, strided: bool = False) -> np.ndarray:
+    """The features in ``layout``; with ``strided`` a non-contiguous view of the same values.
+
+    C-contiguous channels-first features take the fused kernels, everything else the general
+    ones, so both meet the twin.
+    """
+    if layout == "channels_last":
+        f = np.moveaxis(f, 1, -1)
+    out = np.ascontiguousarray(f)
+    if strided:
+        big = np.empty(f.shape[:-1] + (2 * f.shape[-1],), dtype=f.dtype)
+        big[..., ::2] = f
+        out = big[..., ::2]
+        assert not out.flags.c_contiguous
+    return out
 
 
 def _twin_inputs(case: dict, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
@@ -99,7 +110,7 @@ def _check_counts(res: SAScores, idx: tuple, twin: dict, near: np.ndarray, y: np
 @SETTINGS
 @given(cases())
 def test_protoseg_matches_twin(case: dict) -> None:
-    res = protoseg(_layout(case["f"], case["layout"]), case["g"], mask=case["mask"],
+    res = protoseg(_layout(case["f"], case["layout"], case["strided"]), case["g"], mask=case["mask"],
                    resize=case["resize"], layout=case["layout"])
     assert isinstance(res, ProtoSegResult)
     grid = case["dst"] if case["resize"] == "upsample" else case["src"]
@@ -122,8 +133,8 @@ def test_protoseg_matches_twin(case: dict) -> None:
 @SETTINGS
 @given(cases())
 def test_sa_scores_layer_and_unit_match_twin(case: dict) -> None:
-    layer, unit = sa_scores(_layout(case["f"], case["layout"]), case["g"], case["ref"], mask=case["mask"],
-                            level="both", resize=case["resize"], layout=case["layout"])
+    layer, unit = sa_scores(_layout(case["f"], case["layout"], case["strided"]), case["g"], case["ref"],
+                            mask=case["mask"], level="both", resize=case["resize"], layout=case["layout"])
     B, C = case["f"].shape[:2]
     assert layer.score.shape == (B,) and unit.score.shape == (B, C)
     assert layer.level == "layer" and unit.level == "unit"

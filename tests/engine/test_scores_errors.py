@@ -137,3 +137,22 @@ def test_dice_shapes_disagree() -> None:
 def test_dice_not_binary() -> None:
     with pytest.raises(ValueError, match=r"binary must be binary"):
         dice([0.2, 1.0], [1, 0])
+
+
+@pytest.mark.parametrize("call", ["sa_scores", "protoseg"])
+@pytest.mark.parametrize("grid", ["identity", "resized"])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("what", ["guide", "mask"])
+def test_one_bad_guide_or_mask_value_is_caught_on_every_path(call: str, grid: str, contiguous: bool, what: str) -> None:
+    # the fused kernels (contiguous channels-first features) check [0, 1] while they read the
+    # guide; the others before; either way a single bad value in the last sample is refused
+    f = RNG.normal(size=(2, 3, 8, 10) if grid == "identity" else (2, 3, 4, 5)).astype(np.float32)
+    if not contiguous:
+        f = np.repeat(f, 2, axis=1)[:, ::2]
+    g = (G > 0.5).astype(np.float32)
+    m = np.ones((2, 8, 10))
+    (g if what == "guide" else m)[1, 7, 9] = 1.5
+    fn = sa_scores if call == "sa_scores" else protoseg
+    args = (f, g, Y) if call == "sa_scores" else (f, g)
+    with pytest.raises(ValueError, match=rf"{what} has values in \[\S+, 1.5\]; expected values within \[0, 1\]"):
+        fn(*args, mask=m)
