@@ -956,7 +956,10 @@ def _count_flat(z, ref, mid):
 
 @njit(cache=True, fastmath=_FM)
 def _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
-    """Like :func:`_count_flat` for ``R z > mid``, ``A`` being z already interpolated along x."""
+    """Like :func:`_count_flat` for ``R z > mid``, ``A`` being z already interpolated along x.
+
+    Rows count in int32 lanes (twice as many per vector as int64), then add to int64 totals.
+    """
     Zt, Yt, Xt = refb.shape
     npos = 0
     tp = 0
@@ -974,22 +977,28 @@ def _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
             a0 = A[z0, y0]
             a1 = A[z0, y1]
             rr = refb[zt, yt]
+            rn = np.int32(0)
+            rt = np.int32(0)
+            ry = np.int32(0)
             if c10 == 0.0 and c11 == 0.0:
                 for x in range(Xt):
-                    p = c00 * a0[x] + c01 * a1[x] > mid
-                    y = rr[x] != 0
-                    npos += p
-                    tp += p & y
-                    ny += y
+                    p = np.int32(c00 * a0[x] + c01 * a1[x] > mid)
+                    y = np.int32(rr[x])
+                    rn += p
+                    rt += p & y
+                    ry += y
             else:
                 a2 = A[z1, y0]
                 a3 = A[z1, y1]
                 for x in range(Xt):
-                    p = c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > mid
-                    y = rr[x] != 0
-                    npos += p
-                    tp += p & y
-                    ny += y
+                    p = np.int32(c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > mid)
+                    y = np.int32(rr[x])
+                    rn += p
+                    rt += p & y
+                    ry += y
+            npos += rn
+            tp += rt
+            ny += ry
     return npos, tp, ny
 
 
