@@ -668,8 +668,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Streaming-read bandwidth (parallel float32 sum over 1 GiB, measured at the start, between the "
         f"levels and at the end): {', '.join(f'{x:.1f}' for x in bandwidths)} GB/s; "
         f"floor = native feature bytes × 1 pass ÷ {bandwidth:.1f} GB/s (the best of these). "
-        "One pass is the strict lower bound; the algorithm sweeps each sample's features twice "
-        "(prototypes, then the decision), so the floor's 2× target means both sweeps at full bandwidth."
+        "One pass is the strict lower bound: the algorithm needs each feature twice (prototypes, then "
+        "the decision); the engine reads each channel block from memory once and takes the second "
+        "sweep from cache, so the rest of the gap is that second sweep, the guide's resize adjoint "
+        "and the counting on the 256² grid."
     )
     for level in LEVELS:
         out += ["", f"### {level.capitalize()} level", ""]

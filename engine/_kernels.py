@@ -689,9 +689,11 @@ def _layer_scalar(Fb, Pb, Nb, channels_last):
 # C-contiguous channels-first features seen as (B, C, S), S the flattened spatial size. Per
 # sample the channels go in blocks small enough to stay in L2: a block's prototype sums are
 # taken while it streams in from memory, then its share of z = F·(P-N) is added while it is
-# still cached, so each feature byte leaves memory once (two passes cost 1.6-1.9x). Inner
-# loops run over 0-based slices: a loop ``for s in range(t0, t1)`` indexing the full row is
-# not vectorised by Numba (3x slower, measured).
+# still cached, so each feature byte leaves memory once (the whole layer-level sweep of
+# benchmarks/kernels.py went from 3.3-5.5x to 1.8x the one-pass bandwidth floor). Blocks of
+# four channels at least (fewer, e.g. two 256² planes, ran 2x slower: too few memory streams).
+# Inner loops run over 0-based slices: a loop ``for s in range(t0, t1)`` indexing the full row
+# is not vectorised by Numba (3x slower, measured).
 _FLAT_TILE = 2048          # positions per tile (16 KiB of float64 weights per array)
 _BLOCK_BYTES = 3 << 18     # features per channel block (768 KiB; L2 is 2 MiB per core here)
 
