@@ -321,3 +321,41 @@ def test_float16_features_are_accepted() -> None:
     s32 = sa_scores(f.astype(np.float32), g, g > 0)
     s16 = sa_scores(f, g, g > 0)
     np.testing.assert_array_equal(s16.tp, s32.tp)
+
+
+@pytest.mark.parametrize("src,soft,with_mask", [
+    ((256, 256), False, False),  # identity grid, guide read directly
+    ((256, 256), True, True),    # identity grid with a mask
+    ((224, 232), False, False),  # resized: Rᵀ(1-g) = Rᵀ1 - Rᵀg
+    ((224, 232), True, True),    # resized with a mask: both adjoints accumulated
+])
+def test_fused_kernels_over_several_channel_blocks_match_twin(src: tuple, soft: bool, with_mask: bool) -> None:
+    # planes of ~200-256 KiB put 10 channels in three blocks (4 + 4 + 2): prototypes, z and
+    # the threshold are accumulated block by block; compare with the twin and with the
+    # general (strided) kernels
+    rng = np.random.default_rng(11)
+    C, dst = 10, (256, 256)
+    yy, xx = np.mgrid[: src[0], : src[1]]
+    blob = (((yy - src[0] / 2) / 60.0) ** 2 + ((xx - src[1] / 2) / 80.0) ** 2 < 1).astype(np.float32)
+    f = rng.normal(size=(1, C, *src)).astype(np.float32) + rng.normal(size=(1, C, 1, 1)).astype(np.float32) * blob
+    gy, gx = np.mgrid[: dst[0], : dst[1]]
+    g = (((gy - 128) / 70.0) ** 2 + ((gx - 128) / 90.0) ** 2 < 1).astype(np.float64)
+    if soft:
+        g = np.clip(g * 0.9 + 0.05 * rng.random(dst), 0, 1)
+    g = g[None]
+    mask = (rng.random((1, *dst)) > 0.2).astype(np.float64) if with_mask else None
+    y = g > 0.5
+    layer, unit = sa_scores(f, g, y, mask=mask, level="both")
+    res = protoseg(f, g, mask=mask)
+    fu = f[0].astype(np.float64) if src == dst else naive.resize_linear(f[0].astype(np.float64), dst)
+    m0 = None if mask is None else mask[0]
+    twin = naive.sa_one(fu, g[0], y[0], m0)
+    np.testing.assert_allclose(res.foreground[0], twin["P"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(res.background[0], twin["N"], rtol=1e-9, atol=1e-9)
+    _check_counts(layer, (0,), twin, _near_ties(twin["margin"], twin), y[0])
+    for c in (0, 3, 4, 7, 8, 9):  # first and last channel of each block
+        tw = naive.sa_one(fu[c:c + 1], g[0], y[0], m0)
+        _check_counts(unit, (0, c), tw, _near_ties(tw["margin"], tw), y[0])
+    strided = np.repeat(f, 2, axis=1)[:, ::2]
+    other = sa_scores(strided, g, y, mask=mask)
+    assert abs(int(other.tp[0]) - int(layer.tp[0])) <= int(_near_ties(twin["margin"], twin).sum())
