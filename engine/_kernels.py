@@ -890,45 +890,40 @@ def _guide_sums(g, m, has_mask):
 
 
 @njit(cache=True, fastmath=_FM)
-def _flat_sample(Fb, gb, mb, has_mask, identity, Zs, Ys, Xs,
-                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, want_z, Pb, Nb, z):
-    """Prototypes of one (C, S) sample into Pb, Nb and, with ``want_z``, z = F·(P-N) (flat).
+def _flat_weights(gb, mb, has_mask, identity, Zs, Ys, Xs,
+                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf3, Wb3):
+    """Guide weights of one sample for :func:`_flat_channels`: (mode, sm, sf, sb, bad).
 
-    Returns (status code, threshold (‖P‖² - ‖N‖²)/2, whether z was computed, count of guide or
-    mask values outside [0, 1] or NaN: the driver validates them here rather than in a pass of
-    its own).
+    On an identity grid the guide (and mask) are read directly and ``Wf3``/``Wb3`` are not
+    touched; otherwise they receive Rᵀ(g·m) and Rᵀ((1-g)·m) on the (Zs, Ys, Xs) source grid.
     """
-    C = Fb.shape[0]
-    S = Zs * Ys * Xs
-    g = gb.reshape(gb.size)
-    m = mb.reshape(mb.size)
     if identity:
-        mode = _MODE_GUIDE_MASK if has_mask else _MODE_GUIDE
-        sm, sf, sb, bad = _guide_sums(g, m, has_mask)
-        Wf = np.empty(0)
-        Wb = np.empty(0)
-    else:
-        mode = _MODE_WEIGHTS
-        Wf3 = np.empty((Zs, Ys, Xs))
-        Wb3 = np.empty((Zs, Ys, Xs))
-        sm, sf, sb, bad = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
-                                         iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf3, Wb3)
-        Wf = Wf3.reshape(S)
-        Wb = Wb3.reshape(S)
-    do_z = want_z and sm != 0.0 and sf != 0.0 and sb != 0.0
-    if do_z:
-        z[:] = 0.0
+        sm, sf, sb, bad = _guide_sums(gb.reshape(gb.size), mb.reshape(mb.size), has_mask)
+        return (_MODE_GUIDE_MASK if has_mask else _MODE_GUIDE), sm, sf, sb, bad
+    sm, sf, sb, bad = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
+                                     iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf3, Wb3)
+    return _MODE_WEIGHTS, sm, sf, sb, bad
+
+
+@njit(cache=True, fastmath=_FM)
+def _flat_channels(Fb, c_lo, c_hi, mode, g, m, Wf, Wb, sf, sb, do_z, Pb, Nb, z):
+    """Channels [c_lo, c_hi) of one (C, S) sample: prototype sums into Pb, Nb (unnormalised)
+    and, with ``do_z``, their share of z = F·(P-N) added to ``z``, block by block.
+
+    Returns their share of ‖P‖² - ‖N‖².
+    """
+    S = Fb.shape[1]
     nb = max(1, _BLOCK_BYTES // max(1, S * Fb.itemsize))
     if nb > 4:
         nb -= nb % 4
-    elif C > 4:
+    elif c_hi - c_lo > 4:
         nb = 4
     if not do_z:
-        nb = C  # prototypes only: one sweep over all channels, tile by tile
-    D = np.empty(C)
+        nb = max(1, c_hi - c_lo)  # prototypes only: one sweep over the channels, tile by tile
+    D = np.empty(Pb.shape[0])
     k = 0.0
-    for c0 in range(0, C, nb):
-        c1 = min(c0 + nb, C)
+    for c0 in range(c_lo, c_hi, nb):
+        c1 = min(c0 + nb, c_hi)
         _block_sums(Fb, c0, c1, mode, g, m, Wf, Wb, Pb, Nb)
         if do_z:
             for c in range(c0, c1):
@@ -937,6 +932,29 @@ def _flat_sample(Fb, gb, mb, has_mask, identity, Zs, Ys, Xs,
                 D[c] = p - q
                 k += D[c] * (p + q)
             _block_project(Fb, D, c0, c1, z)
+    return k
+
+
+@njit(cache=True, fastmath=_FM)
+def _flat_sample(Fb, gb, mb, has_mask, identity, Zs, Ys, Xs,
+                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, want_z, Pb, Nb, z):
+    """Prototypes of one (C, S) sample into Pb, Nb and, with ``want_z``, z = F·(P-N) (flat).
+
+    Returns (status code, threshold (‖P‖² - ‖N‖²)/2, whether z was computed, nonzero when a
+    guide or mask value is outside [0, 1] or NaN: the driver validates them here rather than in
+    a pass of its own).
+    """
+    C = Fb.shape[0]
+    S = Zs * Ys * Xs
+    Wf3 = np.empty((0, 0, 0) if identity else (Zs, Ys, Xs))
+    Wb3 = np.empty((0, 0, 0) if identity else (Zs, Ys, Xs))
+    mode, sm, sf, sb, bad = _flat_weights(gb, mb, has_mask, identity, Zs, Ys, Xs, iz0, iz1, wz0, wz1,
+                                          iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf3, Wb3)
+    do_z = want_z and sm != 0.0 and sf != 0.0 and sb != 0.0
+    if do_z:
+        z[:] = 0.0
+    k = _flat_channels(Fb, 0, C, mode, gb.reshape(gb.size), mb.reshape(mb.size), Wf3.reshape(Wf3.size),
+                       Wb3.reshape(Wb3.size), sf, sb, do_z, Pb, Nb, z)
     code = _finalize(Pb, Nb, sm, sf, sb)
     return code, 0.5 * k, do_z, bad
 
@@ -1040,6 +1058,75 @@ def layer_kernel_flat(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
                 n, t, y = _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
             npos[b] = n
             tp[b] = t
+            ny[b] = y
+        else:
+            ny[b] = _ref_count(refb.reshape(refb.size))
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def layer_kernel_split(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
+                       iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, T,
+                       P, N, status, npos, tp, ny, bad):
+    """:func:`layer_kernel_flat` with each sample's channels split into ``T`` parallel parts,
+    for batches smaller than the thread count (one 3-D volume would use one thread).
+
+    Each part accumulates its own share of z; the shares are added before counting.
+    """
+    B, C, S = F.shape
+    Wf = np.empty((B, 0 if identity else S))
+    Wb = np.empty((B, 0 if identity else S))
+    modes = np.empty(B, dtype=np.int64)
+    sums = np.empty((B, 3))
+    for b in prange(B):
+        mb = m[b] if has_mask else m[0]
+        w3 = (0, 0, 0) if identity else (Zs, Ys, Xs)
+        mode, sm, sf, sb, nbad = _flat_weights(g[b], mb, has_mask, identity, Zs, Ys, Xs, iz0, iz1, wz0, wz1,
+                                               iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                                               Wf[b].reshape(w3), Wb[b].reshape(w3))
+        modes[b] = mode
+        sums[b, 0] = sm
+        sums[b, 1] = sf
+        sums[b, 2] = sb
+        bad[b] = nbad
+    zpart = np.zeros((B, T, S if do_counts else 0))
+    kpart = np.zeros((B, T))
+    for i in prange(B * T):
+        b = i // T
+        t = i % T
+        c_lo = (C * t) // T
+        c_hi = (C * (t + 1)) // T
+        sm = sums[b, 0]
+        sf = sums[b, 1]
+        sb = sums[b, 2]
+        do_z = do_counts and sm != 0.0 and sf != 0.0 and sb != 0.0
+        mb = m[b] if has_mask else m[0]
+        kpart[b, t] = _flat_channels(F[b], c_lo, c_hi, modes[b], g[b].reshape(g[b].size), mb.reshape(mb.size),
+                                     Wf[b], Wb[b], sf, sb, do_z, P[b], N[b], zpart[b, t])
+    for b in prange(B):
+        sm = sums[b, 0]
+        sf = sums[b, 1]
+        sb = sums[b, 2]
+        code = _finalize(P[b], N[b], sm, sf, sb)
+        status[b] = code
+        npos[b] = 0
+        tp[b] = 0
+        refb = ref[b]
+        if do_counts and code == _OK:
+            z = zpart[b, 0]
+            k = kpart[b, 0]
+            for t in range(1, T):
+                zt = zpart[b, t]
+                for s in range(S):
+                    z[s] += zt[s]
+                k += kpart[b, t]
+            mid = 0.5 * k
+            if identity:
+                n, t_, y = _count_flat(z, refb.reshape(refb.size), mid)
+            else:
+                A = _interp_x(z.reshape((Zs, Ys, Xs)), refb.shape[2], ix0, ix1, wx0, wx1)
+                n, t_, y = _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+            npos[b] = n
+            tp[b] = t_
             ny[b] = y
         else:
             ny[b] = _ref_count(refb.reshape(refb.size))

@@ -268,6 +268,17 @@ def _raise_nonfinite(status: np.ndarray) -> None:
         )
 
 
+def _split_parts(batch: int, channels: int) -> int:
+    """Parts to split each sample's channels into: 1 unless the batch leaves threads idle
+    (then as many as fill them, at least four channels per part)."""
+    import numba
+
+    threads = numba.get_num_threads()
+    if batch >= threads:
+        return 1
+    return max(1, min(threads // batch, channels // 4))
+
+
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
     """Prototypes, status and (with ``do_counts``) layer-level counts; also ``|ref|`` per sample."""
     from engine import _kernels
@@ -281,8 +292,13 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
     ny = np.zeros(B, dtype=np.int64)
     if p.flat is not None:
         bad = np.zeros(B, dtype=np.int64)
-        _kernels.layer_kernel_flat(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
-                                   *p.weights, P, N, status, npos, tp, ny, bad)
+        parts = _split_parts(B, C)
+        if parts > 1:  # fewer samples than threads: each sample's channels in parallel parts
+            _kernels.layer_kernel_split(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
+                                        *p.weights, parts, P, N, status, npos, tp, ny, bad)
+        else:
+            _kernels.layer_kernel_flat(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
+                                       *p.weights, P, N, status, npos, tp, ny, bad)
         _check_deferred(p, bad)
     else:
         _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,

@@ -359,3 +359,29 @@ def test_fused_kernels_over_several_channel_blocks_match_twin(src: tuple, soft: 
     strided = np.repeat(f, 2, axis=1)[:, ::2]
     other = sa_scores(strided, g, y, mask=mask)
     assert abs(int(other.tp[0]) - int(layer.tp[0])) <= int(_near_ties(twin["margin"], twin).sum())
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("shape,dst", [((5, 6, 7), (5, 6, 7)), ((3, 4, 5), (7, 9, 11)), ((9, 8), (9, 8)), ((6, 5), (17, 13))])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_channel_split_for_small_batches_matches_twin(monkeypatch: pytest.MonkeyPatch, parts: int, shape: tuple,
+                                                      dst: tuple, with_mask: bool) -> None:
+    # with fewer samples than threads each sample's channels go in parallel parts whose
+    # shares of z are added before counting; force the split whatever this machine's threads
+    import engine.scores as scores_module
+
+    monkeypatch.setattr(scores_module, "_split_parts", lambda batch, channels: parts)
+    rng = np.random.default_rng(parts + len(shape))
+    C = 7
+    f = rng.normal(size=(1, C, *shape)).astype(np.float32)
+    f[0, 2] += 3.0 * (rng.random(shape) > 0.5)
+    g = rng.random((1, *dst))
+    mask = (rng.random((1, *dst)) > 0.3).astype(np.float64) if with_mask else None
+    y = g > 0.5
+    layer, unit = sa_scores(f, g, y, mask=mask, level="both")
+    fu = f[0].astype(np.float64) if shape == dst else naive.resize_linear(f[0].astype(np.float64), dst)
+    twin = naive.sa_one(fu, g[0], y[0], None if mask is None else mask[0])
+    assert layer.status[0] == Status.OK
+    _check_counts(layer, (0,), twin, _near_ties(twin["margin"], twin), y[0])
+    monkeypatch.setattr(scores_module, "_split_parts", lambda batch, channels: 1)
+    np.testing.assert_allclose(sa_scores(f, g, y, mask=mask, level="both")[1].score, unit.score)
