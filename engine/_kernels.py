@@ -144,83 +144,13 @@ def _ranges(i, n_src):
 
 
 @njit(cache=True, fastmath=_FM)
-def _adjoint_x(tf, tb, ix0, ix1, wx0, wx1, Wf, Wb):
-    """Wf = tf·Rxᵀ, Wb = tb·Rxᵀ row by row: (R, Xt) -> (R, Xs).
+def _adjoint_x1(tf, ix0, ix1, wx0, wx1, Wf):
+    """Wf = tf·Rxᵀ row by row: (R, Xt) -> (R, Xs).
 
     Gathered per source position (the target positions that read it form two contiguous
     ranges), four rows at a time: only register accumulators are written in the inner loops,
     so nothing aliases (a scatter over runs of equal indices was 2-3x slower, measured).
     """
-    R, Xt = tf.shape
-    Xs = Wf.shape[1]
-    lo0, hi0 = _ranges(ix0, Xs)
-    lo1, hi1 = _ranges(ix1, Xs)
-    R4 = R - R % 4
-    for r in range(0, R4, 4):
-        f0 = tf[r]
-        f1 = tf[r + 1]
-        f2 = tf[r + 2]
-        f3 = tf[r + 3]
-        k0 = tb[r]
-        k1 = tb[r + 1]
-        k2 = tb[r + 2]
-        k3 = tb[r + 3]
-        for j in range(Xs):
-            a0 = 0.0
-            a1 = 0.0
-            a2 = 0.0
-            a3 = 0.0
-            b0 = 0.0
-            b1 = 0.0
-            b2 = 0.0
-            b3 = 0.0
-            for x in range(lo0[j], hi0[j]):
-                w = wx0[x]
-                a0 += w * f0[x]
-                a1 += w * f1[x]
-                a2 += w * f2[x]
-                a3 += w * f3[x]
-                b0 += w * k0[x]
-                b1 += w * k1[x]
-                b2 += w * k2[x]
-                b3 += w * k3[x]
-            for x in range(lo1[j], hi1[j]):
-                w = wx1[x]
-                a0 += w * f0[x]
-                a1 += w * f1[x]
-                a2 += w * f2[x]
-                a3 += w * f3[x]
-                b0 += w * k0[x]
-                b1 += w * k1[x]
-                b2 += w * k2[x]
-                b3 += w * k3[x]
-            Wf[r, j] = a0
-            Wf[r + 1, j] = a1
-            Wf[r + 2, j] = a2
-            Wf[r + 3, j] = a3
-            Wb[r, j] = b0
-            Wb[r + 1, j] = b1
-            Wb[r + 2, j] = b2
-            Wb[r + 3, j] = b3
-    for r in range(R4, R):
-        f = tf[r]
-        k = tb[r]
-        for j in range(Xs):
-            a = 0.0
-            b = 0.0
-            for x in range(lo0[j], hi0[j]):
-                a += wx0[x] * f[x]
-                b += wx0[x] * k[x]
-            for x in range(lo1[j], hi1[j]):
-                a += wx1[x] * f[x]
-                b += wx1[x] * k[x]
-            Wf[r, j] = a
-            Wb[r, j] = b
-
-
-@njit(cache=True, fastmath=_FM)
-def _adjoint_x1(tf, ix0, ix1, wx0, wx1, Wf):
-    """:func:`_adjoint_x` for one array."""
     R, Xt = tf.shape
     Xs = Wf.shape[1]
     lo0, hi0 = _ranges(ix0, Xs)
@@ -351,8 +281,8 @@ def _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
                 c1 = wz1[zt] * wy1[yt]
                 _scatter_row(gr, mr, has_mask, c0, c1, tf[iz1[zt], ya], tf[iz1[zt], yb],
                              tb[iz1[zt], ya], tb[iz1[zt], yb])
-    _adjoint_x(tf.reshape((Zs * Ys, Xt)), tb.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1,
-               Wf.reshape((Zs * Ys, Xs)), Wb.reshape((Zs * Ys, Xs)))
+    _adjoint_x1(tf.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((Zs * Ys, Xs)))
+    _adjoint_x1(tb.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wb.reshape((Zs * Ys, Xs)))
     return sm, sf, sb, bad
 
 
@@ -704,7 +634,11 @@ _MODE_WEIGHTS = 2          # resized: precomputed Rᵀ(g·m), Rᵀ((1-g)·m) on 
 
 @njit(cache=True, fastmath=_FM)
 def _sums4(Fb, c, t0, t1, mode, g, m, Wf, Wb):
-    """Prototype sums of channels c..c+3 over positions [t0, t1): (Σf·wf)x4, (Σf·wb)x4."""
+    """Prototype sums of channels c..c+3 over positions [t0, t1): (Σf·wf)x4, (Σf·wb)x4.
+
+    The three loops differ only in where the weights come from (guide, guide and mask, or
+    precomputed arrays); they are written out so that each inner loop stays branch-free.
+    """
     a0 = 0.0
     a1 = 0.0
     a2 = 0.0
@@ -1023,6 +957,16 @@ def _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
 
 
 @njit(cache=True, fastmath=_FM)
+def _layer_counts(z, refb, mid, identity, Zs, Ys, Xs,
+                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1):
+    """(positives, positives in ref, |ref|) of ``R z > mid`` for a flat source-grid z."""
+    if identity:
+        return _count_flat(z, refb.reshape(refb.size), mid)
+    A = _interp_x(z.reshape((Zs, Ys, Xs)), refb.shape[2], ix0, ix1, wx0, wx1)
+    return _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+
+
+@njit(cache=True, fastmath=_FM)
 def _ref_count(ref):
     ny = 0
     for i in range(ref.shape[0]):
@@ -1051,11 +995,8 @@ def layer_kernel_flat(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
         tp[b] = 0
         refb = ref[b]
         if do_counts and code == _OK and have_z:
-            if identity:
-                n, t, y = _count_flat(z, refb.reshape(refb.size), mid)
-            else:
-                A = _interp_x(z.reshape((Zs, Ys, Xs)), refb.shape[2], ix0, ix1, wx0, wx1)
-                n, t, y = _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+            n, t, y = _layer_counts(z, refb, mid, identity, Zs, Ys, Xs,
+                                    iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
             npos[b] = n
             tp[b] = t
             ny[b] = y
@@ -1119,12 +1060,8 @@ def layer_kernel_split(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
                 for s in range(S):
                     z[s] += zt[s]
                 k += kpart[b, t]
-            mid = 0.5 * k
-            if identity:
-                n, t_, y = _count_flat(z, refb.reshape(refb.size), mid)
-            else:
-                A = _interp_x(z.reshape((Zs, Ys, Xs)), refb.shape[2], ix0, ix1, wx0, wx1)
-                n, t_, y = _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+            n, t_, y = _layer_counts(z, refb, 0.5 * k, identity, Zs, Ys, Xs,
+                                     iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
             npos[b] = n
             tp[b] = t_
             ny[b] = y
