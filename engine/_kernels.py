@@ -1094,11 +1094,12 @@ def maps_kernel_flat(F, g, m, has_mask, identity, Zs, Ys, Xs,
 
 @njit(cache=True)
 def dice_counts(status, npos, tp, ny, per, empty_one, score, status_out, tp_out, fp_out, fn_out):
-    """Dice and confusion counts from the kernels' counts (flat arrays; ``ny`` per sample,
-    element i belonging to sample ``i // per``). Undefined prototypes count as an empty map;
-    an empty map and reference give ``EMPTY_DICE`` (score NaN, or 1 with ``empty_one``)."""
-    for i in range(status.shape[0]):
-        code = status[i]
+    """Dice and confusion counts from the kernels' counts (flat arrays; ``status`` and ``ny``
+    per sample, element i belonging to sample ``i // per``). Undefined prototypes count as an
+    empty map; an empty map and reference give ``EMPTY_DICE`` (score NaN, or 1 with
+    ``empty_one``)."""
+    for i in range(npos.shape[0]):
+        code = status[i // per]
         t = 0
         f = 0
         if code == _OK:

@@ -308,18 +308,18 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
 
 
 def _finish(status: np.ndarray, npos: np.ndarray, tp: np.ndarray, ny: np.ndarray, empty: str, level: str) -> SAScores:
-    """Scores from counts; ``status``/``npos``/``tp`` (B,) or (B, C), ``ny`` (B,)."""
+    """Scores from counts; ``npos``/``tp`` (B,) or (B, C), ``status`` and ``ny`` (B,)."""
     from engine import _kernels
 
-    shape = status.shape
-    per = 1 if status.ndim == 1 else shape[1]
-    n = status.size
+    shape = npos.shape
+    per = 1 if npos.ndim == 1 else shape[1]
+    n = npos.size
     score = np.empty(n)
     status_out = np.empty(n, dtype=np.uint8)
     tp_out = np.empty(n, dtype=np.int64)
     fp = np.empty(n, dtype=np.int64)
     fn = np.empty(n, dtype=np.int64)
-    _kernels.dice_counts(np.ascontiguousarray(status).reshape(-1), npos.reshape(-1), tp.reshape(-1), ny, per,
+    _kernels.dice_counts(status, npos.reshape(-1), tp.reshape(-1), ny, per,
                          empty == "one", score, status_out, tp_out, fp, fn)
     return SAScores(score.reshape(shape), status_out.reshape(shape), tp_out.reshape(shape),
                     fp.reshape(shape), fn.reshape(shape), level)
@@ -502,7 +502,7 @@ def sa_scores(
     utp = np.zeros((B, C), dtype=np.int64)
     _kernels.unit_kernel(p.F, p.ref, p.identity, p.channels_last, *p.weights, P, N, status == Status.OK,
                          upos, utp)
-    unit = _finish(np.repeat(status[:, None], C, axis=1), upos, utp, ny, empty, "unit")
+    unit = _finish(status, upos, utp, ny, empty, "unit")
     return unit if level == "unit" else (layer, unit)
 
 
