@@ -54,8 +54,8 @@ def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def _run_provider(provider: str, model: Any, card: Any, tensors: list[Any], images: np.ndarray,
                   batch: int) -> dict[str, Any]:
     from engine import sa_scores
-    from engine.graph import expose
-    from engine.runner import make_session
+    from engine.model.graph import expose
+    from engine.model.session import make_session
 
     sess = make_session(expose(model, tensors), provider=provider)
     names = [t.name for t in tensors]
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from engine.graph import list_hidden_tensors
-    from engine.modelcard import resolve_model_card
-    from engine.runner import cuda_usable
+    from engine.model.graph import list_hidden_tensors
+    from engine.model.card import resolve_model_card
+    from engine.model.session import cuda_usable
     from tests.models import save, unet
 
     print(f"onnxruntime {ort.__version__}; providers listed: {ort.get_available_providers()}")

@@ -176,7 +176,7 @@ def deep_unet(*, levels: int = 4, base: int = 16, size: int = 256, seed: int = 0
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from engine.metadata import new_metadata, write_metadata
+    from engine.model.metadata import new_metadata, write_metadata
     from tests.models import OPSET
 
     if int(levels) < 1 or int(base) < 1 or int(size) % (2 ** int(levels)):
@@ -305,7 +305,7 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
     """
     if int(size) % 2 or int(size) < 8 or int(base) < 1:
         raise ValueError(f"size={size!r}, base={base!r}; expected an even size >= 8 and base >= 1")
-    from engine.graph import list_hidden_tensors, select_tensors
+    from engine.model.graph import list_hidden_tensors, select_tensors
     from tests.models import save, unet
 
     if kind not in ("unet", "deep"):
@@ -371,8 +371,8 @@ def _pipeline_targets() -> list[tuple[str, Any, str]]:
     import engine.estimation
     import engine.scores
     from engine.datasets import Dataset
-    from engine.modelcard import ModelCard
-    from engine.runner import Session
+    from engine.model.card import ModelCard
+    from engine.model.session import Session
     from engine.store import StoreWriter
 
     return [
@@ -392,9 +392,9 @@ def _pipeline_targets() -> list[tuple[str, Any, str]]:
 def _prepared_batches(w: Workload) -> tuple[Any, list[dict[str, np.ndarray]], list[str]]:
     """The pipeline's session (same exposed outputs) and the preprocessed input batches."""
     from engine.datasets import open_dataset
-    from engine.graph import expose, list_hidden_tensors, load_model, select_tensors
-    from engine.modelcard import resolve_model_card
-    from engine.runner import make_session
+    from engine.model.graph import expose, list_hidden_tensors, load_model, select_tensors
+    from engine.model.card import resolve_model_card
+    from engine.model.session import make_session
 
     proto = load_model(w.model)
     card = resolve_model_card(proto)
@@ -465,7 +465,7 @@ def _ort_threads() -> int:
     The pipeline leaves ``intra_op_num_threads`` at onnxruntime's default (one per physical
     core); the pool has that many threads minus one (the caller's thread works too).
     """
-    from engine.runner import make_session
+    from engine.model.session import make_session
     from tests.models import tiny_conv
 
     def count() -> int:

@@ -209,7 +209,7 @@ def inspect(model: Path, layers: str, as_json: bool) -> None:
       protoseg inspect model.onnx
       protoseg inspect model.onnx --layers 'op:Conv' --json
     """
-    from engine.graph import list_hidden_tensors, load_model, select_tensors
+    from engine.model.graph import list_hidden_tensors, load_model, select_tensors
 
     proto = load_model(model)
     init_names = {i.name for i in proto.graph.initializer}

@@ -126,7 +126,7 @@ def baselines(
         )
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold={threshold!r}; expected a number strictly between 0 and 1")
-    from engine._baseline_kernel import CHUNK, N_SUMS, baseline_sums
+    from engine._kernels.baseline import CHUNK, N_SUMS, baseline_sums
 
     if p.dtype not in (np.float32, np.float64):
         p = p.astype(np.float64)

@@ -192,8 +192,8 @@ def score_dataset(
     >>> engine.open_store(summary.store).layer_table()  # doctest: +SKIP
     """
     from engine.datasets import open_dataset
-    from engine.graph import expose, list_hidden_tensors, load_model, plan_passes, select_tensors
-    from engine.runner import make_session
+    from engine.model.graph import expose, list_hidden_tensors, load_model, plan_passes, select_tensors
+    from engine.model.session import make_session
     from engine.store import StoreWriter
 
     check_choice(level, "level", LEVELS)
@@ -355,7 +355,7 @@ def score_dataset(
 def _resolve_card(proto: Any, card: Any) -> Any:
     """A ModelCard from: a ready card, a TOML path, an overrides dict (its optional
     ``"_toml"`` key names a TOML file the overrides apply on top of), or None."""
-    from engine.modelcard import ModelCard, resolve_model_card
+    from engine.model.card import ModelCard, resolve_model_card
 
     if isinstance(card, ModelCard):
         return card
@@ -684,7 +684,7 @@ def estimate_dataset(
     """
     from engine.estimation import (Calibration, _nan_to_none, calibrate, estimate_quality, flag_cases,
                                    rank_cases)
-    from engine.graph import load_model
+    from engine.model.graph import load_model
     from engine.store import open_store
     from engine.validation import validate
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine import resize as _resize
+from engine._kernels import counting, fused, general
 from engine._checks import as_array, as_binary_uint8, check_choice, check_not_empty, check_unit_interval
 from engine.status import Status
 
@@ -281,8 +282,6 @@ def _split_parts(batch: int, channels: int) -> int:
 
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
     """Prototypes, status and (with ``do_counts``) layer-level counts; also ``|ref|`` per sample."""
-    from engine import _kernels
-
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     P = np.empty((B, C))
     N = np.empty((B, C))
@@ -294,14 +293,14 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
         bad = np.zeros(B, dtype=np.int64)
         parts = _split_parts(B, C)
         if parts > 1:  # fewer samples than threads: each sample's channels in parallel parts
-            _kernels.layer_kernel_split(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
+            fused.layer_kernel_split(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
                                         *p.weights, parts, P, N, status, npos, tp, ny, bad)
         else:
-            _kernels.layer_kernel_flat(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
+            fused.layer_kernel_flat(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
                                        *p.weights, P, N, status, npos, tp, ny, bad)
         _check_deferred(p, bad)
     else:
-        _kernels.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,
+        general.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,
                               *p.weights, P, N, status, npos, tp)
         ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
     return P, N, status, npos, tp, ny
@@ -309,8 +308,6 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
 
 def _finish(status: np.ndarray, npos: np.ndarray, tp: np.ndarray, ny: np.ndarray, empty: str, level: str) -> SAScores:
     """Scores from counts; ``npos``/``tp`` (B,) or (B, C), ``status`` and ``ny`` (B,)."""
-    from engine import _kernels
-
     shape = npos.shape
     per = 1 if npos.ndim == 1 else shape[1]
     n = npos.size
@@ -319,7 +316,7 @@ def _finish(status: np.ndarray, npos: np.ndarray, tp: np.ndarray, ny: np.ndarray
     tp_out = np.empty(n, dtype=np.int64)
     fp = np.empty(n, dtype=np.int64)
     fn = np.empty(n, dtype=np.int64)
-    _kernels.dice_counts(status, npos.reshape(-1), tp.reshape(-1), ny, per,
+    counting.dice_counts(status, npos.reshape(-1), tp.reshape(-1), ny, per,
                          empty == "one", score, status_out, tp_out, fp, fn)
     return SAScores(score.reshape(shape), status_out.reshape(shape), tp_out.reshape(shape),
                     fp.reshape(shape), fn.reshape(shape), level)
@@ -399,8 +396,6 @@ def protoseg(
     """
     check_choice(nonfinite, "nonfinite", _NONFINITE)
     p = _prepare(features, guide, None, mask, resize=resize, layout=layout)
-    from engine import _kernels
-
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     tgt3 = p.g.shape[1:]
     P = np.empty((B, C))
@@ -410,11 +405,11 @@ def protoseg(
     prob = np.empty((B,) + tuple(tgt3), dtype=np.float32)
     if p.flat is not None:
         bad = np.zeros(B, dtype=np.int64)
-        _kernels.maps_kernel_flat(p.flat, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights,
+        fused.maps_kernel_flat(p.flat, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights,
                                   P, N, status, binary, prob, bad)
         _check_deferred(p, bad)
     else:
-        _kernels.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_last, *p.weights,
+        general.maps_kernel(p.F, p.g, p.m, p.has_mask, p.identity, p.channels_last, *p.weights,
                              P, N, status, binary, prob)
     if nonfinite == "raise":
         _raise_nonfinite(status)
@@ -496,11 +491,9 @@ def sa_scores(
     layer = _finish(status, npos, tp, ny, empty, "layer")
     if level == "layer":
         return layer
-    from engine import _kernels
-
     upos = np.zeros((B, C), dtype=np.int64)
     utp = np.zeros((B, C), dtype=np.int64)
-    _kernels.unit_kernel(p.F, p.ref, p.identity, p.channels_last, *p.weights, P, N, status == Status.OK,
+    general.unit_kernel(p.F, p.ref, p.identity, p.channels_last, *p.weights, P, N, status == Status.OK,
                          upos, utp)
     unit = _finish(status, upos, utp, ny, empty, "unit")
     return unit if level == "unit" else (layer, unit)

@@ -2,7 +2,7 @@
 
 Every exporter ends the same way: an ONNX ``ModelProto`` whose graph outputs are the
 prediction followed by the hidden tensors (each named after its framework layer), the
-protoseg model card written into it (:mod:`engine.metadata`), the file saved, and the
+protoseg model card written into it (:mod:`engine.model.metadata`), the file saved, and the
 framework's outputs compared with onnxruntime's on the same input. This module holds
 those steps so that ``exporters.torch``, ``exporters.tensorflow`` and ``exporters.onnx``
 read alike. It imports neither torch nor TensorFlow.
@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from engine.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, new_metadata, write_metadata
+from engine.model.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, new_metadata, write_metadata
 
 __all__ = [
     "ExportResult",
@@ -239,7 +239,7 @@ def build_metadata(
     preprocessing: Mapping[str, Any] | None = None,
     hidden: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the model card (schema of :mod:`engine.metadata`), validating its values.
+    """Assemble the model card (schema of :mod:`engine.model.metadata`), validating its values.
 
     Raises
     ------

@@ -5,7 +5,7 @@ graph outputs are the prediction followed by the chosen hidden tensors, each ren
 readable layer name derived from its producing node (``/enc1/enc1.0/Conv`` -> ``enc1.0``,
 ``conv3d_1/Relu`` -> ``conv3d_1``), with the protoseg model card written into it. The
 input file is never modified. Tensor listing, selection and exposing are
-:mod:`engine.graph`'s (``list_hidden_tensors``, ``select_tensors``, ``expose``).
+:mod:`engine.model.graph`'s (``list_hidden_tensors``, ``select_tensors``, ``expose``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engine.metadata import read_metadata
+from engine.model.metadata import read_metadata
 from exporters._common import (
     ExportResult,
     build_metadata,
@@ -102,7 +102,7 @@ def expose(
     path : str or path-like
         The ONNX file to write (must differ from the source file).
     layers : str or list of str
-        ``"all"`` or selectors of :func:`engine.graph.select_tensors`: tensor names,
+        ``"all"`` or selectors of :func:`engine.model.graph.select_tensors`: tensor names,
         layer names, globs, ``re:<regex>``, ``op:<OpType>``. ``"all"`` leaves out the
         prediction's logits when they only feed its final Sigmoid/Softmax.
     prediction : str, optional
@@ -144,8 +144,8 @@ def expose(
     >>> result = expose("model.onnx", "model-protoseg.onnx", layers="op:Conv",
     ...                 activation="softmax")  # doctest: +SKIP
     """
-    from engine.graph import expose as graph_expose
-    from engine.graph import list_hidden_tensors, load_model, select_tensors
+    from engine.model.graph import expose as graph_expose
+    from engine.model.graph import list_hidden_tensors, load_model, select_tensors
 
     if isinstance(model_path_or_proto, (str, os.PathLike)):
         src_path = Path(model_path_or_proto)

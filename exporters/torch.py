@@ -495,7 +495,7 @@ def _expose_scripted(
         plain = save_onnx(proto, Path(tmp) / "plain.onnx")
         selectors = layers
         if selectors is None:  # the activations, else every spatial tensor
-            from engine.graph import list_hidden_tensors
+            from engine.model.graph import list_hidden_tensors
 
             selectors = "op:Relu" if any(t.op == "Relu" for t in list_hidden_tensors(plain)) else "all"
         result = onnx_expose(

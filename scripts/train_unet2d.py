@@ -208,13 +208,13 @@ def export_onnx(model, path: Path, *, source: str) -> dict:
     """Export to ONNX with protoseg metadata naming every ReLU output after its module.
 
     Uses ``exporters.torch.export`` (hidden outputs :data:`HIDDEN_LAYERS`); without it,
-    ``torch.onnx.export`` (TorchScript exporter, opset 17) plus :mod:`engine.metadata`
+    ``torch.onnx.export`` (TorchScript exporter, opset 17) plus :mod:`engine.model.metadata`
     naming every ReLU output.
     """
     import onnx
     import torch
 
-    from engine.metadata import METADATA_KEY, new_metadata
+    from engine.model.metadata import METADATA_KEY, new_metadata
 
     model.eval()
     dummy = torch.zeros(1, 1, *SIZE)

@@ -126,7 +126,7 @@ def unet(
         Weight seed.
     metadata : bool or dict
         ``True`` writes a protoseg model card (:func:`unet_metadata`); a dict is written
-        as given (it must carry the encoding pair, see :func:`engine.metadata.new_metadata`).
+        as given (it must carry the encoding pair, see :func:`engine.model.metadata.new_metadata`).
 
     Returns
     -------
@@ -237,7 +237,7 @@ def unet(
     model.ir_version = 8
     onnx.checker.check_model(model)
     if metadata:
-        from engine.metadata import write_metadata
+        from engine.model.metadata import write_metadata
 
         meta = metadata if isinstance(metadata, dict) else unet_metadata(
             ndim=ndim, layout=layout, head=head, n_classes=n_classes, size=size,
@@ -252,7 +252,7 @@ def unet_metadata(*, ndim: int = 2, layout: str | None = None, head: str = "sigm
 
     Hidden layer names are ``"block/<tensor>"`` so tests can tell them from node names.
     """
-    from engine.metadata import new_metadata
+    from engine.model.metadata import new_metadata
 
     layout = layout or _default_layout(ndim)
     channels_last = layout in _CHANNELS_LAST

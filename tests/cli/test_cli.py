@@ -34,7 +34,7 @@ def _smooth_threshold_model(size: int = 32):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from engine.metadata import new_metadata, write_metadata
+    from engine.model.metadata import new_metadata, write_metadata
 
     w1 = np.zeros((4, 1, 5, 5), np.float32)
     for k in range(4):
@@ -235,7 +235,7 @@ def test_export_onnx_adds_names_and_a_model_card(runner, tmp_path):
                                              "--activation", "sigmoid", "--json"])).output)
     assert Path(res["path"]) == out and out.exists()
     import engine
-    from engine.metadata import read_metadata
+    from engine.model.metadata import read_metadata
     import onnx
 
     assert read_metadata(onnx.load(str(out)))["prediction"]["activation"] == "sigmoid"

@@ -10,7 +10,7 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from engine.metadata import read_metadata  # noqa: E402
+from engine.model.metadata import read_metadata  # noqa: E402
 from exporters._common import run_onnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

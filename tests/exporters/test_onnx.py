@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from engine.metadata import read_metadata  # noqa: E402
+from engine.model.metadata import read_metadata  # noqa: E402
 from exporters import _common
 from exporters._common import (  # noqa: E402
     ExportMismatchError,

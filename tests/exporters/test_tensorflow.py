@@ -13,7 +13,7 @@ pytest.importorskip("tf2onnx")
 keras = pytest.importorskip("keras")
 onnx = pytest.importorskip("onnx")
 
-from engine.metadata import read_metadata  # noqa: E402
+from engine.model.metadata import read_metadata  # noqa: E402
 from exporters import tensorflow as tfx  # noqa: E402
 from exporters._common import ExportMismatchError, LayerNotFoundError, run_onnx  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_keras_2d_nhwc_default_layers(tmp_path, unet2d):
 
 
 def test_recorded_layout_lets_the_engine_score_nhwc(tmp_path, unet2d):
-    modelcard = pytest.importorskip("engine.modelcard")
+    modelcard = pytest.importorskip("engine.model.card")
     scores = pytest.importorskip("engine.scores")
     r = tfx.export(unet2d, tmp_path / "k.onnx", layers=["enc2", "dec1"])
     card = modelcard.resolve_model_card(onnx.load(r.path))

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 from torch import nn  # noqa: E402
 
-from engine.metadata import read_metadata  # noqa: E402
+from engine.model.metadata import read_metadata  # noqa: E402
 from exporters import torch as texp  # noqa: E402
 from exporters._common import ExportMismatchError, LayerNotFoundError, run_onnx  # noqa: E402
 

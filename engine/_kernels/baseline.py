@@ -5,16 +5,8 @@ large volume still uses every thread; the caller reduces the chunks and divides.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
-
-from engine._numba_cache import ensure_cache_dir, prefer_passive_waiting
-
-ensure_cache_dir(os.path.dirname(os.path.abspath(__file__)))
-prefer_passive_waiting()
-
-from numba import njit, prange  # noqa: E402
+from numba import njit, prange
 
 #: Columns of the partial sums: mask count, Σ b, Σ uncertain, Σ entropy (bits), Σ p, Σ p·b,
 #: then min p, max p and the count of non-finite values (for validation by the caller).

@@ -27,7 +27,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from engine.metadata import read_metadata
+from engine.model.metadata import read_metadata
 
 __all__ = [
     "HiddenTensor",

@@ -1,4 +1,4 @@
-"""Tests for engine/runner.py: provider choice, sessions, batch looping, IOBinding path."""
+"""Tests for engine/model/session.py: provider choice, sessions, batch looping, IOBinding path."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from engine.graph import expose, list_hidden_tensors
-from engine.runner import cuda_usable, make_session
+from engine.model.graph import expose, list_hidden_tensors
+from engine.model.session import cuda_usable, make_session
 from tests.models import save, tiny_conv, unet
 
 

@@ -26,7 +26,7 @@ the key :data:`METADATA_KEY` as one JSON object::
 foreground probabilities (one channel per class); ``softmax`` — class probabilities
 summing to one over the channel axis; ``logits`` — raw scores (sigmoid applied for one
 channel, softmax over channels otherwise). Every key is optional except the encoding
-pair; what is missing is inferred by :mod:`engine.modelcard`, which says what it assumed.
+pair; what is missing is inferred by :mod:`engine.model.card`, which says what it assumed.
 """
 from __future__ import annotations
 

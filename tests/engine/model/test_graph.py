@@ -1,4 +1,4 @@
-"""Tests for engine/graph.py: loading, listing, selecting, exposing, planning passes."""
+"""Tests for engine/model/graph.py: loading, listing, selecting, exposing, planning passes."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
-from engine.graph import (
+from engine.model.graph import (
     HiddenTensor,
     activation_bytes,
     expose,

@@ -7,7 +7,7 @@ scored, and the layout of every hidden tensor.
 
 :func:`resolve_model_card` merges three sources, later ones winning field by field:
 the protoseg metadata stored in the ONNX file (written by our exporters, see
-:mod:`engine.metadata`) < a TOML file < an overrides dict. Whatever none of them gives is
+:mod:`engine.model.metadata`) < a TOML file < an overrides dict. Whatever none of them gives is
 inferred from the graph, and every inferred field adds one human sentence to
 ``card.assumed``.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, read_metadata
+from engine.model.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, read_metadata
 
 __all__ = ["ModelCard", "resolve_model_card", "FIELDS"]
 
@@ -510,7 +510,7 @@ def resolve_model_card(
     >>> card.layout, card.assumed[:1]  # doctest: +SKIP
     ('NDHWC', ['input layout NDHWC: the last axis has 1 entries (channels) in shape [...]'])
     """
-    from engine.graph import load_model
+    from engine.model.graph import load_model
 
     proto = load_model(model)
     fields: dict[str, Any] = {}
@@ -648,7 +648,7 @@ def resolve_model_card(
         fields["classes"] = tuple(fields["classes"])
     layouts = dict(fields.get("hidden_layouts") or {})
     if layouts:
-        from engine.graph import CHANNELS_FIRST_OPS
+        from engine.model.graph import CHANNELS_FIRST_OPS
 
         producers = {o: n.op_type for n in graph.node for o in n.output}
         for name, lay in layouts.items():

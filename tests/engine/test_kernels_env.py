@@ -1,4 +1,4 @@
-"""engine._numba_cache: a read-only package folder must not break ``import`` of the kernels."""
+"""engine._kernels._env: a read-only package folder must not break ``import`` of the kernels."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import _numba_cache
+from engine._kernels import _env as _numba_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Tests for engine/modelcard.py: resolution order, inference, preprocessing, probabilities."""
+"""Tests for engine/model/card.py: resolution order, inference, preprocessing, probabilities."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engine.metadata import new_metadata
-from engine.modelcard import ModelCard, resolve_model_card
+from engine.model.metadata import new_metadata
+from engine.model.card import ModelCard, resolve_model_card
 from tests.models import multi_output, serialized, tiny_conv, unet
 
 
@@ -280,7 +280,7 @@ def test_binary_model_class_written_as_label_one():
 
 def test_channels_last_hidden_layout_on_a_conv_output_is_corrected():
     """A Keras layer's NHWC layout attached to tf2onnx's NCHW Conv output must not transpose it."""
-    from engine.graph import list_hidden_tensors
+    from engine.model.graph import list_hidden_tensors
 
     meta = new_metadata(hidden={"enc1_conv": {"layer": "conv2d", "layout": "NHWC"},
                                 "enc1": {"layer": "relu", "layout": "NCHW"}})

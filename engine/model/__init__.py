@@ -1,0 +1,45 @@
+"""The model stage: an ONNX file in, a ready onnxruntime session and its model card out.
+
+- :mod:`engine.model.metadata` — the model card's schema as stored in the ONNX file (the only
+  part of the engine that :mod:`exporters` imports).
+- :mod:`engine.model.graph` — loading, listing, selecting and exposing hidden tensors, and
+  planning passes under a memory budget.
+- :mod:`engine.model.card` — the resolved :class:`ModelCard` (metadata < TOML < flags):
+  preprocessing, prediction, layouts.
+- :mod:`engine.model.session` — the onnxruntime session factory (provider probe, threads).
+
+Names are imported lazily so that ``import engine.model.metadata`` does not load onnxruntime.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "HiddenTensor": "engine.model.graph",
+    "load_model": "engine.model.graph",
+    "list_hidden_tensors": "engine.model.graph",
+    "require_hidden": "engine.model.graph",
+    "select_tensors": "engine.model.graph",
+    "expose": "engine.model.graph",
+    "plan_passes": "engine.model.graph",
+    "ModelCard": "engine.model.card",
+    "resolve_model_card": "engine.model.card",
+    "Session": "engine.model.session",
+    "make_session": "engine.model.session",
+    "cuda_usable": "engine.model.session",
+    "read_metadata": "engine.model.metadata",
+    "write_metadata": "engine.model.metadata",
+    "new_metadata": "engine.model.metadata",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine.model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
