@@ -1,29 +1,20 @@
-"""The two baselines the kernel benchmark compares the engine with.
+"""The baseline the kernel benchmark compares the engine with: the published module in PyTorch.
 
-(a) ``reference_sa``: the published ProtoSeg module (He et al. 2023, the ``EnhanceNet`` class of
-    shengfly/ProtoSeg) used as its README prescribes -- hidden features first upsampled to the
-    mask with ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``,
-    prototypes as masked means, negative squared distances, softmax, argmax -- plus Dice. This is
-    what a user of the reference does today.
-(b) ``naive_sa``: the same formulas written literally in NumPy, on a materialised upsampled
-    tensor (SPEC §1-3).
-
-Neither is part of the engine; both exist to time it and to check it.
+``reference_sa``: the published ProtoSeg module (He et al. 2023, the ``EnhanceNet`` class of
+shengfly/ProtoSeg) used as its README prescribes -- hidden features first upsampled to the
+mask with ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``,
+prototypes as masked means, negative squared distances, softmax, argmax -- plus Dice. This is
+what a user of the reference does today. It is not part of the engine; it exists to time it
+and to check it. (The benchmark's other comparison, the formulas literally in NumPy, is the
+tests' twin set, ``tests/naive.py``.)
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "reference_protoseg",
-    "reference_sa",
-    "linear_weights_naive",
-    "upsample_naive",
-    "naive_sa",
-]
+__all__ = ["reference_protoseg", "reference_sa"]
 
 _LEVELS = ("layer", "unit")
 
@@ -46,9 +37,6 @@ def _check_inputs(features: np.ndarray, guide: np.ndarray, reference: np.ndarray
         )
 
 
-# --------------------------------------------------------------------------------------------
-# (a) the published module, in PyTorch
-# --------------------------------------------------------------------------------------------
 def reference_protoseg(xfeat: Any, pred: Any, mask: Any = None, *, dims: tuple[int, ...] = (2, 3)) -> Any:
     """Probability map of the published ProtoSeg module, formulas as published.
 
@@ -148,10 +136,31 @@ def reference_sa(
 
     Examples
     --------
+    A channel that grows with the row segments a guide of the lower rows perfectly:
+
     >>> f = np.repeat(np.arange(4, dtype=np.float32), 4).reshape(1, 1, 4, 4)  # rows 0..3
     >>> g = np.zeros((1, 8, 8), np.float32); g[:, 4:] = 1
     >>> float(reference_sa(f, g, g)[0])
     1.0
+
+    The unit level is every channel run alone at layer level, and comparing the two
+    probabilities gives the labels of ``argmax``:
+
+    >>> rng = np.random.default_rng(0)
+    >>> f = rng.standard_normal((2, 3, 4, 4), dtype=np.float32)
+    >>> g = np.zeros((2, 8, 8), np.float32); g[:, 2:6, 1:5] = 1
+    >>> units = reference_sa(f, g, g > 0, level="unit")
+    >>> alone = [reference_sa(f[:, c:c + 1].copy(), g, g > 0) for c in range(3)]
+    >>> bool(np.allclose(units, np.stack(alone, axis=1), rtol=0, atol=1e-12))
+    True
+    >>> bool(np.array_equal(reference_sa(f, g, g > 0, level="unit", decision="compare"), units))
+    True
+
+    Without background the published module maps everything to background (the twins of
+    ``tests/naive.py`` and the engine say the score is undefined instead):
+
+    >>> reference_sa(f, np.ones_like(g), g > 0, level="unit").tolist()
+    [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     """
     import torch
     import torch.nn.functional as F
@@ -189,140 +198,4 @@ def reference_sa(
             tp = (binary & y).sum(sp).double()
             denom = binary.sum(sp).double() + y.sum(sp).double()
             out[s:e] = (2 * tp / denom).numpy()
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# (b) naive NumPy: materialise the upsampled tensor, apply the formulas literally
-# --------------------------------------------------------------------------------------------
-@lru_cache(maxsize=64)
-def linear_weights_naive(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel linear resize weights with edge clamp, one output position at a time.
-
-    Parameters
-    ----------
-    n_in, n_out : int
-        Input and output lengths (>= 1).
-
-    Returns
-    -------
-    tuple of numpy.ndarray
-        ``(i0, i1, w0, w1)``: output ``o`` is ``w0[o]·x[i0[o]] + w1[o]·x[i1[o]]``.
-
-    Notes
-    -----
-    ``src = max((o + 0.5)·n_in/n_out - 0.5, 0)``, ``i0 = floor(src)``,
-    ``i1 = min(i0 + 1, n_in - 1)``, ``w1 = src - i0``, ``w0 = 1 - w1`` -- the rule of
-    ``interpolate(align_corners=False)`` with a target size.
-
-    Examples
-    --------
-    >>> [w.tolist() for w in linear_weights_naive(2, 4)]
-    [[0, 0, 0, 1], [1, 1, 1, 1], [1.0, 0.75, 0.25, 0.75], [0.0, 0.25, 0.75, 0.25]]
-    """
-    i0 = np.empty(n_out, np.int64)
-    i1 = np.empty(n_out, np.int64)
-    w0 = np.empty(n_out, np.float64)
-    w1 = np.empty(n_out, np.float64)
-    scale = n_in / n_out
-    for o in range(n_out):
-        src = max((o + 0.5) * scale - 0.5, 0.0)
-        lo = min(int(np.floor(src)), n_in - 1)
-        i0[o] = lo
-        i1[o] = min(lo + 1, n_in - 1)
-        w1[o] = src - lo
-        w0[o] = 1.0 - w1[o]
-    return i0, i1, w0, w1
-
-
-def upsample_naive(features: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Materialised bilinear resize of (..., y, x) to (..., *size), half-pixel centres.
-
-    Parameters
-    ----------
-    features : numpy.ndarray
-        Array whose last two axes are spatial.
-    size : tuple of int
-        Target (Y, X).
-
-    Returns
-    -------
-    numpy.ndarray
-        Resized array, same dtype as ``features``.
-
-    Examples
-    --------
-    >>> upsample_naive(np.array([[0.0, 4.0]]), (1, 4)).tolist()
-    [[0.0, 1.0, 3.0, 4.0]]
-    """
-    dt = features.dtype
-    i0, i1, w0, w1 = linear_weights_naive(features.shape[-2], size[0])
-    tmp = features[..., i0, :] * w0.astype(dt)[:, None] + features[..., i1, :] * w1.astype(dt)[:, None]
-    j0, j1, v0, v1 = linear_weights_naive(features.shape[-1], size[1])
-    return tmp[..., j0] * v0.astype(dt) + tmp[..., j1] * v1.astype(dt)
-
-
-def naive_sa(
-    features: np.ndarray, guide: np.ndarray, reference: np.ndarray, *, level: str = "layer"
-) -> np.ndarray:
-    """SA scores from the formulas of SPEC §1-2 applied literally in NumPy, sample by sample.
-
-    Parameters
-    ----------
-    features : numpy.ndarray
-        (B, C, y, x) features on their native grid.
-    guide, reference : numpy.ndarray
-        (B, Y, X) guide in [0, 1] and reference mask.
-    level : {"layer", "unit"}, keyword-only
-        All channels together, or each channel alone (C = 1).
-
-    Returns
-    -------
-    numpy.ndarray
-        float64 Dice of the binary map with ``reference``, (B,) or (B, C); NaN where a
-        prototype or the Dice is undefined.
-
-    Raises
-    ------
-    ValueError
-        If the shapes are not (B, C, y, x) and (B, Y, X) or ``level`` is unknown.
-
-    Notes
-    -----
-    ``P = Σ F·g / Σ g``, ``N = Σ F·(1-g) / Σ (1-g)`` on the upsampled features;
-    ``b = [-‖F - P‖² > -‖F - N‖²]``; ``SA = 2|b ∧ y| / (|b| + |y|)``.
-
-    Examples
-    --------
-    >>> f = np.repeat(np.arange(4, dtype=np.float32), 4).reshape(1, 1, 4, 4)  # rows 0..3
-    >>> g = np.zeros((1, 8, 8), np.float32); g[:, 4:] = 1
-    >>> float(naive_sa(f, g, g)[0])
-    1.0
-    """
-    _check_level(level)
-    _check_inputs(features, guide, reference)
-    b, c = features.shape[:2]
-    size = guide.shape[1:]
-    out = np.empty((b,) if level == "layer" else (b, c), np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for i in range(b):
-            up = upsample_naive(features[i], size).reshape(c, -1)  # (C, S)
-            g = guide[i].reshape(-1).astype(up.dtype)
-            y = reference[i].reshape(-1).astype(bool)
-            if g.sum() == 0 or (1 - g).sum() == 0:  # a prototype does not exist
-                out[i] = np.nan
-                continue
-            pos = (up * g).sum(axis=1) / g.sum()
-            neg = (up * (1 - g)).sum(axis=1) / (1 - g).sum()
-            if level == "layer":
-                dpos = -((up - pos[:, None]) ** 2).sum(axis=0)
-                dneg = -((up - neg[:, None]) ** 2).sum(axis=0)
-                binary = dpos > dneg
-                out[i] = 2.0 * np.sum(binary & y) / (np.sum(binary) + np.sum(y))
-            else:
-                dpos = -((up - pos[:, None]) ** 2)
-                dneg = -((up - neg[:, None]) ** 2)
-                binary = dpos > dneg  # (C, S)
-                tp = np.sum(binary & y, axis=1)
-                out[i] = 2.0 * tp / (np.sum(binary, axis=1) + np.sum(y))
     return out

@@ -31,12 +31,19 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-
-__all__ = ["main"]
+import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run as a script: python benchmarks/gpu_check.py
     sys.path.insert(0, str(ROOT))
+
+from engine import open_store, sa_scores, score_dataset  # noqa: E402
+from engine.model.card import resolve_model_card  # noqa: E402
+from engine.model.graph import expose, list_hidden_tensors  # noqa: E402
+from engine.model.session import cuda_usable, make_session  # noqa: E402
+from tests.models import save, unet  # noqa: E402
+
+__all__ = ["main"]
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -53,10 +60,6 @@ def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _run_provider(provider: str, model: Any, card: Any, tensors: list[Any], images: np.ndarray,
                   batch: int) -> dict[str, Any]:
-    from engine import sa_scores
-    from engine.model.graph import expose
-    from engine.model.session import make_session
-
     sess = make_session(expose(model, tensors), provider=provider)
     names = [t.name for t in tensors]
     pred_name = card.prediction_output
@@ -95,8 +98,6 @@ def _run_provider(provider: str, model: Any, card: Any, tensors: list[Any], imag
 
 
 def _pipeline(provider: str, model_path: Path, data_path: Path, work: Path, batch: int) -> np.ndarray:
-    from engine import open_store, score_dataset
-
     store = work / f"scores_{provider}.h5"
     score_dataset(model_path, data_path, store, provider=provider, batch_size=batch, overwrite=True)
     st = open_store(store)
@@ -115,13 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-test", action="store_true",
                         help="without a GPU: compare the CPU with itself through the same code path")
     args = parser.parse_args(argv)
-
-    import onnxruntime as ort
-
-    from engine.model.graph import list_hidden_tensors
-    from engine.model.card import resolve_model_card
-    from engine.model.session import cuda_usable
-    from tests.models import save, unet
 
     print(f"onnxruntime {ort.__version__}; providers listed: {ort.get_available_providers()}")
     usable = cuda_usable()

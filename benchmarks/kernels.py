@@ -2,7 +2,8 @@
 
 Run as a module::
 
-    python -m benchmarks.kernels [--repeat N] [--slow-repeat N] [--quick] [--no-numpy] [--write]
+    python -m benchmarks.kernels [--repeat N] [--slow-repeat N] [--quick] [--no-numpy] [--no-startup]
+        [--check] [--write [--results PATH]] [--json PATH]
 
 Workload (issue 2, item 7): a U-Net sweep, batch 8, mask 256×256, layers (C, side) =
 (32,256) (64,128) (128,64) (256,32) (512,16) (256,32) (128,64) (64,128) (32,256), float32
@@ -12,11 +13,14 @@ inputs in one process:
 (a) ``baseline``: the published ProtoSeg module in PyTorch (``interpolate`` to the mask size,
     masked-mean prototypes, negative squared distances, softmax, argmax) plus Dice; at unit
     level every channel is its own C = 1 run, the channels carried on an extra axis;
-(b) ``numpy``: the formulas literally in NumPy on the materialised upsampled tensor;
+(b) ``numpy``: the formulas literally in NumPy on the materialised upsampled tensor: the
+    float64 twins of ``tests/naive.py`` (``resize_linear``, then ``sa_one`` per sample, or per
+    channel at unit level), the same functions the tests compare the engine with;
 (c) ``engine``: ``engine.sa_scores(level="layer" | "unit")``.
 
-The engine is checked against the baseline (SA within 1e-4) before anything is timed. Each
-time is the median of several repeats after one untimed warm-up call. The floor is the time to
+The engine and the twins are checked against the baseline (SA within 1e-4) before anything is
+timed; a disagreement ends the run with exit status 1, and ``--check`` stops after this check
+(nothing timed). Each time is the median of several repeats after one untimed warm-up call. The floor is the time to
 read the native features once at this machine's streaming-read bandwidth, measured in the same
 process. Compile time (fresh Numba cache) and cached import + first call are measured in
 subprocesses.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -37,7 +42,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+# Before Numba reads its configuration and before any OpenMP runtime starts (torch, Numba):
+# passive waiting, 2 threads each (../shared/NOTES.md), Numba's cache in the repository.
+THREADS = 2
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NUMBA_NUM_THREADS", str(THREADS))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache"))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+import engine  # noqa: E402  (lazy: the kernels load on the first engine.sa_scores call)
+from benchmarks._baseline import reference_sa  # noqa: E402
+from tests import naive  # noqa: E402
 
 __all__ = [
     "LAYERS",
@@ -97,6 +115,21 @@ class Workload:
         """Bytes of native features per layer."""
         return [f.nbytes for f in self.features]
 
+    def summary(self) -> dict[str, object]:
+        """What was run, for the JSON output: sizes, layouts, the guide's foreground fraction per
+        sample and a SHA-256 of every array (equal digests: identical inputs)."""
+        digest = hashlib.sha256()
+        for a in (*self.features, self.guide, self.reference):
+            digest.update(np.ascontiguousarray(a).tobytes())
+        return {
+            "batch": self.batch, "size": self.size, "layers": [list(layer) for layer in self.layers],
+            "dtype": sorted({str(f.dtype) for f in self.features}),
+            "c_contiguous": all(f.flags.c_contiguous for f in self.features),
+            "foreground_fraction": [float(g.mean()) for g in self.guide],
+            "reference_is_guide": bool(np.array_equal(self.reference, self.guide > 0.5)),
+            "sha256": digest.hexdigest(),
+        }
+
 
 def _blob(cy: np.ndarray, cx: np.ndarray, ry: float, rx: float, coords: np.ndarray) -> np.ndarray:
     """Ellipse quadratic form ``((y-cy)/ry)² + ((x-cx)/rx)²`` on a grid of coordinates."""
@@ -146,6 +179,10 @@ def build_workload(
     >>> w = build_workload(batch=2, size=16, layers=((3, 4), (2, 16)))
     >>> [f.shape for f in w.features], w.guide.shape, w.reference.dtype
     ([(2, 3, 4, 4), (2, 2, 16, 16)], (2, 16, 16), dtype('bool'))
+    >>> build_workload(batch=1, size=16, layers=((0, 4),))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: received batch=1, size=16, layers=((0, 4),); expected batch >= 1, ...
     """
     if batch < 1 or size < 2 or not layers or any(c < 1 or s < 1 for c, s in layers):
         raise ValueError(
@@ -181,27 +218,28 @@ Method = Callable[[np.ndarray, np.ndarray, np.ndarray, str], np.ndarray]
 
 
 def _engine(features: np.ndarray, guide: np.ndarray, reference: np.ndarray, level: str) -> np.ndarray:
-    import engine
-
     return engine.sa_scores(features, guide, reference, level=level).score
 
 
 def _baseline(features: np.ndarray, guide: np.ndarray, reference: np.ndarray, level: str) -> np.ndarray:
-    from benchmarks._baseline import reference_sa
-
     return reference_sa(features, guide, reference, level=level)
 
 
 def _baseline_compare(features: np.ndarray, guide: np.ndarray, reference: np.ndarray, level: str) -> np.ndarray:
-    from benchmarks._baseline import reference_sa
-
     return reference_sa(features, guide, reference, level=level, decision="compare")
 
 
 def _numpy(features: np.ndarray, guide: np.ndarray, reference: np.ndarray, level: str) -> np.ndarray:
-    from benchmarks._baseline import naive_sa
-
-    return naive_sa(features, guide, reference, level=level)
+    """The twins of ``tests/naive.py``: each sample's features resized to the mask grid, then
+    ``sa_one`` on all channels (layer) or on each channel alone (unit); NaN where undefined."""
+    out = np.empty(features.shape[:1] if level == "layer" else features.shape[:2])
+    for b, f in enumerate(features):
+        up = naive.resize_linear(f, guide.shape[1:])
+        if level == "layer":
+            out[b] = naive.sa_one(up, guide[b], reference[b])["score"]
+        else:
+            out[b] = [naive.sa_one(up[c:c + 1], guide[b], reference[b])["score"] for c in range(len(up))]
+    return out
 
 
 def method_functions(*, numpy: bool = True) -> dict[str, Method]:
@@ -316,23 +354,18 @@ def check_agreement(
 # --------------------------------------------------------------------------------------------
 # timing helpers
 # --------------------------------------------------------------------------------------------
-def _stream_sum_kernel():  # compiled on first use, so importing this module stays light
-    from numba import njit, prange
-
-    @njit(parallel=True, fastmath=True, cache=True)
-    def stream_sum(rows):  # pragma: no cover - numba
-        # one simple loop per row: LLVM vectorises it fully (a 1-D loop with min() bounds did
-        # not, and measured half the bandwidth -- a compute-bound "floor" that was too lenient)
-        n = rows.shape[0]
-        partial = np.zeros(n, np.float32)
-        for i in prange(n):
-            s = np.float32(0.0)
-            for j in range(rows.shape[1]):
-                s += rows[i, j]
-            partial[i] = s
-        return partial.sum()
-
-    return stream_sum
+@njit(parallel=True, fastmath=True, cache=True)  # compiled on the first call
+def _stream_sum(rows):  # pragma: no cover - numba
+    # one simple loop per row: LLVM vectorises it fully (a 1-D loop with min() bounds did
+    # not, and measured half the bandwidth -- a compute-bound "floor" that was too lenient)
+    n = rows.shape[0]
+    partial = np.zeros(n, np.float32)
+    for i in prange(n):
+        s = np.float32(0.0)
+        for j in range(rows.shape[1]):
+            s += rows[i, j]
+        partial[i] = s
+    return partial.sum()
 
 
 def measure_bandwidth(*, nbytes: int = 2**30, repeat: int = 7) -> float:
@@ -356,16 +389,15 @@ def measure_bandwidth(*, nbytes: int = 2**30, repeat: int = 7) -> float:
     >>> measure_bandwidth(nbytes=2**20, repeat=1) > 0
     True
     """
-    kernel = _stream_sum_kernel()
     width = 16384  # 64 KiB rows
     nrows = max(1, nbytes // (4 * width))
     a = np.full((nrows, width), 1.0, np.float32)
     nbytes = a.nbytes
-    kernel(a)
+    _stream_sum(a)
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        kernel(a)
+        _stream_sum(a)
         times.append(time.perf_counter() - t)
     del a
     return nbytes / float(np.median(times)) / 1e9
@@ -542,7 +574,8 @@ def _write_section(text: str, path: Path = RESULTS) -> None:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.kernels",
-        description="Time engine.sa_scores against the published ProtoSeg module (PyTorch) and naive NumPy.",
+        description="Time engine.sa_scores against the published ProtoSeg module (PyTorch) and the NumPy twins "
+                    "of tests/naive.py.",
     )
     p.add_argument("--repeat", type=int, default=7, help="timed engine calls per layer (median; default 7)")
     p.add_argument(
@@ -550,13 +583,31 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="timed baseline and NumPy calls per layer (median; default 3, capped at --repeat)",
     )
     p.add_argument("--quick", action="store_true", help="small workload (batch 2, mask 64, channels/4) for a fast check")
-    p.add_argument("--no-numpy", action="store_true", help="skip the naive NumPy version")
+    p.add_argument("--no-numpy", action="store_true", help="skip the NumPy twins (tests/naive.py)")
     p.add_argument("--no-startup", action="store_true", help="skip the compile / cached-import subprocesses")
-    p.add_argument("--write", action="store_true", help=f"write the tables to {RESULTS.name} (section '{SECTION}')")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every method agrees with the baseline (exit 1 if not); time nothing")
+    p.add_argument("--write", action="store_true", help=f"write the tables to the --results file (section '{SECTION}')")
+    p.add_argument("--results", type=Path, default=RESULTS, metavar="PATH",
+                   help=f"the Markdown file --write updates (default benchmarks/{RESULTS.name})")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write the workload, the differences with the baseline and the times as JSON")
+    p.add_argument("--inject-error", type=float, default=0.0, metavar="EPS",
+                   help="add EPS to the engine's scores, to see the agreement check stop the run (default 0)")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.slow_repeat < 1:
         p.error(f"--repeat and --slow-repeat must be >= 1; received {args.repeat} and {args.slow_repeat}")
+    if args.check and args.write:
+        p.error("--check times nothing, so there is nothing to --write; drop one of them")
     return args
+
+
+def _write_json(path: Path, workload: Workload, tol: float, differences: dict[str, dict[str, list[float]]],
+                times: dict[str, dict[str, list[float]]] | None) -> None:
+    """The run as JSON: the workload's summary, the tolerance, max |ΔSA| with the baseline per
+    level, method and layer, and (unless ``--check``) the median seconds per level, method, layer."""
+    path.write_text(json.dumps({"workload": workload.summary(), "tolerance": tol, "differences": differences,
+                                "seconds": times}, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -572,16 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status: 0, or 1 when a method disagrees with the baseline.
     """
-    # Before any OpenMP runtime starts (torch, Numba): passive waiting, 2 threads each (NOTES.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache"))
     args = _parse(argv)
-    threads = 2
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
-    import numba
-    import torch
-
-    import engine
+    threads = THREADS
+    import torch  # the baseline's framework: heavy, and needed only here
 
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -598,19 +642,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload = build_workload()
         tol = TOLERANCE
     methods = method_functions(numpy=not args.no_numpy)
+    if args.inject_error:
+        methods["engine"] = lambda f, g, r, level: _engine(f, g, r, level) + args.inject_error
     slow = min(args.slow_repeat, args.repeat)
     repeats = {name: (args.repeat if name == "engine" else slow) for name in methods}
-
-    log("measuring streaming-read bandwidth ...")
-    bw_start = measure_bandwidth()
+    # the floor needs an array well above the effective cache; --quick keeps it short
+    bandwidth_bytes = 2**28 if args.quick else 2**30
 
     results: dict[str, dict[str, list[np.ndarray]]] = {}
     times: dict[str, dict[str, list[float]]] = {}
     fastest: dict[str, list[float]] = {level: [] for level in LEVELS}
-    bandwidths = [bw_start]
+    bandwidths = []
     for level in LEVELS:
-        if level != LEVELS[0]:
-            bandwidths.append(measure_bandwidth())
+        if not args.check:
+            log("measuring streaming-read bandwidth ...")
+            bandwidths.append(measure_bandwidth(nbytes=bandwidth_bytes))
         results[level] = {n: [] for n in methods}
         times[level] = {n: [] for n in methods}
         for i, features in enumerate(workload.features):
@@ -624,10 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not d <= tol:
                     print(
                         f"error: {name} disagrees with the baseline at {level} level, layer {i} "
-                        f"{workload.layers[i]}: max |ΔSA| = {d:.3g} > {tol:g}; nothing timed",
+                        f"{workload.layers[i]}: max |ΔSA| = {d:.3g} > {tol:g}; stopped before timing it",
                         file=sys.stderr,
                     )
                     return 1
+            if args.check:
+                continue
             for name, fn in methods.items():
                 call = lambda: fn(features, workload.guide, workload.reference, level)  # noqa: E731
                 median, best = _time(call, repeats[name])
@@ -635,7 +683,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if name == "engine":
                     fastest[level].append(best)
     differences = check_agreement(workload, results, tol=tol)
-    bandwidths.append(measure_bandwidth())
+    if args.check:
+        if args.json:
+            _write_json(args.json, workload, tol, differences, None)
+        worst = {level: {name: max(d) for name, d in diffs.items()} for level, diffs in differences.items()}
+        print(f"every method agrees with the baseline within {tol:g}; largest |ΔSA| per level and method: {worst}")
+        return 0
+    bandwidths.append(measure_bandwidth(nbytes=bandwidth_bytes))
     bandwidth = max(bandwidths)  # the least disturbed measurement on a shared machine
     floors = [nbytes / (bandwidth * 1e9) for nbytes in workload.feature_bytes]
     startup = None if args.no_startup else startup_times()
@@ -664,9 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Workload: batch {b}, mask {s}×{s}, float32 channels-first features, blob guide, reference = guide; "
         f"times are medians of {args.repeat} (engine) / {slow} (baselines, NumPy) calls after one untimed warm-up. "
         "baseline = the published module + argmax + Dice in PyTorch; baseline-cmp = the same with "
-        "`p[:, 1] > p[:, 0]` instead of `argmax` (identical labels). "
-        "Streaming-read bandwidth (parallel float32 sum over 1 GiB, measured at the start, between the "
-        f"levels and at the end): {', '.join(f'{x:.1f}' for x in bandwidths)} GB/s; "
+        "`p[:, 1] > p[:, 0]` instead of `argmax` (identical labels); numpy = the float64 twins of "
+        "`tests/naive.py` on the materialised upsampled tensor. "
+        f"Streaming-read bandwidth (parallel float32 sum over {bandwidth_bytes / 2**30:g} GiB, measured at "
+        f"the start, between the levels and at the end): {', '.join(f'{x:.1f}' for x in bandwidths)} GB/s; "
         f"floor = native feature bytes × 1 pass ÷ {bandwidth:.1f} GB/s (the best of these). "
         "One pass is the strict lower bound: the algorithm needs each feature twice (prototypes, then "
         "the decision); the engine reads each channel block from memory once and takes the second "
@@ -714,8 +769,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(out) + "\n"
     print(text)
     if args.write:
-        _write_section(text)
-        log(f"wrote section '{SECTION}' of {RESULTS}")
+        _write_section(text, args.results)
+        log(f"wrote section '{SECTION}' of {args.results}")
+    if args.json:
+        _write_json(args.json, workload, tol, differences, times)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Run as a module::
 
-    python -m benchmarks.memory [--cases 200 2000] [--size 64] [--base 8] [--trace] [--write]
+    python -m benchmarks.memory [--cases 200 2000] [--size 64] [--base 8] [--trace [--trace-at 10 100]]
+        [--write [--results PATH]] [--json PATH]
 
 Workload: the two-level test U-Net of :func:`tests.models.unet` (2-D, ``size``×``size``,
 ``base``/``2*base`` channels, protoseg metadata, every named block output exposed) and one
@@ -17,22 +18,28 @@ child with a single batch runs first, so that compiling or loading the Numba cac
 charged to the first measured size.
 
 ``--trace`` (or a missed target) runs one more child under :mod:`tracemalloc` and prints the
-allocation sites whose live size grew most between batch 10 and batch 100.
+allocation sites whose live size grew most between batch 10 and batch 100 (``--trace-at``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks import pipeline
+from engine.run import score_dataset
 
 __all__ = ["build_workload", "proc_status_mib", "child_run", "measure", "format_section", "main"]
 
@@ -69,9 +76,7 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 2000, size:
     --------
     >>> model, data = build_workload(tmp_path, n_cases=3, size=16, base=2)  # doctest: +SKIP
     """
-    from benchmarks.pipeline import build_workload as _build
-
-    w = _build(folder, n_cases=n_cases, size=size, base=base, seed=seed)
+    w = pipeline.build_workload(folder, n_cases=n_cases, size=size, base=base, seed=seed)
     return w.model, w.data
 
 
@@ -110,16 +115,13 @@ def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = 
     dict
         ``n_cases``, ``peak_mib`` (VmHWM at the end), ``peak_before_finalize_mib``,
         ``rss_mib`` (list of [cases done, VmRSS]), ``seconds``, and with ``trace`` ``growth``
-        (list of [site, bytes grown, count grown]) and ``traced_mib`` at both snapshots.
+        (list of [site, bytes grown, count grown]), ``traced_mib`` at both snapshots and
+        ``trace_at``.
     """
-    from engine.pipeline import score_dataset
-
     rss: list[list[float]] = []
     snaps: dict[int, Any] = {}
     state = {"before_finalize": float("nan")}
     if trace:
-        import tracemalloc
-
         tracemalloc.start(10)
 
     def progress(done: int, total: int) -> None:
@@ -129,9 +131,6 @@ def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = 
         if done == total:
             state["before_finalize"] = proc_status_mib("VmHWM")
         if trace and done in (trace_at[0] * BATCH, trace_at[1] * BATCH):
-            import gc
-            import tracemalloc
-
             gc.collect()
             snaps[nb] = tracemalloc.take_snapshot()
 
@@ -148,6 +147,7 @@ def child_run(model: str, data: str, store: str, n_cases: int, *, trace: bool = 
     if trace and len(snaps) == 2:
         first, last = trace_at
         diff = snaps[last].compare_to(snaps[first], "lineno")
+        out["trace_at"] = [first, last]
         out["growth"] = [[str(s.traceback[0]), s.size_diff, s.count_diff] for s in diff[:15]]
         out["traced_mib"] = [round(sum(s.size for s in snaps[k].statistics("filename")) / 2**20, 2)
                              for k in (first, last)]
@@ -162,16 +162,16 @@ def _child(argv: Sequence[str]) -> int:
     p.add_argument("store")
     p.add_argument("n_cases", type=int)
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--trace-at", type=int, nargs=2, default=(10, 100))
     a = p.parse_args(argv)
-    res = child_run(a.model, a.data, a.store, a.n_cases, trace=a.trace)
+    res = child_run(a.model, a.data, a.store, a.n_cases, trace=a.trace, trace_at=tuple(a.trace_at))
     print("RESULT " + json.dumps(res))
     return 0
 
 
-def measure(model: Path, data: Path, n_cases: int, folder: Path, *, trace: bool = False) -> dict[str, Any]:
+def measure(model: Path, data: Path, n_cases: int, folder: Path, *, trace: bool = False,
+            trace_at: tuple[int, int] = (10, 100)) -> dict[str, Any]:
     """Run :func:`child_run` in a fresh interpreter; add the parent's view of its peak RSS."""
-    import resource
-
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     root = str(Path(__file__).resolve().parent.parent)
@@ -179,7 +179,7 @@ def measure(model: Path, data: Path, n_cases: int, folder: Path, *, trace: bool 
     cmd = [sys.executable, "-m", "benchmarks.memory", "--child", str(model), str(data),
            str(folder / f"store_{n_cases}{'_trace' if trace else ''}.h5"), str(n_cases)]
     if trace:
-        cmd.append("--trace")
+        cmd += ["--trace", "--trace-at", str(trace_at[0]), str(trace_at[1])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -215,18 +215,17 @@ def format_section(runs: Sequence[dict[str, Any]], info: dict[str, Any], command
     lines += ["", f"Peak ratio {large['n_cases']} / {small['n_cases']} cases: **{ratio:.3f}** "
               f"(target ≤ {TARGET:.2f}: {verdict})."]
     if trace and trace.get("growth"):
-        lines += ["", f"tracemalloc, live Python allocations after batch 10 vs batch 100: "
+        first, last = trace["trace_at"]
+        lines += ["", f"tracemalloc, live Python allocations after batch {first} vs batch {last}: "
                   f"{trace['traced_mib'][0]} → {trace['traced_mib'][1]} MiB; sites that grew most:", "",
                   "| site | bytes grown | blocks grown |", "|---|---|---|"]
         lines += [f"| `{site}` | {size:+,} | {count:+,} |" for site, size, count in trace["growth"][:10]]
     return "\n".join(lines) + "\n"
 
 
-def write_subsection(text: str) -> None:
-    """Put ``text`` into RESULTS.md inside ``## Pipeline`` (replacing an older memory subsection)."""
-    from benchmarks.pipeline import RESULTS
-
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+def write_subsection(text: str, path: Path = pipeline.RESULTS) -> None:
+    """Put ``text`` into ``path`` inside ``## Pipeline`` (replacing an older memory subsection)."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start = old.find(SUBSECTION + "\n")
     if start >= 0:
         nxt = [i for i in (old.find("\n### ", start + 1), old.find("\n## ", start + 1)) if i >= 0]
@@ -242,9 +241,9 @@ def write_subsection(text: str) -> None:
                 new = old.rstrip("\n") + "\n\n" + text
             else:
                 new = old[:nxt + 1].rstrip("\n") + "\n\n" + text + "\n" + old[nxt + 1:]
-    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp = path.with_suffix(".md.tmp")
     tmp.write_text(new)
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,14 +256,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--base", type=int, default=8)
     p.add_argument("--trace", action="store_true", help="always run the tracemalloc child")
-    p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    p.add_argument("--trace-at", type=int, nargs=2, default=[10, 100], metavar=("FIRST", "LAST"),
+                   help="batches after which the tracemalloc child takes its two snapshots (default 10 100); "
+                        "it runs when the largest --cases reaches LAST batches")
+    p.add_argument("--write", action="store_true", help="write the table into the --results file")
+    p.add_argument("--results", type=Path, default=pipeline.RESULTS, metavar="PATH",
+                   help="the Markdown file --write updates (default benchmarks/RESULTS.md)")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write every child's figures (and the trace) as JSON")
     a = p.parse_args(argv)
     sizes = sorted(set(a.cases))
     if len(sizes) < 2 or sizes[0] < 1:
         raise SystemExit(f"--cases {a.cases}: give at least two different positive sizes, e.g. 200 2000")
-    from benchmarks.pipeline import machine
-
-    info = machine()
+    first, last = a.trace_at
+    if not 1 <= first < last:
+        p.error(f"--trace-at {first} {last}: expected two batch numbers 1 <= FIRST < LAST, e.g. 10 100")
+    info = pipeline.machine()
     info["workload"] = (f"`tests.models.unet` 2-D base {a.base}, {a.size}×{a.size}, every named "
                         "block output exposed")
     folder = Path(tempfile.mkdtemp(prefix="protoseg-mem-"))
@@ -282,19 +289,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = runs[-1]["peak_mib"] / runs[0]["peak_mib"]
         print(f"peak ratio {sizes[-1]}/{sizes[0]}: {ratio:.3f} (target <= {TARGET})", flush=True)
         trace = None
-        if (a.trace or ratio > TARGET) and sizes[-1] >= 100 * BATCH:
-            trace = measure(model, data, 100 * BATCH, folder, trace=True)
+        if (a.trace or ratio > TARGET) and sizes[-1] >= last * BATCH:
+            trace = measure(model, data, last * BATCH, folder, trace=True, trace_at=(first, last))
             for site, size, count in trace.get("growth", []):
                 print(f"{size:+12,d} B {count:+8,d} blocks  {site}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     command = ("python -m benchmarks.memory --cases " + " ".join(map(str, sizes)) +
                f" --size {a.size} --base {a.base}" + (" --trace" if a.trace else "") +
+               (f" --trace-at {first} {last}" if a.trace_at != [10, 100] else "") +
                (" --write" if a.write else ""))
     text = format_section(runs, info, command, trace)
     print(text)
     if a.write:
-        write_subsection(text)
+        write_subsection(text, a.results)
+    if a.json:
+        a.json.write_text(json.dumps({"command": command, "info": info, "warm_up": warm, "runs": runs,
+                                     "ratio": ratio, "target": TARGET, "trace": trace}, indent=1))
     return 0
 
 

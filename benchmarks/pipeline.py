@@ -3,7 +3,7 @@
 Run as a module::
 
     python -m benchmarks.pipeline [--cases N] [--size S] [--base B ...] [--deep B ...]
-        [--levels L] [--repeat R] [--quick] [--write]
+        [--levels L] [--repeat R] [--quick] [--write [--results PATH]] [--json PATH]
 
 Workloads (batch 8, images of ``size``×``size`` with one smooth blob each and a mask of that
 blob, in one HDF5 file read lazily, one case at a time, as users' data is):
@@ -12,16 +12,16 @@ blob, in one HDF5 file read lazily, one case at a time, as users' data is):
   batch, protoseg metadata, ``base``/``2*base`` channels, one conv per block), with every
   tensor its model card names exposed (11: ``enc1_conv`` … ``head``, pre-activations, the
   pooled map and the concatenation included) — little compute per exposed byte;
-- :func:`deep_unet`, a more typical U-Net (``levels`` levels, two convs per block), with its
-  block outputs exposed as an exporter names them (``layers="auto"``).
+- :func:`tests.models.deep_unet`, a more typical U-Net (``levels`` levels, two convs per
+  block), with its block outputs exposed as an exporter names them (``layers="auto"``).
 
 Three methods on the same data, in one process, interleaved (a, b, c, a, b, c, …) because the
 machine is shared; each figure is the median over repeats after one untimed warm-up round:
 
 (a) ``inference``: ``Session.run`` on preprocessed batches (prepared once, outside the timing)
     with the same exposed outputs as the pipeline's session;
-(b) ``layer``: :func:`engine.pipeline.score_dataset` with ``level="layer"``;
-(c) ``both``: :func:`engine.pipeline.score_dataset` with ``level="both"`` (layer and unit SA).
+(b) ``layer``: :func:`engine.run.score_dataset` with ``level="layer"``;
+(c) ``both``: :func:`engine.run.score_dataset` with ``level="both"`` (layer and unit SA).
 
 (b) and (c) run with ``input_sa=True`` (the default) and a fresh store each time
 (``overwrite=True``): they include reading the data, preprocessing, building the session,
@@ -36,10 +36,12 @@ import argparse
 import contextlib
 import datetime as _dt
 import functools
+import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -48,10 +50,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
+import numba
 import numpy as np
+import onnxruntime as ort
+
+import engine.quality
+import engine.scores
+from engine.datasets import Dataset, open_dataset
+from engine.model.card import ModelCard, resolve_model_card
+from engine.model.graph import expose, list_hidden_tensors, load_model, select_tensors
+from engine.model.session import Session, make_session
+from engine.run import score_dataset
+from engine.store import StoreWriter
+from tests.models import deep_unet, save, tiny_conv, unet
 
 __all__ = [
-    "deep_unet",
     "Workload",
     "make_images",
     "write_hdf5_dataset",
@@ -101,9 +115,19 @@ def make_images(n_cases: int, size: int, *, seed: int = 0) -> tuple[np.ndarray, 
 
     Examples
     --------
-    >>> images, masks = make_images(2, 16)
-    >>> images.shape, masks.shape
-    ((2, 1, 16, 16), (2, 16, 16))
+    >>> images, masks = make_images(3, 16, seed=2)
+    >>> images.shape, images.dtype, masks.shape, masks.dtype
+    ((3, 1, 16, 16), dtype('float32'), (3, 16, 16), dtype('uint8'))
+    >>> [bool(0 < m.sum() < m.size) for m in masks]  # both prototypes exist
+    [True, True, True]
+    >>> [bool(i[0][m == 1].mean() > i[0][m == 0].mean() + 0.3) for i, m in zip(images, masks)]
+    [True, True, True]
+    >>> bool(np.array_equal(make_images(3, 16, seed=2)[0], images))  # the seed fixes them
+    True
+    >>> make_images(2, 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: n_cases=2, size=4; expected n_cases >= 1 and size >= 8
     """
     if int(n_cases) < 1 or int(size) < 8:
         raise ValueError(f"n_cases={n_cases!r}, size={size!r}; expected n_cases >= 1 and size >= 8")
@@ -136,113 +160,12 @@ def write_hdf5_dataset(path: str | os.PathLike[str], images: np.ndarray, masks: 
     pathlib.Path
         The file written.
     """
-    import h5py
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images, chunks=(1,) + images.shape[1:])
         f.create_dataset("masks", data=masks, chunks=(1,) + masks.shape[1:])
     return path
-
-
-def deep_unet(*, levels: int = 4, base: int = 16, size: int = 256, seed: int = 0) -> Any:
-    """A deeper, more typical 2-D U-Net whose model card names only the block outputs.
-
-    Each block is two 3×3 Conv + Relu; ``levels`` encoder blocks (``base``·2^l channels)
-    with 2×2 max pooling between them, a bottleneck block, and ``levels`` decoder blocks
-    (linear Resize ×2, Concat with the skip, two convs), then a 1×1 conv and a sigmoid.
-    Hidden layers: ``enc<l>``, ``bottleneck`` and ``dec<l>`` only, graph outputs named in the
-    metadata, as protoseg's exporters give the blocks of a real network (``layers="auto"``
-    takes exactly these).
-
-    Parameters
-    ----------
-    levels, base, size : int
-        Encoder depth (>= 1), first-level channels (>= 1), image side (divisible by 2^levels).
-    seed : int
-        Weight seed.
-
-    Returns
-    -------
-    onnx.ModelProto
-        Opset 17, dynamic batch ``N``, input ``x`` (N, 1, size, size), output ``prob``.
-
-    Raises
-    ------
-    ValueError
-        ``levels < 1``, ``base < 1`` or a size not divisible by 2^levels.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from engine.model.metadata import new_metadata, write_metadata
-    from tests.models import OPSET
-
-    if int(levels) < 1 or int(base) < 1 or int(size) % (2 ** int(levels)):
-        raise ValueError(f"levels={levels!r}, base={base!r}, size={size!r}; expected levels >= 1, "
-                         "base >= 1 and a size divisible by 2**levels")
-    rng = np.random.default_rng(seed)
-    nodes: list[Any] = []
-    inits: list[Any] = []
-
-    def conv(name: str, x: str, cin: int, cout: int, k: int = 3) -> str:
-        w = rng.normal(0.0, np.sqrt(2.0 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32)
-        b = rng.normal(0.0, 0.1, cout).astype(np.float32)
-        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], name=name,
-                                      kernel_shape=[k, k], pads=[k // 2] * 4))
-        return f"{name}_c"
-
-    def block(name: str, x: str, cin: int, cout: int) -> str:
-        h = conv(f"{name}_a", x, cin, cout)
-        nodes.append(helper.make_node("Relu", [h], [f"{name}_ar"], name=f"{name}_a_relu"))
-        h = conv(f"{name}_b", f"{name}_ar", cout, cout)
-        nodes.append(helper.make_node("Relu", [h], [name], name=f"{name}_relu"))
-        return name
-
-    chans = [int(base) * 2**lv for lv in range(int(levels) + 1)]
-    x, cin, skips, hidden = "x", 1, [], []
-    for lv in range(int(levels)):
-        x = block(f"enc{lv}", x, cin, chans[lv])
-        skips.append(x)
-        hidden.append(x)
-        nodes.append(helper.make_node("MaxPool", [x], [f"pool{lv}"], name=f"pool{lv}",
-                                      kernel_shape=[2, 2], strides=[2, 2]))
-        x, cin = f"pool{lv}", chans[lv]
-    x = block("bottleneck", x, cin, chans[-1])
-    hidden.append(x)
-    cin = chans[-1]
-    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up_scales"))
-    for lv in reversed(range(int(levels))):
-        nodes.append(helper.make_node("Resize", [x, "", "up_scales"], [f"up{lv}"], name=f"up{lv}",
-                                      mode="linear", coordinate_transformation_mode="half_pixel"))
-        nodes.append(helper.make_node("Concat", [skips[lv], f"up{lv}"], [f"cat{lv}"], name=f"cat{lv}",
-                                      axis=1))
-        x = block(f"dec{lv}", f"cat{lv}", chans[lv] + cin, chans[lv])
-        hidden.append(x)
-        cin = chans[lv]
-    head = conv("head", x, cin, 1, k=1)
-    nodes.append(helper.make_node("Sigmoid", [head], ["prob"], name="sigmoid"))
-    graph = helper.make_graph(
-        nodes, "deep_unet",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, int(size), int(size)])],
-        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, int(size), int(size)])]
-        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", None, None, None])
-           for name in hidden],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="protoseg-benchmarks")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    write_metadata(model, new_metadata(
-        framework="onnx", source="benchmarks.pipeline.deep_unet",
-        input={"name": "x", "layout": "NCHW", "size": [int(size)] * 2},
-        prediction={"output": "prob", "activation": "sigmoid", "layout": None, "classes": [0],
-                    "threshold": 0.5},
-        preprocessing={"resize": True, "scaling": "minmax", "mean": None, "std": None},
-        hidden={name: {"layer": f"block/{name}", "layout": "NCHW"} for name in hidden}))
-    return model
 
 
 @dataclass
@@ -284,7 +207,7 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
     kind : {"unet", "deep"}
         ``"unet"``: :func:`tests.models.unet` (two levels, one conv per block, 11 named
         tensors including pre-activations, the pooled map and the concatenation);
-        ``"deep"``: :func:`deep_unet` with ``levels`` levels (block outputs only).
+        ``"deep"``: :func:`tests.models.deep_unet` with ``levels`` levels (block outputs only).
     levels : int
         Depth of the ``"deep"`` model.
 
@@ -299,15 +222,25 @@ def build_workload(folder: str | os.PathLike[str], *, n_cases: int = 64, size: i
 
     Examples
     --------
-    >>> w = build_workload(tmp_path, n_cases=2, size=16, base=2)  # doctest: +SKIP
-    >>> w.tensors[:2]  # doctest: +SKIP
-    ['enc1_conv', 'enc1']
+    The U-Net exposes every tensor its model card names, and the dataset reads back the
+    images and masks of :func:`make_images`:
+
+    >>> import tempfile
+    >>> from tests.models import HIDDEN_NCHW
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     w = build_workload(tmp, n_cases=5, size=16, base=2)
+    ...     ds = open_dataset(w.data)
+    ...     images, masks = make_images(5, 16)
+    ...     (w.tensors == list(HIDDEN_NCHW), len(ds), ds.has_masks,
+    ...      bool(np.array_equal(ds[4].image, images[4])), bool(np.array_equal(ds[4].mask, masks[4])))
+    (True, 5, True, True, True)
+    >>> build_workload(".", n_cases=2, size=15, base=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: size=15, base=2; expected an even size >= 8 and base >= 1
     """
     if int(size) % 2 or int(size) < 8 or int(base) < 1:
         raise ValueError(f"size={size!r}, base={base!r}; expected an even size >= 8 and base >= 1")
-    from engine.model.graph import list_hidden_tensors, select_tensors
-    from tests.models import save, unet
-
     if kind not in ("unet", "deep"):
         raise ValueError(f"kind={kind!r}; expected 'unet' or 'deep'")
     folder = Path(folder)
@@ -332,6 +265,19 @@ class PhaseTimer:
     Wrapping replaces a function object on its owner (a class or a module) for the duration
     of the ``with`` block and restores it afterwards; nested calls of timed functions are
     counted in each (an outer phase includes its inner ones).
+
+    Examples
+    --------
+    >>> class Owner:
+    ...     def f(self, x):
+    ...         return x + 1
+    >>> original = Owner.__dict__["f"]
+    >>> timer = PhaseTimer()
+    >>> with timer.patched([("f", Owner, "f")]):
+    ...     Owner().f(1) + Owner().f(2), Owner.__dict__["f"] is original
+    (5, False)
+    >>> timer.calls["f"], timer.seconds["f"] >= 0.0, Owner.__dict__["f"] is original
+    (2, True, True)
     """
 
     def __init__(self) -> None:
@@ -367,20 +313,21 @@ class PhaseTimer:
                 setattr(owner, attr, original)
 
 
-def _pipeline_targets() -> list[tuple[str, Any, str]]:
-    import engine.estimation
-    import engine.scores
-    from engine.datasets import Dataset
-    from engine.model.card import ModelCard
-    from engine.model.session import Session
-    from engine.store import StoreWriter
+def _bindings(func: Callable[..., Any]) -> list[tuple[Any, str]]:
+    """Every loaded ``engine`` module attribute bound to ``func``: the module that defines it and
+    each one that imported it by name, so that its calls are timed however the pipeline
+    looks it up (``from engine.scores import sa_scores`` copies the binding)."""
+    modules = [m for name, m in sorted(sys.modules.items()) if name == "engine" or name.startswith("engine.")]
+    return [(m, attr) for m in modules for attr, value in list(vars(m).items()) if value is func]
 
+
+def _pipeline_targets() -> list[tuple[str, Any, str]]:
     return [
         ("read", Dataset, "__getitem__"),
         ("preprocess", ModelCard, "preprocess"),
         ("inference", Session, "run"),
-        ("sa_scores", engine.scores, "sa_scores"),
-        ("baselines", engine.estimation, "baselines"),
+        *[("sa_scores", m, attr) for m, attr in _bindings(engine.scores.sa_scores)],
+        *[("baselines", m, attr) for m, attr in _bindings(engine.quality.baselines)],
         ("write_batch", StoreWriter, "write_batch"),
         ("finalize", StoreWriter, "finalize"),
     ]
@@ -391,11 +338,6 @@ def _pipeline_targets() -> list[tuple[str, Any, str]]:
 # --------------------------------------------------------------------------------------------
 def _prepared_batches(w: Workload) -> tuple[Any, list[dict[str, np.ndarray]], list[str]]:
     """The pipeline's session (same exposed outputs) and the preprocessed input batches."""
-    from engine.datasets import open_dataset
-    from engine.model.graph import expose, list_hidden_tensors, load_model, select_tensors
-    from engine.model.card import resolve_model_card
-    from engine.model.session import make_session
-
     proto = load_model(w.model)
     card = resolve_model_card(proto)
     tensors = [t for t in list_hidden_tensors(proto) if t.name in set(w.tensors)]
@@ -422,9 +364,7 @@ def time_inference(session: Any, batches: Sequence[dict[str, np.ndarray]],
 
 def time_pipeline(w: Workload, store: Path, *, level: str,
                   timer: PhaseTimer | None = None) -> tuple[float, float]:
-    """Wall and process CPU seconds of one :func:`engine.pipeline.score_dataset` run (fresh store)."""
-    from engine.pipeline import score_dataset
-
+    """Wall and process CPU seconds of one :func:`engine.run.score_dataset` run (fresh store)."""
     ctx = timer.patched(_pipeline_targets()) if timer is not None else contextlib.nullcontext()
     with ctx:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -445,9 +385,6 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    import numba
-    import onnxruntime as ort
-
     return {
         "cpu": model,
         "cores": os.cpu_count(),
@@ -465,8 +402,6 @@ def _ort_threads() -> int:
     The pipeline leaves ``intra_op_num_threads`` at onnxruntime's default (one per physical
     core); the pool has that many threads minus one (the caller's thread works too).
     """
-    from engine.model.session import make_session
-    from tests.models import tiny_conv
 
     def count() -> int:
         try:
@@ -488,13 +423,15 @@ def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = 
 
     Returns a dict with, per method, the median wall seconds (``seconds``), median process CPU
     seconds (``cpu``; all threads, less sensitive to other jobs on a shared machine), cases/s,
-    overheads against inference alone (from medians, and the median of per-round ratios), and
-    per phase the median wall and CPU seconds.
+    overheads against inference alone (from medians, and the median of per-round ratios), per
+    phase the median wall and CPU seconds, and the calls of each phase in the last round
+    (``calls``; the same in every round).
     """
     session, batches, outputs = _prepared_batches(w)
     wall: dict[str, list[float]] = {m: [] for m in METHODS}
     cpu: dict[str, list[float]] = {m: [] for m in METHODS}
     phases: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {m: [] for m in METHODS[1:]}
+    calls: dict[str, dict[str, int]] = {}
     for r in range(repeat + 1):  # round 0 warms up (Numba cache load, ORT first run, page cache)
         for m in METHODS:
             if m == "inference":
@@ -504,6 +441,7 @@ def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = 
                 timer = PhaseTimer()
                 sec, cs = time_pipeline(w, folder / f"store_{m}.h5", level=m, timer=timer)
                 ph = (dict(timer.seconds), dict(timer.cpu))
+                calls[m] = {k: timer.calls.get(k, 0) for k in _phase_names()}
             if r:
                 wall[m].append(sec)
                 cpu[m].append(cs)
@@ -526,11 +464,12 @@ def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = 
                    for m, v in phases.items()},
         "phases_cpu": {m: {k: statistics.median(p[1].get(k, 0.0) for p in v) for k in names}
                        for m, v in phases.items()},
+        "calls": calls,
     }
 
 
 def _phase_names() -> list[str]:
-    return [name for name, _, _ in _pipeline_targets()]
+    return list(dict.fromkeys(name for name, _, _ in _pipeline_targets()))
 
 
 def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dict[str, Any],
@@ -555,7 +494,7 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
         ov, pov, cov = res["overhead"], res["paired_overhead"], res["cpu_overhead"]
         if w.kind == "deep":
             title = f"### U-Net base {w.base}, {w.levels} levels (`deep_unet`), {w.size}×{w.size}, {w.n_cases} cases"
-            what = (f"`benchmarks.pipeline.deep_unet` ({w.levels} levels, two 3×3 convs per block, "
+            what = (f"`tests.models.deep_unet` ({w.levels} levels, two 3×3 convs per block, "
                     f"{w.base}…{w.base * 2 ** w.levels} channels)")
         else:
             title = f"### U-Net base {w.base}, {w.size}×{w.size}, {w.n_cases} cases"
@@ -636,7 +575,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--levels", type=int, default=4, help="levels of deep_unet (default 4)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke run)")
-    p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    p.add_argument("--write", action="store_true", help="write the tables into the --results file")
+    p.add_argument("--results", type=Path, default=RESULTS, metavar="PATH",
+                   help=f"the Markdown file --write updates (default {RESULTS.relative_to(RESULTS.parents[1])})")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write the figures, the exposed tensors and the phase calls as JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.cases, a.size, a.base, a.deep, a.levels, a.repeat = 16, 32, [4], [2], 2, 1
@@ -662,7 +605,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = format_section(results, info, command, a.repeat)
     print(text)
     if a.write:
-        write_section(text)
+        write_section(text, a.results)
+    if a.json:
+        workloads = [{"kind": w.kind, "base": w.base, "size": w.size, "n_cases": w.n_cases, "levels": w.levels,
+                      "tensors": w.tensors, **res} for w, res in results]
+        a.json.write_text(json.dumps({"command": command, "info": info, "workloads": workloads}, indent=1))
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from engine import __version__
+from engine.errors import cli_messages
 
 __all__ = ["cli", "main"]
 
@@ -47,7 +48,14 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         ctx = click.get_current_context()
         debug = bool((ctx.find_root().obj or {}).get("debug"))
         try:
-            return func(*args, **kwargs)
+            with cli_messages():  # engine advice names flags, not Python keywords
+                return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted: the batches already finished are kept; run the same command "
+                       "again to resume", err=True)
+            ctx.exit(130)
         except click.ClickException:
             raise
         except _DOMAIN_ERRORS as exc:
@@ -252,9 +260,15 @@ def _split_selectors(value: str | tuple[str, ...]) -> str | list[str]:
 
 
 # ---------------------------------------------------------------- score
+#: Options that only mean something when a model is run (refused by `estimate STORE`).
+_SCORING_ONLY = ("layers", "resize", "threshold", "batch_size", "provider", "optimization", "card_toml",
+                 "activation", "prediction_output", "layout", "scaling", "classes", "save_maps",
+                 "no_input_sa", "nonfinite", "strict", "max_cases", "shard", "resume", "overwrite")
+
+
 def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("-o", "--output", "store", required=True, type=click.Path(dir_okay=False, path_type=Path),
+        click.option("-o", "--output", "store", type=click.Path(dir_okay=False, path_type=Path),
                      help="HDF5 store to write (work in progress lives in STORE.parts/)."),
         click.option("--layers", multiple=True, default=("auto",), show_default=True,
                      help="Hidden tensors to score: auto (the layers the exporter named, else all), all, "
@@ -408,8 +422,10 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
       protoseg score model.onnx cases/ -o run.h5 --resume     # after an interruption
     """
     from engine import open_store
-    from engine.pipeline import score_dataset
+    from engine.run import score_dataset
 
+    if store is None:
+        raise click.UsageError("missing option -o/--output: the HDF5 store to write")
     _check_store_flags(resume, overwrite)
     if guide == "ground_truth" and soft_guide:
         raise click.UsageError("--soft-guide applies to --guide prediction only")
@@ -434,20 +450,22 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
         _echo_json(_clean({"store": str(summary.store), "provider": summary.provider,
                            "cases": summary.n_cases, "scored": summary.n_scored,
                            "resumed_skipped": summary.n_skipped_done, "failed": summary.n_failed,
+                           "no_reference": summary.n_no_reference,
                            "seconds": round(summary.seconds, 3), "layers": rows}))
         return
     if not quiet:
         _print_layer_summary(rows, multi_class=len(st.classes) > 1)
+        no_ref = f"{summary.n_no_reference} without mask, " if summary.n_no_reference else ""
         click.echo(f"\nstore: {summary.store}  ({summary.n_cases} cases, {summary.n_failed} failed, "
-                   f"provider {summary.provider}, {summary.seconds:.1f} s)")
+                   f"{no_ref}provider {summary.provider}, {summary.seconds:.1f} s)")
     else:
         click.echo(str(summary.store))
 
 
 # ---------------------------------------------------------------- estimate
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, path_type=Path), required=False)
 @_score_options
 @click.option("--estimator", type=click.Choice(["paper", "all-layers", "calibrated"]), multiple=True,
               help="Estimators to compute (repeatable) [default: paper and all-layers, "
@@ -460,8 +478,10 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
 @click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), help="Flag this fraction of cases.")
 @click.option("--dice-threshold", type=float, default=0.8, show_default=True,
               help="Validation: cases with true Dice below this are 'bad' (AUROC).")
+@click.option("--model", "store_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With a STORE written by an older protoseg: the model it was scored with.")
 @handle_errors
-def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resize: str,
+def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[str, ...], resize: str,
              threshold: float | None, batch_size: int, provider: str, optimization: str,
              card_toml: Path | None, activation: str | None, prediction_output: str | None,
              layout: str | None, scaling: str | None, classes: str | None, save_maps: tuple[str, ...],
@@ -469,41 +489,56 @@ def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resi
              shard: str | None, resume: bool,
              overwrite: bool, quiet: bool, as_json: bool, estimator: tuple[str, ...],
              calibration: Path | None, rank_by: str | None, flag_below: float | None,
-             flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float) -> None:
+             flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float,
+             store_model: Path | None) -> None:
     """Label-free quality estimate (mean SA) per case, least supported first.
 
-    The network's own prediction is both guide and reference (He et al. 2023), so no ground
-    truth is needed. When DATA has masks, each estimator is also validated against
-    the prediction's true Dice, beside trivial baselines.
+    With MODEL DATA, scores DATA with the network's own prediction as both guide and
+    reference (He et al. 2023, so no ground truth is needed) into the store -o, then
+    estimates. With a STORE scored that way earlier (by `estimate` or `demo`), estimates
+    from its scores without running the model, and adds the estimates to that store.
+    When there are masks, each estimator is also validated against the prediction's true
+    Dice, beside trivial baselines.
 
     \b
     Example:
       protoseg estimate model.onnx cases/ -o est.h5 --flag-lowest 5
+      protoseg estimate est.h5 --flag-fraction 0.1          # again, from the scores
       protoseg estimate model.onnx labelled/ -o cal.h5 --calibration cal.json
       protoseg estimate model.onnx new/ -o new.h5 --calibration cal.json
     """
-    from engine.pipeline import estimate_dataset
+    from engine.run import estimate_dataset, estimate_store
 
-    _check_store_flags(resume, overwrite)
     rules = [r for r in (flag_below, flag_lowest, flag_fraction) if r is not None]
     if len(rules) > 1:
         raise click.UsageError("give at most one of --flag-below, --flag-lowest, --flag-fraction")
     if quiet:
         _setup_logging(0, quiet=True)
-    update, close = _progress(quiet, "estimating")
-    try:
-        result = estimate_dataset(
-            model, data, store, layers=_split_selectors(layers), estimators=list(estimator) or None,
-            calibration=calibration, resize=resize, threshold=threshold, batch_size=batch_size,
-            provider=provider, optimization=optimization,
-            card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
-            save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
-            resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
-            rank_by=rank_by, flag_below=flag_below, flag_lowest=flag_lowest,
-            flag_fraction=flag_fraction, dice_threshold=dice_threshold, progress=update,
-        )
-    finally:
-        close()
+    common = dict(estimators=list(estimator) or None, calibration=calibration, rank_by=rank_by,
+                  flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
+                  dice_threshold=dice_threshold)
+    if data is None:
+        _check_store_only(source, store)
+        result = estimate_store(source, model=store_model, **common)
+    else:
+        if store is None:
+            raise click.UsageError("missing option -o/--output: the HDF5 store to write "
+                                   "(or give only a STORE to estimate from its scores)")
+        if store_model is not None:
+            raise click.UsageError("--model applies to `estimate STORE`; with MODEL DATA the model is MODEL")
+        _check_store_flags(resume, overwrite)
+        update, close = _progress(quiet, "estimating")
+        try:
+            result = estimate_dataset(
+                source, data, store, layers=_split_selectors(layers), resize=resize,
+                threshold=threshold, batch_size=batch_size, provider=provider,
+                optimization=optimization,
+                card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
+                save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
+                resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
+                progress=update, **common)
+        finally:
+            close()
     if as_json:
         _echo_json(_clean(result))
         return
@@ -524,6 +559,24 @@ def estimate(model: Path, data: Path, store: Path, layers: tuple[str, ...], resi
                   "auroc": _fmt(v.get("auroc")), "n": v.get("n")} for v in result["validation"]]
         click.echo(_table(vrows, ["estimate", "spearman", "pearson", "partial|volume", "auroc", "n"]))
     click.echo(f"\nstore: {result['store']}  ({len(rows)} cases, {sum(bool(r['flag']) for r in rows)} flagged)")
+
+
+def _check_store_only(source: Path, store: Path | None) -> None:
+    """`estimate STORE`: refuse what only applies when a model is run."""
+    ctx = click.get_current_context()
+    given = [name for name in _SCORING_ONLY + ("store",)
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if source.suffix.lower() == ".onnx":
+        raise click.UsageError(f"missing argument DATA: give MODEL DATA -o STORE to score {source.name} "
+                               "and estimate, or a STORE scored earlier")
+    if source.is_dir():
+        raise click.UsageError(f"{source} is a folder; give MODEL DATA to score it, or a STORE (.h5) "
+                               "scored earlier")
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-").replace("store", "output").replace("card-toml", "card")
+                          for n in given)
+        raise click.UsageError(f"{flags} apply when scoring (MODEL DATA); `estimate STORE` works from "
+                               "the scores already in the store and adds the estimates to it")
 
 
 def _fmt(v: Any) -> str:
@@ -723,43 +776,44 @@ def demo(out_dir: Path, level: str, provider: str, quiet: bool, as_json: bool) -
     """Run the main job on real data, offline: deepbrain's 3-D U-Net on Colin27.
 
     Scores every hidden layer of the shipped deepbrain brain-extraction network
-    (MIT) on the Colin27 T1 MRI with its brain mask (BSD-3), at layer and unit
-    level, estimates the output quality without ground truth (mean SA), and
-    writes the store and the HTML report.
+    (MIT) on the Colin27 T1 MRI (BSD-3) once, at layer and unit level, with the
+    network's own prediction as guide and reference; compares the prediction with
+    the brain mask (Dice); estimates the output quality without ground truth (mean
+    SA) from the same scores; and writes one store and the HTML report.
 
     \b
     Example:
       protoseg demo -o protoseg-demo
     """
-    from engine.pipeline import estimate_dataset, score_dataset
+    from engine import open_store
     from engine.report import write_report
+    from engine.run import estimate_store, score_dataset
 
     if quiet:
         _setup_logging(0, quiet=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = None
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     say(f"model: {DEMO_MODEL.relative_to(DATA_DIR.parent.parent) if DEMO_MODEL.is_relative_to(DATA_DIR.parent.parent) else DEMO_MODEL}")
     say("data:  Colin27 T1 MRI + brain mask (181x217x181)")
     update, close = _progress(quiet or as_json, "scoring")
     try:
+        # one scoring pass, label-free (guide = reference = the prediction, SPEC §4): the
+        # same store gives the layer table, the prediction's Dice against the mask, and the
+        # estimates, which are added to it in place
         summary = score_dataset(DEMO_MODEL, DEMO_DATA, out_dir / "demo.h5", level=level,
-                                provider=provider, card=card, save_maps=1, overwrite=True,
-                                progress=update)
+                                reference="prediction", provider=provider, save_maps=1,
+                                overwrite=True, progress=update)
     finally:
         close()
     say(f"scored every hidden layer in {summary.seconds:.1f} s on {summary.provider}")
-    est = estimate_dataset(DEMO_MODEL, DEMO_DATA, out_dir / "demo-estimate.h5", provider=provider,
-                           card=card, overwrite=True, flag_lowest=None)
-    rep = write_report(out_dir / "demo.h5", out_dir / "report", estimates=out_dir / "demo-estimate.h5")
-    from engine import open_store
-
+    estimators = {"layer": ["all-layers"], "unit": ["paper"]}.get(level, ["paper", "all-layers"])
+    est = estimate_store(summary.store, estimators=estimators)
+    rep = write_report(summary.store, out_dir / "report")
     st = open_store(summary.store)
     rows = layer_summary(st)
     dice = st.output_dice()
     result = {
         "store": str(summary.store),
-        "estimate_store": str(est["store"]),
         "report": str(rep),
         "provider": summary.provider,
         "seconds": round(summary.seconds, 2),

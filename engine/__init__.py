@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from engine._version import __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -41,9 +41,12 @@ _EXPORTS: dict[str, str] = {
     "open_dataset": "engine.datasets",
     "Dataset": "engine.datasets",
     "DatasetError": "engine.datasets",
-    "score_dataset": "engine.pipeline",
-    "estimate_dataset": "engine.pipeline",
-    "RunSummary": "engine.pipeline",
+    "score_dataset": "engine.run",
+    "estimate_dataset": "engine.run",
+    "estimate_store": "engine.run",
+    "RunSummary": "engine.run",
+    "ScoreOptions": "engine.run",
+    "CaseError": "engine.errors",
     "Store": "engine.store",
     "StoreWriter": "engine.store",
     "open_store": "engine.store",
@@ -52,14 +55,15 @@ _EXPORTS: dict[str, str] = {
     "StoreExistsError": "engine.store",
     "StoreVersionError": "engine.store",
     "StoreWriteError": "engine.store",
+    "BatchResult": "engine.store",
     # label-free estimation and validation (SPEC §4)
-    "estimate_quality": "engine.estimation",
-    "calibrate": "engine.estimation",
-    "Calibration": "engine.estimation",
-    "flag_cases": "engine.estimation",
-    "rank_cases": "engine.estimation",
-    "baselines": "engine.estimation",
-    "validate": "engine.validation",
+    "estimate_quality": "engine.quality",
+    "calibrate": "engine.quality",
+    "Calibration": "engine.quality",
+    "flag_cases": "engine.quality",
+    "rank_cases": "engine.quality",
+    "baselines": "engine.quality",
+    "validate": "engine.quality",
     # reports
     "write_report": "engine.report",
 }

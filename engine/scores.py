@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from engine import resize as _resize
-from engine._kernels import counting, fused, general
 from engine._checks import as_array, as_binary_uint8, check_choice, check_not_empty, check_unit_interval
+from engine._kernels import counting, fused, general
+from engine.errors import NonFiniteFeaturesError
 from engine.status import Status
 
 __all__ = ["protoseg", "sa_scores", "dice", "ProtoSegResult", "SAScores"]
@@ -263,10 +264,10 @@ def _raise_nonfinite(status: np.ndarray) -> None:
         return
     bad = np.flatnonzero(status == _NONFINITE_CODE)
     if bad.size:
-        raise ValueError(
+        raise NonFiniteFeaturesError(
             f"features contain NaN or Inf in sample {int(bad[0])} ({bad.size} sample(s) affected); "
-            "fix the input or pass nonfinite='skip' to score such samples as NaN"
-        )
+            "fix the input or pass nonfinite='skip' to score such samples as NaN",
+            sample=int(bad[0]), n_samples=int(bad.size))
 
 
 def _split_parts(batch: int, channels: int) -> int:

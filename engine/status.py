@@ -35,6 +35,8 @@ class Status(IntEnum):
     NONFINITE = 5
     #: Not computed (e.g. the case could not be read, or was not part of this run).
     NOT_COMPUTED = 6
+    #: The score needs the case's ground truth, and the case has no mask.
+    NO_REFERENCE = 7
 
 
 _REASONS = {
@@ -45,6 +47,7 @@ _REASONS = {
     Status.EMPTY_DICE: "map and reference are both empty (Dice 0/0)",
     Status.NONFINITE: "features contain NaN or Inf (skipped)",
     Status.NOT_COMPUTED: "not computed",
+    Status.NO_REFERENCE: "the case has no mask (no ground truth to score against)",
 }
 
 

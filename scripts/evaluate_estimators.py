@@ -170,9 +170,8 @@ def build_deepbrain_cases(out: Path, wheel: str | None, levels: int, seed: int =
 
 def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), folds: int = 5, n_boot: int = 1000) -> dict[str, Any]:
     """Estimators, baselines, cross-validated calibration and validation for one store."""
-    from engine.estimation import calibrate, estimate_quality
+    from engine.quality import calibrate, estimate_quality, validate, validation_rows
     from engine.store import open_store
-    from engine.validation import validate, validation_rows
 
     store = open_store(store_path)
     if store.config.get("guide") != "prediction" or store.config.get("reference") != "prediction":
@@ -319,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", action="store_true", help="write the table into docs/estimation.md")
     args = parser.parse_args(argv)
 
-    from engine.pipeline import score_dataset
+    from engine.run import score_dataset
 
     out = Path(args.out or REPO / "out" / f"eval-{args.experiment}")
     out.mkdir(parents=True, exist_ok=True)

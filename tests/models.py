@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engine.model.metadata import new_metadata, write_metadata
+
 __all__ = [
     "OPSET",
     "HIDDEN_NCHW",
@@ -42,6 +44,7 @@ __all__ = [
     "tiny_conv",
     "flat_model",
     "multi_output",
+    "deep_unet",
     "unet_metadata",
     "save",
     "write_truncated",
@@ -237,8 +240,6 @@ def unet(
     model.ir_version = 8
     onnx.checker.check_model(model)
     if metadata:
-        from engine.model.metadata import write_metadata
-
         meta = metadata if isinstance(metadata, dict) else unet_metadata(
             ndim=ndim, layout=layout, head=head, n_classes=n_classes, size=size,
             out_name=out_name)
@@ -252,8 +253,6 @@ def unet_metadata(*, ndim: int = 2, layout: str | None = None, head: str = "sigm
 
     Hidden layer names are ``"block/<tensor>"`` so tests can tell them from node names.
     """
-    from engine.model.metadata import new_metadata
-
     layout = layout or _default_layout(ndim)
     channels_last = layout in _CHANNELS_LAST
     hidden = {name: {"layer": f"block/{name}", "layout": _default_layout(ndim)} for name in HIDDEN_NCHW}
@@ -344,6 +343,97 @@ def multi_output(*, size: int = 16, seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    return model
+
+
+def deep_unet(*, levels: int = 4, base: int = 16, size: int = 256, seed: int = 0) -> onnx.ModelProto:
+    """A deeper, more typical 2-D U-Net whose model card names only the block outputs.
+
+    Each block is two 3×3 Conv + Relu; ``levels`` encoder blocks (``base``·2^l channels)
+    with 2×2 max pooling between them, a bottleneck block, and ``levels`` decoder blocks
+    (linear Resize ×2, Concat with the skip, two convs), then a 1×1 conv and a sigmoid.
+    Hidden layers: ``enc<l>``, ``bottleneck`` and ``dec<l>`` only, graph outputs named in the
+    metadata, as protoseg's exporters give the blocks of a real network (``layers="auto"``
+    takes exactly these). The pipeline benchmark's typical workload (``benchmarks/pipeline.py``).
+
+    Parameters
+    ----------
+    levels, base, size : int
+        Encoder depth (>= 1), first-level channels (>= 1), image side (divisible by 2^levels).
+    seed : int
+        Weight seed.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Opset 17, dynamic batch ``N``, input ``x`` (N, 1, size, size), output ``prob``.
+
+    Raises
+    ------
+    ValueError
+        ``levels < 1``, ``base < 1`` or a size not divisible by 2^levels.
+    """
+    if int(levels) < 1 or int(base) < 1 or int(size) % (2 ** int(levels)):
+        raise ValueError(f"levels={levels!r}, base={base!r}, size={size!r}; expected levels >= 1, "
+                         "base >= 1 and a size divisible by 2**levels")
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int = 3) -> str:
+        inits.extend(_conv_init(rng, name, cout, cin, k, 2))
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], name=name,
+                                      kernel_shape=[k, k], pads=[k // 2] * 4))
+        return f"{name}_c"
+
+    def block(name: str, x: str, cin: int, cout: int) -> str:
+        h = conv(f"{name}_a", x, cin, cout)
+        nodes.append(helper.make_node("Relu", [h], [f"{name}_ar"], name=f"{name}_a_relu"))
+        h = conv(f"{name}_b", f"{name}_ar", cout, cout)
+        nodes.append(helper.make_node("Relu", [h], [name], name=f"{name}_relu"))
+        return name
+
+    chans = [int(base) * 2**lv for lv in range(int(levels) + 1)]
+    x, cin, skips, hidden = "x", 1, [], []
+    for lv in range(int(levels)):
+        x = block(f"enc{lv}", x, cin, chans[lv])
+        skips.append(x)
+        hidden.append(x)
+        nodes.append(helper.make_node("MaxPool", [x], [f"pool{lv}"], name=f"pool{lv}",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        x, cin = f"pool{lv}", chans[lv]
+    x = block("bottleneck", x, cin, chans[-1])
+    hidden.append(x)
+    cin = chans[-1]
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up_scales"))
+    for lv in reversed(range(int(levels))):
+        nodes.append(helper.make_node("Resize", [x, "", "up_scales"], [f"up{lv}"], name=f"up{lv}",
+                                      mode="linear", coordinate_transformation_mode="half_pixel"))
+        nodes.append(helper.make_node("Concat", [skips[lv], f"up{lv}"], [f"cat{lv}"], name=f"cat{lv}",
+                                      axis=1))
+        x = block(f"dec{lv}", f"cat{lv}", chans[lv] + cin, chans[lv])
+        hidden.append(x)
+        cin = chans[lv]
+    head = conv("head", x, cin, 1, k=1)
+    nodes.append(helper.make_node("Sigmoid", [head], ["prob"], name="sigmoid"))
+    graph = helper.make_graph(
+        nodes, "deep_unet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, int(size), int(size)])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, int(size), int(size)])]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", None, None, None])
+           for name in hidden],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="protoseg-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    write_metadata(model, new_metadata(
+        framework="onnx", source="tests.models.deep_unet",
+        input={"name": "x", "layout": "NCHW", "size": [int(size)] * 2},
+        prediction={"output": "prob", "activation": "sigmoid", "layout": None, "classes": [0],
+                    "threshold": 0.5},
+        preprocessing={"resize": True, "scaling": "minmax", "mean": None, "std": None},
+        hidden={name: {"layer": f"block/{name}", "layout": "NCHW"} for name in hidden}))
     return model
 
 

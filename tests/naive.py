@@ -1,8 +1,9 @@
 """Slow, literal NumPy twins of the engine's kernels (SPEC §1-3).
 
 Nothing here imports ``engine.resize`` or ``engine._kernels``: each function applies the
-formula as written, materialising the resized tensor position by position, in float64.
-Tests compare the engine against these on random inputs.
+formula as written, materialising the resized tensor, in float64. Tests compare the engine
+against these on random inputs; ``benchmarks/kernels.py`` times them as its NumPy column and
+checks them against the published module.
 """
 from __future__ import annotations
 
@@ -36,22 +37,20 @@ def linear_source(j: int, n_in: int, n_out: int) -> tuple[int, int, float, float
 
 
 def resize_linear(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Resize the trailing ``len(shape)`` axes of ``x`` position by position (float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    nd = len(shape)
-    lead = x.shape[: x.ndim - nd]
-    src_shape = x.shape[x.ndim - nd:]
-    out = np.empty(lead + tuple(shape))
-    for pos in itertools.product(*(range(n) for n in shape)):
-        rules = [linear_source(j, n_in, n_out) for j, n_in, n_out in zip(pos, src_shape, shape)]
-        acc = np.zeros(lead)
-        for corner in itertools.product((0, 1), repeat=nd):
-            idx = tuple(r[0] if c == 0 else r[1] for r, c in zip(rules, corner))
-            w = 1.0
-            for r, c in zip(rules, corner):
-                w *= r[2] if c == 0 else r[3]
-            acc = acc + w * x[(...,) + idx]
-        out[(...,) + pos] = acc
+    """Resize the trailing ``len(shape)`` axes of ``x`` with :func:`linear_source` (float64).
+
+    Multilinear interpolation is the 1-D rule applied along one axis after the other (the
+    weight of each corner is the product of its per-axis weights), so each axis is resized in
+    turn, every output position taking the two sources and weights :func:`linear_source` gives.
+    The whole resized tensor is materialised.
+    """
+    out = np.asarray(x, dtype=np.float64)
+    first = out.ndim - len(shape)
+    for axis, n_out in enumerate(shape, start=first):
+        i0, i1, w0, w1 = (np.array(v) for v in zip(*(linear_source(j, out.shape[axis], n_out)
+                                                      for j in range(n_out))))
+        along = (n_out,) + (1,) * (out.ndim - axis - 1)  # weights broadcast along ``axis``
+        out = np.take(out, i0, axis) * w0.reshape(along) + np.take(out, i1, axis) * w1.reshape(along)
     return out
 
 

@@ -1,127 +1,121 @@
-"""Smoke tests of the pipeline and memory benchmarks: workload builders, phase timer, one tiny
-scoring run and the RESULTS.md section writers. No timing or memory figure is asserted (those
-live in benchmarks/RESULTS.md)."""
+"""The pipeline and memory benchmarks, run as their users run them (``python -m
+benchmarks.pipeline --quick``, ``python -m benchmarks.memory`` on tiny sizes) in fresh
+processes, reading what they write (``--json``, ``--results``); and the deeper U-Net of
+tests/models.py they score. Tests never import benchmarks/ (it builds on tests/). No timing or
+memory figure is asserted (those live in benchmarks/RESULTS.md)."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import memory, pipeline
-from tests.models import HIDDEN_NCHW
+from engine.model.graph import expose, list_hidden_tensors, select_tensors
+from engine.model.session import make_session
+from tests.models import HIDDEN_NCHW, deep_unet
+
+OLD_RESULTS = """# Benchmark results
+
+## Kernels
+
+kernel table
+
+## Pipeline
+
+Methods: old text
+
+### U-Net base 4, 32×32, 16 cases
+
+throughput v1
+
+### U-Net base 8, 32×32, 16 cases
+
+other workload
+
+### Memory bounded by the batch
+
+memory v1
+
+### Analysis
+
+why
+"""
 
 
-def test_make_images_blob_and_mask():
-    images, masks = pipeline.make_images(3, 16, seed=2)
-    assert images.shape == (3, 1, 16, 16) and images.dtype == np.float32
-    assert masks.shape == (3, 16, 16) and masks.dtype == np.uint8
-    for img, m in zip(images, masks):
-        assert 0 < m.sum() < m.size  # neither empty nor full: both prototypes exist
-        assert img[0][m == 1].mean() > img[0][m == 0].mean() + 0.3  # the mask is the bright blob
-    again, _ = pipeline.make_images(3, 16, seed=2)
-    np.testing.assert_array_equal(again, images)
+@pytest.fixture(scope="module")
+def runs(run_module, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One ``--quick`` pipeline run and one tiny memory run (with the tracemalloc child), both
+    writing into the same RESULTS file, which already holds older sections."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    results = folder / "RESULTS.md"
+    results.write_text(OLD_RESULTS)
+    pipeline = run_module("benchmarks.pipeline", "--quick", "--write", "--results", str(results),
+                          "--json", str(folder / "pipeline.json"))
+    assert pipeline.returncode == 0, pipeline.stderr[-3000:]
+    memory = run_module("benchmarks.memory", "--cases", "8", "24", "--size", "16", "--base", "2", "--trace",
+                        "--trace-at", "1", "3", "--write", "--results", str(results),
+                        "--json", str(folder / "memory.json"))
+    assert memory.returncode == 0, memory.stderr[-3000:]
+    return {"results": results.read_text(), "pipeline": json.loads((folder / "pipeline.json").read_text()),
+            "memory": json.loads((folder / "memory.json").read_text())}
 
 
-@pytest.mark.parametrize("n,size", [(0, 16), (2, 4)])
-def test_make_images_rejects_bad_sizes(n, size):
-    with pytest.raises(ValueError, match=f"n_cases={n}"):
-        pipeline.make_images(n, size)
+@pytest.mark.slow
+def test_pipeline_exposes_every_named_tensor_and_times_every_phase(runs: dict) -> None:
+    unet, deep = runs["pipeline"]["workloads"]
+    assert (unet["kind"], unet["base"], unet["size"], unet["n_cases"]) == ("unet", 4, 32, 16)
+    assert unet["tensors"] == list(HIDDEN_NCHW)  # every tensor the U-Net's model card names
+    assert (deep["kind"], deep["levels"]) == ("deep", 2)
+    assert deep["tensors"] == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]  # block outputs only
+    for w in (unet, deep):
+        assert w["seconds"]["inference"] > 0
+        for level in ("layer", "both"):
+            calls = w["calls"][level]
+            # 16 cases read one by one, two batches of 8 written, one store finalised
+            assert (calls["read"], calls["write_batch"], calls["finalize"]) == (16, 2, 1)
+            # the kernels and the baselines are found wherever the pipeline binds them
+            assert calls["sa_scores"] >= 2 * len(w["tensors"]) and calls["baselines"] == 2
 
 
-def test_build_workload_reads_back(tmp_path):
-    from engine.datasets import open_dataset
+@pytest.mark.slow
+def test_memory_children_report_their_peaks_and_the_trace(runs: dict) -> None:
+    mem = runs["memory"]
+    assert [r["n_cases"] for r in mem["runs"]] == [8, 24]
+    for r in mem["runs"]:
+        assert r["rss_mib"][-1][0] == r["n_cases"]  # sampled when the last batch is done
+        # Linux syncs per-thread RSS counters lazily: VmHWM may trail VmRSS by a few pages
+        assert r["peak_mib"] >= r["peak_before_finalize_mib"] >= max(m for _, m in r["rss_mib"]) - 1.0
+    trace = mem["trace"]
+    assert trace["n_cases"] == 24 and trace["trace_at"] == [1, 3]
+    assert len(trace["growth"]) >= 1 and all(len(row) == 3 for row in trace["growth"])
+    assert all(m > 0 for m in trace["traced_mib"])
+    assert f"**{mem['ratio']:.3f}**" in runs["results"]
+    assert "after batch 1 vs batch 3" in runs["results"] and "sites that grew most" in runs["results"]
 
-    w = pipeline.build_workload(tmp_path, n_cases=5, size=16, base=2)
-    assert w.model.is_file() and w.data.is_file()
-    assert w.tensors == list(HIDDEN_NCHW)  # every block output the model card names
-    ds = open_dataset(w.data)
-    assert len(ds) == 5 and ds.has_masks
-    images, masks = pipeline.make_images(5, 16)
-    np.testing.assert_array_equal(ds[4].image, images[4])
-    np.testing.assert_array_equal(ds[4].mask, masks[4])
+
+@pytest.mark.slow
+def test_results_sections_are_merged_not_overwritten(runs: dict) -> None:
+    text = runs["results"]
+    assert "kernel table" in text and "other workload" in text and "### Analysis\n\nwhy\n" in text
+    assert "v1" not in text and "old text" not in text  # the same titles were replaced
+    assert text.count("## Pipeline") == 1 and text.count("### Memory") == 1
+    assert text.count("### U-Net base 4, 32×32, 16 cases") == 1
+    # generated subsections first (the new deep U-Net after the older ones), then the rest
+    order = ["## Kernels", "## Pipeline", "### U-Net base 4,", "### U-Net base 8,", "### U-Net base 2, 2 levels",
+             "### Memory", "### Analysis"]
+    assert [text.index(s) for s in order] == sorted(text.index(s) for s in order)
 
 
-def test_deep_unet_exposes_block_outputs(tmp_path):
-    w = pipeline.build_workload(tmp_path, n_cases=2, size=16, base=2, kind="deep", levels=2)
-    assert w.tensors == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]
-    session, batches, outputs = pipeline._prepared_batches(w)
-    out = session.run(batches[0], outputs=outputs)
+def test_deep_unet_exposes_block_outputs() -> None:
+    model = deep_unet(levels=2, base=2, size=16)
+    tensors = select_tensors(list_hidden_tensors(model), "auto")
+    assert [t.name for t in tensors] == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]
+    session = make_session(expose(model, tensors), provider="cpu")
+    x = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
+    out = session.run({"x": x}, outputs=[t.name for t in tensors] + ["prob"])
     assert out["enc1"].shape == (2, 4, 8, 8) and out["bottleneck"].shape == (2, 8, 4, 4)
     assert out["dec0"].shape == (2, 2, 16, 16) and out["prob"].shape == (2, 1, 16, 16)
     assert ((out["prob"] > 0) & (out["prob"] < 1)).all()
     with pytest.raises(ValueError, match="size=18"):
-        pipeline.deep_unet(levels=2, size=18)
-
-
-def test_build_workload_rejects_odd_size(tmp_path):
-    with pytest.raises(ValueError, match="size=15"):
-        pipeline.build_workload(tmp_path, n_cases=2, size=15, base=2)
-
-
-class _Owner:
-    def f(self, x):
-        return x + 1
-
-
-def test_phase_timer_counts_and_restores():
-    original = _Owner.__dict__["f"]
-    timer = pipeline.PhaseTimer()
-    with timer.patched([("f", _Owner, "f")]):
-        assert _Owner().f(1) == 2
-        assert _Owner().f(2) == 3
-        assert _Owner.__dict__["f"] is not original
-    assert _Owner.__dict__["f"] is original
-    assert timer.calls["f"] == 2 and timer.seconds["f"] >= 0.0
-
-
-def test_tiny_runs_score_every_case(tmp_path):
-    from engine.store import open_store
-
-    w = pipeline.build_workload(tmp_path, n_cases=10, size=16, base=2)
-    session, batches, outputs = pipeline._prepared_batches(w)
-    assert [b["x"].shape[0] for b in batches] == [8, 2]
-    assert pipeline.time_inference(session, batches, outputs)[0] > 0
-    timer = pipeline.PhaseTimer()
-    wall, cpu = pipeline.time_pipeline(w, tmp_path / "s.h5", level="both", timer=timer)
-    assert wall > 0 and cpu >= 0
-    assert timer.calls["read"] == 10 and timer.calls["write_batch"] == 2 and timer.calls["finalize"] == 1
-    st = open_store(tmp_path / "s.h5")
-    assert len(st.cases) == 10 and st.has_units
-    assert np.isfinite(st.layer_scores()["score"]).any()
-
-
-def test_memory_child_run_reports_peak(tmp_path):
-    model, data = memory.build_workload(tmp_path, n_cases=16, size=16, base=2)
-    res = memory.child_run(str(model), str(data), str(tmp_path / "m.h5"), 16, every=1)
-    assert res["n_cases"] == 16
-    assert [d for d, _ in res["rss_mib"]] == [8, 16]
-    # Linux syncs per-thread RSS counters lazily: VmHWM may trail VmRSS by a few pages
-    assert res["peak_mib"] >= res["peak_before_finalize_mib"] >= max(m for _, m in res["rss_mib"]) - 1.0
-
-
-def test_memory_child_run_traces_growth(tmp_path):
-    model, data = memory.build_workload(tmp_path, n_cases=24, size=16, base=2)
-    res = memory.child_run(str(model), str(data), str(tmp_path / "t.h5"), 24, trace=True, trace_at=(1, 3))
-    assert len(res["growth"]) >= 1 and all(len(row) == 3 for row in res["growth"])
-    assert all(m > 0 for m in res["traced_mib"])
-    text = memory.format_section([res, res], {"cpu": "x", "cores": 2, "date": "d", "workload": "w"},
-                                 "cmd", res)
-    assert "**1.000**" in text and "sites that grew most" in text
-
-
-def test_sections_keep_other_content(tmp_path, monkeypatch):
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# Benchmark results\n\n## Kernels\n\nkernel table\n")
-    monkeypatch.setattr(pipeline, "RESULTS", path)
-    pipeline.write_section("## Pipeline\n\n### U-Net base 4\n\nthroughput v1\n", path)
-    memory.write_subsection("### Memory bounded by the batch\n\nmemory v1\n")
-    path.write_text(path.read_text() + "\n### Analysis\n\nwhy\n")
-    pipeline.write_section("## Pipeline\n\n### U-Net base 4\n\nthroughput v2\n", path)
-    pipeline.write_section("## Pipeline\n\n### U-Net base 8\n\nother workload\n", path)
-    memory.write_subsection("### Memory bounded by the batch\n\nmemory v2\n")
-    text = path.read_text()
-    assert "kernel table" in text and "throughput v2" in text and "memory v2" in text
-    assert "### Analysis\n\nwhy\n" in text and "other workload" in text
-    assert text.index("base 4") < text.index("base 8") < text.index("### Memory") < text.index("### Analysis")
-    assert "v1" not in text
-    assert text.count("## Pipeline") == 1 and text.count("### Memory") == 1
-    assert text.index("## Kernels") < text.index("## Pipeline") < text.index("### Memory")
+        deep_unet(levels=2, size=18)

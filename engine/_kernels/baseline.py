@@ -1,4 +1,4 @@
-"""Numba kernel for the label-free baselines (engine.estimation.baselines): one pass.
+"""Numba kernel for the label-free baselines (engine.quality.baselines): one pass.
 
 Private and pure: sums per (sample, class) over space, split into chunks so that a single
 large volume still uses every thread; the caller reduces the chunks and divides.

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from engine.model.graph import CHANNELS_FIRST_OPS, load_model
 from engine.model.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, read_metadata
+from engine.resize import resize_linear
 
 __all__ = ["ModelCard", "resolve_model_card", "FIELDS"]
 
@@ -269,7 +271,9 @@ class ModelCard:
         -----
         Scaling is per channel: ``minmax`` → (x - min) / (max - min) (a constant channel
         becomes 0); ``zscore`` → (x - mean) / std over the case (std 0 → 0);
-        ``meanstd`` → (x - mean[c]) / std[c] with the card's values.
+        ``meanstd`` → (x - mean[c]) / std[c] with the card's values. Scaling never turns
+        NaN or Inf into numbers: a channel holding one gives non-finite statistics and stays
+        non-finite.
         """
         x = np.asarray(image)
         if x.ndim != self.spatial_ndim + 1:
@@ -288,8 +292,6 @@ class ModelCard:
                 raise ValueError(
                     f"image spatial size {spatial} differs from the model's input size {self.input_size} "
                     "and resize is off; turn resize on or resample the images")
-            from engine.resize import resize_linear
-
             x = np.asarray(resize_linear(x, self.input_size), dtype=np.float32)
         if self.scaling != "none":
             x = self._scale(x)
@@ -303,11 +305,14 @@ class ModelCard:
         if self.scaling == "minmax":
             lo = x64.min(axis=axes, keepdims=True)
             span = x64.max(axis=axes, keepdims=True) - lo
-            out = np.divide(x64 - lo, span, out=np.zeros_like(x64), where=span > 0)
+            # a constant channel becomes 0; a NaN span (NaN in the channel) keeps NaN
+            out = np.divide(x64 - lo, span, out=np.where(np.isnan(span), np.nan, np.zeros_like(x64)),
+                            where=span > 0)
         elif self.scaling == "zscore":
             mu = x64.mean(axis=axes, keepdims=True)
             sd = x64.std(axis=axes, keepdims=True)
-            out = np.divide(x64 - mu, sd, out=np.zeros_like(x64), where=sd > 0)
+            out = np.divide(x64 - mu, sd, out=np.where(np.isnan(sd), np.nan, np.zeros_like(x64)),
+                            where=sd > 0)
         else:  # meanstd
             shape = (-1,) + (1,) * (x.ndim - 1)
             mean = np.asarray(self.mean, dtype=np.float64).reshape(shape)
@@ -504,15 +509,40 @@ def resolve_model_card(
     FileNotFoundError
         When the TOML file does not exist.
 
+    Notes
+    -----
+    Each ``_resolve_*`` step fills the fields it owns that none of the sources gave, in
+    place, and appends one sentence per inferred field to ``assumed``; the steps run in the
+    order of the card (input, preprocessing, prediction, classes, threshold, hidden layouts).
+
     Examples
     --------
     >>> card = resolve_model_card("deepbrain.onnx", overrides={"scaling": "minmax"})  # doctest: +SKIP
     >>> card.layout, card.assumed[:1]  # doctest: +SKIP
     ('NDHWC', ['input layout NDHWC: the last axis has 1 entries (channels) in shape [...]'])
     """
-    from engine.model.graph import load_model
-
     proto = load_model(model)
+    fields = _merged_fields(proto, toml=toml, overrides=overrides)
+    graph = proto.graph
+    assumed: list[str] = []
+    in_shape, in_spatial = _resolve_input(graph, fields, assumed)
+    _resolve_preprocessing(fields, assumed)
+    n_out = _resolve_prediction(graph, fields, assumed, in_shape=in_shape, in_spatial=in_spatial)
+    _resolve_classes(fields, assumed, n_out=n_out)
+    if "threshold" not in fields:
+        fields["threshold"] = 0.5
+        assumed.append("threshold 0.5 on the foreground probability")
+    if fields.get("input_size") is not None:
+        fields["input_size"] = tuple(fields["input_size"])
+    if fields.get("classes") is not None:
+        fields["classes"] = tuple(fields["classes"])
+    _resolve_hidden_layouts(graph, fields, assumed)
+    return ModelCard(**fields, assumed=assumed)
+
+
+def _merged_fields(proto: Any, *, toml: str | os.PathLike[str] | None,
+                   overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Flat fields from the ONNX metadata < the TOML file < the overrides, field by field."""
     fields: dict[str, Any] = {}
     meta = read_metadata(proto)
     if meta:
@@ -521,13 +551,17 @@ def resolve_model_card(
         fields.update(_flatten(_read_toml(toml), f"TOML {str(toml)!r}"))
     if overrides:
         fields.update(_flatten(overrides, "overrides"))
-    assumed: list[str] = []
-    graph = proto.graph
+    return fields
+
+
+def _resolve_input(graph: Any, fields: dict[str, Any],
+                   assumed: list[str]) -> tuple[list[Any], list[Any]]:
+    """Fill ``input_name``, ``layout``, ``channels`` and ``input_size``.
+
+    Returns the input's shape and its spatial dimensions (in the layout's order).
+    """
     initializers = {i.name for i in graph.initializer}
     inputs = {i.name: i for i in graph.input if i.name not in initializers}
-    outputs = {o.name: o for o in graph.output}
-
-    # input
     if "input_name" in fields:
         if fields["input_name"] not in inputs:
             raise ValueError(f"input {fields['input_name']!r} is not a graph input; inputs: {sorted(inputs)}")
@@ -538,15 +572,7 @@ def resolve_model_card(
         raise ValueError(f"the model has {len(inputs)} inputs {sorted(inputs)}; set input_name in the model card")
     in_shape = _shape(inputs[fields["input_name"]])
     if "layout" not in fields:
-        consumers = [n for n in graph.node if fields["input_name"] in n.input]
-        perm = None
-        if len(consumers) >= 1 and all(n.op_type == "Transpose" for n in consumers
-                                       if n.op_type not in ("Shape", "Size")):
-            tr = [n for n in consumers if n.op_type == "Transpose"]
-            if tr:
-                perm = [list(a.ints) for a in tr[0].attribute if a.name == "perm"]
-                perm = perm[0] if perm else None
-        layout, why = _infer_layout(in_shape, first_consumer_perm=perm)
+        layout, why = _infer_layout(in_shape, first_consumer_perm=_input_perm(graph, fields["input_name"]))
         if layout is None:
             raise ValueError(
                 f"input {fields['input_name']!r} has shape {in_shape} ({why}); cannot infer a layout: "
@@ -559,6 +585,7 @@ def resolve_model_card(
                          f"has shape {in_shape}; choose a layout of rank {len(in_shape)}")
     ch_axis = -1 if _is_channels_last(layout) else 1
     spatial_axes = [i for i in range(1, len(in_shape)) if i != (len(in_shape) - 1 if ch_axis == -1 else 1)]
+    in_spatial = [in_shape[i] for i in spatial_axes] if in_shape else []
     if "channels" not in fields:
         dim = in_shape[ch_axis] if in_shape else None
         if isinstance(dim, int) and dim > 0:
@@ -567,12 +594,30 @@ def resolve_model_card(
             fields["channels"] = 1
             assumed.append("input channels: 1 (the model's channel axis is symbolic)")
     if "input_size" not in fields:
-        dims = [in_shape[i] for i in spatial_axes] if in_shape else []
-        if dims and all(isinstance(d, int) and d > 0 for d in dims):
-            fields["input_size"] = tuple(dims)
+        if in_spatial and all(isinstance(d, int) and d > 0 for d in in_spatial):
+            fields["input_size"] = tuple(in_spatial)
         else:
             fields["input_size"] = None
             assumed.append("input size: any (the model's spatial axes are symbolic); images are fed at their own size")
+    return in_shape, in_spatial
+
+
+def _input_perm(graph: Any, input_name: str) -> list[int] | None:
+    """The ``perm`` of the Transpose that consumes the input, when only Transposes do
+    (Shape and Size consumers aside); else ``None``."""
+    consumers = [n for n in graph.node if input_name in n.input]
+    perm = None
+    if len(consumers) >= 1 and all(n.op_type == "Transpose" for n in consumers
+                                   if n.op_type not in ("Shape", "Size")):
+        tr = [n for n in consumers if n.op_type == "Transpose"]
+        if tr:
+            perm = [list(a.ints) for a in tr[0].attribute if a.name == "perm"]
+            perm = perm[0] if perm else None
+    return perm
+
+
+def _resolve_preprocessing(fields: dict[str, Any], assumed: list[str]) -> None:
+    """Fill ``resize`` (on when the input size is fixed) and ``scaling`` (none)."""
     if "resize" not in fields:
         fields["resize"] = fields["input_size"] is not None
         if fields["resize"]:
@@ -581,7 +626,14 @@ def resolve_model_card(
         fields["scaling"] = "none"
         assumed.append("preprocessing: no intensity scaling (images are fed as read)")
 
-    # prediction
+
+def _resolve_prediction(graph: Any, fields: dict[str, Any], assumed: list[str], *,
+                        in_shape: list[Any], in_spatial: list[Any]) -> int | None:
+    """Fill ``prediction_output``, ``prediction_layout`` and ``activation``.
+
+    Returns the prediction's number of channels, ``None`` when unknown.
+    """
+    outputs = {o.name: o for o in graph.output}
     if "prediction_output" in fields:
         if fields["prediction_output"] not in outputs:
             raise ValueError(f"prediction output {fields['prediction_output']!r} is not a graph output; "
@@ -590,39 +642,53 @@ def resolve_model_card(
         fields["prediction_output"] = next(iter(outputs))
         assumed.append(f"prediction: {fields['prediction_output']!r}, the model's only output")
     else:
-        in_spatial = [in_shape[i] for i in spatial_axes] if in_shape else []
-        matches = []
-        for name, vi in outputs.items():
-            shp = _shape(vi)
-            if not in_spatial or not all(isinstance(d, int) for d in in_spatial):
-                break
-            if (len(shp) == len(in_shape) and in_spatial in (shp[2:], shp[1:-1])) or (
-                    len(shp) == len(in_shape) - 1 and shp[1:] == in_spatial):
-                matches.append(name)
-        if len(matches) != 1:
-            raise ValueError(
-                f"cannot tell which of the outputs {sorted(outputs)} is the prediction "
-                f"({len(matches)} have the input's spatial shape); set prediction_output")
-        fields["prediction_output"] = matches[0]
-        assumed.append(f"prediction: {matches[0]!r}, the only output with the input's spatial shape")
+        fields["prediction_output"] = _output_like_input(outputs, in_shape=in_shape, in_spatial=in_spatial)
+        assumed.append(f"prediction: {fields['prediction_output']!r}, the only output with the input's spatial shape")
+    layout = fields["layout"]
     out_shape = _shape(outputs[fields["prediction_output"]])
     if "prediction_layout" not in fields and len(out_shape) == len(layout):
         out_layout, why = _infer_layout(out_shape, fallback=layout)
         if out_layout != layout:
             fields["prediction_layout"] = out_layout
             assumed.append(f"prediction layout {out_layout}: {why}")
-    out_layout = fields.get("prediction_layout") or layout
+    n_out = _output_channels(out_shape, fields.get("prediction_layout") or layout)
+    if "activation" not in fields:
+        act, why = _activation_of(graph, fields["prediction_output"])
+        fields["activation"] = act
+        assumed.append(f"activation {act}: {why}")
+    return n_out
+
+
+def _output_like_input(outputs: Mapping[str, Any], *, in_shape: list[Any], in_spatial: list[Any]) -> str:
+    """The one output whose spatial shape is the input's (with or without a channel axis)."""
+    matches = []
+    if in_spatial and all(isinstance(d, int) for d in in_spatial):
+        for name, vi in outputs.items():
+            shp = _shape(vi)
+            if (len(shp) == len(in_shape) and in_spatial in (shp[2:], shp[1:-1])) or (
+                    len(shp) == len(in_shape) - 1 and shp[1:] == in_spatial):
+                matches.append(name)
+    if len(matches) != 1:
+        raise ValueError(
+            f"cannot tell which of the outputs {sorted(outputs)} is the prediction "
+            f"({len(matches)} have the input's spatial shape); set prediction_output")
+    return matches[0]
+
+
+def _output_channels(out_shape: list[Any], out_layout: str) -> int | None:
+    """Channels of an output in ``out_layout`` (1 without a channel axis); ``None`` when unknown."""
     if len(out_shape) == len(out_layout):
         n_out = out_shape[-1 if _is_channels_last(out_layout) else 1]
     elif len(out_shape) == len(out_layout) - 1:
         n_out = 1
     else:
         n_out = None
-    n_out = n_out if isinstance(n_out, int) and n_out > 0 else None
-    if "activation" not in fields:
-        act, why = _activation_of(graph, fields["prediction_output"])
-        fields["activation"] = act
-        assumed.append(f"activation {act}: {why}")
+    return n_out if isinstance(n_out, int) and n_out > 0 else None
+
+
+def _resolve_classes(fields: dict[str, Any], assumed: list[str], *, n_out: int | None) -> None:
+    """Fill ``classes`` from the output's channels (channel 0 the background when there are
+    several), or check the given ones against them."""
     if "classes" not in fields:
         if n_out is None or n_out == 1:
             fields["classes"] = (0,)
@@ -639,22 +705,18 @@ def resolve_model_card(
         valid = "0 or 1 (the only channel)" if n_out == 1 else f"0..{n_out - 1}"
         raise ValueError(f"classes={list(fields['classes'])} but output {fields['prediction_output']!r} "
                          f"has {n_out} channel(s); choose among {valid}")
-    if "threshold" not in fields:
-        fields["threshold"] = 0.5
-        assumed.append("threshold 0.5 on the foreground probability")
-    if fields.get("input_size") is not None:
-        fields["input_size"] = tuple(fields["input_size"])
-    if fields.get("classes") is not None:
-        fields["classes"] = tuple(fields["classes"])
-    layouts = dict(fields.get("hidden_layouts") or {})
-    if layouts:
-        from engine.model.graph import CHANNELS_FIRST_OPS
 
-        producers = {o: n.op_type for n in graph.node for o in n.output}
-        for name, lay in layouts.items():
-            if _is_channels_last(lay) and producers.get(name) in CHANNELS_FIRST_OPS:
-                layouts[name] = {"NWC": "NCW", "NHWC": "NCHW", "NDHWC": "NCDHW"}[lay]
-                assumed.append(f"hidden tensor {name!r}: layout {layouts[name]}, not {lay} as given: "
-                               f"its {producers[name]} node computes channels-first")
-        fields["hidden_layouts"] = layouts
-    return ModelCard(**fields, assumed=assumed)
+
+def _resolve_hidden_layouts(graph: Any, fields: dict[str, Any], assumed: list[str]) -> None:
+    """Correct a channels-last hidden layout given for a tensor that a channels-first op
+    (Conv, pooling, normalization...) computes, as tf2onnx graphs of Keras models have."""
+    layouts = dict(fields.get("hidden_layouts") or {})
+    if not layouts:
+        return
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    for name, lay in layouts.items():
+        if _is_channels_last(lay) and producers.get(name) in CHANNELS_FIRST_OPS:
+            layouts[name] = {"NWC": "NCW", "NHWC": "NCHW", "NDHWC": "NCDHW"}[lay]
+            assumed.append(f"hidden tensor {name!r}: layout {layouts[name]}, not {lay} as given: "
+                           f"its {producers[name]} node computes channels-first")
+    fields["hidden_layouts"] = layouts

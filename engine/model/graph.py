@@ -39,6 +39,7 @@ __all__ = [
     "plan_passes",
     "available_memory",
     "activation_bytes",
+    "output_path_tensors",
 ]
 
 logger = logging.getLogger("protoseg")
@@ -630,3 +631,24 @@ def plan_passes(
                     "running the model in %d passes per batch", max_activation_memory / 2**20,
                     batch_size, len(passes))
     return passes
+
+
+#: Ops through which the prediction is still the prediction (activation, layout, casts).
+_OUTPUT_PATH_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "Transpose", "Identity",
+                              "Reshape", "Squeeze", "Unsqueeze", "Cast", "Flatten"})
+
+
+def output_path_tensors(model: Any, output: str) -> list[str]:
+    """Tensors that are the prediction in another form (logits before the final activation).
+
+    Walks back from ``output`` through activation and layout ops; the tensors met are the
+    output itself, not hidden layers, so every estimator leaves them out.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names: list[str] = []
+    cur = output
+    while cur in producer and producer[cur].op_type in _OUTPUT_PATH_OPS:
+        node = producer[cur]
+        cur = node.input[0]
+        names.append(cur)
+    return names

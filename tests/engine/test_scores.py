@@ -59,15 +59,20 @@ def _layout(f: np.ndarray, layout: str, strided: bool = False) -> np.ndarray:
     """The features in ``layout``; with ``strided`` a non-contiguous view of the same values.
 
     C-contiguous channels-first features take the fused kernels, everything else the general
-    ones, so both meet the twin.
+    ones, so both meet the twin. The view takes every other element along the last axis longer
+    than 1 (a step along a size-1 axis changes nothing). An array of one element is contiguous
+    whatever its strides, so it stays as it is: the engine can only take the fused path for it.
     """
     if layout == "channels_last":
         f = np.moveaxis(f, 1, -1)
     out = np.ascontiguousarray(f)
-    if strided:
-        big = np.empty(f.shape[:-1] + (2 * f.shape[-1],), dtype=f.dtype)
-        big[..., ::2] = f
-        out = big[..., ::2]
+    long_axes = [k for k, n in enumerate(out.shape) if n > 1]
+    if strided and long_axes:
+        k = long_axes[-1]
+        every_other = (slice(None),) * k + (slice(None, None, 2),)
+        big = np.empty(out.shape[:k] + (2 * out.shape[k],) + out.shape[k + 1:], dtype=out.dtype)
+        big[every_other] = out
+        out = big[every_other]
         assert not out.flags.c_contiguous
     return out
 
@@ -187,6 +192,9 @@ def test_separable_data_gives_the_guide_and_dice_one() -> None:
     np.testing.assert_allclose(res.background[0], 0.0)
     s = sa_scores(f, g, g > 0)
     assert s.score.tolist() == [1.0] and s.tp.tolist() == [32] and s.fp.tolist() == [0]
+    # the twin too, and for a single channel equal to the guide itself
+    assert naive.sa_one(f[0], g[0], g[0] > 0)["score"] == 1.0
+    assert naive.sa_one(g, g[0], g[0] > 0)["score"] == 1.0
 
 
 def test_upsampled_map_equals_materialised_torch_reference() -> None:
@@ -238,6 +246,9 @@ def test_status_codes_for_undefined_prototypes() -> None:
     r = protoseg(f, g, mask=mask)
     assert r.status.tolist() == s.status.tolist()
     assert np.isnan(r.probability[:3]).all() and not r.binary[:3].any()
+    twins = [naive.sa_one(f[b], g[b], ref[b], mask[b]) for b in range(4)]
+    assert [TWIN_STATUS[t["status"]] for t in twins] == s.status.tolist()
+    assert np.isnan([t["score"] for t in twins[:3]]).all()  # SPEC: undefined prototype -> NaN
 
 
 @pytest.mark.parametrize("empty,expected", [("nan", np.nan), ("one", 1.0)])

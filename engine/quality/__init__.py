@@ -1,0 +1,57 @@
+"""Label-free quality estimates from SA scores, and how far to trust them (SPEC §4).
+
+Pure functions over arrays: they work on what an :class:`engine.store.Store` returns
+(``layer_scores()``, ``unit_scores``, ``layers``, ``baselines()``) and on arrays built by hand;
+nothing here reads or writes a store. One concern per module:
+
+- :mod:`.baseline` — :func:`baselines`, the trivial baselines every estimate is reported beside;
+- :mod:`.table` — the score table the estimators are computed from (internal);
+- :mod:`.estimators` — :func:`estimate_quality` and :data:`ESTIMATORS`;
+- :mod:`.calibration` — :func:`calibrate`, :class:`Calibration`, :func:`default_candidates`,
+  :func:`candidate_estimates`, :func:`group_folds`;
+- :mod:`.triage` — :func:`rank_cases`, :func:`flag_cases`;
+- :mod:`.validation` — :func:`validate`, :func:`validation_rows` and the statistics behind
+  them (:func:`auroc`, :func:`partial_spearman`, :func:`worst_overlap`, :func:`bootstrap_ci`).
+
+Examples
+--------
+>>> import numpy as np
+>>> from engine.quality import estimate_quality, flag_cases
+>>> est = estimate_quality(np.array([[0.9, 0.7], [np.nan, np.nan]]), None, ["a", "b"],
+...                        estimator="all-layers")
+>>> flag_cases(est, lowest=1).tolist()
+[False, True]
+"""
+from __future__ import annotations
+
+from engine.quality.baseline import baselines
+from engine.quality.calibration import Calibration, calibrate, candidate_estimates, default_candidates, group_folds
+from engine.quality.estimators import ESTIMATORS, estimate_quality
+from engine.quality.triage import flag_cases, rank_cases
+from engine.quality.validation import (
+    auroc,
+    bootstrap_ci,
+    partial_spearman,
+    validate,
+    validation_rows,
+    worst_overlap,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "Calibration",
+    "auroc",
+    "baselines",
+    "bootstrap_ci",
+    "calibrate",
+    "candidate_estimates",
+    "default_candidates",
+    "estimate_quality",
+    "flag_cases",
+    "group_folds",
+    "partial_spearman",
+    "rank_cases",
+    "validate",
+    "validation_rows",
+    "worst_overlap",
+]

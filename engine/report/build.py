@@ -1,0 +1,510 @@
+"""The report's sections, computed once as plain data; the renderers add the markup.
+
+:class:`ReportBuilder` turns a :class:`~engine.report.access.ReportData` into a
+:class:`Report`: sections of paragraphs, tables and figures (each figure drawn now and
+written as PNG and SVG), and the rows of every CSV/JSON table file.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from engine._json import jsonable, text
+from engine.report import figures
+from engine.report.access import ReportData, case_maps, merge_intervals, validation_rows
+from engine.report.tables import (NAN_STATUSES, correlation_label, correlations, field, fmt,
+                                  input_summary, layer_summary, nanmean_rows, text_column,
+                                  unit_summary, value_text)
+from engine.status import describe
+
+__all__ = [
+    "DEFAULT_MAP_CASES",
+    "Figure",
+    "Paragraph",
+    "Report",
+    "ReportBuilder",
+    "Section",
+    "Table",
+    "choose_map_cases",
+]
+
+#: Maps are drawn for at most this many cases unless ``max_cases`` says otherwise.
+DEFAULT_MAP_CASES = 4
+#: Classes whose maps are drawn (multi-class stores).
+MAX_MAP_CLASSES = 3
+#: Classes with their own unit figure and a sentence on their best and worst layer.
+MAX_FIGURE_CLASSES = 4
+#: Case rows shown in the HTML/Markdown table (the CSV/JSON tables hold every case).
+MAX_CASE_ROWS = 40
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    """A sentence or two of plain text."""
+
+    text: str
+    kind: ClassVar[str] = "p"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table to show: ``rows`` hold raw values, formatted by the renderer."""
+
+    caption: str
+    rows: Sequence[Mapping[str, Any]]
+    columns: Sequence[str]
+    kind: ClassVar[str] = "table"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure already written as ``figures/<name>.png`` and ``.svg``."""
+
+    name: str
+    caption: str
+    png: bytes = dataclasses.field(repr=False)
+    kind: ClassVar[str] = "figure"
+
+
+Block = Paragraph | Table | Figure
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled part of the report (``id`` is its anchor)."""
+
+    id: str
+    title: str
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    """The built report: what the header says, the sections, and the table files' rows."""
+
+    model: str
+    n_cases: int
+    n_layers: int
+    settings: str
+    sections: tuple[Section, ...]
+    tables: dict[str, list[dict[str, Any]]]
+
+
+def choose_map_cases(data: ReportData, cases: list[str] | None,
+                     max_cases: int | None) -> list[str]:
+    """The cases whose maps are drawn: ``cases`` (checked) or the first cases with maps.
+
+    Raises
+    ------
+    KeyError
+        A requested case is not in the store (the message lists the closest ids).
+    ValueError
+        A requested case has no maps.
+    """
+    if cases is None:
+        return data.map_ids[: DEFAULT_MAP_CASES if max_cases is None else max_cases]
+    for c in cases:
+        if c not in data.ids:
+            close = difflib.get_close_matches(c, data.ids, n=5)
+            raise KeyError(f"case {c!r} is not in the store; closest ids: {close}"
+                           if close else f"case {c!r} is not in the store "
+                           f"({data.n_cases} cases, e.g. {data.ids[:5]})")
+        if c not in data.map_ids:
+            raise ValueError(
+                f"case {c!r} has no maps in the store; cases with maps: {data.map_ids[:10]}"
+                "; score again with save_maps including it")
+    return cases if max_cases is None else cases[:max_cases]
+
+
+def _slug(name: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+    return keep.strip("_")[:60] or "x"
+
+
+def _or_not_recorded(rows: list[dict[str, str]], key: str) -> list[dict[str, str]]:
+    return rows or [{key: "not recorded", "value": ""}]
+
+
+class ReportBuilder:
+    """Computes the sections of one report.
+
+    Parameters
+    ----------
+    data : ReportData
+        What the store holds (:func:`engine.report.access.read_report_data`).
+    figure_dir : Path
+        Where figures are written (``<name>.png`` and ``<name>.svg``).
+    unit_threshold : float
+        Units above it are counted per layer.
+    map_cases : list of str
+        The cases whose maps are drawn (:func:`choose_map_cases`).
+    """
+
+    def __init__(self, data: ReportData, figure_dir: Path, *, unit_threshold: float,
+                 map_cases: list[str]) -> None:
+        self.data = data
+        self.figure_dir = figure_dir
+        self.threshold = unit_threshold
+        self.map_cases = map_cases
+        self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.mean_layer_sa = nanmean_rows(data.score, axis=2)  # (n_cases, n_classes)
+        # per map case, class index and tensor: "best units: ..." (set by the unit section)
+        self.best_units: dict[str, dict[int, dict[str, str]]] = {c: {} for c in map_cases}
+        self._figure_names: set[str] = set()
+
+    def build(self) -> Report:
+        """Draw every figure and return the report's sections and tables."""
+        d = self.data
+        sections = (self._run_section(), self._depth_section(), self._unit_section(),
+                    self._maps_section(), self._quality_section(),
+                    self._validation_section(), self._cases_section())
+        return Report(model=text(jsonable(self._model(), default=str)), n_cases=d.n_cases,
+                      n_layers=len(d.layers), settings=self._settings(), sections=sections,
+                      tables=self.tables)
+
+    # -- helpers --------------------------------------------------------------------
+    def _figure(self, fig: Any, name: str, caption: str) -> Figure:
+        stem, i = name, 1
+        while name in self._figure_names:  # two case ids may share a file-name slug
+            i += 1
+            name = f"{stem}-{i}"
+        self._figure_names.add(name)
+        return Figure(name, caption, figures.save_figure(fig, self.figure_dir / name))
+
+    def _settings(self) -> str:
+        cfg = self.data.config
+        return (f"guide = {cfg.get('guide', 'not recorded')}, "
+                f"reference = {cfg.get('reference', 'not recorded')}, "
+                f"resize = {cfg.get('resize', 'not recorded')}")
+
+    def _model(self) -> Any:
+        prov, cfg = self.data.provenance, self.data.config
+        return prov.get("model") or prov.get("model_path") or cfg.get("model") or "not recorded"
+
+    # -- sections -------------------------------------------------------------------
+    def _run_summary(self) -> list[tuple[str, Any]]:
+        d = self.data
+        prov = d.provenance
+        return [
+            ("model", self._model()),
+            ("model sha256", prov.get("model_sha256") or prov.get("sha256") or "not recorded"),
+            ("protoseg version", prov.get("protoseg_version") or prov.get("version")
+             or "not recorded"),
+            ("provider", prov.get("provider") or "not recorded"),
+            ("optimisation", prov.get("optimization") or prov.get("optimisation")
+             or "not recorded"),
+            ("store version", d.version or "not recorded"),
+            ("cases", f"{d.n_cases} (summarised {d.n_cases} cases)"),
+            ("classes", ", ".join(str(c) for c in d.classes)),
+            ("hidden tensors scored", str(len(d.layers))),
+            ("unit level", "recorded" if d.has_units else "not recorded"),
+        ]
+
+    def _run_section(self) -> Section:
+        d = self.data
+        prov, cfg = d.provenance, d.config
+        counts: dict[str, int] = {}
+        for s in text_column(d.cases, "status", "ok"):
+            counts[s] = counts.get(s, 0) + 1
+        timings = {k: v for k, v in prov.items()
+                   if any(t in k.lower() for t in ("time", "second", "duration", "started",
+                                                    "finished", "elapsed"))}
+        run_rows = [{"key": k, "value": jsonable(v, default=str)}
+                    for k, v in self._run_summary()]
+        blocks: list[Block] = [
+            Paragraph(f"Summarised {d.n_cases} cases, {len(d.layers)} hidden tensors, "
+                      f"{d.n_classes} class(es)."),
+            Table("Summary", [{"key": r["key"], "value": value_text(r["value"])}
+                              for r in run_rows], ["key", "value"]),
+            Table("Case statuses", [{"case status": k, "cases": v}
+                                    for k, v in sorted(counts.items())],
+                  ["case status", "cases"]),
+            Table("Configuration (settings that change the numbers)",
+                  _or_not_recorded([{"setting": k, "value": value_text(v)}
+                                    for k, v in cfg.items()], "setting"),
+                  ["setting", "value"]),
+            Table("Timings", _or_not_recorded(
+                [{"item": k, "value": value_text(v)} for k, v in timings.items()], "item"),
+                ["item", "value"]),
+            Table("Provenance", _or_not_recorded(
+                [{"item": k, "value": value_text(v)} for k, v in prov.items()], "item"),
+                ["item", "value"]),
+        ]
+        self.tables["run"] = (
+            run_rows
+            + [{"key": f"config.{k}", "value": jsonable(v, default=str)} for k, v in cfg.items()]
+            + [{"key": f"provenance.{k}", "value": jsonable(v, default=str)}
+               for k, v in prov.items()]
+            + [{"key": f"case_status.{k}", "value": v} for k, v in counts.items()])
+        return Section("run", "Run", tuple(blocks))
+
+    def _depth_section(self) -> Section:
+        d = self.data
+        blocks: list[Block] = []
+        rows = layer_summary(d.score, d.status, d.layers, d.classes)
+        self.tables["layer_summary"] = rows
+        if len(d.layers) == 0 or d.n_cases == 0:
+            blocks.append(Paragraph("Layer-level SA: not recorded (no layers or no cases)."))
+            return Section("depth", "SA against layer depth", tuple(blocks))
+        for c in d.classes[:MAX_FIGURE_CLASSES]:
+            ranked = [r for r in rows if r["class"] == c and np.isfinite(r["mean"])]
+            if ranked:
+                hi = max(ranked, key=lambda r: r["mean"])
+                lo = min(ranked, key=lambda r: r["mean"])
+                blocks.append(Paragraph(
+                    f"Class {c}: highest mean SA {hi['mean']:.3f} at {hi['layer']} "
+                    f"(depth {fmt(hi['depth'])}); lowest {lo['mean']:.3f} at "
+                    f"{lo['layer']} (depth {fmt(lo['depth'])})."))
+        o = d.order
+        input_series = [] if d.input_score is None else [
+            (f"class {c}", d.input_score[:, k, 0]) for k, c in enumerate(d.classes)]
+        fig = figures.fig_sa_depth(
+            np.arange(len(o), dtype=np.float64), [d.labels[j] for j in o],
+            [(f"class {c}", d.score[:, k, o]) for k, c in enumerate(d.classes)],
+            input_series=input_series, title="Layer-level SA by depth")
+        blocks.append(self._figure(
+            fig, "sa_depth",
+            f"Layer-level SA against depth (layers ordered by their depth in the graph): "
+            f"mean over cases (line) and interquartile range (band), per class; "
+            f"{self._settings()}. Undefined scores (NaN) are left out; see n_nan in the "
+            f"table. {d.n_cases} cases."))
+        cols = ["class", "layer", "depth", "channels", "mean", "sd", "median", "q25", "q75",
+                "n_used", "n_nan"]
+        nan_cols = [f"nan_{s.name}" for s in NAN_STATUSES
+                    if any(r[f"nan_{s.name}"] for r in rows)]
+        blocks.append(Table("Layer summary (tables/layer_summary.csv)", rows, cols + nan_cols))
+        if nan_cols:
+            blocks.append(Paragraph("Undefined scores by cause: " + "; ".join(
+                f"{s.name}: {describe(s)}" for s in NAN_STATUSES if f"nan_{s.name}" in nan_cols)
+                + "."))
+        if d.input_score is not None:
+            irows = input_summary(d.input_score, d.classes)
+            self.tables["input_summary"] = irows
+            blocks.append(Table("Input SA (tables/input_summary.csv)", irows,
+                                ["class", "input", "mean", "sd", "median", "q25", "q75",
+                                 "n_used"]))
+        else:
+            blocks.append(Paragraph("Input SA: not recorded."))
+        return Section("depth", "SA against layer depth", tuple(blocks))
+
+    def _read_units(self) -> tuple[list[dict[str, Any]], dict[int, list[tuple[str, np.ndarray]]]]:
+        """Unit-summary rows and, per class index, each layer's unit means (for figures).
+
+        Also notes each map case's three best units per layer in ``self.best_units``.
+        """
+        d = self.data
+        idx_of = {c: i for i, c in enumerate(d.ids)}
+        names = text_column(d.layers, "name")
+        indices = [int(v) for v in field(d.layers, "index", 0)]
+        rows: list[dict[str, Any]] = []
+        panels: dict[int, list[tuple[str, np.ndarray]]] = {k: [] for k in range(d.n_classes)}
+        for j in d.order:
+            name, index = names[j], indices[j]
+            u = d.unit_scores(index)  # (n_cases, n_classes, C)
+            if u is None:
+                continue
+            for k, cls in enumerate(d.classes):
+                s = unit_summary(u[:, k, :], threshold=self.threshold)
+                panels[k].append((d.labels[j], s["unit_mean"]))
+                rows.append({
+                    "class": cls, "layer_index": index, "name": name, "layer": d.labels[j],
+                    "depth": jsonable(d.depth[j]), "units": s["units"],
+                    "n_defined": s["n_defined"], "threshold": self.threshold,
+                    "n_above": s["n_above"], "fraction_above": s["fraction_above"],
+                    "mean_unit_sa": s["mean_unit_sa"], "best_unit": s["best_unit"],
+                    "best_unit_sa": s["best_unit_sa"]})
+                for c in self.map_cases:
+                    row = u[idx_of[c], k, :]
+                    ok = np.flatnonzero(np.isfinite(row))
+                    top = ok[np.argsort(-row[ok], kind="stable")][:3]
+                    if top.size:
+                        self.best_units[c].setdefault(k, {})[name] = "best units: " + ", ".join(
+                            f"{t} ({row[t]:.2f})" for t in top)
+        return rows, panels
+
+    def _unit_section(self) -> Section:
+        d = self.data
+        if not d.has_units:
+            return Section("units", "Unit SA per layer", (Paragraph(
+                "Unit-level SA: not recorded (score with level='unit' or 'both')."),))
+        rows, panels = self._read_units()
+        if not rows:
+            return Section("units", "Unit SA per layer",
+                           (Paragraph("Unit-level SA: not recorded for any layer."),))
+        self.tables["unit_summary"] = rows
+        blocks: list[Block] = []
+        for k, cls in enumerate(d.classes[:MAX_FIGURE_CLASSES]):
+            fig = figures.fig_units(panels[k], self.threshold,
+                                    title=f"Unit SA per layer, class {cls} "
+                                          f"(mean over {d.n_cases} cases)")
+            blocks.append(self._figure(
+                fig, f"unit_sa_class{cls}",
+                f"Class {cls}: each unit's SA (mean over cases where defined), sorted; "
+                f"green bars are above the threshold {self.threshold:g}. Layers with "
+                f"more than 96 units are drawn as histograms. {self._settings()}."))
+        if d.n_classes > MAX_FIGURE_CLASSES:
+            blocks.append(Paragraph(
+                f"Unit figures drawn for the first {MAX_FIGURE_CLASSES} of {d.n_classes} "
+                "classes; the table covers all."))
+        blocks.append(Table(f"Units above {self.threshold:g} (tables/unit_summary.csv)", rows,
+                            ["class", "layer", "units", "n_defined", "n_above",
+                             "fraction_above", "mean_unit_sa", "best_unit", "best_unit_sa"]))
+        return Section("units", "Unit SA per layer", tuple(blocks))
+
+    def _maps_section(self) -> Section:
+        d = self.data
+        if not d.map_ids:
+            return Section("maps", "Segmentation-ability maps", (Paragraph(
+                "Maps: not recorded (score with save_maps to keep maps of chosen cases)."),))
+        blocks: list[Block] = [Paragraph(
+            f"Maps drawn for {len(self.map_cases)} of {len(d.map_ids)} cases with maps (read "
+            f"one case at a time). Red: binary map; colour scale: probability 0 (black) to 1 "
+            f"(yellow); yellow/cyan outline: the reference. {self._settings()}.")]
+        n_drawn = min(d.n_classes, MAX_MAP_CLASSES)
+        if d.n_classes > n_drawn:
+            blocks.append(Paragraph(
+                f"Maps drawn for the first {n_drawn} of {d.n_classes} classes."))
+        keys = d.layer_keys()
+        for c in self.map_cases:
+            maps = d.maps(c)  # this case only, read once for every class
+            blocks += [self._map_figure(c, maps, k, keys) for k in range(n_drawn)]
+        return Section("maps", "Segmentation-ability maps", tuple(blocks))
+
+    def _map_figure(self, case: str, maps: Mapping[str, Any], k: int,
+                    keys: tuple[dict[str, str], dict[str, float]]) -> Figure:
+        d = self.data
+        cls = d.classes[k]
+        image, ref, pred, panels, note = case_maps(
+            maps, *keys, d.n_classes, k, cls, self.best_units.get(case, {}).get(k, {}))
+        dice = d.dice[d.ids.index(case), k] if k < d.dice.shape[1] else np.nan
+        title = f"case {case}" + (f", class {cls}" if d.n_classes > 1 else "") + (
+            f" (output Dice {float(dice):.3f})" if np.isfinite(float(dice)) else "")
+        fig = figures.fig_maps(image, ref, pred, panels, title=title)
+        caption = (f"Case {case}, class {cls}: input, prediction and each layer's binary "
+                   "and probability maps.")
+        if note:
+            caption += f" {note}."
+        if ref is not None and ref.ndim == 3:
+            caption += " 3-D: on each axis, the slice with the most reference foreground."
+        name = f"maps_{_slug(case)}" + (f"_class{cls}" if d.n_classes > 1 else "")
+        return self._figure(fig, name, caption)
+
+    def _correlate(self, sources: list[tuple[str, np.ndarray]], d0: np.ndarray,
+                   rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """Scatter panels of ``sources`` against ``d0``; their correlations go to ``rows``."""
+        panels = []
+        for label, x in sources:
+            c = correlations(x, d0)
+            rows.append({"x": label, "y": "output Dice", **c})
+            panels.append((x, d0, label, "output Dice", correlation_label(c)))
+        return panels
+
+    def _quality_section(self) -> Section:
+        d = self.data
+        title = "Quality estimate and input SA against output Dice"
+        if not np.isfinite(d.dice).any():
+            return Section("quality", title, (Paragraph(
+                "Output Dice: not recorded (no ground truth), so estimates cannot be "
+                "compared with the output's quality here."),))
+        blocks: list[Block] = []
+        d0 = d.dice[:, 0]
+        n_dice = int(np.isfinite(d0).sum())
+        draw = n_dice >= 3
+        if not draw:
+            blocks.append(Paragraph(
+                f"Scatter plots need at least 3 cases with ground truth; this store has "
+                f"{n_dice}. The values are in the table below."))
+        if d.estimates:
+            sources = [(f"estimate: {n}", a[:, 0]) for n, a in d.estimates.items()]
+        else:
+            sources = [("mean layer-level SA (all layers)", self.mean_layer_sa[:, 0])]
+        if d.input_score is not None:
+            sources.append(("input SA", d.input_score[:, 0, 0]))
+        rows: list[dict[str, Any]] = []
+        panels = self._correlate(sources, d0, rows)
+        src = ("the recorded estimates" if d.estimates else
+               "the mean layer-level SA over all layers (no estimates recorded)")
+        if draw:
+            fig = figures.fig_scatter(
+                panels, title=f"Against the output's Dice, class {d.classes[0]}")
+            blocks.append(self._figure(
+                fig, "sa_vs_dice",
+                f"Each point is a case: {src} and the input SA against the output's Dice "
+                f"(ground truth). r: Pearson; ρ: Spearman; cases with either value undefined "
+                f"are left out."))
+        if not d.estimates:
+            blocks.append(Paragraph("Quality estimates: not recorded (run `protoseg estimate`)."))
+        if d.input_score is None:
+            blocks.append(Paragraph("Input SA: not recorded."))
+        if d.baselines:
+            panels = self._correlate([(f"baseline: {name}", a[:, 0])
+                                      for name, a in d.baselines.items()], d0, rows)
+            if draw:
+                fig = figures.fig_scatter(panels, title="Baselines against the output's Dice")
+                blocks.append(self._figure(
+                    fig, "baselines_vs_dice",
+                    "Trivial baselines against the output's Dice: an estimate is useful "
+                    "only where it beats them."))
+        blocks.append(Table("Correlations with the output's Dice", rows,
+                            ["x", "y", "n", "pearson_r", "spearman_rho", "note"]))
+        self.tables["correlations"] = rows
+        return Section("quality", title, tuple(blocks))
+
+    def _validation_section(self) -> Section:
+        rows = validation_rows(self.data.validation)
+        if not rows:
+            return Section("validation", "Validation", (Paragraph(
+                "Validation: not recorded (run `protoseg estimate` on a store with "
+                "ground truth)."),))
+        self.tables["validation"] = rows
+        shown = [merge_intervals(r) for r in rows]
+        cols: list[str] = []
+        for r in shown:
+            cols += [k for k in r if k not in cols]
+        return Section("validation", "Validation", (Table(
+            "Validation of each estimate and baseline against the output's Dice, with 95 % "
+            "bootstrap intervals (tables/validation.csv)", shown, cols),))
+
+    def _case_rows(self) -> list[dict[str, Any]]:
+        d = self.data
+        groups = text_column(d.cases, "group")
+        statuses = text_column(d.cases, "status", "ok")
+        defined = np.isfinite(d.score).sum(axis=2)
+        multi = d.n_classes > 1
+        per_case = ([("estimate_", d.estimates), ("baseline_", d.baselines),
+                     ("", d.estimate_extras)])
+        rows = []
+        for i, cid in enumerate(d.ids):
+            row: dict[str, Any] = {"id": cid, "status": statuses[i], "group": groups[i]}
+            for k, cls in enumerate(d.classes):
+                sfx = f"_class{cls}" if multi else ""
+                row[f"output_dice{sfx}"] = d.dice[i, k] if k < d.dice.shape[1] else None
+                row[f"mean_layer_sa{sfx}"] = self.mean_layer_sa[i, k]
+                row[f"layers_defined{sfx}"] = int(defined[i, k])
+                if d.input_score is not None:
+                    row[f"input_sa{sfx}"] = d.input_score[i, k, 0]
+                for prefix, values in per_case:
+                    for name, a in values.items():
+                        row[f"{prefix}{name}{sfx}"] = a[i, k] if k < a.shape[1] else a[i, 0]
+            rows.append(row)
+        return rows
+
+    def _cases_section(self) -> Section:
+        d = self.data
+        rows = self._case_rows()
+        self.tables["cases"] = rows
+        key = f"mean_layer_sa_class{d.classes[0]}" if d.n_classes > 1 else "mean_layer_sa"
+        order = sorted(range(len(rows)), key=lambda i: (not np.isfinite(rows[i][key]),
+                                                        rows[i][key]))
+        shown = [rows[i] for i in order[:MAX_CASE_ROWS]]
+        return Section("cases", "Cases", (
+            Paragraph(f"{len(rows)} cases in tables/cases.csv; the {len(shown)} with the "
+                      f"lowest mean layer-level SA are listed."),
+            Table("Cases, lowest mean layer-level SA first", shown,
+                  list(rows[0]) if rows else ["id"])))

@@ -1,0 +1,265 @@
+"""The scoring run: an ONNX model and a dataset in, a resumable HDF5 store out.
+
+:func:`score_dataset` is the public wrapper: it turns its keywords into a
+:class:`~engine.run.options.ScoreOptions`, builds the :class:`~engine.run.plan.Plan`
+once, opens the store writer (which resumes or refuses), then feeds batches of cases to
+:func:`~engine.run.batch.score_batch` and publishes each result before reading the next.
+Memory is bounded by the batch: nothing accumulates across batches except per-case
+scalars held by the store writer's parts on disk.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine._version import __version__
+from engine.datasets import DatasetError
+from engine.model.graph import load_model
+from engine.run.batch import score_batch
+from engine.run.options import ScoreOptions, dataset_label
+from engine.run.plan import Plan, build_plan, open_data, resolve_card, spatial_hidden
+from engine.store import StoreWriter
+
+__all__ = ["score_dataset", "run_plan", "RunSummary"]
+
+log = logging.getLogger("protoseg")
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or resumed) run did; returned by :func:`score_dataset`."""
+
+    store: Path
+    provider: str
+    n_cases: int
+    n_scored: int
+    n_skipped_done: int
+    n_failed: int
+    passes: int
+    seconds: float
+    assumed: list[str] = field(default_factory=list)
+    n_no_reference: int = 0
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def score_dataset(
+    model: str | os.PathLike[str] | Any,
+    data: str | os.PathLike[str] | Any,
+    store: str | os.PathLike[str],
+    *,
+    layers: str | Sequence[str] = "auto",
+    level: str = "layer",
+    guide: str = "prediction",
+    guide_kind: str = "hard",
+    reference: str = "auto",
+    resize: str = "upsample",
+    threshold: float | None = None,
+    batch_size: int = 8,
+    provider: str = "auto",
+    optimization: str = "all",
+    card: Any = None,
+    save_maps: Iterable[str] | int = (),
+    input_sa: bool = True,
+    empty: str = "nan",
+    nonfinite: str = "raise",
+    resume: bool = True,
+    overwrite: bool = False,
+    strict: bool = False,
+    groups: Any = None,
+    max_activation_memory: int | None = None,
+    max_cases: int | None = None,
+    shard: str | tuple[int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Score every hidden layer of an ONNX segmentation model on a dataset.
+
+    Parameters
+    ----------
+    model : path or onnx.ModelProto
+        The ONNX model (ideally exported by :mod:`exporters`, whose metadata names the
+        layers and describes the prediction; otherwise what is inferred is reported).
+    data : path or Dataset
+        A dataset accepted by :func:`engine.open_dataset` (folder of image/mask pairs,
+        one HDF5/NPZ file, or a single image).
+    store : path
+        The HDF5 store to write. Work in progress lives in ``<store>.parts/``.
+    layers : str or list of str, optional
+        Hidden tensors to score: ``"auto"`` (the layers an exporter exposed and named,
+        else every hidden tensor), ``"all"``, names, layer names, globs, ``re:`` or ``op:``
+        selectors (see :func:`engine.select_tensors`).
+    level : {"layer", "unit", "both"}
+        Layer-level SA (all channels of a tensor), unit-level SA (each channel), or both.
+    guide : {"prediction", "ground_truth"}
+        Where the prototypes come from. The default, the network's own prediction, needs
+        no ground truth (SPEC §2).
+    guide_kind : {"hard", "soft"}
+        With ``guide="prediction"``: the thresholded prediction (default) or the
+        foreground probability itself as soft weights.
+    reference : {"auto", "ground_truth", "prediction"}
+        What the ProtoSeg map is scored against. ``"auto"``: ground truth when the dataset
+        has masks, else the thresholded prediction.
+    resize : {"upsample", "downsample"}
+        SPEC §3: features to the input grid (default) or guide/reference to each tensor's grid.
+    threshold : float, optional
+        Probability threshold for the prediction (default: the model card's, else 0.5).
+    batch_size : int
+        Cases per model run; bounds memory.
+    provider : {"auto", "cpu", "cuda"}
+        onnxruntime execution provider; ``auto`` takes CUDA only when it can really load.
+    optimization : {"disable", "basic", "extended", "all"}
+        onnxruntime graph optimisation level (recorded).
+    card : dict, path or ModelCard, optional
+        Model-card overrides (a dict of fields, a TOML file path, or a ready ModelCard).
+    save_maps : list of case ids or int
+        Cases whose SA and probability maps are stored (an int n: the first n cases).
+    input_sa : bool
+        Also score the raw input channels (SPEC §5).
+    empty : {"nan", "one"}
+        Dice when map and reference are both empty.
+    nonfinite : {"raise", "skip"}
+        NaN/Inf in a hidden tensor: stop with an error naming tensor and case, or score NaN
+        with status NONFINITE and go on.
+    resume : bool
+        Continue an interrupted run made with the same settings (default): the same call
+        after a crash or a kill picks up where it stopped, and on a finished store it
+        does nothing. ``False`` refuses an existing store or unfinished run.
+    overwrite : bool
+        Replace an existing store (or unfinished run), whatever its settings.
+    strict : bool
+        Unreadable cases stop the run instead of being skipped with a status.
+    groups : mapping or path, optional
+        Case id → group (subject, site), passed to the dataset reader.
+    max_activation_memory : int, optional
+        Bytes of hidden tensors per batch before the selection is split into passes.
+    max_cases : int, optional
+        Score only the first ``max_cases`` cases.
+    shard : "I/N" or (I, N), optional
+        Score only the cases whose dataset index ``i`` has ``i % N == I``: N workers (or
+        machines) each write their own store, and :func:`engine.merge_parts` joins them
+        in dataset order. The shard is provenance, not configuration, so shards merge.
+    progress : callable, optional
+        ``progress(done, total)`` after each batch.
+    extra_config : dict, optional
+        Extra settings recorded (and compared on resume) with the configuration.
+
+    Returns
+    -------
+    RunSummary
+        The store path, the provider that ran, and case counts.
+
+    Raises
+    ------
+    ValueError
+        Bad options, a model without spatial hidden tensors, a store made with other
+        settings (unless ``overwrite``).
+    engine.errors.CaseError
+        Non-finite inputs or features with ``nonfinite="raise"``, or a failed model run:
+        names the case id and its file.
+    FileNotFoundError
+        Model or data missing.
+
+    Examples
+    --------
+    >>> summary = score_dataset("model.onnx", "cases/", "run.h5", level="both")  # doctest: +SKIP
+    >>> engine.open_store(summary.store).layer_table()  # doctest: +SKIP
+    """
+    options = ScoreOptions(
+        layers=layers if isinstance(layers, str) else tuple(layers), level=level, guide=guide,
+        guide_kind=guide_kind, reference=reference, resize=resize, threshold=threshold,
+        batch_size=batch_size, provider=provider, optimization=optimization, card=card,
+        save_maps=save_maps if isinstance(save_maps, int) else tuple(save_maps),
+        input_sa=input_sa, empty=empty, nonfinite=nonfinite, resume=resume, overwrite=overwrite,
+        strict=strict, groups=groups, max_activation_memory=max_activation_memory,
+        max_cases=max_cases, shard=shard, extra_config=dict(extra_config or {}))
+    t_start = time.perf_counter()
+    proto = load_model(model)
+    spatial_hidden(proto)  # a model with nothing to score is refused before anything else
+    mcard = resolve_card(proto, options.card)
+    for msg in mcard.assumed:
+        log.warning("assumed: %s", msg)
+    dataset = open_data(data, mcard, options)
+    plan = build_plan(model, dataset, options, card=mcard, proto=proto)
+    return run_plan(plan, dataset, data, store, progress=progress, t_start=t_start)
+
+
+def run_plan(plan: Plan, dataset: Any, data: Any, store: str | os.PathLike[str], *,
+             progress: Callable[[int, int], None] | None = None,
+             t_start: float | None = None) -> RunSummary:
+    """Score ``dataset`` with a built plan into ``store`` (resume, shards, provenance).
+
+    The loop of :func:`score_dataset`: open the writer (it resumes or refuses), skip the
+    cases already published, score the rest batch by batch, finalise the store.
+    """
+    o = plan.options
+    t_start = time.perf_counter() if t_start is None else t_start
+    started = _now()
+    n_total = len(dataset) if o.max_cases is None else min(len(dataset), int(o.max_cases))
+    if len(dataset) == 0:  # before the writer: no empty store is left to block the next run
+        raise DatasetError(f"the dataset {dataset_label(data)} holds no cases; check the path, "
+                           "or the 'images' array of an HDF5/NPZ file")
+    writer = StoreWriter(store, config=plan.config(data, n_total), layers=list(plan.layers),
+                         classes=list(plan.classes), resume=o.resume and not o.overwrite,
+                         overwrite=o.overwrite)
+    done = set(writer.done_ids())
+    mine = range(n_total) if o.shard is None else range(o.shard[0], n_total, o.shard[1])
+    todo = [i for i in mine if str(dataset.ids[i]) not in done]
+    n_skipped = len(mine) - len(todo)
+    if n_skipped:
+        log.info("resuming: %d of %d cases already scored", n_skipped, n_total)
+    n_failed, n_done, n_no_ref, noted = 0, n_skipped, 0, set()
+    if progress:
+        progress(n_done, len(mine))
+    for start in range(0, len(todo), o.batch_size):
+        idx = todo[start:start + o.batch_size]
+        result = score_batch(plan, [dataset[i] for i in idx], idx)
+        n_failed += sum(s != "ok" for s in result.case_status)
+        n_no_ref += len(result.no_reference)
+        for note in set(result.notes) - noted:
+            log.warning("%s", note)
+            noted.add(note)
+        writer.write_batch(result)
+        n_done += len(idx)
+        del result
+        if progress:
+            progress(n_done, len(mine))
+    if n_no_ref:
+        log.warning("%d of %d cases have no mask: their scores against the ground truth are NaN "
+                    "(status NO_REFERENCE); their label-free results are kept", n_no_ref, len(todo))
+    path = writer.finalize(_provenance(plan, started, t_start))
+    return RunSummary(
+        store=Path(path), provider=plan.provider, n_cases=len(mine), n_scored=len(todo),
+        n_skipped_done=n_skipped, n_failed=n_failed, passes=len(plan.passes),
+        seconds=time.perf_counter() - t_start, assumed=list(plan.card.assumed),
+        n_no_reference=n_no_ref,
+    )
+
+
+def _provenance(plan: Plan, started: str, t_start: float) -> dict[str, Any]:
+    o = plan.options
+    return {
+        "protoseg_version": __version__,
+        "model": str(plan.model_path) if plan.model_path else "<in-memory model>",
+        "model_sha256": plan.model_sha256,
+        "provider": plan.provider,
+        "optimization": o.optimization,
+        "passes": len(plan.passes),
+        "batch_size": o.batch_size,
+        "shard": None if o.shard is None else f"{o.shard[0]}/{o.shard[1]}",
+        "started": started,
+        "finished": _now(),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "assumed": list(plan.card.assumed),
+    }

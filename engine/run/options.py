@@ -1,0 +1,119 @@
+"""What a scoring run is asked to do: one frozen, validated :class:`ScoreOptions`.
+
+Every setting of :func:`engine.score_dataset` lives here once, checked once at
+construction; the plan, the batch function and the loop read its fields and never
+re-validate them. Settings that change numbers are copied into the store's configuration
+(resume compares them); the others (batch size, provider, progress...) are provenance.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from engine._checks import check_choice
+
+__all__ = ["ScoreOptions", "GUIDES", "GUIDE_KINDS", "REFERENCES", "LEVELS", "RESIZES",
+           "BEST_UNIT_MAPS", "parse_shard", "dataset_label", "as_selector"]
+
+GUIDES = ("prediction", "ground_truth")
+GUIDE_KINDS = ("hard", "soft")
+REFERENCES = ("auto", "ground_truth", "prediction")
+LEVELS = ("layer", "unit", "both")
+RESIZES = ("upsample", "downsample")
+#: Unit maps stored per layer for each case in ``save_maps`` (the best units by unit SA).
+BEST_UNIT_MAPS = 3
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"I/N"`` or ``(I, N)`` → ``(I, N)`` with ``0 <= I < N``; None stays None."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard={shard!r}; expected 'I/N' such as '0/4'") from None
+    else:
+        i, n = (int(v) for v in shard)
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard {i}/{n}: expected 0 <= I < N")
+    return i, n
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """The settings of one scoring run (see :func:`engine.score_dataset` for each field).
+
+    Constructing it validates every field; an invalid value raises ``ValueError`` naming
+    the field, the value received and the values accepted.
+    """
+
+    layers: str | tuple[str, ...] = "auto"
+    level: str = "layer"
+    guide: str = "prediction"
+    guide_kind: str = "hard"
+    reference: str = "auto"
+    resize: str = "upsample"
+    threshold: float | None = None
+    batch_size: int = 8
+    provider: str = "auto"
+    optimization: str = "all"
+    card: Any = None
+    save_maps: tuple[str, ...] | int = ()
+    input_sa: bool = True
+    empty: str = "nan"
+    nonfinite: str = "raise"
+    resume: bool = True
+    overwrite: bool = False
+    strict: bool = False
+    groups: Any = None
+    max_activation_memory: int | None = None
+    max_cases: int | None = None
+    shard: tuple[int, int] | None = None
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice(self.level, "level", LEVELS)
+        check_choice(self.guide, "guide", GUIDES)
+        check_choice(self.guide_kind, "guide_kind", GUIDE_KINDS)
+        check_choice(self.reference, "reference", REFERENCES)
+        check_choice(self.resize, "resize", RESIZES)
+        check_choice(self.empty, "empty", ("nan", "one"))
+        check_choice(self.nonfinite, "nonfinite", ("raise", "skip"))
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) \
+                or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold!r}")
+        if not isinstance(self.layers, str):
+            object.__setattr__(self, "layers", tuple(str(s) for s in self.layers))
+        if not isinstance(self.save_maps, (int, np.integer)):
+            object.__setattr__(self, "save_maps", tuple(str(s) for s in self.save_maps))
+        object.__setattr__(self, "shard", parse_shard(self.shard))
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+
+    def with_(self, **changes: Any) -> ScoreOptions:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @property
+    def want_layer(self) -> bool:
+        return self.level in ("layer", "both")
+
+    @property
+    def want_unit(self) -> bool:
+        return self.level in ("unit", "both")
+
+
+def dataset_label(data: str | os.PathLike[str] | Any) -> str:
+    """How the dataset is named in the store's configuration."""
+    return str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+
+
+def as_selector(layers: str | Sequence[str] | Iterable[str]) -> str | list[str]:
+    """The layer selector as :func:`engine.model.graph.select_tensors` takes it."""
+    return layers if isinstance(layers, str) else list(layers)

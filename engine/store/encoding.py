@@ -1,0 +1,174 @@
+"""The store's encoding: versioned element types, names HDF5 can hold, array write and read.
+
+Every group and dataset the store writes carries the attributes ``encoding-type`` and
+``encoding-version``. Readers dispatch on them with :func:`check_encoding`, which refuses
+a type or version this protoseg does not know with advice (upgrade, or rebuild). The
+layout these types make up is documented in ``docs/store.md``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+import h5py
+import numpy as np
+
+from engine.store.errors import StoreVersionError
+
+__all__ = [
+    "STORE_VERSION", "STORE_TYPE", "PART_TYPE", "RUN_TYPE", "KNOWN", "STR", "GZIP",
+    "set_encoding", "attr_str", "check_encoding", "key_name",
+    "write_array", "read_array", "require_group", "require_parent",
+]
+
+#: Encoding version of everything this package writes.
+STORE_VERSION = "1"
+#: encoding-type of a finished store's root, of a part file's root, of ``run.json``.
+STORE_TYPE = "protoseg-store"
+PART_TYPE = "protoseg-store-part"
+RUN_TYPE = "protoseg-run"
+
+#: encoding-type -> versions this reader understands.
+KNOWN: dict[str, tuple[str, ...]] = {
+    STORE_TYPE: ("1",),
+    PART_TYPE: ("1",),
+    RUN_TYPE: ("1",),
+    "dict": ("1",),
+    "array": ("1",),
+    "string-array": ("1",),
+    "table": ("1",),
+    "map-collection": ("1",),
+    "case-maps": ("1",),
+    "layer-maps": ("1",),
+    "json": ("1",),
+}
+
+STR = h5py.string_dtype("utf-8")
+GZIP: dict[str, Any] = {"compression": "gzip", "compression_opts": 4}
+
+
+def set_encoding(obj: h5py.Group | h5py.Dataset, kind: str) -> None:
+    """Mark ``obj`` with ``encoding-type = kind`` and this package's encoding version."""
+    obj.attrs["encoding-type"] = kind
+    obj.attrs["encoding-version"] = STORE_VERSION
+
+
+def attr_str(obj: h5py.Group | h5py.Dataset, key: str) -> str | None:
+    """A string attribute of ``obj`` (bytes decoded), or None when absent."""
+    value = obj.attrs.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+def check_encoding(obj: h5py.Group | h5py.Dataset, allowed: Iterable[str]) -> str:
+    """Return the encoding type of ``obj`` after checking its type and version.
+
+    Raises
+    ------
+    StoreVersionError
+        No encoding attributes (not written by protoseg), a type not in ``allowed`` or
+        unknown, or a version this protoseg cannot read; the message says what to do.
+    """
+    kind = attr_str(obj, "encoding-type")
+    version = attr_str(obj, "encoding-version")
+    where = f"{obj.file.filename}:{obj.name}"
+    allowed = tuple(allowed)
+    if kind is None or version is None:
+        raise StoreVersionError(
+            f"{where} has no encoding-type/encoding-version attributes; it was not "
+            "written by protoseg (or is damaged): rerun the scoring to rebuild it")
+    if kind not in KNOWN or kind not in allowed:
+        raise StoreVersionError(
+            f"{where} has encoding-type {kind!r}, expected one of {list(allowed)}; it was "
+            "written by another (probably newer) protoseg: upgrade protoseg")
+    if version not in KNOWN[kind]:
+        newest = max(int(v) for v in KNOWN[kind])
+        if version.isdigit() and int(version) > newest:
+            raise StoreVersionError(
+                f"{where} was written by a newer protoseg (store version {version}; this "
+                f"protoseg reads up to {newest}); upgrade protoseg")
+        raise StoreVersionError(
+            f"{where} has store version {version!r}, which this protoseg cannot read "
+            f"(it reads {list(KNOWN[kind])}); rerun the scoring to rebuild the store")
+    return kind
+
+
+def key_name(key: str) -> str:
+    """HDF5-safe, reversible name for an arbitrary string (case ids, tensor names).
+
+    ``urllib.parse.quote(key, safe="")`` (so ``/`` becomes ``%2F``), with a leading ``.``
+    (and the names ``.``/``..``/empty) encoded as ``%2E``; ``unquote`` reverses it.
+    """
+    name = quote(key, safe="")
+    return name.replace(".", "%2E") if name in {"", ".", ".."} or name.startswith(".") \
+        else name
+
+
+def write_array(group: h5py.Group, key: str, data: np.ndarray, *,
+                resizable: bool = False, compress: bool = True) -> h5py.Dataset:
+    """Create one dataset (strings as variable-length UTF-8) with its encoding attrs.
+
+    Parameters
+    ----------
+    group : h5py.Group
+        The parent group.
+    key : str
+        The dataset's name (already HDF5-safe, see :func:`key_name`).
+    data : ndarray
+        Numbers (kept in their dtype) or strings (``None`` becomes ``""``).
+    resizable : bool, default False
+        Make the first (case) axis unlimited, chunked.
+    compress : bool, default True
+        gzip level 4 (with shuffle for numbers) in chunks; empty arrays are never compressed.
+    """
+    data = np.asarray(data)
+    is_str = data.dtype.kind in "OUS"
+    kwargs: dict[str, Any] = {}
+    if compress and data.size > 0:
+        kwargs.update(GZIP)
+        kwargs["chunks"] = True
+        if not is_str:
+            kwargs["shuffle"] = True
+    if resizable:
+        kwargs["maxshape"] = (None,) + data.shape[1:]
+        kwargs["chunks"] = True
+    if is_str:
+        values = np.array(["" if v is None else str(v) for v in data.ravel()],
+                          dtype=object).reshape(data.shape)
+        dset = group.create_dataset(key, data=values, dtype=STR, **kwargs)
+        set_encoding(dset, "string-array")
+    else:
+        dset = group.create_dataset(key, data=data, **kwargs)
+        set_encoding(dset, "array")
+    return dset
+
+
+def read_array(dset: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+    """Read ``dset[sel]`` after checking its encoding (strings as an object array of str)."""
+    kind = check_encoding(dset, ("array", "string-array"))
+    if kind == "string-array":
+        return np.asarray(dset.asstr()[sel], dtype=object)
+    return np.asarray(dset[sel])
+
+
+def require_group(parent: h5py.Group, key: str, kind: str) -> h5py.Group:
+    """``parent[key]``, created with encoding type ``kind`` when absent."""
+    if key in parent:
+        return parent[key]
+    grp = parent.create_group(key)
+    set_encoding(grp, kind)
+    return grp
+
+
+def require_parent(root: h5py.Group, path: str) -> tuple[h5py.Group, str]:
+    """The group holding ``path`` (``"a/b/leaf"``; ``dict`` groups created as needed) and
+    the leaf's name."""
+    parent, _, leaf = path.rpartition("/")
+    grp = root
+    for part in parent.split("/") if parent else []:
+        grp = require_group(grp, part, "dict")
+    return grp, leaf

@@ -1,0 +1,62 @@
+"""The store's errors, and the small tracker that lets a write error name its file and key."""
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+__all__ = ["StoreConfigError", "StoreExistsError", "StoreVersionError", "StoreWriteError",
+           "WriteContext"]
+
+
+class StoreConfigError(ValueError):
+    """A store exists with other settings than this run asks for."""
+
+
+class StoreExistsError(FileExistsError):
+    """A store (or an unfinished run) exists and neither resume nor overwrite was asked."""
+
+
+class StoreVersionError(ValueError):
+    """A store element has an encoding this version of protoseg cannot read."""
+
+
+class StoreWriteError(OSError):
+    """Writing a store file failed; the message names the file and the key."""
+
+
+class WriteContext:
+    """Track the file and key being written so that an error can name them.
+
+    Parameters
+    ----------
+    filename : Path
+        The file being written (the part, the store, or the store being annotated).
+    advice : str
+        What the user can do, ending the one-line message of :meth:`fail`.
+
+    Attributes
+    ----------
+    key : str
+        The group or dataset being written now (``"/"`` for the root's attributes).
+    """
+
+    def __init__(self, filename: Path, *,
+                 advice: str = "the parts already published are kept: free disk space "
+                               "and resume") -> None:
+        self.filename = filename
+        self.advice = advice
+        self.key = "/"
+
+    def fail(self, exc: BaseException) -> StoreWriteError:
+        """Return the :class:`StoreWriteError` for ``exc`` (errno kept, EIO when none)."""
+        code = getattr(exc, "errno", None) or errno.EIO
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return StoreWriteError(
+            code, f"cannot write key {self.key!r} to {self.filename}: {reason}; {self.advice}")
+
+    def wrap(self, exc: BaseException) -> BaseException:
+        """The exception to raise for ``exc``: I/O failures become :class:`StoreWriteError`,
+        anything else (a validation error, KeyboardInterrupt) is returned unchanged."""
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, StoreWriteError):
+            return self.fail(exc)
+        return exc

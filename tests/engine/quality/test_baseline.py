@@ -1,0 +1,98 @@
+"""Tests for engine/quality/baseline.py: the label-free baselines against a naive twin."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.quality import baselines
+
+# ----------------------------------------------------------------------------- naive twin
+
+
+def naive_baselines(p: np.ndarray, threshold: float, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+    """One case and class at a time, straight from the definitions."""
+    B, K = p.shape[:2]
+    out = {k: np.full((B, K), np.nan) for k in ("predicted_fraction", "soft_dice", "uncertain_fraction", "mean_entropy")}
+    for b in range(B):
+        for k in range(K):
+            sel = np.ones(p.shape[2:], bool) if mask is None else mask[b].astype(bool)
+            v = p[b, k][sel]
+            if v.size == 0:
+                continue
+            pred = v > threshold
+            out["predicted_fraction"][b, k] = pred.mean()
+            den = v.sum() + pred.sum()
+            out["soft_dice"][b, k] = 2 * (v * pred).sum() / den if den > 0 else np.nan
+            out["uncertain_fraction"][b, k] = np.mean((v > 0.1) & (v < 0.9))
+            h = [0.0 if q in (0.0, 1.0) else -(q * np.log2(q) + (1 - q) * np.log2(1 - q)) for q in v]
+            out["mean_entropy"][b, k] = np.mean(h)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 3), st.integers(1, 2), st.integers(1, 5), st.integers(1, 6),
+    st.sampled_from([0.3, 0.5, 0.7]), st.booleans(), st.integers(0, 2**31 - 1),
+)
+def test_baselines_match_naive(B, K, H, W, threshold, use_mask, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.random((B, K, H, W))
+    p[rng.random(p.shape) < 0.3] = 0.0
+    p[rng.random(p.shape) < 0.2] = 1.0
+    mask = (rng.random((B, H, W)) < 0.6).astype(np.uint8) if use_mask else None
+    got = baselines(p, threshold=threshold, mask=mask, class_axis=True)
+    if K == 1:  # the pipeline's per-class call
+        per_class = baselines(p[:, 0], threshold=threshold, mask=mask)
+        for k in got:
+            np.testing.assert_array_equal(per_class[k], got[k][:, 0])
+    want = naive_baselines(p, threshold, mask)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=k)
+
+
+def test_baselines_known_values_without_class_axis():
+    p = np.array([[[0.0, 1.0], [0.5, 0.5]]])  # one case, 2x2, no class axis
+    got = baselines(p)
+    assert got["predicted_fraction"].shape == (1,)
+    assert got["predicted_fraction"][0] == pytest.approx(0.25)  # only the 1.0 is > 0.5
+    assert got["uncertain_fraction"][0] == pytest.approx(0.5)
+    assert got["mean_entropy"][0] == pytest.approx(0.5)  # two positions of 1 bit, two of 0
+    assert got["soft_dice"][0] == pytest.approx(2 * 1.0 / (2.0 + 1.0))
+
+
+def test_baselines_empty_prediction_soft_dice_is_nan_not_one():
+    got = baselines(np.zeros((2, 1, 4, 4)), class_axis=True)
+    assert np.all(np.isnan(got["soft_dice"]))
+    assert np.all(got["predicted_fraction"] == 0)
+
+
+def test_baselines_tolerate_float_rounding_only():
+    p = np.array([[1.0 + 1e-7, -1e-7, 0.7, 0.2]], dtype=np.float64)
+    got = baselines(p)
+    assert got["predicted_fraction"][0] == pytest.approx(0.5)
+    assert got["mean_entropy"][0] < 1  # clipped, no NaN from log of a negative number
+    with pytest.raises(ValueError, match="range"):
+        baselines(np.array([[1.01, 0.5]]))
+
+
+def test_baselines_empty_mask_gives_nan():
+    mask = np.zeros((1, 3, 3), np.uint8)
+    got = baselines(np.full((1, 1, 3, 3), 0.7), mask=mask, class_axis=True)
+    assert all(np.isnan(v).all() for v in got.values())
+
+
+@pytest.mark.parametrize(
+    "p, kwargs, match",
+    [
+        (np.full((1, 1, 3, 3), 1.5), {}, "outside"),
+        (np.full((1, 1, 3, 3), np.nan), {}, "outside"),
+        (np.full((1, 1, 3, 3), 0.5), {"threshold": 1.0}, "threshold"),
+        (np.full((1, 3), 0.5), {}, "shape"),
+        (np.full((1, 1, 3, 3), 0.5), {"mask": np.ones((2, 2))}, "mask"),
+    ],
+)
+def test_baselines_bad_input(p, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        baselines(p, class_axis=True, **kwargs)
