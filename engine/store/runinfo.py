@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 
 from engine._json import dumps
+from engine.errors import option
 from engine.store.atomic import open_h5
 from engine.store.encoding import (
     KNOWN,
@@ -130,7 +131,8 @@ def config_difference(path: Path, old: RunInfo, new: RunInfo) -> str | None:
     if not was:
         return None
     return (f"store {path} was made with {', '.join(was)}, this run asks {', '.join(asks)}; "
-            "use overwrite=True (--overwrite) or another output (-o)")
+            f"choose another output ({option('store', 'PATH')}), or {option('overwrite')} to delete "
+            "the finished work there and start over")
 
 
 def read_run(path: Path) -> RunInfo:
@@ -141,8 +143,14 @@ def read_run(path: Path) -> RunInfo:
     StoreVersionError
         Not a run description, or written by a newer protoseg.
     """
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise StoreVersionError(
+            f"{path} is truncated or not JSON ({exc.msg} at line {exc.lineno}); the unfinished run "
+            f"cannot be resumed: {option('overwrite')} deletes its finished batches and starts over, "
+            f"or choose another output ({option('store', 'PATH')})") from None
     kind, version = data.get("encoding-type"), str(data.get("encoding-version"))
     if kind != RUN_TYPE:
         raise StoreVersionError(f"{path} has encoding-type {kind!r}, expected {RUN_TYPE!r}; "

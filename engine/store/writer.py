@@ -21,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from engine.errors import option
 from engine.store.atomic import StoreLock, publish, write_json_atomic
 from engine.store.batch import SCORE_FIELDS, BatchResult
 from engine.store.encoding import (
@@ -218,8 +219,8 @@ class StoreWriter:
             what = "a store" if has_store else "an unfinished run"
             raise StoreExistsError(
                 f"{what} exists at {self.path if has_store else self.parts}; pass "
-                "resume=True (--resume) to continue it, overwrite=True (--overwrite) to "
-                "start over, or choose another output (-o)")
+                f"{option('resume')} to continue it, choose another output "
+                f"({option('store', 'PATH')}), or {option('overwrite')} to delete it and start over")
         if has_store:
             try:
                 old = run_of_file(self.path)
@@ -229,8 +230,8 @@ class StoreWriter:
             except Exception as exc:  # noqa: BLE001 - not a readable store
                 raise StoreExistsError(
                     f"{self.path} exists but is not a readable protoseg store "
-                    f"({type(exc).__name__}: {exc}); pass overwrite=True (--overwrite) or "
-                    "choose another output (-o)") from None
+                    f"({type(exc).__name__}: {exc}); choose another output "
+                    f"({option('store', 'PATH')}), or {option('overwrite')} to replace it") from None
             diff = config_difference(self.path, old, self.run)
             if diff:
                 raise StoreConfigError(diff)

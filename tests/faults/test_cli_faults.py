@@ -185,3 +185,29 @@ def test_a_binary_model_merging_several_labels_says_so_once(tmp_path, unet):
     assert res.returncode == 0, res.stderr
     notes = [ln for ln in res.stderr.splitlines() if "merged into one foreground" in ln]
     assert len(notes) == 1 and "[1, 2]" in notes[0]
+
+
+def test_a_truncated_run_description_names_the_file_and_the_way_out(tmp_path, unet):
+    data = _npz(tmp_path / "d.npz", 4)
+    store = tmp_path / "run.h5"
+    parts = Path(str(store) + ".parts")
+    parts.mkdir()
+    (parts / "run.json").write_text('{"encoding-type": "protoseg-run", "conf')
+    res = protoseg("score", str(unet), str(data), "-o", str(store))
+    assert res.returncode == 1
+    line = one_line(res.stderr)
+    assert "run.json" in line and "truncated" in line and "--overwrite deletes" in line
+    assert "overwrite=True" not in line  # CLI advice names flags only
+    res = protoseg("score", str(unet), str(data), "-o", str(store), "--overwrite", "-q")
+    assert res.returncode == 0, res.stderr and store.exists()
+
+
+def test_other_settings_say_that_overwrite_deletes_finished_work(tmp_path, unet):
+    data = _npz(tmp_path / "d.npz", 2)
+    store = tmp_path / "run.h5"
+    assert protoseg("score", str(unet), str(data), "-o", str(store), "-q").returncode == 0
+    res = protoseg("score", str(unet), str(data), "-o", str(store), "--level", "both")
+    assert res.returncode == 1
+    line = one_line(res.stderr)
+    assert "level='layer'" in line and "--overwrite to delete the finished work" in line
+    assert "overwrite=True" not in line
