@@ -240,15 +240,10 @@ def _annotate(path: Path, arrays: Mapping[str, np.ndarray],
                                   "space and write the estimates again")
     with open_h5(path, "r+") as f:
         check_encoding(f, (STORE_TYPE,))
-        try:
+        with w.raising():
             staging = _stage(f, arrays, validation, info, uuid.uuid4().hex, w)
             w.key = "/"
             _sync(f)
-        except BaseException as exc:
-            err = w.wrap(exc)
-            if err is exc:
-                raise
-            raise err from exc
         try:
             _commit(f, staging, w)
             w.key = "/"

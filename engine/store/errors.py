@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["StoreConfigError", "StoreExistsError", "StoreVersionError", "StoreWriteError",
@@ -60,3 +62,17 @@ class WriteContext:
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, StoreWriteError):
             return self.fail(exc)
         return exc
+
+    @contextmanager
+    def raising(self, *, cleanup: Path | None = None) -> Iterator[None]:
+        """Within the block, I/O failures are raised as :class:`StoreWriteError` (file and
+        key named, see :meth:`wrap`); ``cleanup``, a temporary file, is removed on any failure."""
+        try:
+            yield
+        except BaseException as exc:
+            if cleanup is not None:
+                cleanup.unlink(missing_ok=True)
+            err = self.wrap(exc)
+            if err is exc:
+                raise
+            raise err from exc

@@ -197,7 +197,7 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     w = WriteContext(out)
-    try:
+    with w.raising(cleanup=tmp):
         with h5py.File(tmp, "w") as f:
             w.key = "/"
             set_encoding(f, STORE_TYPE)
@@ -248,12 +248,6 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
             w.key = "estimates"
             write_placeholders(f)  # last: see write_placeholders
         publish(tmp, out)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        err = w.wrap(exc)
-        if err is exc:
-            raise
-        raise err from exc
     return out
 
 

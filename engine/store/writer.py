@@ -338,7 +338,7 @@ class StoreWriter:
         """Write a part under a temporary name, then publish it as ``final``."""
         tmp = self.parts / f".{final.name}.tmp-{os.getpid()}"
         w = WriteContext(final)
-        try:
+        with w.raising(cleanup=tmp):
             with h5py.File(tmp, "w") as f:
                 set_encoding(f, PART_TYPE)
                 f.attrs["complete"] = 0
@@ -355,12 +355,6 @@ class StoreWriter:
                 w.key = "/"
                 f.attrs["complete"] = 1
             publish(tmp, final)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            err = w.wrap(exc)
-            if err is exc:
-                raise
-            raise err from exc
 
     def finalize(self, provenance: Mapping[str, Any]) -> Path:
         """Copy all parts (in case order) into the final store; remove the parts.
