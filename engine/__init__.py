@@ -5,9 +5,7 @@ imports torch or TensorFlow. See ``docs/architecture.md`` for how the modules fi
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from engine._lazy import lazy_getattr
 from engine._version import __version__
 
 # public name -> module that defines it
@@ -71,13 +69,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("engine", globals(), _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -12,8 +12,7 @@ Names are imported lazily so that ``import engine.model.metadata`` does not load
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from engine._lazy import lazy_getattr
 
 _EXPORTS: dict[str, str] = {
     "HiddenTensor": "engine.model.graph",
@@ -36,10 +35,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine.model' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("engine.model", globals(), _EXPORTS)
