@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import option
+
 __all__ = [
     "Case",
     "Dataset",
@@ -43,14 +45,34 @@ _NRRD_CHANNEL_KINDS = {"vector", "covariant-vector", "normal", "rgb-color", "rgb
                        "3-color", "4-color", "hsv-color", "xyz-color", "list", "point",
                        "2-vector", "3-vector", "4-vector", "3-gradient", "3-normal",
                        "complex", "quaternion"}
+#: NIfTI intent codes whose 4th (or, in the standard layout, 5th) axis holds the components of
+#: one value per voxel — general/symmetric matrix, displacement vector, vector, quaternion,
+#: RGB, RGBA, FNIRT displacement field: channels, never time.
+_NIFTI_CHANNEL_INTENTS = frozenset({1004, 1005, 1006, 1007, 1010, 2003, 2004, 2006})
+#: NIFTI_INTENT_TIME_SERIES: the value at each voxel is a time series.
+_NIFTI_TIME_SERIES = 2001
 
 
 class DatasetError(ValueError):
     """A case or a dataset cannot be read (raised with ``strict=True``)."""
 
 
-class _ShapeError(DatasetError):
+class _CaseProblem(DatasetError):
+    """One case cannot be used; the message names the file, what it holds and what to do."""
+
+    status = "unreadable"
+
+
+class _ShapeError(_CaseProblem):
     """The image's axes do not fit ``spatial_ndim`` (status ``bad-shape``)."""
+
+    status = "bad-shape"
+
+
+class _TimeSeriesError(_CaseProblem):
+    """A time series where one volume is expected, or ``volume`` out of its range."""
+
+    status = "time-series"
 
 
 @dataclass
@@ -71,8 +93,8 @@ class Case:
     path : str
         Where the image came from (``file.h5:images[3]`` for array files).
     status : str
-        ``"ok"``, ``"unreadable"``, ``"mask-unreadable"``, ``"mask-shape-mismatch"`` or
-        ``"bad-shape"``.
+        ``"ok"``, ``"unreadable"``, ``"mask-unreadable"``, ``"mask-shape-mismatch"``,
+        ``"bad-shape"`` or ``"time-series"``.
     message : str
         Human explanation when ``status != "ok"``.
     """
@@ -185,29 +207,70 @@ def _read_groups(source: Mapping[str, Any] | str | os.PathLike[str] | None,
             continue
         if len(row) < 2:
             raise DatasetError(f"{path} line {n} has {len(row)} column(s), expected 2 "
-                               "(id,group)")
+                               "(id,group); fix that line")
         out[row[0].strip()] = row[1].strip()
     return out
 
 
 # --------------------------------------------------------------------------- readers
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, str]:
+def _one_volume(data: Any, shape: tuple[int, ...], axis: int, volume: int | None, where: str,
+                why: str, hint: str = "") -> np.ndarray:
+    """Volume ``volume`` of a series along ``axis`` (an array or a lazy NIfTI proxy, so that
+    only that volume is read); a time series without ``volume``, or ``volume`` out of range,
+    is a :class:`_TimeSeriesError`."""
+    n = shape[axis]
+    if volume is None:
+        raise _TimeSeriesError(
+            f"{where} is a time series of {n} volumes (shape {shape}; {why}); to score one volume "
+            f"pass its index, e.g. {option('volume', 0)} (0 to {n - 1}), or split the series into "
+            f"one file per volume{hint}")
+    if not 0 <= volume < n:
+        raise _TimeSeriesError(
+            f"{where} is a time series of {n} volumes (shape {shape}; {why}), so "
+            f"{option('volume', volume)} is out of range; pass a volume from 0 to {n - 1}")
+    return np.asarray(data[(slice(None),) * axis + (int(volume),)])
+
+
+def _read_nifti(path: Path, volume: int | None = None) -> tuple[np.ndarray, str]:
+    """A 4th axis holds channels, unless the header marks it as time (see open_dataset)."""
     import nibabel as nib
 
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj)
-    if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C): NIfTI vector data
-        data = data[:, :, :, 0, :]
-    return data, "last"  # a 4th axis holds channels
+    shape = tuple(int(d) for d in img.shape)
+    header = img.header
+    intent = int(np.asarray(header["intent_code"])) if "intent_code" in header else 0
+    unit = header.get_xyzt_units()[1] if hasattr(header, "get_xyzt_units") else "unknown"
+    hint = (" (if that axis holds channels, such as modalities, set the file's NIfTI intent to "
+            "'vector')")
+    if len(shape) == 5 and shape[3] == 1:  # (X, Y, Z, 1, V): one vector per voxel
+        if intent == _NIFTI_TIME_SERIES and shape[4] > 1:
+            return _one_volume(img.dataobj, shape, 4, volume, str(path),
+                               "its NIfTI intent is 'time series'"), "last"
+        return np.asarray(img.dataobj)[:, :, :, 0, :], "last"  # the vector: channels
+    if len(shape) >= 4 and shape[3] > 1 and intent not in _NIFTI_CHANNEL_INTENTS:
+        if intent == _NIFTI_TIME_SERIES:
+            return _one_volume(img.dataobj, shape, 3, volume, str(path),
+                               "its NIfTI intent is 'time series'"), "last"
+        if unit != "unknown":
+            return _one_volume(img.dataobj, shape, 3, volume, str(path),
+                               f"its header gives the 4th axis the time unit {unit!r}", hint), "last"
+    return np.asarray(img.dataobj), "last"  # a 4th axis holds channels
 
 
-def _read_nrrd(path: Path) -> tuple[np.ndarray, str | int]:
+def _read_nrrd(path: Path, volume: int | None = None) -> tuple[np.ndarray, str | int]:
     import nrrd
 
     data, header = nrrd.read(str(path), index_order="F")
     kinds = [str(k).lower() for k in header.get("kinds", [])]
     if len(kinds) == data.ndim:
+        time = [i for i, k in enumerate(kinds) if k == "time"]
+        if len(time) == 1:
+            t = time[0]
+            data = (np.take(data, 0, axis=t) if data.shape[t] == 1 else
+                    _one_volume(data, data.shape, t, volume, str(path),
+                                f"its NRRD kinds name axis {t} 'time'"))
+            kinds = kinds[:t] + kinds[t + 1:]
         chan = [i for i, k in enumerate(kinds) if k in _NRRD_CHANNEL_KINDS]
         if len(chan) == 1:
             return data, chan[0]
@@ -232,13 +295,18 @@ def _read_pil(path: Path, is_mask: bool) -> tuple[np.ndarray, str | int]:
     return data, 2 if data.ndim == 3 else "last"
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, str | int]:
+def _read_tiff(path: Path, volume: int | None = None) -> tuple[np.ndarray, str | int]:
     import tifffile
 
     with tifffile.TiffFile(str(path)) as tf:
         series = tf.series[0]
         data = series.asarray()
         axes = series.axes
+    if len(axes) == data.ndim and axes.count("T") == 1:
+        t = axes.index("T")
+        data = (np.take(data, 0, axis=t) if data.shape[t] == 1 else
+                _one_volume(data, data.shape, t, volume, str(path), f"tifffile names its axes {axes!r}"))
+        axes = axes.replace("T", "")
     chan = [i for i, a in enumerate(axes) if a in "SC"]
     if len(chan) == 1 and len(axes) == data.ndim:
         return data, chan[0]
@@ -249,18 +317,20 @@ def _read_npy(path: Path) -> tuple[np.ndarray, str]:
     return np.load(path, mmap_mode="r", allow_pickle=False), "first"
 
 
-def _read_file(path: Path, *, is_mask: bool = False) -> tuple[np.ndarray, str | int]:
-    """Raw array and where its channel axis is, if it has one beyond spatial_ndim."""
+def _read_file(path: Path, *, is_mask: bool = False,
+               volume: int | None = None) -> tuple[np.ndarray, str | int]:
+    """Raw array and where its channel axis is, if it has one beyond spatial_ndim; a file
+    whose header marks a time axis gives its volume ``volume`` (none: _TimeSeriesError)."""
     ext = _split_ext(path.name)
     ext_l = ext[1] if ext else path.suffix.lower()
     if ext_l in (".nii", ".nii.gz"):
-        return _read_nifti(path)
+        return _read_nifti(path, volume)
     if ext_l in (".nrrd", ".nhdr"):
-        return _read_nrrd(path)
+        return _read_nrrd(path, volume)
     if ext_l in (".png", ".jpg", ".jpeg"):
         return _read_pil(path, is_mask)
     if ext_l in (".tif", ".tiff"):
-        return _read_tiff(path)
+        return _read_tiff(path, volume)
     if ext_l == ".npy":
         return _read_npy(path)
     raise DatasetError(f"{path} has an unsupported extension; expected one of "
@@ -272,12 +342,14 @@ def _to_channels_first(data: np.ndarray, chan: str | int, spatial_ndim: int | No
     """Arrange a raw image as (C, *spatial) float32."""
     data = np.asarray(data)
     if data.dtype.kind not in "biuf":
-        raise DatasetError(f"{where} holds {data.dtype} values, expected real numbers")
+        raise _CaseProblem(f"{where} holds {data.dtype} values, expected real numbers; save the "
+                           "image as real values (e.g. the magnitude)")
     nd = data.ndim
     if isinstance(chan, int):
         if spatial_ndim is not None and nd - 1 != spatial_ndim:
             raise _ShapeError(f"{where} has shape {data.shape} with channel axis {chan}, "
-                               f"expected {spatial_ndim} spatial axes")
+                               f"expected {spatial_ndim} spatial axes; save the image with "
+                               f"{spatial_ndim} spatial axes and one channel axis")
         out = np.moveaxis(data, chan, 0)
     else:
         if spatial_ndim is None:
@@ -288,10 +360,12 @@ def _to_channels_first(data: np.ndarray, chan: str | int, spatial_ndim: int | No
             out = np.moveaxis(data, -1, 0) if chan == "last" else data
         else:
             raise _ShapeError(f"{where} has shape {data.shape}, expected {spatial_ndim} "
-                               f"spatial axes (+ 1 channel axis); check spatial_ndim")
+                               f"spatial axes (+ 1 channel axis); save the image with "
+                               f"{spatial_ndim} spatial axes and at most one channel axis")
     if out.ndim - 1 not in (1, 2, 3):
         raise _ShapeError(f"{where} has {out.ndim - 1} spatial axes (shape {data.shape}), "
-                           "expected 1, 2 or 3")
+                           "expected 1, 2 or 3; save the image with 1 to 3 spatial axes and at "
+                           "most one channel axis")
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
@@ -335,16 +409,19 @@ class Dataset:
         True when at least one case has a mask.
     kind : str
         ``"folder"``, ``"hdf5"``, ``"npz"`` or ``"file"``.
+    volume : int or None
+        The volume read from files that are time series (see :func:`open_dataset`).
     """
 
     def __init__(self, source: Path, kind: str, ids: list[str], *,
                  spatial_ndim: int | None, strict: bool, groups: dict[str, str],
                  images: list[Path] | None = None, masks: list[Path | None] | None = None,
-                 has_masks: bool = False) -> None:
+                 has_masks: bool = False, volume: int | None = None) -> None:
         self.source = source
         self.kind = kind
         self.ids = ids
         self.spatial_ndim = spatial_ndim
+        self.volume = volume
         self.strict = strict
         self.groups = groups
         self.has_masks = has_masks
@@ -407,35 +484,36 @@ class Dataset:
                 return self._bad(Case(
                     case_id, image, None, group, path, "mask-shape-mismatch",
                     f"case {case_id!r}: mask {mask_path} has shape {mask.shape}, image "
-                    f"{path} has spatial shape {spatial}; fix the pair or drop the mask; "
-                    "case skipped", mask_path))
+                    f"{path} has spatial shape {spatial}; put both on one grid, or remove "
+                    "the mask file; case skipped", mask_path))
         return Case(case_id, image, mask, group, path, "ok", "", mask_path)
 
     def _read_pair(self, case_id: str, image_path: Path, mask_path: Path | None,
                    group: str | None) -> Case:
         try:
-            raw, chan = _read_file(image_path)
+            raw, chan = _read_file(image_path, volume=self.volume)
             mask_raw = None
             spatial_ndim = self.spatial_ndim
             if mask_path is not None:
                 try:
-                    mask_raw, _ = _read_file(mask_path, is_mask=True)
+                    mask_raw, _ = _read_file(mask_path, is_mask=True, volume=self.volume)
                     mask_raw = np.asarray(mask_raw)
                 except Exception as exc:  # noqa: BLE001 - any reader failure
-                    return self._bad(Case(
-                        case_id, None, None, group, str(image_path), "mask-unreadable",
-                        f"case {case_id!r}: cannot read mask {mask_path} "
-                        f"({type(exc).__name__}: {_short(exc)}); case skipped",
-                        str(mask_path)))
+                    if isinstance(exc, _TimeSeriesError):
+                        status, message = exc.status, f"case {case_id!r}: mask {exc}; case skipped"
+                    else:
+                        status, message = "mask-unreadable", (
+                            f"case {case_id!r}: cannot read mask {mask_path} "
+                            f"({type(exc).__name__}: {_short(exc)}); case skipped")
+                    return self._bad(Case(case_id, None, None, group, str(image_path), status,
+                                          message, str(mask_path)))
                 if spatial_ndim is None and chan in ("first", "last") and \
                         np.ndim(raw) == mask_raw.ndim + 1:
                     spatial_ndim = mask_raw.ndim  # the mask tells the spatial rank
             image = _to_channels_first(raw, chan, spatial_ndim, str(image_path))
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes a status
-            status = "bad-shape" if isinstance(exc, _ShapeError) else "unreadable"
-            return self._bad(Case(case_id, None, None, group, str(image_path), status,
-                                  f"case {case_id!r}: cannot read {image_path} "
-                                  f"({type(exc).__name__}: {_short(exc)}); case skipped",
+            status, message = _skipped(case_id, str(image_path), exc)
+            return self._bad(Case(case_id, None, None, group, str(image_path), status, message,
                                   None if mask_path is None else str(mask_path)))
         return self._finish(case_id, image, mask_raw, group, str(image_path),
                             None if mask_path is None else str(mask_path))
@@ -455,10 +533,8 @@ class Dataset:
                 mask_raw = arrays["masks"][i] if self.has_masks else None
             image = _to_channels_first(raw, "first", self.spatial_ndim, where)
         except Exception as exc:  # noqa: BLE001
-            status = "bad-shape" if isinstance(exc, _ShapeError) else "unreadable"
-            return self._bad(Case(case_id, None, None, group, where, status,
-                                  f"case {case_id!r}: cannot read {where} "
-                                  f"({type(exc).__name__}: {_short(exc)}); case skipped"))
+            status, message = _skipped(case_id, where, exc)
+            return self._bad(Case(case_id, None, None, group, where, status, message))
         return self._finish(case_id, image, mask_raw, group, where,
                             f"{self.source}:masks[{i}]" if mask_raw is not None else None)
 
@@ -472,6 +548,14 @@ class Dataset:
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _skipped(case_id: str, where: str, exc: BaseException) -> tuple[str, str]:
+    """(status, one-line message) of a case whose image could not be used."""
+    if isinstance(exc, _CaseProblem):  # our own message: names the file and the fix
+        return exc.status, f"case {case_id!r}: {exc}; case skipped"
+    return "unreadable", (f"case {case_id!r}: cannot read {where} ({type(exc).__name__}: "
+                          f"{_short(exc)}); case skipped")
 
 
 def _decode(values: Any) -> list[str]:
@@ -550,8 +634,8 @@ def _open_array_file(path: Path, *, spatial_ndim: int | None, strict: bool, mask
 
 def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = None,
                  strict: bool = False, masks: bool = True,
-                 groups: Mapping[str, str] | str | os.PathLike[str] | None = None
-                 ) -> Dataset:
+                 groups: Mapping[str, str] | str | os.PathLike[str] | None = None,
+                 volume: int | None = None) -> Dataset:
     """Open a dataset of images (and optional masks) for scoring.
 
     Parameters
@@ -589,6 +673,11 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     groups : dict or path, optional
         Case id → group (subject, site), or a CSV ``id,group``. Default: ``groups.csv``
         in the folder, or the ``groups`` array of an HDF5/NPZ file.
+    volume : int, optional
+        The volume (time point, from 0) to read from files that are time series (see
+        Notes); their mask, when it is a time series too, gives the same volume. Files
+        without a time axis are read whole. Default None: a time series is skipped with
+        status ``time-series`` (``protoseg score --volume T`` on the command line).
 
     Returns
     -------
@@ -603,18 +692,38 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     DatasetError
         The source holds no images, an id has two images, or an array file lacks
         ``images`` or has inconsistent ``masks``/``ids``.
+    ValueError
+        ``spatial_ndim`` or ``volume`` out of range.
 
     Notes
     -----
     Images come out float32 ``(C, *spatial)``: RGB(A) PNG/JPEG → 3 channels (alpha
-    dropped), 4-D NIfTI → last axis as channels. Voxel arrays are kept in file order
-    (no reorientation), so image and mask must share a grid. Masks keep integer labels
-    (uint8, uint16 above 255); a float mask with non-integer values becomes nonzero =
-    1. A case that cannot be read (status ``unreadable``/``bad-shape``), whose mask
-    cannot be read (``mask-unreadable``) or whose mask shape differs from the image's
-    spatial shape (``mask-shape-mismatch``) is returned with ``image``/``mask`` as far
-    as read and a warning. NPZ files are loaded whole on first access; use HDF5 or a
-    folder for data larger than memory.
+    dropped), 4-D NIfTI → last axis as channels unless the header marks it as time (below).
+    Voxel arrays are kept in file order (no reorientation), so image and mask must share
+    a grid.
+
+    A 4-D NIfTI is a **time series** when its 4th axis is longer than 1, its intent is not
+    a channel intent (vector, displacement vector, RGB/RGBA vector, matrix, quaternion) and
+    its header either gives that axis a unit (``xyzt_units``: s, ms, µs, Hz, ppm, rad/s) or
+    has the intent ``time series``: the NIfTI standard puts time on the 4th axis, and
+    writers that mean time set its unit. Without a unit (nibabel's default) or with a
+    channel intent the 4th axis holds channels (modalities). ITK/SimpleITK write the unit s
+    on every image, so a 4-D stack of modalities they wrote reads as a time series: give it
+    the intent ``vector`` (nibabel: ``img.header.set_intent("vector")``). The standard
+    vector layout ``(X, Y, Z, 1, V)`` is channels (its singleton 4th axis dropped), or a
+    time series with the intent ``time series``. Likewise an NRRD axis of kind ``time`` and
+    a TIFF axis that tifffile names ``T`` are time axes; a time axis of length 1 is dropped.
+    A time series gives its volume ``volume``; without ``volume``, or with a ``volume``
+    beyond its length, the case is skipped with status ``time-series`` and a message naming
+    the file, its shape and its number of volumes.
+
+    Masks keep integer labels (uint8, uint16 above 255); a float mask with non-integer
+    values becomes nonzero = 1. A case that cannot be read (status
+    ``unreadable``/``bad-shape``), whose mask cannot be read (``mask-unreadable``), whose
+    mask shape differs from the image's spatial shape (``mask-shape-mismatch``) or that is
+    a time series without a usable ``volume`` (``time-series``) is returned with
+    ``image``/``mask`` as far as read and a warning. NPZ files are loaded whole on first
+    access; use HDF5 or a folder for data larger than memory.
 
     Examples
     --------
@@ -626,6 +735,11 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     path = Path(source)
     if spatial_ndim is not None and spatial_ndim not in (1, 2, 3):
         raise ValueError(f"spatial_ndim={spatial_ndim!r}; expected 1, 2, 3 or None")
+    if volume is not None and (isinstance(volume, bool) or not isinstance(volume, (int, np.integer))
+                               or volume < 0):
+        raise ValueError(f"volume={volume!r}; expected a non-negative integer (the time point "
+                         "to read from time series) or None")
+    volume = None if volume is None else int(volume)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist; pass a folder of image/mask "
                                 "pairs, an HDF5/NPZ file or an image file")
@@ -641,7 +755,7 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
         return Dataset(path, "folder", [p[0] for p in pairs], spatial_ndim=spatial_ndim,
                        strict=strict, groups=group_map, images=[p[1] for p in pairs],
                        masks=[p[2] for p in pairs],
-                       has_masks=any(p[2] is not None for p in pairs))
+                       has_masks=any(p[2] is not None for p in pairs), volume=volume)
     if path.suffix.lower() in _ARRAY_FILES:
         return _open_array_file(path, spatial_ndim=spatial_ndim, strict=strict, masks=masks,
                                 groups=groups)
@@ -651,4 +765,5 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
                            f"({list(IMAGE_EXTENSIONS)}); pass one of those")
     group_map = _read_groups(groups, None) if groups is not None else {}
     return Dataset(path, "file", [split[0]], spatial_ndim=spatial_ndim, strict=strict,
-                   groups=group_map, images=[path], masks=[None], has_masks=False)
+                   groups=group_map, images=[path], masks=[None], has_masks=False,
+                   volume=volume)

@@ -355,3 +355,135 @@ def test_groups_csv_bad_row(tmp_path):
     (tmp_path / "groups.csv").write_text("a\n")
     with pytest.raises(DatasetError, match="line 1 has 1 column"):
         open_dataset(tmp_path)
+
+
+# ------------------------------------------------------------------ time series (4-D NIfTI...)
+
+def _write_nifti_4d(path, arr, *, time_unit="sec", intent=None) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(arr, np.eye(4))
+    if time_unit is not None:
+        img.header.set_xyzt_units("mm", time_unit)
+    if intent is not None:
+        img.header.set_intent(intent)
+    nib.save(img, str(path))
+
+
+def test_nifti_time_series_is_skipped_with_its_own_status_and_the_fix(tmp_path):
+    from engine.errors import cli_messages
+
+    series = rng.random((4, 5, 6, 3)).astype(np.float32)
+    _write_nifti_4d(tmp_path / "fmri.nii.gz", series)
+    _write_nifti(tmp_path / "anat.nii.gz", rng.random((4, 5, 6)).astype(np.float32))
+    ds = open_dataset(tmp_path)
+    with pytest.warns(UserWarning, match="fmri.nii.gz is a time series of 3 volumes"):
+        case = ds["fmri"]
+    assert case.status == "time-series" and not case.ok and case.image is None
+    assert "fmri.nii.gz" in case.message and "(4, 5, 6, 3)" in case.message
+    assert "volume=0" in case.message and "0 to 2" in case.message and "split" in case.message
+    assert "spatial_ndim" not in case.message and "\n" not in case.message
+    assert ds["anat"].ok  # a 3-D file in the same folder is read as before
+    with cli_messages(), pytest.warns(UserWarning, match="--volume 0"):
+        assert "--volume 0" in open_dataset(tmp_path)["fmri"].message
+
+
+def test_nifti_volume_picks_that_time_point_for_image_and_series_mask(tmp_path):
+    series = rng.random((4, 5, 6, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, (4, 5, 6, 3)).astype(np.uint8)
+    _write_nifti_4d(tmp_path / "a.nii.gz", series)
+    _write_nifti_4d(tmp_path / "a_mask.nii.gz", labels)  # one mask per time point
+    static = rng.random((4, 5, 6)).astype(np.float32)
+    _write_nifti(tmp_path / "b.nii.gz", static)  # no time axis: volume does not apply
+    ds = open_dataset(tmp_path, volume=1)
+    assert ds.volume == 1
+    a, b = ds["a"], ds["b"]
+    assert a.ok and a.image.shape == (1, 4, 5, 6)
+    np.testing.assert_array_equal(a.image[0], series[..., 1])
+    np.testing.assert_array_equal(a.mask, labels[..., 1])
+    assert b.ok and b.image.shape == (1, 4, 5, 6)
+    np.testing.assert_array_equal(b.image[0], static)
+
+
+def test_nifti_volume_out_of_range_gives_the_number_of_volumes(tmp_path):
+    _write_nifti_4d(tmp_path / "a.nii", rng.random((4, 5, 6, 3)).astype(np.float32))
+    with pytest.warns(UserWarning, match="out of range"):
+        case = open_dataset(tmp_path, volume=3)[0]
+    assert case.status == "time-series" and case.image is None
+    assert "a.nii" in case.message and "3 volumes" in case.message
+    assert "volume=3" in case.message and "0 to 2" in case.message
+
+
+def test_nifti_channels_stay_channels(tmp_path):
+    multi = rng.random((4, 5, 6, 2)).astype(np.float32)
+    # a vector intent says "channels" even with a time unit (ITK writes one on every image)
+    _write_nifti_4d(tmp_path / "vec.nii.gz", multi, intent="vector")
+    _write_nifti_4d(tmp_path / "nounit.nii.gz", multi, time_unit=None)  # nibabel's default
+    vec5 = rng.random((4, 5, 6, 1, 3)).astype(np.float32)  # the standard vector layout
+    _write_nifti_4d(tmp_path / "vec5.nii.gz", vec5)
+    one = rng.random((4, 5, 6, 1)).astype(np.float32)  # one time point: just a volume
+    _write_nifti_4d(tmp_path / "one.nii.gz", one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = open_dataset(tmp_path)
+        cases = {c.id: c for c in ds}
+    for name in ("vec", "nounit"):
+        assert cases[name].ok and cases[name].image.shape == (2, 4, 5, 6)
+        np.testing.assert_array_equal(cases[name].image, np.moveaxis(multi, -1, 0))
+    assert cases["vec5"].image.shape == (3, 4, 5, 6)
+    np.testing.assert_array_equal(cases["vec5"].image, np.moveaxis(vec5[:, :, :, 0], -1, 0))
+    np.testing.assert_array_equal(cases["one"].image[0], one[..., 0])
+
+
+def test_nifti_time_series_intent_in_the_vector_layout(tmp_path):
+    series = rng.random((4, 5, 6, 1, 3)).astype(np.float32)
+    _write_nifti_4d(tmp_path / "ts.nii.gz", series, time_unit=None, intent="time series")
+    with pytest.warns(UserWarning, match="intent is 'time series'"):
+        assert open_dataset(tmp_path)[0].status == "time-series"
+    case = open_dataset(tmp_path, volume=2)[0]
+    assert case.ok and case.image.shape == (1, 4, 5, 6)
+    np.testing.assert_array_equal(case.image[0], series[:, :, :, 0, 2])
+
+
+def test_time_series_strict_raises(tmp_path):
+    _write_nifti_4d(tmp_path / "a.nii.gz", rng.random((4, 5, 6, 3)).astype(np.float32))
+    with pytest.raises(DatasetError, match=r"a.nii.gz is a time series.*volume=0"):
+        open_dataset(tmp_path, strict=True)[0]
+    with pytest.raises(DatasetError, match="out of range"):
+        open_dataset(tmp_path, strict=True, volume=7)[0]
+
+
+def test_nrrd_and_tiff_time_axes(tmp_path):
+    import nrrd
+    import tifffile
+
+    vol4 = rng.random((3, 4, 5, 2)).astype(np.float32)
+    nrrd.write(str(tmp_path / "n.nrrd"), vol4,
+               header={"kinds": ["domain", "domain", "domain", "time"]}, index_order="F")
+    movie = rng.random((3, 4, 5)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "t.tif", movie, imagej=True, metadata={"axes": "TYX"})
+    with pytest.warns(UserWarning, match="time series"):
+        cases = list(open_dataset(tmp_path))
+    assert [c.status for c in cases] == ["time-series", "time-series"]
+    ds = open_dataset(tmp_path, volume=1)
+    np.testing.assert_array_equal(ds["n"].image[0], vol4[..., 1])
+    np.testing.assert_array_equal(ds["t"].image[0], movie[1])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_open_dataset_refuses_a_bad_volume(tmp_path, bad):
+    np.save(tmp_path / "a.npy", np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="volume="):
+        open_dataset(tmp_path, volume=bad)
+
+
+def test_shape_messages_advise_what_the_user_can_do(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 5)))
+    with pytest.warns(UserWarning):
+        case = open_dataset(tmp_path, spatial_ndim=3)[0]
+    assert case.status == "bad-shape"
+    assert "spatial_ndim" not in case.message and "save the image with 3 spatial axes" in case.message
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 5, 6)))
+    with pytest.warns(UserWarning):
+        case = open_dataset(tmp_path)[0]
+    assert "spatial_ndim" not in case.message and "1 to 3 spatial axes" in case.message
