@@ -36,6 +36,7 @@ __all__ = [
     "save_onnx",
     "run_onnx",
     "spatial_layout",
+    "verify_activation",
 ]
 
 logger = logging.getLogger("protoseg")
@@ -209,6 +210,103 @@ def check_close(
                 "(dropout, training mode) or loosen atol/rtol"
             )
     return diffs
+
+
+def verify_activation(
+    proto: Any,
+    card: dict[str, Any],
+    values: np.ndarray,
+    *,
+    given: str,
+    path: str | os.PathLike[str],
+    messages: list[str],
+) -> None:
+    """Check the prediction computed for the numeric check against the card's activation.
+
+    The activation says what the output *already holds*; the exporter's check run shows it.
+
+    Parameters
+    ----------
+    proto : onnx.ModelProto
+        The exported model; its model card is rewritten when the activation is corrected.
+    card : dict
+        The model card written into ``proto`` (updated in place when corrected).
+    values : numpy.ndarray
+        The prediction on the check input.
+    given : {"argument", "card", "guessed"}
+        Where the activation came from: passed by the caller (``--activation``), read from the
+        source file's model card, or guessed from the graph (a final Sigmoid/Softmax).
+    path : path-like
+        The file the export would write (named in the error: nothing is written).
+    messages : list of str
+        The export's messages; a correction or a note is appended (and logged).
+
+    Raises
+    ------
+    engine.model.activation.ActivationError
+        When a given (or card) activation contradicts the values: ``sigmoid``/``softmax`` on
+        values outside [0, 1], ``softmax`` on channels that do not sum to 1. A *guessed*
+        activation is corrected to what the values show instead, with a message.
+    """
+    from engine.errors import option
+    from engine.model.activation import ActivationError, channel_axis_of, check_activation, infer_activation
+
+    pred = card["prediction"]
+    declared = pred.get("activation")
+    if declared is None:
+        return
+    layout = pred.get("layout") or (card.get("input") or {}).get("layout")
+    values = np.asarray(values)
+    try:
+        channel_axis_of(layout, values.ndim)
+    except ValueError as exc:  # not a segmentation map the engine can read: not ours to refuse here
+        logger.info("activation not checked: prediction output %r: %s", pred["output"], exc)
+        return
+    where = f"prediction output {pred['output']!r}" + (
+        " (activation read from the source file's model card)" if given == "card" else "")
+    try:
+        check_activation(values, declared, layout=layout, where=where)
+    except ActivationError as exc:
+        if given != "guessed":
+            raise exc.with_note(f" (export stopped: {os.fspath(path)!r} not written)") from None
+        fixed = exc.suggested
+        msg = (f"prediction output {pred['output']!r}: the activation guessed from the model "
+               f"({declared!r}) does not fit its {exc.observed}, which range from {exc.low:.4g} to "
+               f"{exc.high:.4g} on the check input; recorded {fixed!r} instead (pass "
+               f"{option('activation', fixed)} to state it)")
+        _note(msg, messages)
+        pred["activation"] = fixed
+        set_metadata(proto, card)
+        return
+    try:
+        seen = infer_activation(values, layout=layout)
+    except ValueError:
+        return
+    if declared == "logits" and seen == "softmax":
+        if given == "guessed":  # channels summing to 1 everywhere: softmax probabilities, not scores
+            msg = (f"prediction output {pred['output']!r}: no final Softmax was found, but its "
+                   "channels sum to 1 at every position of the check input; recorded 'softmax' "
+                   f"(pass {option('activation', 'logits')} if it holds raw scores)")
+            _note(msg, messages)
+            pred["activation"] = "softmax"
+            set_metadata(proto, card)
+        else:
+            _note(f"prediction output {pred['output']!r}: declared logits, but its channels sum "
+                  "to 1 at every position of the check input (softmax probabilities?); the engine "
+                  f"will apply softmax to them again unless {option('activation', 'softmax')} is "
+                  "passed", messages)
+    elif declared == "logits" and seen == "sigmoid" and given == "guessed":
+        logger.info("prediction output %r: no final Sigmoid/Softmax was found and its values lie in "
+                    "[0, 1] on the check input; recorded 'logits' (pass %s if they are probabilities)",
+                    pred["output"], option("activation", "sigmoid"))
+    elif declared == "sigmoid" and seen == "softmax":
+        logger.info("prediction output %r: its channels sum to 1 (softmax); read as sigmoid "
+                    "probabilities, which the engine treats alike", pred["output"])
+
+
+def _note(msg: str, messages: list[str]) -> None:
+    logger.warning(msg)
+    messages.append(msg)
 
 
 def spatial_layout(rank: int, channels_last: bool) -> str | None:

@@ -30,6 +30,7 @@ from exporters._common import (
     save_onnx,
     set_metadata,
     spatial_layout,
+    verify_activation,
 )
 
 __all__ = ["expose", "readable_name"]
@@ -108,7 +109,11 @@ def expose(
     prediction : str, optional
         The graph output holding the prediction (default: the only graph output).
     activation : {"sigmoid", "softmax", "logits"}, optional
-        What the prediction holds; guessed from a final Sigmoid/Softmax node.
+        What the prediction *already holds*; default: the source's model card, else guessed
+        from a final Sigmoid/Softmax node. The numeric check's run verifies it:
+        ``sigmoid``/``softmax`` on values outside [0, 1], or ``softmax`` on channels not
+        summing to 1, raise before anything is written; a guess the values contradict is
+        corrected, with a message.
     input_layout : str, optional
         ``"NCHW"``, ``"NHWC"``...; guessed from the input shape when omitted
         (channels-first unless only the last axis looks like channels).
@@ -137,7 +142,9 @@ def expose(
         A selector or ``prediction`` matches nothing (closest names listed).
     ValueError
         ``path`` is the source file, the model has several outputs and no
-        ``prediction``, or it has no spatial hidden tensor.
+        ``prediction``, or it has no spatial hidden tensor; or
+        (:class:`engine.model.activation.ActivationError`) the activation contradicts the
+        prediction's values.
 
     Examples
     --------
@@ -240,8 +247,11 @@ def expose(
     pred_layout = (old_meta.get("prediction") or {}).get("layout") or (
         spatial_layout(pred_rank, input_layout.endswith("C")) if input_layout else None
     )
+    given = "argument" if activation is not None else "guessed"
+    if activation is None and (old_meta.get("prediction") or {}).get("activation"):
+        activation, given = old_meta["prediction"]["activation"], "card"
     if activation is None:
-        activation = (old_meta.get("prediction") or {}).get("activation") or _guess_activation(graph, prediction)
+        activation = _guess_activation(graph, prediction)
     size = None
     if input_layout and len(in_dims) == len(input_layout):
         spatial = in_dims[1:-1] if input_layout.endswith("C") else in_dims[2:]
@@ -260,7 +270,8 @@ def expose(
     if check:
         shape = [1 if i == 0 and d is None else d for i, d in enumerate(in_dims)]
         if any(d is None for d in shape):
-            msg = f"numeric check skipped: input {inputs[0].name!r} has symbolic sizes {in_dims}"
+            msg = (f"numeric and activation checks skipped: input {inputs[0].name!r} has symbolic "
+                   f"sizes {in_dims}")
             logger.info(msg)
             messages.append(msg)
         else:
@@ -269,6 +280,7 @@ def expose(
             expected = run_onnx(original, feeds, [prediction])
             got = run_onnx(proto, feeds, order)
             diffs = check_close(expected, {prediction: got[prediction]}, atol=1e-5, rtol=1e-5, framework="the source model")
+            verify_activation(proto, card, expected[prediction], given=given, path=path, messages=messages)
     written = save_onnx(proto, path)
     logger.info("exposed %d hidden tensors in %s", len(chosen), written)
     return ExportResult(
@@ -289,10 +301,25 @@ def _guess_layout(dims: Sequence[int | None]) -> str | None:
     return spatial_layout(rank, True)
 
 
+#: Ops that only move or copy data: looked through when finding the prediction's activation.
+_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Cast",
+                           "Flatten", "Slice", "Resize", "Upsample", "Pad"})
+
+
 def _guess_activation(graph: Any, prediction: str) -> str:
-    for node in graph.node:
-        if prediction in node.output:
-            return {"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(node.op_type, "logits")
+    """``sigmoid``/``softmax`` when the prediction comes from a Sigmoid/Softmax node (through
+    ops that only move data, such as tf2onnx's final Transpose), else ``logits``."""
+    producers = {o: n for n in graph.node for o in n.output}
+    name = prediction
+    for _ in range(16):
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type in ("Sigmoid", "Softmax"):
+            return node.op_type.lower()
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            break
+        name = node.input[0]
     return "logits"
 
 

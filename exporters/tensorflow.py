@@ -35,6 +35,7 @@ from exporters._common import (
     save_onnx,
     set_metadata,
     spatial_layout,
+    verify_activation,
 )
 
 __all__ = ["export", "load_tf_model", "DEFAULT_KERAS_TYPES", "DEFAULT_GRAPH_OPS"]
@@ -194,7 +195,10 @@ def export(
         GraphDef only: input placeholder names and the prediction tensor name
         (default: the single Placeholder and the last op's output).
     prediction_activation : {"sigmoid", "softmax", "logits"}, optional
-        What the prediction output holds; guessed from a final Sigmoid/Softmax.
+        What the prediction output *already holds*; guessed from a final Sigmoid/Softmax.
+        The numeric check's run verifies it: ``sigmoid``/``softmax`` on values outside
+        [0, 1], or ``softmax`` on channels not summing to 1, raise before anything is
+        written; a guess the values contradict is corrected, with a message.
     input_layout : str, optional
         ``"NHWC"``... ; default channels-last for the input's rank.
     classes : list of int, optional
@@ -225,6 +229,8 @@ def export(
         A requested layer does not exist (closest names listed).
     ExportMismatchError
         An output differs from TensorFlow beyond the tolerance (named).
+    engine.model.activation.ActivationError
+        ``prediction_activation`` contradicts the prediction's values (a ``ValueError``).
     RuntimeError
         tf2onnx failed (its error with context).
 
@@ -368,7 +374,8 @@ def _export_keras(
     history = getattr(model.outputs[0], "_keras_history", None)
     last_layer = history[0] if history else model.layers[-1]  # the layer producing the prediction
     names = [last_layer.name] + [layer.name for layer in chosen]  # the output is never in `chosen`
-    if prediction_activation is None:
+    given = prediction_activation is not None
+    if not given:
         prediction_activation = _keras_activation(last_layer)
     try:
         proto, _ = tf2onnx.convert.from_function(forward, input_signature=input_signature, opset=opset)
@@ -394,6 +401,7 @@ def _export_keras(
     return _finish(
         proto, path, names=names, layouts=layouts, hidden=hidden, feeds={input_name: x},
         expected=expected, exporter="tf2onnx.from_function", atol=atol, rtol=rtol,
+        activation_given=given,
         meta=dict(
             framework="tensorflow", source=source, input_name=input_name,
             input_layout=input_layout, input_size=_spatial_size(shape, input_layout),
@@ -446,7 +454,7 @@ def _finish(
     proto: Any, path: Any, *, names: list[str], layouts: dict[str, str | None],
     hidden: dict[str, dict[str, Any]], feeds: dict[str, np.ndarray],
     expected: dict[str, np.ndarray], exporter: str, atol: float, rtol: float,
-    meta: dict[str, Any],
+    meta: dict[str, Any], activation_given: bool = True,
 ) -> ExportResult:
     for value in list(proto.graph.input) + list(proto.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -456,12 +464,15 @@ def _finish(
     set_metadata(proto, card)
     actual = run_onnx(proto, feeds, names)
     diffs = check_close(expected, actual, atol=atol, rtol=rtol, framework="TensorFlow")
+    messages: list[str] = []
+    verify_activation(proto, card, expected[names[0]], given="argument" if activation_given else "guessed",
+                      path=path, messages=messages)
     written = save_onnx(proto, path)
     logger.info("exported %d outputs to %s with %s", len(names), written, exporter)
     return ExportResult(
         path=written, prediction=names[0], outputs=names,
         layers={k: v["layer"] for k, v in hidden.items()}, layouts=layouts,
-        exporter=exporter, max_abs_diff=diffs, metadata=card,
+        exporter=exporter, max_abs_diff=diffs, metadata=card, messages=messages,
     )
 
 
@@ -549,7 +560,8 @@ def _export_graph_def(
     pred_op = _clean(list(outputs)[0])
     if pred_op not in nodes:
         raise layer_not_found(pred_op, [n.name for n in graph_def.node if n.op != "Const"], kind="output op")
-    if prediction_activation is None:
+    given = prediction_activation is not None
+    if not given:
         node = nodes[pred_op]
         while node.op == "Identity" and node.input and node.input[0].split(":")[0] in nodes:
             node = nodes[node.input[0].split(":")[0]]  # SavedModel outputs end in Identity ops
@@ -585,6 +597,7 @@ def _export_graph_def(
     return _finish(
         proto, path, names=all_names, layouts=layouts, hidden=hidden, feeds={input_op: x},
         expected=expected, exporter="tf2onnx.from_graph_def", atol=atol, rtol=rtol,
+        activation_given=given,
         meta=dict(
             framework="tensorflow", source=source, input_name=input_op,
             input_layout=input_layout, input_size=_spatial_size(shape, input_layout),

@@ -27,6 +27,7 @@ from exporters._common import (
     save_onnx,
     set_metadata,
     spatial_layout,
+    verify_activation,
 )
 
 __all__ = ["export", "load_torch_model", "default_layers"]
@@ -343,8 +344,11 @@ def export(
         Modules to expose: module paths (``"enc1"``), globs (``"decoder.*"``), class names
         (``"Conv2d"`` or ``"type:Conv2d"``) or classes. Default: :func:`default_layers`.
     prediction_activation : {"sigmoid", "softmax", "logits"}, optional
-        What the model output holds; guessed from a final ``nn.Sigmoid``/``nn.Softmax``
-        module, else ``"logits"``.
+        What the model output *already holds*; guessed from a final ``nn.Sigmoid``/
+        ``nn.Softmax`` module or Sigmoid/Softmax node, else ``"logits"``. The check run
+        verifies it: ``sigmoid``/``softmax`` on values outside [0, 1], or ``softmax`` on
+        channels not summing to 1, raise before anything is written; a guess the values
+        contradict is corrected, with a message.
     input_layout : str, optional
         Default channels-first for the input rank (``"NCHW"``, ``"NCDHW"``...).
     preprocessing : dict, optional
@@ -385,6 +389,8 @@ def export(
         A requested module does not exist (closest module paths listed).
     ExportMismatchError
         An output differs from torch beyond the tolerance (named).
+    engine.model.activation.ActivationError
+        ``prediction_activation`` contradicts the prediction's values (a ``ValueError``).
     RuntimeError
         Every exporter failed (their errors, with context).
 
@@ -419,7 +425,8 @@ def export(
             names = _select(torch, model, layers, outs, calls, pred)
             if layers is None and not names:  # e.g. a torch.export module: its submodules never run
                 scripted = True
-        if prediction_activation is None:
+        given = prediction_activation is not None
+        if not given:
             prediction_activation = _guess_activation(torch, model)
         if output_name in names or input_name in names or input_name == output_name:
             raise ValueError(
@@ -434,6 +441,10 @@ def export(
             exporter="torchscript" if isinstance(model, torch.jit.ScriptModule) and exporter == "auto" else exporter,
             dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
         )
+        if not given and prediction_activation == "logits":  # torch.sigmoid()/softmax() in forward
+            from exporters.onnx import _guess_activation as graph_activation
+
+            prediction_activation = graph_activation(proto.graph, output_name)
         _eval(exported)
         rng = np.random.default_rng(0)
         check = torch.from_numpy(rng.random(tuple(x.shape), dtype=np.float32))
@@ -460,6 +471,8 @@ def export(
     set_metadata(proto, card)
     actual = run_onnx(proto, {input_name: check.numpy()}, onnx_names)
     diffs = check_close(expected, actual, atol=atol, rtol=rtol, framework="torch")
+    verify_activation(proto, card, expected[output_name], given="argument" if given else "guessed",
+                      path=path, messages=messages)
     if scripted:
         return _expose_scripted(
             proto, path, layers=layers, output_name=output_name, card=card, used=used,
