@@ -18,12 +18,14 @@ Modules, each importing only those before it: :mod:`~engine.report.tables` (the 
 tables, also used by the CLI), :mod:`~engine.report.figures` (matplotlib),
 :mod:`~engine.report.access` (reading the store), :mod:`~engine.report.build` (the sections
 as plain data), :mod:`~engine.report.html` and :mod:`~engine.report.markdown` (renderers)
-and :mod:`~engine.report.write` (the folder).
+and :mod:`~engine.report.write` (the folder). :mod:`~engine.report.compare` compares two
+stores (:func:`compare_stores`, ``protoseg compare``).
 """
 from __future__ import annotations
 
 from engine.report.build import DEFAULT_MAP_CASES
+from engine.report.compare import compare_stores
 from engine.report.tables import layer_summary, unit_summary
 from engine.report.write import write_report
 
-__all__ = ["DEFAULT_MAP_CASES", "layer_summary", "unit_summary", "write_report"]
+__all__ = ["DEFAULT_MAP_CASES", "compare_stores", "layer_summary", "unit_summary", "write_report"]

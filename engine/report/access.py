@@ -41,8 +41,10 @@ MAX_MAP_LAYERS = 8
 
 
 # ----------------------------------------------------------------------------- store access
-def resolve_store(store_or_path: Any) -> Any:
+def resolve_store(store_or_path: Any, *, caller: str = "write_report") -> Any:
     """An opened store from a path, or the given store after checking its members.
+
+    ``caller`` names the public function in the error message.
 
     Raises
     ------
@@ -62,7 +64,7 @@ def resolve_store(store_or_path: Any) -> Any:
     missing = [a for a in needed if not hasattr(store_or_path, a)]
     if missing:
         raise TypeError(
-            f"write_report got a {type(store_or_path).__name__} without {missing}; expected "
+            f"{caller} got a {type(store_or_path).__name__} without {missing}; expected "
             "a store path (str or Path) or a Store from engine.open_store")
     return store_or_path
 

@@ -19,8 +19,8 @@ from engine._json import jsonable, text
 from engine.report import figures
 from engine.report.access import ReportData, case_maps, merge_intervals, validation_rows
 from engine.report.tables import (NAN_STATUSES, correlation_label, correlations, field, fmt,
-                                  input_summary, layer_summary, nanmean_rows, text_column,
-                                  unit_summary, value_text)
+                                  input_summary, layer_summary, nanmean_rows, plural,
+                                  text_column, unit_summary, value_text)
 from engine.status import describe
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Section",
     "Table",
     "choose_map_cases",
+    "model_card_rows",
 ]
 
 #: Maps are drawn for at most this many cases unless ``max_cases`` says otherwise.
@@ -77,11 +78,15 @@ Block = Paragraph | Table | Figure
 
 @dataclass(frozen=True)
 class Section:
-    """One titled part of the report (``id`` is its anchor)."""
+    """One titled part of the report (``id`` is its anchor).
+
+    ``collapsed`` sections are closed until the reader opens them (HTML ``<details>``).
+    """
 
     id: str
     title: str
     blocks: tuple[Block, ...]
+    collapsed: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,61 @@ def _or_not_recorded(rows: list[dict[str, str]], key: str) -> list[dict[str, str
     return rows or [{key: "not recorded", "value": ""}]
 
 
+def _display(value: Any) -> str:
+    """A setting as text: lists of plain values comma-separated, the rest as value_text."""
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return ", ".join(str(v) for v in value) if value else "none"
+    return value_text(value)
+
+
+#: The model card's fields, grouped as the model card table shows them.
+_CARD_PARTS = (
+    ("inputs", ("input_name", "layout", "channels", "input_size")),
+    ("outputs", ("prediction_output", "prediction_layout", "activation", "classes",
+                 "threshold")),
+    ("preprocessing", ("resize", "scaling", "mean", "std")),
+)
+
+
+def model_card_rows(card: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The model card (``config["model_card"]``) as table rows ``part, field, value``.
+
+    Parts: inputs, outputs, preprocessing, layers (one row per hidden tensor that the
+    exporter named: ``tensor → layer (layout)``), then any field not listed here (other).
+    The ``assumed`` sentences are left out (shown on their own).
+    """
+    rows: list[dict[str, str]] = []
+    seen = {"assumed", "hidden_layers", "hidden_layouts"}
+    for part, keys in _CARD_PARTS:
+        for key in keys:
+            if key in card:
+                seen.add(key)
+                value = card[key]
+                if key == "prediction_layout" and value is None:
+                    value = "as the input"
+                elif key in ("mean", "std") and value is None:
+                    value = "not used"
+                elif key == "input_size" and value is None:
+                    value = "any"
+                rows.append({"part": part, "field": key, "value": _display(value)})
+    named = card.get("hidden_layers") or {}
+    layouts = card.get("hidden_layouts") or {}
+    if isinstance(named, Mapping) and isinstance(layouts, Mapping):
+        for tensor in list(named) + [t for t in layouts if t not in named]:
+            value = text(named.get(tensor, tensor))
+            if tensor in layouts:
+                value += f" ({text(layouts[tensor])})"
+            rows.append({"part": "layers", "field": text(tensor), "value": value})
+        if not named and not layouts:
+            rows.append({"part": "layers", "field": "hidden layers",
+                         "value": "not named by an exporter (tensor names are shown)"})
+    for key, value in card.items():
+        if key not in seen:
+            rows.append({"part": "other", "field": text(key), "value": _display(value)})
+    return rows
+
+
 class ReportBuilder:
     """Computes the sections of one report.
 
@@ -161,9 +221,11 @@ class ReportBuilder:
     def build(self) -> Report:
         """Draw every figure and return the report's sections and tables."""
         d = self.data
-        sections = (self._run_section(), self._depth_section(), self._unit_section(),
+        self._layer_rows = layer_summary(d.score, d.status, d.layers, d.classes)
+        self.tables["layer_summary"] = self._layer_rows
+        sections = (self._summary_section(), self._layers_section(), self._unit_section(),
                     self._maps_section(), self._quality_section(),
-                    self._validation_section(), self._cases_section())
+                    self._validation_section(), self._cases_section(), self._run_section())
         return Report(model=text(jsonable(self._model(), default=str)), n_cases=d.n_cases,
                       n_layers=len(d.layers), settings=self._settings(), sections=sections,
                       tables=self.tables)
@@ -200,40 +262,60 @@ class ReportBuilder:
             ("optimisation", prov.get("optimization") or prov.get("optimisation")
              or "not recorded"),
             ("store version", d.version or "not recorded"),
-            ("cases", f"{d.n_cases} (summarised {d.n_cases} cases)"),
+            ("cases", plural(d.n_cases, "case")),
             ("classes", ", ".join(str(c) for c in d.classes)),
-            ("hidden tensors scored", str(len(d.layers))),
+            ("hidden tensors scored", plural(len(d.layers), "hidden tensor")),
             ("unit level", "recorded" if d.has_units else "not recorded"),
         ]
 
+    def _status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for st in text_column(self.data.cases, "status", "ok"):
+            counts[st] = counts.get(st, 0) + 1
+        return counts
+
     def _run_section(self) -> Section:
+        """Configuration, model card and provenance: last, collapsed."""
         d = self.data
         prov, cfg = d.provenance, d.config
-        counts: dict[str, int] = {}
-        for s in text_column(d.cases, "status", "ok"):
-            counts[s] = counts.get(s, 0) + 1
+        counts = self._status_counts()
         timings = {k: v for k, v in prov.items()
                    if any(t in k.lower() for t in ("time", "second", "duration", "started",
                                                     "finished", "elapsed"))}
         run_rows = [{"key": k, "value": jsonable(v, default=str)}
                     for k, v in self._run_summary()]
+        card = cfg.get("model_card")
         blocks: list[Block] = [
-            Paragraph(f"Summarised {d.n_cases} cases, {len(d.layers)} hidden tensors, "
-                      f"{d.n_classes} class(es)."),
-            Table("Summary", [{"key": r["key"], "value": value_text(r["value"])}
-                              for r in run_rows], ["key", "value"]),
+            Paragraph(f"Summarised {plural(d.n_cases, 'case')}, "
+                      f"{plural(len(d.layers), 'hidden tensor')}, "
+                      f"{plural(d.n_classes, 'class', 'classes')}."),
+            Table("Run", [{"key": r["key"], "value": value_text(r["value"])}
+                          for r in run_rows], ["key", "value"]),
             Table("Case statuses", [{"case status": k, "cases": v}
                                     for k, v in sorted(counts.items())],
                   ["case status", "cases"]),
             Table("Configuration (settings that change the numbers)",
-                  _or_not_recorded([{"setting": k, "value": value_text(v)}
+                  _or_not_recorded([{"setting": k, "value": "see the model card table"
+                                     if k == "model_card" and isinstance(card, Mapping)
+                                     else _display(v)}
                                     for k, v in cfg.items()], "setting"),
                   ["setting", "value"]),
+        ]
+        if isinstance(card, Mapping):
+            blocks.append(Table("Model card", model_card_rows(card), ["part", "field", "value"]))
+            assumed = card.get("assumed")
+            if isinstance(assumed, (list, tuple)) and assumed:
+                blocks.append(Table("Model card: inferred rather than given",
+                                    [{"assumed": text(a)} for a in assumed], ["assumed"]))
+        else:
+            blocks.append(Paragraph("Model card: not recorded."))
+        blocks += [
             Table("Timings", _or_not_recorded(
                 [{"item": k, "value": value_text(v)} for k, v in timings.items()], "item"),
                 ["item", "value"]),
             Table("Provenance", _or_not_recorded(
-                [{"item": k, "value": value_text(v)} for k, v in prov.items()], "item"),
+                [{"item": k, "value": _display(v)} for k, v in prov.items()
+                 if k != "assumed"], "item"),
                 ["item", "value"]),
         ]
         self.tables["run"] = (
@@ -242,25 +324,118 @@ class ReportBuilder:
             + [{"key": f"provenance.{k}", "value": jsonable(v, default=str)}
                for k, v in prov.items()]
             + [{"key": f"case_status.{k}", "value": v} for k, v in counts.items()])
-        return Section("run", "Run", tuple(blocks))
+        return Section("run", "Run configuration and provenance", tuple(blocks),
+                       collapsed=True)
 
-    def _depth_section(self) -> Section:
+    def _data_text(self) -> str:
+        prov, cfg = self.data.provenance, self.data.config
+        where = prov.get("dataset") or prov.get("data")
+        ds = cfg.get("dataset")
+        kind = ds.get("kind") if isinstance(ds, Mapping) else None
+        if where is None and isinstance(ds, str):
+            where = ds
+        parts = [text(where)] if where else []
+        if kind:
+            parts.append(f"({kind})")
+        return " ".join(parts) or "not recorded"
+
+    def _cases_text(self) -> str:
+        counts = self._status_counts()
+        total = plural(self.data.n_cases, "case")
+        if not counts:
+            return total
+        return total + ": " + ", ".join(f"{v} {k}" for k, v in sorted(
+            counts.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0])))
+
+    def _dice_rows(self) -> list[dict[str, str]]:
         d = self.data
-        blocks: list[Block] = []
-        rows = layer_summary(d.score, d.status, d.layers, d.classes)
-        self.tables["layer_summary"] = rows
+        rows = []
+        for k, cls in enumerate(d.classes[:MAX_FIGURE_CLASSES]):
+            if k >= d.dice.shape[1]:
+                break
+            v = d.dice[:, k]
+            ok = v[np.isfinite(v)]
+            if not ok.size:
+                continue
+            rows.append({"key": "output Dice", "value": (
+                (f"class {cls}: " if d.n_classes > 1 else "")
+                + f"mean {ok.mean():.3f}, median {np.median(ok):.3f} "
+                f"({ok.size} of {plural(d.n_cases, 'case')} labelled)")})
+        if len(rows) > 1:
+            rows = [{"key": "output Dice", "value": "; ".join(r["value"] for r in rows)}]
+        if not rows:
+            rows.append({"key": "output Dice", "value": "not recorded (no ground truth)"})
+        return rows
+
+    def _estimate_rows(self) -> list[dict[str, str]]:
+        d = self.data
+        if not d.estimates:
+            return [{"key": "label-free estimate",
+                     "value": "not recorded (run `protoseg estimate`)"}]
+        val = validation_rows(d.validation)
+        rows = []
+        for name, a in d.estimates.items():
+            v = a[:, 0]
+            ok = v[np.isfinite(v)]
+            value = (f"mean {ok.mean():.3f} over {plural(ok.size, 'case')}" if ok.size
+                     else "undefined in every case")
+            mine = [r for r in val if text(r.get("estimator", "")) == name
+                    and r.get("scope", "all") == "all"]
+            if mine:
+                merged = merge_intervals(mine[0])
+                said = []
+                for label, keys in (("Spearman ρ", ("spearman", "spearman.r",
+                                                    "spearman.value")),
+                                    ("Pearson r", ("pearson", "pearson.r", "pearson.value"))):
+                    key = next((k for k in keys if k in merged), None)
+                    if key is not None and merged[key] is not None:
+                        said.append(f"{label} = {fmt(merged[key])}")
+                value += ("; against the output Dice: " + ", ".join(said) if said
+                          else "; validation recorded")
+            else:
+                value += "; validation not recorded"
+            rows.append({"key": f"estimate: {name}", "value": value})
+        return rows
+
+    def _layer_extremes(self) -> list[dict[str, str]]:
+        rows = []
+        multi = self.data.n_classes > 1
+        for c in self.data.classes[:MAX_FIGURE_CLASSES]:
+            ranked = [r for r in self._layer_rows if r["class"] == c and np.isfinite(r["mean"])]
+            if not ranked:
+                continue
+            best = max(ranked, key=lambda r: r["mean"])
+            worst = min(ranked, key=lambda r: r["mean"])
+            if multi:  # one row per class keeps the first screen short
+                rows.append({"key": f"best / worst layer, class {c}", "value": (
+                    f"{best['layer']} {best['mean']:.3f} (depth {fmt(best['depth'])}) / "
+                    f"{worst['layer']} {worst['mean']:.3f} (depth {fmt(worst['depth'])})")})
+                continue
+            for word, r in (("best", best), ("worst", worst)):
+                rows.append({"key": f"{word} layer", "value": (
+                    f"{r['layer']}: mean SA {r['mean']:.3f} (depth {fmt(r['depth'])}, "
+                    f"{plural(r['n_used'], 'case')})")})
+        return rows
+
+    def _summary_section(self) -> Section:
+        """The answer first: what was scored, how well, where in depth; the SA figure."""
+        d = self.data
+        facts = [
+            {"key": "model", "value": text(self._model())},
+            {"key": "data", "value": self._data_text()},
+            {"key": "cases", "value": self._cases_text()},
+            {"key": "scored", "value": (
+                f"{plural(len(d.layers), 'hidden tensor')}, "
+                f"{plural(d.n_classes, 'class', 'classes')} "
+                f"({', '.join(str(c) for c in d.classes)}); {self._settings()}")},
+            *self._dice_rows(),
+            *self._estimate_rows(),
+            *self._layer_extremes(),
+        ]
+        blocks: list[Block] = [Table("At a glance", facts, ["key", "value"])]
         if len(d.layers) == 0 or d.n_cases == 0:
             blocks.append(Paragraph("Layer-level SA: not recorded (no layers or no cases)."))
-            return Section("depth", "SA against layer depth", tuple(blocks))
-        for c in d.classes[:MAX_FIGURE_CLASSES]:
-            ranked = [r for r in rows if r["class"] == c and np.isfinite(r["mean"])]
-            if ranked:
-                hi = max(ranked, key=lambda r: r["mean"])
-                lo = min(ranked, key=lambda r: r["mean"])
-                blocks.append(Paragraph(
-                    f"Class {c}: highest mean SA {hi['mean']:.3f} at {hi['layer']} "
-                    f"(depth {fmt(hi['depth'])}); lowest {lo['mean']:.3f} at "
-                    f"{lo['layer']} (depth {fmt(lo['depth'])})."))
+            return Section("summary", "Summary", tuple(blocks))
         o = d.order
         input_series = [] if d.input_score is None else [
             (f"class {c}", d.input_score[:, k, 0]) for k, c in enumerate(d.classes)]
@@ -273,12 +448,22 @@ class ReportBuilder:
             f"Layer-level SA against depth (layers ordered by their depth in the graph): "
             f"mean over cases (line) and interquartile range (band), per class; "
             f"{self._settings()}. Undefined scores (NaN) are left out; see n_nan in the "
-            f"table. {d.n_cases} cases."))
+            f"layer table. {plural(d.n_cases, 'case')}."))
+        return Section("summary", "Summary", tuple(blocks))
+
+    def _layers_section(self) -> Section:
+        """Per layer: the distribution of the layer-level SA, undefined scores, input SA."""
+        d = self.data
+        rows = self._layer_rows
+        title = "Layer-level SA"
+        blocks: list[Block] = []
         cols = ["class", "layer", "depth", "channels", "mean", "sd", "median", "q25", "q75",
                 "n_used", "n_nan"]
         nan_cols = [f"nan_{s.name}" for s in NAN_STATUSES
                     if any(r[f"nan_{s.name}"] for r in rows)]
-        blocks.append(Table("Layer summary (tables/layer_summary.csv)", rows, cols + nan_cols))
+        if len(d.layers) and d.n_cases:
+            blocks.append(Table("Layer summary (tables/layer_summary.csv)", rows,
+                                cols + nan_cols))
         if nan_cols:
             blocks.append(Paragraph("Undefined scores by cause: " + "; ".join(
                 f"{s.name}: {describe(s)}" for s in NAN_STATUSES if f"nan_{s.name}" in nan_cols)
@@ -291,7 +476,7 @@ class ReportBuilder:
                                  "n_used"]))
         else:
             blocks.append(Paragraph("Input SA: not recorded."))
-        return Section("depth", "SA against layer depth", tuple(blocks))
+        return Section("layers", title, tuple(blocks))
 
     def _read_units(self) -> tuple[list[dict[str, Any]], dict[int, list[tuple[str, np.ndarray]]]]:
         """Unit-summary rows and, per class index, each layer's unit means (for figures).
@@ -342,7 +527,7 @@ class ReportBuilder:
         for k, cls in enumerate(d.classes[:MAX_FIGURE_CLASSES]):
             fig = figures.fig_units(panels[k], self.threshold,
                                     title=f"Unit SA per layer, class {cls} "
-                                          f"(mean over {d.n_cases} cases)")
+                                          f"(mean over {plural(d.n_cases, 'case')})")
             blocks.append(self._figure(
                 fig, f"unit_sa_class{cls}",
                 f"Class {cls}: each unit's SA (mean over cases where defined), sorted; "
@@ -363,7 +548,8 @@ class ReportBuilder:
             return Section("maps", "Segmentation-ability maps", (Paragraph(
                 "Maps: not recorded (score with save_maps to keep maps of chosen cases)."),))
         blocks: list[Block] = [Paragraph(
-            f"Maps drawn for {len(self.map_cases)} of {len(d.map_ids)} cases with maps (read "
+            f"Maps drawn for {len(self.map_cases)} of {plural(len(d.map_ids), 'case')} with "
+            f"maps (read "
             f"one case at a time). Red: binary map; colour scale: probability 0 (black) to 1 "
             f"(yellow); yellow/cyan outline: the reference. {self._settings()}.")]
         n_drawn = min(d.n_classes, MAX_MAP_CLASSES)
@@ -504,7 +690,9 @@ class ReportBuilder:
                                                         rows[i][key]))
         shown = [rows[i] for i in order[:MAX_CASE_ROWS]]
         return Section("cases", "Cases", (
-            Paragraph(f"{len(rows)} cases in tables/cases.csv; the {len(shown)} with the "
-                      f"lowest mean layer-level SA are listed."),
+            Paragraph(f"{plural(len(rows), 'case')} in tables/cases.csv; "
+                      + (f"the {len(shown)} with the lowest mean layer-level SA are listed."
+                         if len(shown) < len(rows) else
+                         "listed here, lowest mean layer-level SA first.")),
             Table("Cases, lowest mean layer-level SA first", shown,
                   list(rows[0]) if rows else ["id"])))

@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "MapPanel",
+    "fig_compare",
     "fig_maps",
     "fig_sa_depth",
     "fig_scatter",
@@ -139,6 +140,61 @@ def fig_sa_depth(
     ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
+    return fig
+
+
+def fig_compare(
+    curve_a: tuple[np.ndarray, np.ndarray],
+    curve_b: tuple[np.ndarray, np.ndarray],
+    diff: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    labels: tuple[str, str] = ("A", "B"),
+    ticks: tuple[Sequence[float], Sequence[str]] | None = None,
+    xlabel: str = "layer, ordered by depth",
+    title: str = "",
+) -> Any:
+    """Two SA-against-depth curves overlaid, and their paired difference with its interval.
+
+    Parameters
+    ----------
+    curve_a, curve_b : (x, mean SA)
+        Each store's mean layer-level SA at its layers' positions.
+    diff : (x, mean, lo, hi)
+        At each matched layer pair: the mean paired difference B − A and its 95 % interval.
+    labels : (str, str)
+        Legend names of the two stores.
+    ticks : (positions, labels), optional
+        x tick marks (layer names when the layers match by name).
+    xlabel, title : str
+        Axis label and figure title.
+    """
+    n = max(len(curve_a[0]), len(curve_b[0]), 1)
+    width = min(16.0, max(7.0, 0.32 * n + 3.5))
+    fig = new_figure(width, 5.6)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    for (x, y), label, colour, marker in ((curve_a, labels[0], _CLASS_COLOURS[0], "o"),
+                                          (curve_b, labels[1], _CLASS_COLOURS[1], "s")):
+        top.plot(np.asarray(x, float), np.asarray(y, float), "-" + marker, color=colour,
+                 markersize=3.5, label=label)
+    top.set_ylabel("mean SA (Dice)")
+    top.set_ylim(-0.02, 1.02)
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize=8, loc="best")
+    x, mean, lo, hi = (np.asarray(v, dtype=float) for v in diff)
+    bottom.axhline(0.0, color="k", linewidth=0.8)
+    bottom.fill_between(x, lo, hi, color="#7f7f7f", alpha=0.3, linewidth=0,
+                        label="95 % bootstrap interval")
+    bottom.plot(x, mean, "-o", color="#333333", markersize=3.5,
+                label=f"mean difference {labels[1]} − {labels[0]}")
+    bottom.set_ylabel("paired difference")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=8, loc="best")
+    bottom.set_xlabel(xlabel)
+    if ticks is not None and len(ticks[0]) <= 40:
+        short = [t if len(t) <= 28 else t[:12] + "…" + t[-15:] for t in ticks[1]]
+        bottom.set_xticks(list(ticks[0]), short, rotation=60, ha="right", fontsize=8)
+    if title:
+        top.set_title(title, fontsize=10)
     return fig
 
 

@@ -1,6 +1,8 @@
 """The HTML report: :class:`~engine.report.build.Report` through a Jinja2 template.
 
-``templates/report.html.j2`` holds the markup and ``templates/report.css`` the style; the
+``templates/_page.html.j2`` holds the page every HTML file shares (header, sections — a
+``collapsed`` one inside a closed ``<details>`` —, tables and figures),
+``templates/report.html.j2`` the report's heading and ``templates/report.css`` the style; the
 template autoescapes every value, so text from a store (configuration, case ids, layer
 names) cannot inject markup. Figures are embedded as PNG data URIs: the file needs no
 network and no JavaScript.
@@ -16,9 +18,9 @@ import jinja2
 import numpy as np
 
 from engine.report.build import Block, Report
-from engine.report.tables import fmt
+from engine.report.tables import fmt, plural
 
-__all__ = ["render_html"]
+__all__ = ["render_html", "render_page"]
 
 
 def _numeric(value: Any) -> bool:
@@ -52,7 +54,7 @@ _ENV = jinja2.Environment(
     keep_trailing_newline=True,
     undefined=jinja2.StrictUndefined,
 )
-_ENV.filters.update(cell=fmt, b64=_base64, runs=_runs)
+_ENV.filters.update(cell=fmt, b64=_base64, runs=_runs, plural=plural)
 _ENV.tests["numeric"] = _numeric
 
 
@@ -71,6 +73,26 @@ def render_html(report: Report, *, written: _dt.datetime | None = None) -> str:
     str
         The HTML text.
     """
+    return render_page("report.html.j2", written=written, report=report)
+
+
+def render_page(template: str, *, written: _dt.datetime | None = None, **context: Any) -> str:
+    """Render one of this package's page templates (``report.html.j2``, ``compare.html.j2``).
+
+    Parameters
+    ----------
+    template : str
+        The template's file name under ``engine/report/templates``.
+    written : datetime, optional
+        The time stated in the footer (default: now, UTC).
+    **context
+        The template's variables.
+
+    Returns
+    -------
+    str
+        The HTML text.
+    """
     when = written or _dt.datetime.now(_dt.timezone.utc)
-    return _ENV.get_template("report.html.j2").render(
-        report=report, written=when.strftime("%Y-%m-%d %H:%M UTC"))
+    return _ENV.get_template(template).render(
+        written=when.strftime("%Y-%m-%d %H:%M UTC"), **context)

@@ -9,7 +9,7 @@ from typing import Any
 
 from engine._json import text
 from engine.report.build import Block, Report
-from engine.report.tables import fmt
+from engine.report.tables import fmt, plural
 
 __all__ = ["render_markdown"]
 
@@ -53,10 +53,14 @@ def render_markdown(report: Report) -> str:
         The Markdown text (figures linked, not embedded).
     """
     lines = ["# protoseg report", "",
-             f"Model: {_md(report.model)} · summarised {report.n_cases} cases · "
-             f"{report.n_layers} hidden tensors · {_md(report.settings)}", ""]
+             f"Model: {_md(report.model)} · summarised {plural(report.n_cases, 'case')} · "
+             f"{plural(report.n_layers, 'hidden tensor')} · {_md(report.settings)}", ""]
     for section in report.sections:
         lines += [f"## {section.title}", ""]
+        if section.collapsed:
+            lines += ["<details><summary>Show</summary>", ""]
         for block in section.blocks:
             lines += _block(block)
+        if section.collapsed:
+            lines += ["</details>", ""]
     return "\n".join(lines)

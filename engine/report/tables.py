@@ -29,6 +29,7 @@ __all__ = [
     "layer_labels",
     "layer_summary",
     "nanmean_rows",
+    "plural",
     "text_column",
     "unit_summary",
     "value_text",
@@ -53,6 +54,13 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
     return text(value)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and the noun in the right number: ``plural(1, "case")`` is ``"1 case"``,
+    ``plural(2, "class", "classes")`` is ``"2 classes"``."""
+    n = int(n)
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def value_text(value: Any) -> str:
@@ -151,7 +159,7 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "pearson_r": float("nan"), "spearman_rho": float("nan"),
                            "note": ""}
     if n < 3:
-        out["note"] = f"undefined: {n} case(s) with both values, need 3"
+        out["note"] = f"undefined: {plural(n, 'case')} with both values, need 3"
     elif np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
         out["note"] = "undefined: one of the two is constant"
     else:

@@ -169,23 +169,27 @@ def chromium(tmp_path):
             proc.wait()
 
 
-def test_report_in_headless_chromium(tmp_path, chromium):
-    n = 6
-    store = build_store(tmp_path, n_cases=n, estimates={"paper": np.linspace(0.3, 0.9, n)},
-                        validation={"paper": {"pearson": 0.4, "spearman": 0.5, "n": n}})
-    report = write_report(store, tmp_path / "report")
+def open_in_chromium(port: int, page: Path, probes: dict[str, str]) -> dict[str, Any]:
+    """Load ``page`` in the running Chromium; evaluate each probe (a JS expression).
 
-    pages = [t for t in _http_json(chromium, "/json/list") if t.get("type") == "page"]
+    Returns ``events`` (every DevTools event seen), ``images`` (``[complete, naturalWidth,
+    naturalHeight]`` per ``<img>``), ``png`` (a full-page screenshot) and each probe's value.
+    """
+    pages = [t for t in _http_json(port, "/json/list") if t.get("type") == "page"]
     assert pages, "chromium exposes no page target"
     dt = DevTools(pages[0]["webSocketDebuggerUrl"])
+    out: dict[str, Any] = {}
     try:
         for domain in ("Runtime", "Log", "Page", "Network"):
             dt.call(f"{domain}.enable")
-        dt.call("Page.navigate", url=report.resolve().as_uri())
+        dt.call("Page.navigate", url=page.resolve().as_uri())
         dt.wait_event("Page.loadEventFired")
-        images = dt.call("Runtime.evaluate", returnByValue=True, expression=(
+        out["images"] = dt.call("Runtime.evaluate", returnByValue=True, expression=(
             "Array.from(document.images).map(i => [i.complete, i.naturalWidth, "
             "i.naturalHeight])"))["result"]["value"]
+        for name, expression in probes.items():
+            out[name] = dt.call("Runtime.evaluate", returnByValue=True,
+                                expression=expression)["result"].get("value")
         metrics = dt.call("Page.getLayoutMetrics")
         size = metrics.get("cssContentSize") or metrics["contentSize"]
         shot = dt.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
@@ -194,23 +198,55 @@ def test_report_in_headless_chromium(tmp_path, chromium):
         dt.call("Runtime.evaluate", expression="1")  # drain events queued so far
     finally:
         dt.close()
+    out["png"] = base64.b64decode(shot["data"])
+    out["events"] = dt.events
+    return out
 
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    png = base64.b64decode(shot["data"])
-    (OUTPUT / "report.png").write_bytes(png)
-    shutil.copy(report, OUTPUT / "report.html")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
-    errors = [e for e in dt.events
+def check_clean_load(result: dict[str, Any], page: Path) -> None:
+    """No error, no request leaving the file, every image decoded."""
+    assert result["png"][:8] == b"\x89PNG\r\n\x1a\n"
+    events = result["events"]
+    errors = [e for e in events
               if e["method"] == "Runtime.exceptionThrown"
               or (e["method"] == "Runtime.consoleAPICalled"
                   and e["params"]["type"] in ("error", "assert"))
               or (e["method"] == "Log.entryAdded"
                   and e["params"]["entry"]["level"] == "error")]
     assert not errors, errors
-    requests = [e["params"]["request"]["url"] for e in dt.events
+    requests = [e["params"]["request"]["url"] for e in events
                 if e["method"] == "Network.requestWillBeSent"]
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
-    assert len(images) == report.read_text().count("<img ")
-    assert len(images) >= 5
+    images = result["images"]
+    assert len(images) == page.read_text().count("<img ")
     assert all(complete and w > 0 and h > 0 for complete, w, h in images), images
+
+
+#: Top and height (CSS px, from the top of the page) of the headline figure's image.
+HEADLINE_BOX = ("(() => { const r = document.querySelector('#fig-sa_depth img')"
+                ".getBoundingClientRect(); return [r.top + window.scrollY, r.height]; })()")
+
+
+def test_report_in_headless_chromium(tmp_path, chromium):
+    n = 6
+    store = build_store(tmp_path, n_cases=n, estimates={"paper": np.linspace(0.3, 0.9, n)},
+                        validation={"paper": {"pearson": 0.4, "spearman": 0.5, "n": n}})
+    report = write_report(store, tmp_path / "report")
+    result = open_in_chromium(chromium, report, {
+        "headline": HEADLINE_BOX,
+        "first_section": "document.querySelector('main section').id",
+        "run_open": "document.querySelector('#run details').open",
+        "last_section": "Array.from(document.querySelectorAll('main section')).pop().id",
+    })
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    (OUTPUT / "report.png").write_bytes(result["png"])
+    shutil.copy(report, OUTPUT / "report.html")
+    check_clean_load(result, report)
+    assert len(result["images"]) >= 5
+    # the answer first: the SA-against-depth figure starts on the first screen (1,000 px),
+    # and is drawn at a readable size; configuration and provenance last, closed
+    top, height = result["headline"]
+    assert 0 < top < 1000, result["headline"]
+    assert height > 200, result["headline"]
+    assert result["first_section"] == "summary"
+    assert result["last_section"] == "run" and result["run_open"] is False

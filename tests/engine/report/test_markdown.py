@@ -34,7 +34,7 @@ def test_render_markdown_from_sections():
             Figure("f", "cap", b""))),))
     lines = render_markdown(report).splitlines()
     assert lines[:3] == ["# protoseg report", "", "Model: m · summarised 2 cases · 1 hidden "
-                         "tensors · s"]
+                         "tensor · s"]
     assert "one two" in lines
     assert "| 0.250 | a\\|b |" in lines
     assert f"| – | {'x' * 159}… |" in lines

@@ -220,3 +220,47 @@ def test_store_without_scored_cases(tmp_path):
     assert "summarised 0 cases" in text and "Layer-level SA: not recorded" in text
     rows = read_csv(tmp_path / "out" / "tables" / "layer_summary.csv")
     assert [int(r["n_used"]) for r in rows] == [0, 0, 0]
+
+
+def test_answer_first_configuration_last_and_model_card_as_table(tmp_path):
+    store = build_store(tmp_path, n_cases=1, maps=(), units=False,
+                        estimates={"paper": np.array([0.4])})
+    card = {"input_name": "x", "layout": "NCHW", "input_size": [32, 32], "channels": 1,
+            "prediction_output": "prob", "activation": "sigmoid", "classes": [1],
+            "threshold": 0.5, "resize": True, "scaling": "minmax", "mean": None, "std": None,
+            "hidden_layers": {"t0": "block0.conv"}, "hidden_layouts": {},
+            "prediction_layout": None, "assumed": ["input: 'x', the model's only input"]}
+    store.config = dict(CONFIG, model_card=card)
+    text = write_report(store, tmp_path / "out").read_text()
+    ids = [text.index(f'<section id="{s}"') for s in
+           ("summary", "layers", "units", "maps", "quality", "validation", "cases", "run")]
+    assert ids == sorted(ids)
+    summary = text[ids[0]:ids[1]]
+    for fact in ("tiny.onnx", "1 case: 1 ok", "output Dice", "estimate: paper",
+                 "best layer", "worst layer", 'id="fig-sa_depth"'):
+        assert fact in summary, fact
+    # configuration and provenance: last, closed, the model card a table, not JSON
+    run = text[ids[-1]:]
+    assert run.startswith('<section id="run" class="collapsed"><details><summary>')
+    assert "<details open" not in text
+    assert "&#34;input_name&#34;" not in text and '"input_name"' not in text
+    for cells in ("<td>preprocessing</td><td>scaling</td><td>minmax</td>",
+                  "<td>inputs</td><td>input_size</td><td>32, 32</td>",
+                  "<td>layers</td><td>t0</td><td>block0.conv</td>",
+                  "<td>input: &#39;x&#39;, the model&#39;s only input</td>"):
+        assert cells in run, cells
+    # plural forms
+    assert "summarised 1 case ·" in text and "3 hidden tensors" in text
+    assert "1 case in tables/cases.csv" in text
+    assert "1 cases" not in text and "case(s)" not in text and "class(es)" not in text
+
+
+def test_model_card_rows_group_the_fields():
+    from engine.report.build import model_card_rows
+
+    rows = model_card_rows({"layout": "NHWC", "threshold": 0.3, "mean": [0.5], "extra": 1,
+                            "hidden_layers": {}, "hidden_layouts": {"t": "NHWC"}})
+    assert [(r["part"], r["field"], r["value"]) for r in rows] == [
+        ("inputs", "layout", "NHWC"), ("outputs", "threshold", "0.3"),
+        ("preprocessing", "mean", "0.5"), ("layers", "t", "t (NHWC)"),
+        ("other", "extra", "1")]
