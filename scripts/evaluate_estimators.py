@@ -22,6 +22,18 @@ bias field, contrast/gamma, down-up resampling, crop, shift). Reference: Colin27
 ``ch2bet > 0``; MNI152 ``gm + wm > 0.5`` with holes filled slice by slice and closed in 3-D
 (a brain mask with the ventricles, like deepbrain's target). Geometric corruptions move the
 reference with the image.
+
+Both experiments also run the failure-detection benchmark (:mod:`engine.quality.failure`:
+AURC, E-AURC, AUROC at Dice thresholds, Spearman pooled and within group, bootstrap intervals
+by subject), fit the ``combined`` ridge estimator and its baselines-only twin by grouped
+cross-validation (does SA add anything beyond the baselines?), and check the coverage of the
+conformal Dice lower bounds on held-out groups. ``deepbrain`` adds held-out shift families:
+each corruption family (:data:`FAMILIES`) is left out in turn, ``calibrated`` and ``combined``
+are fitted on the clean cases and the other families, and tested on the left-out one.
+
+Colin27 is read from Debian's ``mricron-data`` when installed, else from the unchanged copies
+in ``cli/data/colin27``; MNI152 from a nilearn wheel (``--wheel PATH``, else ``pip download``
+fetches one before the experiment starts).
 """
 from __future__ import annotations
 
@@ -41,10 +53,17 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 __all__ = ["build_unet2d_cases", "build_deepbrain_cases", "corrupt", "evaluate_store", "main"]
 
-COLIN = Path("/usr/share/mricron/templates/ch2.nii.gz")
-COLIN_BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+_MRICRON = Path("/usr/share/mricron/templates")
+_SHIPPED = REPO / "cli" / "data" / "colin27"
+# Debian's mricron-data when installed, else the unchanged copies shipped in cli/data/colin27
+COLIN = _MRICRON / "ch2.nii.gz" if (_MRICRON / "ch2.nii.gz").is_file() else _SHIPPED / "colin27.nii.gz"
+COLIN_BET = _MRICRON / "ch2bet.nii.gz" if (_MRICRON / "ch2bet.nii.gz").is_file() else _SHIPPED / "colin27_mask.nii.gz"
 DOCS = REPO / "docs" / "estimation.md"
 CORRUPTIONS = ("noise", "blur", "bias", "gamma", "resample", "crop", "shift")
+#: Shift family of each corruption (held out together in the family split).
+FAMILIES = {"noise": "noise", "blur": "blur", "bias": "bias field", "gamma": "contrast",
+            "resample": "resampling", "crop": "crop/shift", "shift": "crop/shift"}
+COVERAGE = 0.9
 
 
 def _load_nifti(path: Path) -> np.ndarray:
@@ -168,7 +187,8 @@ def build_deepbrain_cases(out: Path, wheel: str | None, levels: int, seed: int =
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), folds: int = 5, n_boot: int = 1000) -> dict[str, Any]:
+def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), folds: int = 5, n_boot: int = 1000,
+                   families: bool = False) -> dict[str, Any]:
     """Estimators, baselines, cross-validated calibration and validation for one store."""
     from engine.quality import calibrate, estimate_quality, validate, validation_rows
     from engine.store import open_store
@@ -219,7 +239,10 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
         validation=val,
         info={"calibration": None if cal is None else json.loads(cal.to_json()), "details": details},
     )
+    bench = failure_section(store, ls, layers, base, dice, groups, est, n_boot=n_boot, folds=folds,
+                            families=families)
     return {
+        "failure": bench,
         "store": str(store_path),
         "n_cases": int(len(cases)),
         "n_layers": int(len(layers)),
@@ -237,6 +260,272 @@ def evaluate_store(store_path: Path, *, paper_exclude: tuple[str, ...] = (), fol
         },
         "rows": validation_rows(val),
     }
+
+
+# ----------------------------------------------------------------------------- failure detection
+
+
+def _units_dict(store: Any, layers: np.ndarray) -> dict[int, dict[str, np.ndarray]] | None:
+    """Unit scores (score, status) of the kept layers, read once, keyed by store layer index."""
+    if not store.has_units:
+        return None
+    return {int(i): {k: v for k, v in store.unit_scores(int(i)).items() if k in ("score", "status")}
+            for i in layers["index"]}
+
+
+def _take(ls: dict, units: dict | None, base: dict, sel: np.ndarray) -> tuple[dict, dict | None, dict]:
+    return ({k: v[sel] for k, v in ls.items()},
+            None if units is None else {j: {k: v[sel] for k, v in u.items()} for j, u in units.items()},
+            {k: v[sel] for k, v in base.items()})
+
+
+def _family(case_id: str) -> str:
+    """Shift family of a deepbrain case id (``colin27_noise2`` → ``noise``; ``…_clean`` → ``clean``)."""
+    kind = case_id.split("_", 1)[1].rstrip("0123456789")
+    return FAMILIES.get(kind, "clean")
+
+
+def _fit_apply(ls: dict, units: dict | None, layers: np.ndarray, base: dict, dice: np.ndarray,
+               groups: np.ndarray, train: np.ndarray, test: np.ndarray, folds: int) -> dict[str, dict[str, Any]]:
+    """``calibrated``, ``combined`` and the baselines-only ridge fitted on ``train`` only and
+    applied to ``test``; conformal scores from the training part's out-of-fold estimates."""
+    from engine.quality import calibrate, candidate_estimates, conformal_scores, fit_combined
+    from engine.quality.table import score_table
+
+    ls_tr, u_tr, b_tr = _take(ls, units, base, train)
+    ls_te, u_te, b_te = _take(ls, units, base, test)
+    g_tr = groups[train]
+    g_arg = list(g_tr) if len(set(g_tr.tolist())) > 1 else None
+    cal = calibrate(ls_tr, u_tr, layers, dice[train], groups=g_arg, folds=folds)
+    out = {"calibrated": {"estimate": candidate_estimates(ls_te, u_te, layers, [cal.choice])[0],
+                          "scores": conformal_scores(np.asarray(cal.oof_estimate), dice[train]),
+                          "choice": cal.choice["name"]}}
+    table_te = score_table(ls_te, u_te, layers)
+    for name, fs in (("combined", "sa+baselines"), ("baselines (ridge)", "baselines")):
+        m = fit_combined(ls_tr, u_tr, layers, b_tr, dice[train], groups=g_arg, folds=folds, feature_set=fs)
+        out[name] = {"estimate": m.predict(table_te, b_te),
+                     "scores": conformal_scores(np.asarray(m.oof_estimate), dice[train]), "alpha": m.alpha}
+    return out
+
+
+def _coverage_row(held_out: str, name: str, fa: dict[str, Any], dice: np.ndarray) -> dict[str, Any]:
+    from engine.quality import coverage_interval, dice_lower_bound, empirical_coverage
+
+    bound = dice_lower_bound(fa["estimate"], fa["scores"], COVERAGE)
+    n_cal = int(np.asarray(fa["scores"]).size)
+    return {"held_out": held_out, "estimator": name, "n_calibration": n_cal,
+            **empirical_coverage(bound, dice), "expected": list(coverage_interval(n_cal, COVERAGE)),
+            "mean_bound": float(np.nanmean(bound)) if np.isfinite(bound).any() else float("nan"),
+            "mean_dice": float(np.nanmean(dice)), "bound": bound}
+
+
+def _best_baseline(fb: dict[str, Any], base: dict[str, np.ndarray]) -> str:
+    return min(base, key=lambda b: fb[b]["aurc"]["value"])
+
+
+def _comparisons(oof: dict[str, np.ndarray], base: dict[str, np.ndarray], fb: dict[str, Any], dice: np.ndarray,
+                 groups: np.ndarray, n_boot: int, names: tuple[str, str]) -> list[dict[str, Any]]:
+    """AURC differences: combined vs the baselines-only ridge, and SA estimators vs the best baseline."""
+    from engine.quality import compare_aurc
+    from engine.quality.validation import LOWER_IS_BETTER
+
+    best = _best_baseline(fb, base)
+    lower = best in LOWER_IS_BETTER
+    pairs = [(f"{names[0]} − {names[1]}", oof[names[0]], oof[names[1]], False),
+             (f"{names[0]} − {best}", oof[names[0]], base[best], lower),
+             (f"all-layers − {best}", oof["all-layers"], base[best], lower)]
+    out = []
+    for label, a, b, low_b in pairs:
+        c = compare_aurc(a, b, dice, groups=groups, n_boot=n_boot, seed=0, lower_is_better=(False, low_b))
+        lo, hi = c["ci"]
+        c["verdict"] = ("the first is better (interval below 0)" if hi < 0 else
+                        "the first is worse (interval above 0)" if lo > 0 else "no clear difference (interval contains 0)")
+        out.append({"comparison": label, **c})
+    return out
+
+
+def failure_section(store: Any, ls: dict, layers: np.ndarray, base: dict[str, np.ndarray], dice: np.ndarray,
+                    groups: list[str], est: dict[str, np.ndarray], *, n_boot: int, folds: int,
+                    families: bool) -> dict[str, Any]:
+    """Failure-detection benchmark, combined estimator, SA-vs-baselines, conformal coverage."""
+    from engine.quality import failure_benchmark, failure_rows, fit_combined
+
+    units = _units_dict(store, layers)
+    g = np.asarray(groups)
+    kw = dict(groups=groups, folds=folds)
+    models = {fs: fit_combined(ls, units, layers, base, dice, feature_set=fs, **kw)
+              for fs in ("sa+baselines", "sa", "baselines")}
+    comb, sa_only, bl = (np.asarray(models[k].oof_estimate) for k in ("sa+baselines", "sa", "baselines"))
+    # the same fits with folds over cases (groups ignored): labelled data from every domain,
+    # i.e. the in-distribution figure, beside the grouped (leave-groups-out) one
+    in_dist = {fs: fit_combined(ls, units, layers, base, dice, feature_set=fs, folds=folds)
+               for fs in ("sa+baselines", "baselines")}
+    comb_c, bl_c = (np.asarray(in_dist[k].oof_estimate) for k in ("sa+baselines", "baselines"))
+    ests = {"paper": est["paper"], "all-layers": est["all-layers"]}
+    if "calibrated (out-of-fold)" in est:
+        ests["calibrated (out-of-fold)"] = est["calibrated (out-of-fold)"]
+    ests.update({"combined (out-of-fold)": comb, "SA-only ridge (out-of-fold)": sa_only,
+                 "baselines-only ridge (out-of-fold)": bl, "combined (case folds)": comb_c,
+                 "baselines-only ridge (case folds)": bl_c, **base})
+    fb = failure_benchmark(ests, dice, groups=groups, n_boot=n_boot, seed=0)
+    cmp = _comparisons({"combined (out-of-fold)": comb, "baselines-only ridge (out-of-fold)": bl,
+                        "all-layers": est["all-layers"]}, base, fb, dice, g, n_boot,
+                       ("combined (out-of-fold)", "baselines-only ridge (out-of-fold)"))
+    cmp += _comparisons({"combined (case folds)": comb_c, "baselines-only ridge (case folds)": bl_c,
+                         "all-layers": est["all-layers"]}, base, fb, dice, g, n_boot,
+                        ("combined (case folds)", "baselines-only ridge (case folds)"))[:2]
+    coverage = []
+    for grp in sorted(set(groups)):
+        test = g == grp
+        fa = _fit_apply(ls, units, layers, base, dice, g, ~test, test, folds)
+        coverage += [_coverage_row(grp, k, fa[k], dice[test]) for k in ("calibrated", "combined")]
+    out = {
+        "rows": failure_rows(fb),
+        "oracle_aurc": next(iter(fb.values()))["oracle_aurc"],
+        "random_aurc": next(iter(fb.values()))["random_aurc"],
+        "resample": next(iter(fb.values()))["resample"],
+        "comparisons": cmp,
+        "combined": {fs: {"alpha": m.alpha, "spearman_oof": m.cv["spearman_oof"], "mse_oof": m.cv["mse_oof"],
+                          "n_features": len(m.features), "folds": m.cv["folds"]} for fs, m in models.items()},
+        "combined_case_folds": {fs: {"alpha": m.alpha, "spearman_oof": m.cv["spearman_oof"]}
+                                for fs, m in in_dist.items()},
+        "coverage_groups": [{k: v for k, v in r.items() if k != "bound"} for r in coverage],
+        "estimates": {k: np.asarray(v, dtype=float).tolist() for k, v in ests.items()},
+    }
+    if families:
+        out["families"] = _families_section(store, ls, units, layers, base, dice, g, est, n_boot=n_boot, folds=folds)
+    return out
+
+
+def _families_section(store: Any, ls: dict, units: dict | None, layers: np.ndarray, base: dict[str, np.ndarray],
+                      dice: np.ndarray, groups: np.ndarray, est: dict[str, np.ndarray], *, n_boot: int,
+                      folds: int) -> dict[str, Any]:
+    """Leave one shift family out: fit on clean + the other families, test on the left-out one."""
+    from engine.quality import empirical_coverage, failure_benchmark, failure_rows
+    from engine.quality.validation import correlation
+
+    fam = np.array([_family(str(i)) for i in store.cases["id"]])
+    n = dice.size
+    fitted = ("calibrated", "combined", "baselines (ridge)")
+    held = {k: np.full(n, np.nan) for k in fitted}
+    bounds = {k: np.full(n, np.nan) for k in ("calibrated", "combined")}
+    per_family = []
+    order = [f for f in dict.fromkeys(FAMILIES.values()) if (fam == f).any()]
+    for f in order:
+        test = fam == f
+        fa = _fit_apply(ls, units, layers, base, dice, groups, ~test, test, folds)
+        for k in fitted:
+            held[k][test] = fa[k]["estimate"]
+        row: dict[str, Any] = {"family": f, "n": int(test.sum()), "n_train": int((~test).sum()),
+                               "calibrated_choice": fa["calibrated"]["choice"], "spearman": {}}
+        for k, v in (("all-layers", est["all-layers"]), ("calibrated", held["calibrated"]),
+                     ("combined", held["combined"]), ("predicted_fraction", base["predicted_fraction"]),
+                     ("mean_entropy", -base["mean_entropy"])):
+            row["spearman"][k] = correlation(v[test], dice[test])
+        for k in ("calibrated", "combined"):
+            cr = _coverage_row(f, k, fa[k], dice[test])
+            bounds[k][test] = cr.pop("bound")
+            row[f"coverage_{k}"] = cr
+        per_family.append(row)
+    shifted = fam != "clean"
+    ests = {"paper": est["paper"], "all-layers": est["all-layers"],
+            "calibrated (family held out)": held["calibrated"], "combined (family held out)": held["combined"],
+            "baselines-only ridge (family held out)": held["baselines (ridge)"], **base}
+    ests = {k: np.asarray(v)[shifted] for k, v in ests.items()}
+    fb = failure_benchmark(ests, dice[shifted], groups=groups[shifted], n_boot=n_boot, seed=0)
+    cmp = _comparisons({"combined (family held out)": ests["combined (family held out)"],
+                        "baselines-only ridge (family held out)": ests["baselines-only ridge (family held out)"],
+                        "all-layers": ests["all-layers"]},
+                       {k: ests[k] for k in base}, fb, dice[shifted], groups[shifted], n_boot,
+                       ("combined (family held out)", "baselines-only ridge (family held out)"))
+    return {
+        "families": order, "per_family": per_family, "rows": failure_rows(fb), "comparisons": cmp,
+        "n_shifted": int(shifted.sum()),
+        "coverage_pooled": {k: empirical_coverage(bounds[k][shifted], dice[shifted]) for k in bounds},
+        "oracle_aurc": next(iter(fb.values()))["oracle_aurc"], "random_aurc": next(iter(fb.values()))["random_aurc"],
+    }
+
+
+def _ci(r: dict[str, Any], key: str, nd: int = 3) -> str:
+    return f"{_fmt(r[key], nd)} [{_fmt(r[key + '_lo'], nd)}, {_fmt(r[key + '_hi'], nd)}]"
+
+
+def _failure_table(rows: list[dict[str, Any]], groups: list[str]) -> list[str]:
+    thr = [k[6:] for k in rows[0] if k.startswith("auroc_")]
+    lines = ["| estimator | AURC [95 % CI] | E-AURC [95 % CI] | "
+             + " | ".join(f"AUROC Dice < {t}" for t in thr) + " | Spearman [95 % CI] | "
+             + " | ".join(f"Spearman in {g}" for g in groups) + " |",
+             "|---|---|---|" + "---|" * len(thr) + "---|" + "---|" * len(groups)]
+    for r in rows:
+        lines.append(f"| {r['estimator']} | {_ci(r, 'aurc')} | {_ci(r, 'e_aurc')} | "
+                     + " | ".join(_fmt(r[f'auroc_{t}']) for t in thr) + f" | {_ci(r, 'spearman', 2)} | "
+                     + " | ".join(_fmt(r.get(f"spearman_in_{g}")) for g in groups) + " |")
+    return lines
+
+
+def _comparison_table(cmp: list[dict[str, Any]]) -> list[str]:
+    lines = ["| AURC difference (negative: the first is better) | Δ AURC [95 % CI] | share of replicates not better | verdict |",
+             "|---|---|---|---|"]
+    for c in cmp:
+        lines.append(f"| {c['comparison']} | {_fmt(c['difference'], 3)} [{_fmt(c['ci'][0], 3)}, {_fmt(c['ci'][1], 3)}] "
+                     f"| {_fmt(c['p_not_better'])} | {c['verdict']} |")
+    return lines
+
+
+def failure_markdown(result: dict[str, Any], title: str) -> str:
+    """The failure-detection section (and the held-out families, when computed)."""
+    fb = result["failure"]
+    groups = result["groups"]
+    res = fb["resample"]
+    mode = {"stratified": f"cases resampled within each of the {res['n_groups']} groups (too few groups to "
+                          "resample whole groups: the intervals are conditional on these subjects)",
+            "cluster": f"whole groups resampled ({res['n_groups']} groups)", "cases": "cases resampled"}[res["mode"]]
+    comb = fb["combined"]
+    lines = [f"### {title}: failure detection", "",
+             f"Risk = 1 − Dice; {result['n_cases']} cases; oracle AURC {_fmt(fb['oracle_aurc'], 3)}, "
+             f"an uninformative estimate {_fmt(fb['random_aurc'], 3)} (the mean risk). Intervals: "
+             f"{res['n_boot']} bootstrap replicates, {mode}. Spearman of the oriented estimate "
+             "(entropy and uncertain fraction negated), so higher is better everywhere.", ""]
+    lines += _failure_table(fb["rows"], groups)
+    lines += ["", "Ridge models (grouped cross-validation, out of fold): "
+              + "; ".join(f"`{fs}` {c['n_features']} features, α = {c['alpha']:.3g}, Spearman {_fmt(c['spearman_oof'])}"
+                          for fs, c in comb.items()) + "; with folds over cases instead of groups: "
+              + "; ".join(f"`{fs}` α = {c['alpha']:.3g}, Spearman {_fmt(c['spearman_oof'])}"
+                          for fs, c in fb["combined_case_folds"].items()) + ".", ""]
+    lines += _comparison_table(fb["comparisons"])
+    lines += ["", f"Dice lower bounds at coverage {COVERAGE:g} on held-out groups (fitted on the other groups only):", "",
+              "| held out | estimator | labelled cases | covered | coverage | 95 % range if exchangeable | mean bound | mean Dice |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in fb["coverage_groups"]:
+        lines.append(f"| {c['held_out']} | {c['estimator']} | {c['n_calibration']} | {c['covered']}/{c['n']} | "
+                     f"{_fmt(c['coverage'])} | {_fmt(c['expected'][0])}–{_fmt(c['expected'][1])} | "
+                     f"{_fmt(c['mean_bound'])} | {_fmt(c['mean_dice'])} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def families_markdown(result: dict[str, Any], title: str) -> str:
+    fam = result["failure"]["families"]
+    lines = [f"### {title}: held-out shift families", "",
+             f"Each family is left out in turn; `calibrated` and `combined` (and the baselines-only ridge) are "
+             f"fitted on the clean volumes and the other families, then applied to the left-out family. "
+             f"Pooled over the {fam['n_shifted']} corrupted cases (each estimated while its family was held out):", ""]
+    lines += _failure_table(fam["rows"], result["groups"])
+    lines += [""] + _comparison_table(fam["comparisons"])
+    lines += ["", f"Per family (Spearman with true Dice within the family; Dice lower bound at coverage {COVERAGE:g}):", "",
+              "| held-out family | n | calibrated chose | all-layers | calibrated | combined | predicted_fraction | −mean_entropy | coverage calibrated | coverage combined |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in fam["per_family"]:
+        sp = r["spearman"]
+        cc, cm = r["coverage_calibrated"], r["coverage_combined"]
+        lines.append(f"| {r['family']} | {r['n']} | `{r['calibrated_choice']}` | {_fmt(sp['all-layers'])} | "
+                     f"{_fmt(sp['calibrated'])} | {_fmt(sp['combined'])} | {_fmt(sp['predicted_fraction'])} | "
+                     f"{_fmt(sp['mean_entropy'])} | {cc['covered']}/{cc['n']} | {cm['covered']}/{cm['n']} |")
+    pc = fam["coverage_pooled"]
+    lines += ["", f"Pooled coverage of the bound on held-out families (nominal {COVERAGE:g}): calibrated "
+              f"{pc['calibrated']['covered']}/{pc['calibrated']['n']} ({_fmt(pc['calibrated']['coverage'])}), combined "
+              f"{pc['combined']['covered']}/{pc['combined']['n']} ({_fmt(pc['combined']['coverage'])}).", ""]
+    return "\n".join(lines)
 
 
 def _fmt(x: Any, nd: int = 2) -> str:
@@ -345,16 +634,22 @@ def main(argv: list[str] | None = None) -> int:
                                 reference="prediction", batch_size=batch,
                                 overwrite=not args.resume, resume=args.resume, save_maps=0, progress=None)
         print(f"scored: {summary}", file=sys.stderr)
-    result = evaluate_store(store, n_boot=args.n_boot)
+    result = evaluate_store(store, n_boot=args.n_boot, families=args.experiment == "deepbrain")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = f"python scripts/evaluate_estimators.py {args.experiment} --docs"
     (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown(result, title)
-    (out / "evaluation.md").write_text(text)
-    print(text)
+    fail_text = failure_markdown(result, title)
+    fam_text = families_markdown(result, title) if "families" in result["failure"] else ""
+    (out / "evaluation.md").write_text("\n\n".join(t for t in (text, fail_text, fam_text) if t))
+    print(text, fail_text, fam_text, sep="\n")
     if args.docs:
-        timing = "" if args.reuse_store else f" ({result['seconds']:.0f} s on 2 shared CPU cores)"
+        timing = (f" ({result['seconds']:.0f} s on 2 shared CPU cores)" if not args.reuse_store else
+                  f" (evaluation of the existing store: {result['seconds']:.0f} s on 2 shared CPU cores)")
         write_docs(args.experiment, text + f"\nReproduce: `{result['command']}`{timing}.\n")
+        write_docs(f"{args.experiment}-failure", fail_text + f"\nReproduce: `{result['command']}`.\n")
+        if fam_text:
+            write_docs(f"{args.experiment}-families", fam_text + f"\nReproduce: `{result['command']}`.\n")
     return 0
 
 

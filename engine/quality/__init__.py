@@ -11,7 +11,14 @@ nothing here reads or writes a store. One concern per module:
   :func:`candidate_estimates`, :func:`group_folds`;
 - :mod:`.triage` — :func:`rank_cases`, :func:`flag_cases`;
 - :mod:`.validation` — :func:`validate`, :func:`validation_rows` and the statistics behind
-  them (:func:`auroc`, :func:`partial_spearman`, :func:`worst_overlap`, :func:`bootstrap_ci`).
+  them (:func:`auroc`, :func:`partial_spearman`, :func:`worst_overlap`, :func:`bootstrap_ci`);
+- :mod:`.failure` — the failure-detection benchmark: :func:`failure_benchmark`, :func:`aurc`,
+  :func:`e_aurc`, :func:`risk_coverage_curve`, :func:`compare_aurc`, :func:`failure_rows`;
+- :mod:`.combined` — the ``combined`` estimator: :func:`fit_combined`, :class:`CombinedModel`,
+  :func:`sa_added_value`;
+- :mod:`.conformal` — per-case Dice lower bounds: :func:`conformal_scores`,
+  :func:`conformal_quantile`, :func:`dice_lower_bound`, :func:`empirical_coverage`,
+  :func:`coverage_interval`.
 
 Examples
 --------
@@ -26,7 +33,16 @@ from __future__ import annotations
 
 from engine.quality.baseline import baselines
 from engine.quality.calibration import Calibration, calibrate, candidate_estimates, default_candidates, group_folds
+from engine.quality.combined import CombinedModel, fit_combined, sa_added_value
+from engine.quality.conformal import (
+    conformal_quantile,
+    conformal_scores,
+    coverage_interval,
+    dice_lower_bound,
+    empirical_coverage,
+)
 from engine.quality.estimators import ESTIMATORS, estimate_quality
+from engine.quality.failure import aurc, compare_aurc, e_aurc, failure_benchmark, failure_rows, risk_coverage_curve
 from engine.quality.triage import flag_cases, rank_cases
 from engine.quality.validation import (
     auroc,
@@ -40,17 +56,31 @@ from engine.quality.validation import (
 __all__ = [
     "ESTIMATORS",
     "Calibration",
+    "CombinedModel",
+    "aurc",
     "auroc",
     "baselines",
     "bootstrap_ci",
     "calibrate",
     "candidate_estimates",
+    "compare_aurc",
+    "conformal_quantile",
+    "conformal_scores",
+    "coverage_interval",
     "default_candidates",
+    "dice_lower_bound",
+    "e_aurc",
+    "empirical_coverage",
     "estimate_quality",
+    "failure_benchmark",
+    "failure_rows",
+    "fit_combined",
     "flag_cases",
     "group_folds",
     "partial_spearman",
     "rank_cases",
+    "risk_coverage_curve",
+    "sa_added_value",
     "validate",
     "validation_rows",
     "worst_overlap",

@@ -33,7 +33,9 @@ __all__ = [
     "group_folds",
 ]
 
-CALIBRATION_ENCODING = ("protoseg-calibration", "1")
+CALIBRATION_ENCODING = ("protoseg-calibration", "2")
+#: Versions :meth:`Calibration.from_json` reads (version 1 had no ``combined`` and ``conformal``).
+READABLE_VERSIONS = ("1", "2")
 METRICS = ("spearman", "pearson")
 
 
@@ -187,6 +189,10 @@ class Calibration:
     ``in_sample_metric`` is the final choice's correlation on all labelled data (optimistic);
     ``cv_fold_mean`` is the mean of the per-fold held-out correlations (each fold on its own,
     so that offsets between folds — e.g. subjects — do not enter; NaN folds ignored).
+    ``combined`` is the fitted combined estimator (:meth:`engine.quality.combined.CombinedModel.to_dict`)
+    or None; ``conformal`` maps an estimator name to its sorted conformity scores on the
+    labelled cases (``scores``: out-of-fold estimate − true Dice, see
+    :mod:`engine.quality.conformal`), from which Dice lower bounds are drawn at any coverage.
     """
 
     choice: dict[str, Any]
@@ -202,16 +208,35 @@ class Calibration:
     seed: int = 0
     oof_estimate: list[float] = field(default_factory=list)
     cv_fold_mean: float = float("nan")
+    combined: dict[str, Any] | None = None
+    conformal: dict[str, Any] = field(default_factory=dict)
 
     def check_layers(self, names: Sequence[str]) -> None:
         """Raise when the chosen layers are not among ``names`` (another model or layer set)."""
-        missing = [n for n in self.choice["layers"] if n not in set(names)]
+        self.check_layers_of(self.choice["layers"], names)
+
+    @staticmethod
+    def check_layers_of(needed: Sequence[str], names: Sequence[str]) -> None:
+        """Raise when a layer of ``needed`` is not among the scored ``names``."""
+        missing = [n for n in needed if n not in set(names)]
         if missing:
             raise ValueError(
-                f"calibration was made for layers {', '.join(self.choice['layers'])} but "
+                f"calibration was made for layers {', '.join(needed)} but "
                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not among the scored layers "
                 f"({len(names)} scored); use a calibration made for this model, or score those layers"
             )
+
+    def combined_model(self) -> Any:
+        """The stored :class:`~engine.quality.combined.CombinedModel`; ValueError when none was fitted."""
+        from engine.quality.combined import CombinedModel
+
+        if not self.combined:
+            raise ValueError(
+                "this calibration holds no combined estimator (written by an older protoseg, or fitted "
+                "without baselines); refit it on labelled data with fit_combined(...) or protoseg estimate "
+                "--calibration NEW.json"
+            )
+        return CombinedModel.from_dict(self.combined)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field plus ``encoding-type`` and ``encoding-version`` (NaN kept as NaN)."""
@@ -232,10 +257,10 @@ class Calibration:
             raise ValueError(f"calibration is not valid JSON ({exc}); pass a file written by protoseg calibrate") from None
         if not isinstance(d, dict) or d.get("encoding-type") != CALIBRATION_ENCODING[0]:
             raise ValueError("not a protoseg calibration (encoding-type missing); pass a file written by Calibration.save")
-        if d.get("encoding-version") != CALIBRATION_ENCODING[1]:
+        if d.get("encoding-version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"calibration encoding version {d.get('encoding-version')!r} is not supported (expected "
-                f"{CALIBRATION_ENCODING[1]!r}); upgrade protoseg or recalibrate"
+                f"calibration encoding version {d.get('encoding-version')!r} is not supported (expected one of "
+                f"{', '.join(READABLE_VERSIONS)}); upgrade protoseg or recalibrate"
             )
         d.pop("encoding-type")
         d.pop("encoding-version")

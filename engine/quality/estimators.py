@@ -4,7 +4,9 @@
   before the output, ordered by depth (guide = reference = the prediction);
 - ``all-layers`` — mean layer-level SA over every scored hidden layer;
 - ``calibrated`` — the layer(s) and level chosen by :func:`engine.quality.calibrate` on
-  labelled data.
+  labelled data;
+- ``combined`` — SA features and the baselines in a ridge model fitted on labelled data
+  (:func:`engine.quality.fit_combined`, stored in the calibration); a predicted Dice.
 
 Undefined scores (NaN, any status other than OK — e.g. ``EMPTY_DICE`` when the map and the
 reference are both empty) are left out of every mean, never counted as 1; a case where nothing
@@ -12,7 +14,7 @@ is defined gets NaN and a reason.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from engine.quality.table import ScoreTable, score_table
 
 __all__ = ["ESTIMATORS", "estimate_quality"]
 
-ESTIMATORS = ("paper", "all-layers", "calibrated")
+ESTIMATORS = ("paper", "all-layers", "calibrated", "combined")
 
 
 def _paper_spec(table: ScoreTable, last_k: int, exclude: Sequence[str] = ()) -> dict[str, Any]:
@@ -47,7 +49,8 @@ def _all_layers_spec(table: ScoreTable, exclude: Sequence[str] = ()) -> dict[str
 
 def _load_calibration(calibration: Calibration | str | Path | None) -> Calibration:
     if calibration is None:
-        raise ValueError("estimator='calibrated' needs calibration=...; run calibrate() on labelled data first")
+        raise ValueError("estimators 'calibrated' and 'combined' need calibration=...; run calibrate() "
+                         "(and fit_combined()) on labelled data first")
     return calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
 
 
@@ -77,6 +80,25 @@ def _details(
     }
 
 
+def _combined(table: ScoreTable, cal: Calibration, baselines: Mapping[str, np.ndarray] | None,
+              return_details: bool) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
+    """The ``combined`` estimate (predicted Dice) from the calibration's ridge model."""
+    model = cal.combined_model()
+    cal.check_layers_of(model.layers(), table.names)
+    est = model.predict(table, baselines)
+    if not return_details:
+        return est
+    sa = [s for s in model.features if s["level"] != "baseline"]
+    used = np.isfinite(np.stack([table.mean(s)[0] for s in sa], axis=1)).sum(1) if sa else np.zeros(table.n_cases)
+    reason = np.asarray(["" if np.isfinite(v) else "no defined score: every SA feature of the combined "
+                         "estimator is undefined" for v in est], dtype=object)
+    return est, {"estimator": "combined", "spec": {"name": "combined", "level": "combined",
+                                                   "layers": model.layers()},
+                 "level": "combined", "layers": model.layers(), "n_total": len(sa),
+                 "n_used": np.asarray(used, dtype=np.int64), "n_undefined": np.asarray(len(sa) - used, dtype=np.int64),
+                 "reason": reason, "alpha": model.alpha, "feature_set": model.feature_set}
+
+
 def estimate_quality(
     layer_scores: Any,
     unit_scores: Any,
@@ -87,6 +109,7 @@ def estimate_quality(
     last_k: int = 2,
     exclude: Sequence[str] = (),
     class_index: int = 0,
+    baselines: Mapping[str, np.ndarray] | None = None,
     return_details: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
     """Label-free quality estimate (mean SA) per case.
@@ -103,11 +126,12 @@ def estimate_quality(
     layers : structured array or list
         The store's ``layers`` table (fields ``name``, ``depth``, optionally ``index``,
         ``layer``), a list of dicts with those keys, or a list of names in depth order.
-    estimator : {"paper", "all-layers", "calibrated"}
-        Which estimator (SPEC §4).
+    estimator : {"paper", "all-layers", "calibrated", "combined"}
+        Which estimator (SPEC §4; ``combined``: :mod:`engine.quality.combined`).
     calibration : Calibration, str or Path, optional
-        Required by ``calibrated``: a :class:`~engine.quality.Calibration` or a JSON file
-        written by :meth:`Calibration.save`.
+        Required by ``calibrated`` and ``combined``: a :class:`~engine.quality.Calibration` or
+        a JSON file written by :meth:`Calibration.save` (holding a combined model for
+        ``combined``).
     last_k : int, optional
         ``paper``: how many of the deepest layers (by ``depth``) to use.
     exclude : sequence of str, optional
@@ -115,6 +139,8 @@ def estimate_quality(
         used (e.g. the logits tensor, or any tensor on the output path, when it was scored).
     class_index : int, optional
         Which class (position along the class axis) when the scores carry one.
+    baselines : mapping, optional
+        ``combined`` only: the baselines per case (``store.baselines()``).
     return_details : bool, optional
         Also return a details dict.
 
@@ -154,8 +180,10 @@ def estimate_quality(
     [0.8, 0.2]
     """
     check_choice(estimator, "estimator", ESTIMATORS)
-    cal = _load_calibration(calibration) if estimator == "calibrated" else None
+    cal = _load_calibration(calibration) if estimator in ("calibrated", "combined") else None
     table = score_table(layer_scores, unit_scores, layers, class_index=class_index)
+    if estimator == "combined":
+        return _combined(table, cal, baselines, return_details)
     if cal is not None:
         cal.check_layers(table.names)
         spec = dict(cal.choice)

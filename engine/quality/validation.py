@@ -387,10 +387,22 @@ def _correlation_columns(res: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _failure_columns(fail: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``aurc``, ``e_aurc`` (with intervals) of a :func:`engine.quality.failure_benchmark`
+    entry attached as ``results[name]["failure"]``; nothing when absent."""
+    if not fail:
+        return {}
+    return {"aurc": fail["aurc"]["value"], "aurc_lo": fail["aurc"]["ci"][0], "aurc_hi": fail["aurc"]["ci"][1],
+            "e_aurc": fail["e_aurc"]["value"], "e_aurc_lo": fail["e_aurc"]["ci"][0],
+            "e_aurc_hi": fail["e_aurc"]["ci"][1]}
+
+
 def validation_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Flatten :func:`validate` output into one row per (estimator, scope) for tables/CSV.
 
-    ``scope`` is ``"all"`` or ``"group:<name>"``.
+    ``scope`` is ``"all"`` or ``"group:<name>"``. When a result carries the failure-detection
+    benchmark (``results[name]["failure"]``, as :func:`engine.run.estimate_store` stores it),
+    the ``all`` rows also hold ``aurc`` and ``e_aurc`` with their intervals.
     """
     rows = []
     for name, res in results.items():
@@ -406,6 +418,7 @@ def validation_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
             "auroc_hi": res["auroc"]["ci"][1],
             "worst_overlap": res["worst_overlap"]["overlap"],
             "worst_k": res["worst_overlap"]["k"],
+            **_failure_columns(res.get("failure")),
         })
         for grp, gres in res.get("groups", {}).items():
             rows.append({"estimator": name, "scope": f"group:{grp}", "n": gres["n"], **_correlation_columns(gres)})

@@ -22,7 +22,21 @@ from engine._checks import check_choice
 from engine._json import jsonable
 from engine.errors import option
 from engine.model.graph import load_model, output_path_tensors
-from engine.quality import ESTIMATORS, Calibration, calibrate, estimate_quality, flag_cases, rank_cases, validate
+from engine.quality import (
+    ESTIMATORS,
+    Calibration,
+    calibrate,
+    compare_aurc,
+    conformal_scores,
+    dice_lower_bound,
+    empirical_coverage,
+    estimate_quality,
+    failure_benchmark,
+    fit_combined,
+    flag_cases,
+    rank_cases,
+    validate,
+)
 from engine.run.loop import score_dataset
 from engine.run.plan import model_sha256, resolve_card
 from engine.store import Store, annotate_estimates, open_store
@@ -50,16 +64,25 @@ class EstimateOptions:
     n_boot: int = 1000
     folds: int = 5
     seed: int = 0
+    coverage: float | None = None
 
     def __post_init__(self) -> None:
         names = tuple(self.estimators) or (
             ("paper", "all-layers") + (("calibrated",) if self.calibration else ()))
         for e in names:
             check_choice(e, "estimator", ESTIMATORS)
-        if "calibrated" in names and not self.calibration:
-            raise ValueError(f"estimator 'calibrated' needs a calibration file "
-                             f"({option('calibration', 'FILE')}): an existing one to apply, or a new "
-                             "path to fit on labelled data")
+        for e in ("calibrated", "combined"):
+            if e in names and not self.calibration:
+                raise ValueError(f"estimator {e!r} needs a calibration file "
+                                 f"({option('calibration', 'FILE')}): an existing one to apply, or a new "
+                                 "path to fit on labelled data")
+        if self.coverage is not None:
+            if not 0.0 < float(self.coverage) < 1.0:
+                raise ValueError(f"coverage={self.coverage!r}; expected a number strictly between 0 and 1 "
+                                 "(e.g. 0.9)")
+            if not self.calibration:
+                raise ValueError(f"Dice lower bounds ({option('coverage', 0.9)}) are calibrated on labelled "
+                                 f"cases: give {option('calibration', 'FILE')}")
         if len(self.rules) > 1:
             raise ValueError("give at most one flagging rule (flag_below, flag_lowest, flag_fraction)")
         rank_by = self.rank_by or names[0]
@@ -126,21 +149,61 @@ def _calibration(opts: EstimateOptions, st: Store, ls: Any, units: Any, true_dic
                          "dataset has no ground truth to fit one; fit it on labelled data first")
     cal = calibrate(ls, units, st.layers, true_dice, groups=groups, folds=opts.folds,
                     seed=opts.seed, exclude=exclude)
+    cal.conformal["calibrated"] = _conformal_entry(np.asarray(cal.oof_estimate), true_dice)
+    base = {k: np.asarray(v)[:, 0] for k, v in st.baselines().items()}
+    if base:
+        kw = dict(groups=groups, folds=opts.folds, seed=opts.seed, exclude=exclude)
+        model = fit_combined(ls, units, st.layers, base, true_dice, feature_set="sa+baselines", **kw)
+        ref = fit_combined(ls, units, st.layers, base, true_dice, feature_set="baselines", **kw)
+        oof = np.asarray(model.oof_estimate)
+        cmp = compare_aurc(oof, np.asarray(ref.oof_estimate), true_dice, groups=groups,
+                           n_boot=opts.n_boot, seed=opts.seed)
+        model.cv["sa_added_value"] = {**cmp, "baselines_spearman_oof": ref.cv["spearman_oof"],
+                                      "baselines_alpha": ref.alpha}
+        cal.combined = model.to_dict()
+        cal.conformal["combined"] = _conformal_entry(oof, true_dice)
+    else:
+        log.warning("store %s holds no baselines: the combined estimator is not fitted", st.path)
     cal.save(opts.calibration)
     log.info("calibration fitted by %d-fold cross-validation and saved to %s", opts.folds,
              opts.calibration)
     return cal
 
 
+def _conformal_entry(oof: np.ndarray, true_dice: np.ndarray) -> dict[str, Any]:
+    """Sorted conformity scores of out-of-fold estimates (see :mod:`engine.quality.conformal`)."""
+    scores = conformal_scores(oof, true_dice)
+    return {"scores": scores.tolist(), "n": int(scores.size),
+            "method": "split conformal on out-of-fold estimates: score = estimate - true Dice"}
+
+
+def _bound(opts: EstimateOptions, cal: Calibration | None, values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Per-case Dice lower bound of the ranking estimator at ``opts.coverage`` (None without)."""
+    if opts.coverage is None:
+        return None
+    entry = (cal.conformal if cal is not None else {}).get(opts.rank_by)
+    if not entry:
+        have = sorted(cal.conformal) if cal is not None else []
+        raise ValueError(
+            f"the calibration holds no conformal scores for {opts.rank_by!r} (it has: "
+            f"{', '.join(have) or 'none'}); rank by one of those ({option('rank_by', have[0] if have else 'combined')}) "
+            "or refit the calibration on labelled data with this protoseg")
+    return dice_lower_bound(values[opts.rank_by], np.asarray(entry["scores"]), opts.coverage)
+
+
 def _ranking(st: Store, opts: EstimateOptions, values: dict[str, np.ndarray],
              base: dict[str, np.ndarray], input_sa: np.ndarray, flags: np.ndarray,
-             reasons: np.ndarray, true_dice: np.ndarray | None) -> list[dict[str, Any]]:
+             reasons: np.ndarray, true_dice: np.ndarray | None,
+             bound: np.ndarray | None = None) -> list[dict[str, Any]]:
     cases, n = st.cases, len(st.cases)
     rows = []
-    for r, i in enumerate(rank_cases(values[opts.rank_by]), start=1):
+    # ranked by the bound when there is one (the same order as the estimate: bound = estimate - q)
+    for r, i in enumerate(rank_cases(values[opts.rank_by] if bound is None else bound), start=1):
         row: dict[str, Any] = {"rank": r, "case": str(cases["id"][i]), "group": str(cases["group"][i])}
         for e in opts.estimators:
             row[e] = values[e][i]
+        if bound is not None:
+            row["dice_lower_bound"] = bound[i]
         row["predicted_fraction"] = base.get("predicted_fraction", np.full(n, np.nan))[i]
         row["input_sa"] = input_sa[i]
         row["flag"] = bool(flags[i])
@@ -159,6 +222,9 @@ def _validation_rows(validation: dict[str, Any] | None) -> list[dict[str, Any]] 
         "pearson": res["pearson"]["r"], "pearson_ci": res["pearson"]["ci"],
         "partial_spearman": res.get("partial_spearman", {}).get("r", float("nan")),
         "auroc": res["auroc"]["value"],
+        **({"aurc": res["failure"]["aurc"]["value"], "aurc_ci": res["failure"]["aurc"]["ci"],
+            "e_aurc": res["failure"]["e_aurc"]["value"], "e_aurc_ci": res["failure"]["e_aurc"]["ci"]}
+           if "failure" in res else {}),
     } for name, res in validation.items()])
 
 
@@ -174,15 +240,17 @@ def _estimate(st: Store, opts: EstimateOptions, exclude: list[str]) -> dict[str,
     cal = _calibration(opts, st, ls, units, true_dice, use_groups, exclude)
     values: dict[str, np.ndarray] = {}
     details: dict[str, Any] = {}
+    base = {k: np.asarray(v)[:, 0] for k, v in st.baselines().items()}
     for e in opts.estimators:
         v, details[e] = estimate_quality(ls, units, st.layers, estimator=e,
-                                         calibration=cal if e == "calibrated" else None,
-                                         exclude=exclude, return_details=True)
+                                         calibration=cal if e in ("calibrated", "combined") else None,
+                                         exclude=exclude, baselines=base, return_details=True)
         values[e] = np.asarray(v, dtype=np.float64)
-    base = {k: np.asarray(v)[:, 0] for k, v in st.baselines().items()}
+    bound = _bound(opts, cal, values)
     inp = st.input_scores()
     input_sa = np.asarray(inp["score"])[:, 0, 0] if inp is not None else np.full(n, np.nan)
-    est = values[opts.rank_by]
+    # with --coverage the rules apply to the Dice lower bound (a number on the Dice scale)
+    est = values[opts.rank_by] if bound is None else bound
     if opts.rules:
         flags, reasons = flag_cases(est, threshold=opts.flag_below, lowest=opts.flag_lowest,
                                     fraction=opts.flag_fraction, return_reasons=True)
@@ -194,17 +262,29 @@ def _estimate(st: Store, opts: EstimateOptions, exclude: list[str]) -> dict[str,
                               groups=use_groups, predicted_volume=base.get("predicted_fraction"),
                               dice_threshold=opts.dice_threshold, worst_fraction=opts.worst_fraction,
                               n_boot=opts.n_boot, seed=opts.seed)
+        failure = failure_benchmark({**values, **base, "input_sa": input_sa}, true_dice, groups=use_groups,
+                                    dice_thresholds=sorted({0.5, 0.7, opts.dice_threshold, 0.9}),
+                                    n_boot=opts.n_boot, seed=opts.seed)
+        for name, res in failure.items():
+            validation[name]["failure"] = res
+    coverage_check = None
+    if bound is not None and has_truth:
+        coverage_check = {**empirical_coverage(bound, true_dice), "nominal": opts.coverage,
+                          "note": "on this dataset; in-sample when the calibration was fitted on it"}
     info = {"estimators": list(opts.estimators), "rank_by": opts.rank_by,
             "excluded_output_path": exclude,
             "flag_rule": {"below": opts.flag_below, "lowest": opts.flag_lowest,
                           "fraction": opts.flag_fraction},
             "details": jsonable(details), "calibration": cal.to_dict() if cal else None,
-            "dice_threshold": opts.dice_threshold}
-    annotate_estimates(st.path, {**values, "input_sa": input_sa, "flag": flags.astype(np.uint8)},
+            "dice_threshold": opts.dice_threshold, "coverage": opts.coverage,
+            "coverage_check": coverage_check}
+    extra = {} if bound is None else {"dice_lower_bound": bound}
+    annotate_estimates(st.path, {**values, **extra, "input_sa": input_sa, "flag": flags.astype(np.uint8)},
                        validation=jsonable(validation) if validation else None, info=jsonable(info))
     return {"store": str(st.path), "estimators": list(opts.estimators), "rank_by": opts.rank_by,
             "ranking": _ranking(st, opts, values, base, input_sa, flags, reasons,
-                                true_dice if has_truth else None),
+                                true_dice if has_truth else None, bound),
+            "coverage": opts.coverage, "coverage_check": jsonable(coverage_check),
             "validation": _validation_rows(validation),
             "calibration": jsonable(cal.to_dict()) if cal else None,
             "provider": st.provenance.get("provider")}
@@ -225,6 +305,7 @@ def estimate_store(
     n_boot: int = 1000,
     folds: int = 5,
     seed: int = 0,
+    coverage: float | None = None,
 ) -> dict[str, Any]:
     """Label-free quality estimate per case from a store scored earlier; no model run.
 
@@ -240,23 +321,34 @@ def estimate_store(
     model : path or onnx.ModelProto, optional
         Only for stores written before the output path was recorded: the model they were
         scored with (checked against the stored sha256).
-    estimators : list of {"paper", "all-layers", "calibrated"}, optional
+    estimators : list of {"paper", "all-layers", "calibrated", "combined"}, optional
         Default: ``paper`` and ``all-layers``, plus ``calibrated`` when ``calibration`` is given.
+        ``combined`` needs a calibration holding a combined model.
     calibration : path, optional
         A calibration JSON file. When it exists it is applied; when it does not, it is
-        fitted on this store's ground truth by cross-validation and saved there.
+        fitted on this store's ground truth by cross-validation and saved there — the
+        ``calibrated`` choice, the ``combined`` ridge model (when the store has baselines;
+        with how much SA adds beyond the baselines) and the conformal scores of both.
     rank_by : str, optional
         Estimator used for ranking and flagging (default: the first).
     flag_below, flag_lowest, flag_fraction : optional
         At most one flagging rule (threshold, lowest k, lowest fraction).
     dice_threshold, worst_fraction, n_boot, folds, seed
         Validation and calibration settings.
+    coverage : float, optional
+        Nominal coverage of a per-case lower bound on Dice for the ranking estimator
+        (split conformal, :mod:`engine.quality.conformal`); needs ``calibration``. Cases are
+        ranked by the bound, the flagging rules apply to it, and it is stored as
+        ``dice_lower_bound``.
 
     Returns
     -------
     dict
         ``store``, ``estimators``, ``rank_by``, ``ranking`` (one row per case, least
-        supported first), ``validation`` (rows) or None, ``calibration`` (dict) or None.
+        supported first; ``dice_lower_bound`` with ``coverage``), ``validation`` (rows, with
+        the failure-detection benchmark's ``aurc`` and ``e_aurc``) or None, ``calibration``
+        (dict) or None, ``coverage`` and ``coverage_check`` (empirical coverage when the
+        data are labelled).
 
     Raises
     ------
@@ -267,7 +359,7 @@ def estimate_store(
         estimators=tuple(estimators or ()), calibration=calibration, rank_by=rank_by,
         flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
         dice_threshold=dice_threshold, worst_fraction=worst_fraction, n_boot=n_boot,
-        folds=folds, seed=seed)
+        folds=folds, seed=seed, coverage=coverage)
     st = open_store(store)
     _check_store(st, opts.estimators)
     return _estimate(st, opts, _exclusions(st, model))
@@ -289,6 +381,7 @@ def estimate_dataset(
     n_boot: int = 1000,
     folds: int = 5,
     seed: int = 0,
+    coverage: float | None = None,
     **score_kwargs: Any,
 ) -> dict[str, Any]:
     """Score a dataset label-free, then estimate its quality per case (:func:`estimate_store`).
@@ -302,7 +395,7 @@ def estimate_dataset(
     model, data, store
         As in :func:`engine.score_dataset`.
     estimators, calibration, rank_by, flag_below, flag_lowest, flag_fraction, dice_threshold, \
-worst_fraction, n_boot, folds, seed
+worst_fraction, n_boot, folds, seed, coverage
         As in :func:`estimate_store`.
     **score_kwargs
         Passed to :func:`engine.score_dataset` (layers, batch_size, provider, card, ...);
@@ -321,7 +414,7 @@ worst_fraction, n_boot, folds, seed
         estimators=tuple(estimators or ()), calibration=calibration, rank_by=rank_by,
         flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
         dice_threshold=dice_threshold, worst_fraction=worst_fraction, n_boot=n_boot,
-        folds=folds, seed=seed)
+        folds=folds, seed=seed, coverage=coverage)
     proto = load_model(model)
     card = resolve_card(proto, score_kwargs.get("card"))
     score_kwargs["card"] = card  # resolved once: score_dataset takes a ready ModelCard as is
