@@ -21,6 +21,7 @@ import numpy as np
 
 from engine import resize as _resize
 from engine._checks import as_array, as_binary_uint8, check_choice, check_not_empty, check_unit_interval
+from engine._kernels import channels_last as _cl
 from engine._kernels import counting, fused, general
 from engine.errors import NonFiniteFeaturesError
 from engine.status import Status
@@ -96,6 +97,7 @@ class _Prepared:
     channels_last: bool
     weights: tuple[np.ndarray, ...]
     flat: np.ndarray | None  # (B, C, S) view when the features are C-contiguous channels-first
+    cl: np.ndarray | None  # (B, S, C) view when the features are stored channels-last contiguously
     src: tuple[int, int, int]  # source grid padded to 3-D
     deferred: tuple[tuple[np.ndarray, str], ...]  # [0, 1] checks left to the flat kernels
 
@@ -197,17 +199,25 @@ def _pad3(shape: tuple[int, ...]) -> tuple[int, int, int]:
 def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: str, layout: str) -> _Prepared:
     check_choice(layout, "layout", _LAYOUTS)
     check_choice(resize, "resize", _RESIZES)
-    F, fsp, _ = _features(features, layout)
+    F, fsp, n_channels = _features(features, layout)
     nsp = len(fsp)
     B = F.shape[0]
     g = _spatial_map(guide, "guide", B, nsp, None)
     grid = tuple(int(s) for s in g.shape[1:])
     _check_layout(F, layout, fsp, grid)
-    # C-contiguous channels-first features take the fused kernels, which also count guide and
-    # mask values outside [0, 1] as they read them: the check costs no pass of its own there
-    # (unless the guide is resized here first)
-    flat_ok = layout == "channels_first" and F.flags.c_contiguous
-    defer = flat_ok and not (resize == "downsample" and fsp != grid)
+    # Features stored channels-last (NDHWC / NHWC, or a channels-first view of such memory, as
+    # Model cards give for tf2onnx models) take the channels-last kernels, which read each
+    # position's channels contiguously and split one sample's positions over the threads; so
+    # does a single channel (its one copy is a few MB at most: the unit maps of a report).
+    # C-contiguous channels-first features take the fused kernels. Both count guide and mask
+    # values outside [0, 1] as they read them: the check costs no pass of its own there
+    # (unless the guide is resized here first).
+    last = F if layout == "channels_last" else np.moveaxis(F, 1, -1)
+    if n_channels == 1 and not last.flags.c_contiguous:
+        last = np.ascontiguousarray(last)
+    cl_ok = last.flags.c_contiguous and (layout == "channels_last" or n_channels == 1 or not F.flags.c_contiguous)
+    flat_ok = not cl_ok and layout == "channels_first" and F.flags.c_contiguous
+    defer = (flat_ok or cl_ok) and not (resize == "downsample" and fsp != grid)
     g = _as_weight(g, "guide", check=not defer)
     deferred = [(g, "guide")] if defer else []
     m = None
@@ -233,7 +243,9 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
 
     # 5-D view of the features (unit axes added), never a copy; channels-last stays in its
     # own order so that contiguous inputs keep contiguous inner loops
-    channels_last = layout == "channels_last"
+    channels_last = layout == "channels_last" or cl_ok
+    if cl_ok:
+        F = last
     F5 = F[(slice(None),) * (1 if channels_last else 2) + (None,) * (3 - nsp)]
     src3, tgt3 = _pad3(fsp), _pad3(target)
     weights: tuple[np.ndarray, ...] = ()
@@ -246,8 +258,9 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
         m4, has_mask = np.ascontiguousarray(m, dtype=g4.dtype).reshape((B,) + tgt3), True
     ref4 = None if ref is None else ref.reshape((B,) + tgt3)
     flat = F5.reshape(B, F5.shape[1], -1) if flat_ok else None  # a view: no copy
+    cl = F5.reshape(B, -1, F5.shape[4]) if cl_ok else None  # a view: no copy
     return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, channels_last, weights,
-                     flat, src3, tuple(deferred))
+                     flat, cl, src3, tuple(deferred))
 
 
 def _check_deferred(p: _Prepared, bad: np.ndarray) -> None:
@@ -270,15 +283,30 @@ def _raise_nonfinite(status: np.ndarray) -> None:
             sample=int(bad[0]), n_samples=int(bad.size))
 
 
+#: Channel parts per batch of the channels-first split kernel. A constant, not the thread count:
+#: the parts' shares of z are added in part order, so the rounding (and a near-tie decision)
+#: would otherwise change with the number of threads. 2 keeps the results this 2-core machine
+#: gave before; more parts would use more cores on one volume at (parts × S × 8) bytes of
+#: partial maps.
+_SPLIT_PARTS = 2
+
+
 def _split_parts(batch: int, channels: int) -> int:
-    """Parts to split each sample's channels into: 1 unless the batch leaves threads idle
-    (then as many as fill them, at least four channels per part)."""
+    """Parts to split each sample's channels into: 1 unless the batch is smaller than
+    ``_SPLIT_PARTS`` (then that many per batch, at least four channels per part); never
+    dependent on the thread count, so neither are the scores."""
+    if batch >= _SPLIT_PARTS:
+        return 1
+    return max(1, min(_SPLIT_PARTS // batch, channels // 4))
+
+
+def _unit_block(batch: int, channels: int) -> int:
+    """Channels per work item of the channels-last unit kernel: up to 16, fewer when the batch
+    would leave threads idle (the counts do not depend on it)."""
     import numba
 
-    threads = numba.get_num_threads()
-    if batch >= threads:
-        return 1
-    return max(1, min(threads // batch, channels // 4))
+    per_sample = -(-numba.get_num_threads() // batch)  # work items wanted per sample
+    return max(1, min(general._UNIT_BLOCK, -(-channels // per_sample)))
 
 
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
@@ -290,7 +318,19 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
     npos = np.zeros(B, dtype=np.int64)
     tp = np.zeros(B, dtype=np.int64)
     ny = np.zeros(B, dtype=np.int64)
-    if p.flat is not None:
+    if p.cl is not None:
+        bad = np.zeros(B, dtype=np.int64)
+        mid = np.empty(B)
+        z = np.empty((B, p.cl.shape[1] if do_counts else 0))
+        _cl.prototypes_kernel(p.cl, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights, do_counts,
+                              P, N, status, mid, bad, z)
+        _check_deferred(p, bad)
+        if do_counts:
+            _cl.decide_kernel(z, mid, status, ref, True, False, p.identity, *p.src, *ref.shape[1:], *p.weights,
+                              npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+        else:
+            ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+    elif p.flat is not None:
         bad = np.zeros(B, dtype=np.int64)
         parts = _split_parts(B, C)
         if parts > 1:  # fewer samples than threads: each sample's channels in parallel parts
@@ -404,7 +444,17 @@ def protoseg(
     status = np.empty(B, dtype=np.uint8)
     binary = np.empty((B,) + tuple(tgt3), dtype=np.bool_)
     prob = np.empty((B,) + tuple(tgt3), dtype=np.float32)
-    if p.flat is not None:
+    if p.cl is not None:
+        bad = np.zeros(B, dtype=np.int64)
+        mid = np.empty(B)
+        z = np.empty((B, p.cl.shape[1]))
+        _cl.prototypes_kernel(p.cl, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights, True,
+                              P, N, status, mid, bad, z)
+        _check_deferred(p, bad)
+        none = np.zeros(1, dtype=np.int64)
+        _cl.decide_kernel(z, mid, status, np.zeros((1, 1, 1, 1), np.uint8), False, True, p.identity, *p.src,
+                          *tgt3, *p.weights, none, none, none, binary, prob)
+    elif p.flat is not None:
         bad = np.zeros(B, dtype=np.int64)
         fused.maps_kernel_flat(p.flat, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights,
                                   P, N, status, binary, prob, bad)
@@ -494,8 +544,8 @@ def sa_scores(
         return layer
     upos = np.zeros((B, C), dtype=np.int64)
     utp = np.zeros((B, C), dtype=np.int64)
-    general.unit_kernel(p.F, p.ref, p.identity, p.channels_last, *p.weights, P, N, status == Status.OK,
-                         upos, utp)
+    general.unit_kernel(p.F, p.ref, p.identity, p.channels_last, _unit_block(B, C), *p.weights, P, N,
+                        status == Status.OK, upos, utp)
     unit = _finish(status, upos, utp, ny, empty, "unit")
     return unit if level == "unit" else (layer, unit)
 

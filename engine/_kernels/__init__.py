@@ -1,9 +1,10 @@
 """Private Numba kernels behind :mod:`engine.scores` (SPEC §1-3). Pure functions, no I/O.
 
 Modules: :mod:`.adjoint` (the resize adjoint for the guide weights), :mod:`.general` (any
-strides and channels-last), :mod:`.fused` (C-contiguous channels-first, one read of the
-features), :mod:`.counting` (decisions, confusion counts, Dice), :mod:`.baseline` (the
-label-free baselines). Importing this package first settles the process set-up once: where
+strides), :mod:`.fused` (C-contiguous channels-first, one read of the features),
+:mod:`.channels_last` (channels-last storage, one sample's positions split over the threads in
+fixed tiles), :mod:`.counting` (decisions, confusion counts, Dice), :mod:`.baseline` (the
+label-free baselines), :mod:`.resize` (the materialising linear resize). Importing this package first settles the process set-up once: where
 Numba caches compiled code and how idle OpenMP threads wait (:mod:`._env`).
 
 Conventions (the driver in :mod:`engine.scores` guarantees them; nothing is checked here):

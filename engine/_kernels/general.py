@@ -277,21 +277,23 @@ _UNIT_BLOCK = 16  # channels-last: channels transposed together (one 64-byte lin
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def unit_kernel(F, ref, identity, channels_last, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
-                P, N, valid, npos, tp):
+def unit_kernel(F, ref, identity, channels_last, block, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1,
+                wx0, wx1, P, N, valid, npos, tp):
     """Per (sample, channel): the channel alone thresholded at (P_c+N_c)/2 -> (npos, tp).
 
-    Channels-last input is processed in blocks of channels: each block is first transposed to
-    a small channel-first scratch (contiguous reads), because one channel alone would be a
-    stride-C walk through the whole tensor.
+    Channels-last input is processed in blocks of ``block`` channels (at most
+    ``_UNIT_BLOCK``; fewer when one sample would otherwise leave threads idle): each block is
+    first transposed to a small channel-first scratch (contiguous reads), because one channel
+    alone would be a stride-C walk through the whole tensor. The counts are integers of
+    per-position decisions that do not depend on the blocking, so neither do the results.
     """
     B, C = P.shape
-    nblk = (C + _UNIT_BLOCK - 1) // _UNIT_BLOCK if channels_last else C
+    nblk = (C + block - 1) // block if channels_last else C
     for i in prange(B * nblk):
         b = i // nblk
         j = i % nblk
-        c0 = j * _UNIT_BLOCK if channels_last else j
-        c1 = min(c0 + _UNIT_BLOCK, C) if channels_last else j + 1
+        c0 = j * block if channels_last else j
+        c1 = min(c0 + block, C) if channels_last else j + 1
         for c in range(c0, c1):
             npos[b, c] = 0
             tp[b, c] = 0

@@ -136,3 +136,94 @@ def test_bad_target_shape_raises() -> None:
         resize.resize_linear(np.zeros((3, 4)), (2, 2, 2))
     with pytest.raises(ValueError, match="shape"):
         resize.resize_nearest(np.zeros((3, 4)), (0, 2))
+
+
+# --------------------------------------------------------------------------- the Numba resize
+def _resize_linear_numpy(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The axis-by-axis NumPy resize that ``resize_linear`` replaced: its exact twin.
+
+    Each resized axis in turn (first to last) becomes ``take(x, i0)·w0 + take(x, i1)·w1`` in
+    float64 with :func:`engine.resize.linear_weights`; axes of unchanged size are skipped;
+    float32 inputs give float32 results (rounded once at the end).
+    """
+    array = np.asarray(array)
+    out_dtype = np.float32 if array.dtype == np.float32 else np.float64
+    out = array.astype(np.float64, copy=False)
+    first = array.ndim - len(shape)
+    for k, n_out in enumerate(shape):
+        axis = first + k
+        n_in = out.shape[axis]
+        if n_in == n_out:
+            continue
+        i0, i1, w0, w1 = resize.linear_weights(n_in, n_out)
+        bshape = [1] * out.ndim
+        bshape[axis] = n_out
+        with np.errstate(invalid="ignore"):  # Inf·0 is NaN, in the kernel as here
+            out = np.take(out, i0, axis=axis) * w0.reshape(bshape) + np.take(out, i1, axis=axis) * w1.reshape(bshape)
+    return np.asarray(out, dtype=out_dtype)
+
+
+@st.composite
+def resize_cases(draw: st.DrawFn) -> tuple[np.ndarray, tuple[int, ...]]:
+    """1-3 resized axes (up, down or unchanged each), 0-2 leading (channel/batch) axes, float32,
+    float64 or integer data, some non-contiguous, some holding NaN and Inf."""
+    nd = draw(st.integers(1, 3))
+    hi = 9 if nd < 3 else 6
+    src = tuple(draw(st.lists(st.integers(1, hi), min_size=nd, max_size=nd)))
+    dst = tuple(draw(st.lists(st.integers(1, 2 * hi), min_size=nd, max_size=nd)))
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["float32", "float64", "int16", "bool"]))
+    if kind == "int16":
+        x = rng.integers(-300, 300, size=lead + src).astype(np.int16)
+    elif kind == "bool":
+        x = rng.random(lead + src) > 0.5
+    else:
+        x = (rng.normal(size=lead + src) * 10.0).astype(kind)
+        if draw(st.booleans()) and x.size > 1:
+            flat = x.reshape(-1)
+            flat[rng.integers(0, x.size)] = np.nan
+            flat[rng.integers(0, x.size)] = np.inf
+    if draw(st.booleans()):  # a non-contiguous view holding the same values
+        big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+        big[..., ::2] = x
+        x = big[..., ::2]
+    return x, dst
+
+
+@settings(max_examples=60, deadline=None)
+@given(resize_cases())
+def test_resize_linear_kernel_is_bit_identical_to_numpy_twin(case: tuple[np.ndarray, tuple[int, ...]]) -> None:
+    x, dst = case
+    out = resize.resize_linear(x, dst)
+    expected = _resize_linear_numpy(x, dst)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)  # NaN where the twin has NaN, every bit otherwise
+    if np.isfinite(x).all():
+        np.testing.assert_allclose(out, naive.resize_linear(x, dst), rtol=1e-6 if x.dtype == np.float32 else 1e-12,
+                                   atol=1e-4 if x.dtype == np.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("src,dst", [
+    ((181, 217, 181), (128, 128, 128)),  # Colin27 into deepbrain's input grid
+    ((128, 128, 128), (181, 217, 181)),  # its prediction back to the reference grid
+    ((23, 28), (181, 217)),
+    ((256, 256), (64, 300)),
+])
+def test_resize_linear_kernel_on_real_sizes(src: tuple[int, ...], dst: tuple[int, ...]) -> None:
+    x = np.random.default_rng(3).random((1, *src), dtype=np.float32)
+    np.testing.assert_array_equal(resize.resize_linear(x, dst), _resize_linear_numpy(x, dst))
+
+
+def test_resize_linear_does_not_depend_on_the_thread_count() -> None:
+    numba = pytest.importorskip("numba")
+    x = np.random.default_rng(4).normal(size=(2, 19, 23, 17))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = resize.resize_linear(x, (31, 7, 40))
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = resize.resize_linear(x, (31, 7, 40))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)

@@ -396,3 +396,110 @@ def test_channel_split_for_small_batches_matches_twin(monkeypatch: pytest.Monkey
     _check_counts(layer, (0,), twin, _near_ties(twin["margin"], twin), y[0])
     monkeypatch.setattr(scores_module, "_split_parts", lambda batch, channels: 1)
     np.testing.assert_allclose(sa_scores(f, g, y, mask=mask, level="both")[1].score, unit.score)
+
+
+# --------------------------------------------------------------------------- channels-last kernels
+def _volume_case(shape: tuple, dst: tuple, C: int, seed: int, with_mask: bool) -> tuple:
+    """One sample whose first channel separates a blob, spanning several position tiles."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    blob = (sum(g**2 for g in grids) < 0.5).astype(np.float32)
+    f = rng.normal(size=(1, C, *shape)).astype(np.float32)
+    f[0, 0] += 2.0 * blob
+    tg = np.meshgrid(*[np.linspace(-1, 1, n) for n in dst], indexing="ij")
+    g = (sum(t**2 for t in tg) < 0.5).astype(np.float64)[None]
+    mask = (rng.random((1, *dst)) > 0.2).astype(np.float64) if with_mask else None
+    return f, g, mask, g > 0.5
+
+
+@pytest.mark.parametrize("shape,dst", [((12, 14, 16), (12, 14, 16)), ((9, 10, 11), (17, 21, 19)),
+                                       ((40, 60), (40, 60)), ((30, 45), (61, 90))])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_channels_last_kernels_match_twin(monkeypatch: pytest.MonkeyPatch, shape: tuple, dst: tuple,
+                                          with_mask: bool) -> None:
+    # NDHWC / NHWC features (and a channels-first view of such memory, as the pipeline passes
+    # tf2onnx tensors) take engine._kernels.channels_last: several position tiles and target
+    # row blocks per sample; compare with the twin
+    import engine.scores as scores_module
+
+    calls = []
+    real = scores_module._cl.prototypes_kernel
+    monkeypatch.setattr(scores_module._cl, "prototypes_kernel", lambda *a: (calls.append(1), real(*a))[1])
+    C = 6
+    f, g, mask, y = _volume_case(shape, dst, C, len(shape) + int(with_mask), with_mask)
+    fl = np.ascontiguousarray(np.moveaxis(f, 1, -1))
+    layer, unit = sa_scores(fl, g, y, mask=mask, level="both", layout="channels_last")
+    res = protoseg(fl, g, mask=mask, layout="channels_last")
+    view = sa_scores(np.moveaxis(fl, -1, 1), g, y, mask=mask, level="both")  # channels-first view
+    assert len(calls) == 3
+    for a, b in ((layer, view[0]), (unit, view[1])):
+        np.testing.assert_array_equal(a.tp, b.tp)
+        np.testing.assert_array_equal(a.fp, b.fp)
+    fu = f[0].astype(np.float64) if shape == dst else naive.resize_linear(f[0].astype(np.float64), dst)
+    m0 = None if mask is None else mask[0]
+    twin = naive.sa_one(fu, g[0], y[0], m0)
+    assert res.status[0] == Status.OK == layer.status[0]
+    np.testing.assert_allclose(res.foreground[0], twin["P"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(res.background[0], twin["N"], rtol=1e-9, atol=1e-9)
+    near = _near_ties(twin["margin"], twin)
+    np.testing.assert_array_equal(res.binary[0][~near], twin["binary"][~near])
+    np.testing.assert_allclose(res.probability[0], twin["probability"], atol=2e-6)
+    _check_counts(layer, (0,), twin, near, y[0])
+    for c in range(C):
+        tw = naive.sa_one(fu[c:c + 1], g[0], y[0], m0)
+        _check_counts(unit, (0, c), tw, _near_ties(tw["margin"], tw), y[0])
+
+
+def test_channels_last_undefined_and_nonfinite_samples() -> None:
+    rng = np.random.default_rng(21)
+    f = rng.normal(size=(3, 9, 10, 11, 4)).astype(np.float32)
+    g = rng.random((3, 9, 10, 11))
+    g[0] = 0.0  # empty foreground
+    f[2, 4, 5, 6, 1] = np.nan
+    y = rng.random((3, 9, 10, 11)) > 0.5
+    layer, unit = sa_scores(f, g, y, level="both", layout="channels_last", nonfinite="skip")
+    assert layer.status.tolist() == [Status.EMPTY_FOREGROUND, Status.OK, Status.NONFINITE]
+    assert layer.fn[0] == y[0].sum() and layer.tp[0] == 0 and (unit.status[2] == Status.NONFINITE).all()
+    res = protoseg(f, g, layout="channels_last", nonfinite="skip")
+    assert not res.binary[0].any() and np.isnan(res.probability[2]).all()
+    with pytest.raises(ValueError, match="sample 2"):
+        sa_scores(f, g, y, layout="channels_last")
+    bad = g.copy()
+    bad[1, 0, 0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sa_scores(f, bad, y, layout="channels_last")
+
+
+@pytest.mark.parametrize("layout,batch", [("channels_last", 1), ("channels_last", 3), ("channels_first", 1),
+                                          ("channels_first", 3), ("view", 1)])
+def test_scores_do_not_depend_on_the_thread_count(layout: str, batch: int) -> None:
+    # issue 15: one volume is split over the threads with a fixed reduction order, so 1 and 2
+    # Numba threads give identical prototypes, maps and counts
+    import numba
+
+    rng = np.random.default_rng(31)
+    shape, dst, C = (10, 12, 14), (19, 23, 27), 12
+    f = rng.normal(size=(batch, C, *shape)).astype(np.float32)
+    f[:, 0] += 1.5 * (rng.random((batch, *shape)) > 0.5)
+    g = rng.random((batch, *dst))
+    y = g > 0.5
+    if layout == "channels_last":
+        feats, kw = np.ascontiguousarray(np.moveaxis(f, 1, -1)), {"layout": "channels_last"}
+    elif layout == "view":
+        feats, kw = np.moveaxis(np.ascontiguousarray(np.moveaxis(f, 1, -1)), -1, 1), {}
+    else:
+        feats, kw = f, {}
+    before = numba.get_num_threads()
+    out = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            out.append((sa_scores(feats, g, y, level="both", **kw), protoseg(feats, g, **kw)))
+    finally:
+        numba.set_num_threads(before)
+    (one, m1), (two, m2) = out
+    for a, b in zip(one, two):
+        for name in ("score", "status", "tp", "fp", "fn"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for name in ("binary", "probability", "foreground", "background", "status"):
+        np.testing.assert_array_equal(getattr(m1, name), getattr(m2, name))
