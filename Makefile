@@ -19,7 +19,10 @@ DEEPBRAIN_WHEEL := .cache/wheels/deepbrain-0.1-py3-none-any.whl
 export PROTOSEG_DEEPBRAIN_WHEEL ?= $(CURDIR)/$(DEEPBRAIN_WHEEL)
 
 $(VENV)/.test: $(VENV)/.core pyproject.toml
-	$(PY) -m pip install --quiet -e ".[torch,tensorflow,test]"
+	$(PY) -m pip install --quiet -e ".[torch,tensorflow,test,monai]"
+	@# nnU-Net's networks (the nnunet extra) without timm/einops: only transformer architectures need
+	@# them, and timm pulls torchvision; the U-Nets need torch and numpy, installed above
+	$(PY) -m pip install --quiet --no-deps "dynamic-network-architectures>=0.3"
 	@# deepbrain's wheel (MIT) only for the test that reproduces the shipped ONNX conversion
 	test -f $(DEEPBRAIN_WHEEL) || $(PY) -m pip download --quiet --no-deps deepbrain==0.1 -d .cache/wheels
 	@# headless Chromium for the report's browser test (Debian package; needs root or sudo)

@@ -1,8 +1,8 @@
 """protoseg exporters: framework models -> ONNX files whose hidden tensors are outputs.
 
-Submodules (``exporters.torch``, ``exporters.tensorflow``, ``exporters.onnx``) import
-their framework lazily, inside the functions that need it; ``import exporters`` never
-imports torch or TensorFlow. The names below are resolved on first use.
+Submodules (``exporters.torch``, ``exporters.tensorflow``, ``exporters.onnx``,
+``exporters.nnunet``, ``exporters.monai``) import their framework lazily, inside the
+functions that need it; ``import exporters`` never imports torch, TensorFlow or MONAI. The names below are resolved on first use.
 """
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "export_tensorflow": ("exporters.tensorflow", "export"),
     "load_tf_model": ("exporters.tensorflow", "load_tf_model"),
     "expose_onnx": ("exporters.onnx", "expose"),
+    "export_nnunet": ("exporters.nnunet", "export"),
+    "read_nnunet_plan": ("exporters.nnunet", "read_plan"),
+    "export_monai_bundle": ("exporters.monai", "export"),
+    "read_monai_bundle": ("exporters.monai", "read_bundle"),
     "ExportResult": ("exporters._common", "ExportResult"),
     "LayerNotFoundError": ("exporters._common", "LayerNotFoundError"),
     "ExportMismatchError": ("exporters._common", "ExportMismatchError"),

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import option
 from engine.model.graph import CHANNELS_FIRST_OPS, load_model
 from engine.model.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, read_metadata
 from engine.resize import resize_linear
@@ -52,14 +53,17 @@ _PASS_THROUGH = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqu
 #: Flat field names accepted in overrides and TOML (``hidden`` maps to both hidden dicts).
 FIELDS = ("input_name", "layout", "input_size", "channels", "prediction_output",
           "prediction_layout", "activation", "classes", "threshold", "resize", "scaling",
-          "mean", "std", "hidden_layers", "hidden_layouts")
+          "mean", "std", "hidden_layers", "hidden_layouts", "size_multiple")
 _NESTED = {
-    "input": {"name": "input_name", "layout": "layout", "size": "input_size", "channels": "channels"},
+    "input": {"name": "input_name", "layout": "layout", "size": "input_size", "channels": "channels",
+              "size_multiple": "size_multiple"},
     "prediction": {"output": "prediction_output", "activation": "activation",
                    "layout": "prediction_layout", "classes": "classes", "threshold": "threshold"},
     "preprocessing": {"resize": "resize", "scaling": "scaling", "mean": "mean", "std": "std"},
 }
-_IGNORED = {"encoding-type", "encoding-version", "framework", "source"}
+#: ``extra``: what an exporter records about the model's origin (class names, spacing, the
+#: framework's preprocessing) that the engine does not read.
+_IGNORED = {"encoding-type", "encoding-version", "framework", "source", "extra"}
 
 
 def _is_channels_last(layout: str) -> bool:
@@ -101,6 +105,9 @@ class ModelCard:
         Layout of the prediction output; ``None`` means the input's layout.
     assumed : list of str
         One sentence per field that was inferred rather than given.
+    size_multiple : tuple of int or None
+        Per spatial axis, the number the model's input sizes must be multiples of (the
+        product of a U-Net's pooling strides); ``None`` when not known. Never inferred.
     """
 
     input_name: str
@@ -119,6 +126,7 @@ class ModelCard:
     hidden_layouts: dict[str, str] = field(default_factory=dict)
     prediction_layout: str | None = None
     assumed: list[str] = field(default_factory=list)
+    size_multiple: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,9 +162,17 @@ class ModelCard:
             size = tuple(self.input_size)
             if len(size) != self.spatial_ndim or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
                 raise ValueError(
-                    f"input_size={self.input_size!r}; expected {self.spatial_ndim} positive integers "
-                    f"for layout {self.layout} (or None for any size)")
+                    f"{option('input_size', ','.join(map(str, size)))}: expected {self.spatial_ndim} "
+                    f"positive integers for layout {self.layout} (or none for any size)")
             self.input_size = tuple(int(s) for s in size)
+        if self.size_multiple is not None:
+            multiple = tuple(self.size_multiple)
+            if len(multiple) != self.spatial_ndim or not all(
+                    isinstance(m, (int, np.integer)) and m > 0 for m in multiple):
+                raise ValueError(
+                    f"size_multiple={list(multiple)!r}: expected {self.spatial_ndim} positive integers "
+                    f"for layout {self.layout} (or none)")
+            self.size_multiple = tuple(int(m) for m in multiple)
         self.classes = tuple(int(c) for c in self.classes)
         if not self.classes or min(self.classes) < 0:
             raise ValueError(f"classes={self.classes!r}; expected one or more non-negative channel indices")
