@@ -9,9 +9,11 @@ it only ever replaces root names. Estimates of a source store are not carried ov
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -28,6 +30,7 @@ from engine.store.encoding import (
     STORE_TYPE,
     STR,
     check_encoding,
+    attr_str,
     read_array,
     require_group,
     require_parent,
@@ -44,7 +47,12 @@ from engine.store.runinfo import (
     write_run_attrs,
 )
 
-__all__ = ["list_part_files", "read_part_ids", "collect_schema", "assemble", "merge_parts"]
+__all__ = ["list_part_files", "read_part_ids", "collect_schema", "assemble", "merge_parts",
+           "ShardWriter", "ShardInfo", "read_shard", "shard_path", "remove_temp_files",
+           "SHARD_GLOB"]
+
+#: Published shards of a distributed run in a ``<store>.parts`` folder.
+SHARD_GLOB = "part-chunk-*.h5"
 
 _COPY_ROWS = 4096  # cases copied at a time when assembling (bounds memory)
 #: Datasets that are not per-case arrays of the scores (never copied by row).
@@ -323,3 +331,210 @@ def merge_parts(sources: Iterable[str | os.PathLike[str]], out: str | os.PathLik
         "merged_from": [os.fspath(p) for p, _ in runs],
         "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return assemble(files, first, out, prov, expected_ids=expected_ids)
+
+
+# ---------------------------------------------------------------- shards (distributed runs)
+def shard_path(parts: str | os.PathLike[str], start: int, stop: int) -> Path:
+    """The shard of the chunk ``[start, stop)`` (dataset positions) in a parts folder."""
+    return Path(parts) / f"part-chunk-{int(start):09d}-{int(stop):09d}.h5"
+
+
+def remove_temp_files(parts: str | os.PathLike[str]) -> int:
+    """Remove the temporary files (``.*.tmp-*``) a killed writer left in a parts folder.
+
+    Returns the number removed. Only call it while no writer of this store is running (a
+    scheduler that lost a worker has rescheduled its task, whose new attempt writes under
+    another name).
+    """
+    n = 0
+    folder = Path(parts)
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a published shard says about itself (:func:`read_shard`).
+
+    Attributes
+    ----------
+    path : Path
+    complete : bool
+        The ``complete`` flag (written last, with the fingerprint).
+    fingerprint : str
+        Digest of the run description, the protoseg version and the chunk (``""`` when
+        missing).
+    chunk : dict
+        The chunk's description as written (``start``, ``stop``, ``protoseg_version``,
+        ``ids_sha256``...).
+    run : RunInfo or None
+        The run description held by the shard.
+    ids : list of str
+        Its case ids.
+    """
+
+    path: Path
+    complete: bool
+    fingerprint: str
+    chunk: dict[str, Any]
+    run: RunInfo | None
+    ids: list[str]
+
+
+def read_shard(path: str | os.PathLike[str]) -> ShardInfo:
+    """Read a shard's flag, fingerprint, chunk description, run description and ids.
+
+    Raises
+    ------
+    OSError, ValueError, KeyError
+        The file is not a readable part (damaged, or not HDF5).
+    """
+    path = Path(path)
+    with open_h5(path, "r") as f:
+        check_encoding(f, (PART_TYPE,))
+        complete = int(f.attrs.get("complete", 0)) == 1
+        fingerprint = attr_str(f, "fingerprint") or ""
+        chunk = json.loads(attr_str(f, "chunk") or "{}")
+        run_text = attr_str(f, "run")
+        run = None
+        if run_text:
+            data = json.loads(run_text)
+            run = RunInfo(data["config"], data["layers"], [int(c) for c in data["classes"]])
+        ids = [str(c) for c in read_array(f["cases/id"])] if "cases/id" in f else []
+    return ShardInfo(path, complete, fingerprint, chunk, run, ids)
+
+
+class ShardWriter:
+    """Write one chunk of cases as a part file, batch by batch, and publish it.
+
+    The file is written as ``.<name>.tmp-<tag>`` beside ``final``: per-case datasets are
+    created by the first batch (resizable along cases) and extended by the next ones, maps
+    are added per case. :meth:`finish` writes the chunk description, the ``fingerprint``
+    and ``complete = 1`` last and closes the file; :meth:`publish` fsyncs it and
+    moves it onto ``final`` with ``os.replace``. Leaving the ``with`` block without publishing
+    removes the temporary file (a killed process leaves it behind; see
+    :func:`remove_temp_files`).
+
+    Parameters
+    ----------
+    final : Path
+        The shard's published name (:func:`shard_path`).
+    run : RunInfo
+        The run description (root attributes ``config`` and ``run``, as in every part).
+    tag : str
+        Makes the temporary name unique to this writer (host, pid...).
+
+    Notes
+    -----
+    The per-case arrays are those of :class:`~engine.store.StoreWriter`'s parts (the same
+    conversion of a :class:`~engine.store.BatchResult`), written uncompressed: the final
+    store is compressed when it is assembled.
+    """
+
+    def __init__(self, final: str | os.PathLike[str], run: RunInfo, *, tag: str) -> None:
+        self.final = Path(final)
+        self.run = run
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{tag}")
+        self._file: h5py.File | None = None
+        self._n = 0
+        self._finished = False
+        self._published = False
+        self._w = WriteContext(self.final)
+
+    def __enter__(self) -> ShardWriter:
+        with self._w.raising(cleanup=self.tmp):
+            self._file = h5py.File(self.tmp, "w")
+            set_encoding(self._file, PART_TYPE)
+            self._file.attrs["complete"] = 0
+            write_run_attrs(self._file, self.run)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self._published:
+            self.tmp.unlink(missing_ok=True)
+
+    @property
+    def n_cases(self) -> int:
+        """Cases written so far."""
+        return self._n
+
+    def add(self, result: Any) -> None:
+        """Append one :class:`~engine.store.BatchResult` (validated against the run).
+
+        Raises
+        ------
+        ValueError
+            The batch holds other arrays than the earlier batches of this shard.
+        StoreWriteError
+            Writing failed (file and key named).
+        """
+        from engine.store.writer import _arrays, _write_maps  # writer imports this module
+
+        if self._file is None or self._finished:
+            raise ValueError(f"shard {self.final} is not open for writing; use it as "
+                             "`with ShardWriter(...) as w:` and add batches before finish()")
+        result.validate(classes=self.run.classes, layers=self.run.layers)
+        arrays = _arrays(result)
+        f, w = self._file, self._w
+        with w.raising(cleanup=None):
+            if self._n and set(arrays) != set(_datasets(f)):
+                diff = sorted(set(arrays) ^ set(_datasets(f)))
+                raise ValueError(f"batch does not match the earlier batches of shard "
+                                 f"{self.final} (differing arrays: {diff[:5]}); every batch "
+                                 "of a store holds the same arrays")
+            m = len(result.case_ids)
+            for key in sorted(arrays):
+                w.key = key
+                arr = arrays[key]
+                if not self._n:
+                    grp, leaf = require_parent(f, key)
+                    write_array(grp, leaf, arr, resizable=True, compress=False)
+                    continue
+                dset = f[key]
+                if dset.shape[1:] != arr.shape[1:]:
+                    raise ValueError(f"batch has {key} with shape (n, *{arr.shape[1:]}), but "
+                                     f"shard {self.final} has (n, *{dset.shape[1:]})")
+                dset.resize(self._n + m, axis=0)
+                dset[self._n:] = arr
+            if result.maps:
+                _write_maps(f, result.maps, w, result.grids)
+        self._n += m
+
+    def finish(self, fingerprint: str, chunk: Mapping[str, Any]) -> None:
+        """Write the chunk description, the fingerprint and ``complete = 1`` (last); close."""
+        if self._file is None:
+            raise ValueError(f"shard {self.final} is not open")
+        with self._w.raising(cleanup=None):
+            self._w.key = "/"
+            self._file.attrs["chunk"] = dumps(dict(chunk), sort_keys=True)
+            self._file.attrs["fingerprint"] = str(fingerprint)
+            self._file.attrs["complete"] = 1
+            self._file.close()
+            self._file = None
+        self._finished = True
+
+    def publish(self) -> Path:
+        """fsync the finished file and ``os.replace`` it onto its final name."""
+        if not self._finished:
+            raise ValueError(f"shard {self.final} is not finished; call finish() first")
+        with self._w.raising(cleanup=None):
+            publish(self.tmp, self.final)
+        self._published = True
+        return self.final
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    """Per-case dataset paths of an open part (what :func:`_arrays` would write)."""
+    names: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and not name.startswith(_NOT_ROWS):
+            names.append(name)
+    f.visititems(visit)
+    return names
