@@ -27,9 +27,13 @@ __all__ = [
     "Case",
     "Dataset",
     "DatasetError",
+    "GRID_TOLERANCE",
     "IMAGE_EXTENSIONS",
     "MASK_SUFFIXES",
+    "describe_grid",
     "open_dataset",
+    "orientation_codes",
+    "same_grid",
 ]
 
 #: File name endings read as images or masks (lower case).
@@ -51,6 +55,18 @@ _NRRD_CHANNEL_KINDS = {"vector", "covariant-vector", "normal", "rgb-color", "rgb
 _NIFTI_CHANNEL_INTENTS = frozenset({1004, 1005, 1006, 1007, 1010, 2003, 2004, 2006})
 #: NIFTI_INTENT_TIME_SERIES: the value at each voxel is a time series.
 _NIFTI_TIME_SERIES = 2001
+#: How far an image's and its mask's grids may differ and still be one grid: direction cosines
+#: by this much, spacings by this fraction, origins by this fraction of a voxel (see
+#: :func:`same_grid`). NIfTI headers hold float32, and converters that rebuild the qform from
+#: the sform round to about 1e-6; a real mismatch (another scan, a flip) is far larger.
+GRID_TOLERANCE = 1e-3
+#: NRRD ``space`` values (and their abbreviations) → the sign that turns each world axis into
+#: RAS (NRRD's ``-time`` spaces too: their time axis is dropped before).
+_NRRD_SPACES = {
+    "right-anterior-superior": (1.0, 1.0, 1.0), "ras": (1.0, 1.0, 1.0),
+    "left-anterior-superior": (-1.0, 1.0, 1.0), "las": (-1.0, 1.0, 1.0),
+    "left-posterior-superior": (-1.0, -1.0, 1.0), "lps": (-1.0, -1.0, 1.0),
+}
 
 
 class DatasetError(ValueError):
@@ -94,9 +110,19 @@ class Case:
         Where the image came from (``file.h5:images[3]`` for array files).
     status : str
         ``"ok"``, ``"unreadable"``, ``"mask-unreadable"``, ``"mask-shape-mismatch"``,
-        ``"bad-shape"`` or ``"time-series"``.
+        ``"bad-shape"``, ``"time-series"`` or ``"grid-mismatch"``.
     message : str
         Human explanation when ``status != "ok"``.
+    mask_path : str or None
+        Where the mask came from.
+    affine : ndarray or None
+        float64 (4, 4): voxel indices of ``image`` (and ``mask``) → RAS+ world coordinates in
+        mm, as nibabel defines it; after ``reorient`` the affine of the reoriented arrays.
+        None for formats without one (PNG, JPEG, TIFF, ``.npy``, HDF5/NPZ arrays) and NRRD
+        files without an anatomical ``space``.
+    file_orientation : str
+        Orientation codes of the image file (``"LPS"``...; see :func:`orientation_codes`)
+        before any reorientation; ``""`` without an affine.
     """
 
     id: str
@@ -107,11 +133,120 @@ class Case:
     status: str = "ok"
     message: str = ""
     mask_path: str | None = field(default=None, repr=False)
+    affine: np.ndarray | None = field(default=None, repr=False)
+    file_orientation: str = field(default="", repr=False)
 
     @property
     def ok(self) -> bool:
         """True when the case was read and its mask (if any) fits the image."""
         return self.status == "ok"
+
+    @property
+    def orientation(self) -> str:
+        """Orientation codes of ``affine`` (``"RAS"`` after ``reorient``); ``""`` without one."""
+        return orientation_codes(self.affine)
+
+    @property
+    def source_format(self) -> str:
+        """The image file's format: ``"nifti"``, ``"nrrd"``, ``"png"``, ``"jpeg"``,
+        ``"tiff"``, ``"npy"``, or ``"array"`` for a case of an HDF5/NPZ file."""
+        split = _split_ext(Path(self.path).name)
+        return _FORMATS.get(split[1].lower(), "array") if split else "array"
+
+
+_FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".png": "png",
+            ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}
+
+
+# --------------------------------------------------------------------------- grids
+
+def orientation_codes(affine: np.ndarray | None) -> str:
+    """The axis codes of an affine as one string (``"RAS"``, ``"LPS"``...), ``""`` for None.
+
+    Each letter names the world direction toward which a voxel axis increases
+    (:func:`nibabel.aff2axcodes`).
+
+    Examples
+    --------
+    >>> orientation_codes(np.diag([-1.0, -1.0, 1.0, 1.0]))
+    'LPS'
+    """
+    if affine is None:
+        return ""
+    import nibabel as nib
+
+    return "".join(str(c) for c in nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def same_grid(a: np.ndarray, b: np.ndarray, *, tol: float = GRID_TOLERANCE) -> bool:
+    """Whether two affines put their voxels at the same places.
+
+    Parameters
+    ----------
+    a, b : ndarray (4, 4)
+        Voxel → world affines.
+    tol : float
+        Direction cosines may differ by ``tol``, spacings by the fraction ``tol`` and origins
+        by ``tol`` voxels (of the finer spacing).
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> same_grid(np.eye(4), np.diag([1.0, 1.0, 1.0 + 1e-5, 1.0]))
+    True
+    >>> same_grid(np.eye(4), np.diag([-1.0, 1.0, 1.0, 1.0]))
+    False
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    sa, sb = _spacing(a), _spacing(b)
+    if not (np.all(sa > 0) and np.all(sb > 0)):
+        return bool(np.allclose(a, b, rtol=0, atol=tol))
+    if np.any(np.abs(sa - sb) > tol * np.maximum(sa, sb)):
+        return False
+    if np.any(np.abs(a[:3, :3] / sa - b[:3, :3] / sb) > tol):
+        return False
+    return bool(np.all(np.abs(a[:3, 3] - b[:3, 3]) <= tol * float(min(sa.min(), sb.min()))))
+
+
+def _numbers(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def describe_grid(affine: np.ndarray, shape: tuple[int, ...]) -> str:
+    """One line naming a grid: shape, spacing, orientation codes and origin.
+
+    Examples
+    --------
+    >>> describe_grid(np.diag([-1.0, -1.0, 2.0, 1.0]), (8, 8, 4))
+    'shape (8, 8, 4), spacing (1, 1, 2) mm, orientation LPS, origin (0, 0, 0) mm'
+    """
+    n = max(1, min(3, len(shape)))
+    return (f"shape {tuple(int(s) for s in shape)}, spacing {_numbers(_spacing(affine)[:n])} mm, "
+            f"orientation {orientation_codes(affine)}, origin "
+            f"{_numbers(np.asarray(affine, dtype=np.float64)[:3, 3])} mm")
+
+
+def _reorient(image: np.ndarray, mask: np.ndarray | None,
+              affine: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``image`` (C, X, Y, Z) and ``mask`` (X, Y, Z) flipped and permuted to RAS, and the
+    affine of the result: what :func:`nibabel.as_closest_canonical` does (no resampling)."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    ornt = io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return image, mask, affine
+    spatial = image.shape[1:]
+    image = np.ascontiguousarray(np.stack([apply_orientation(c, ornt) for c in image]))
+    if mask is not None:
+        mask = np.ascontiguousarray(apply_orientation(mask, ornt))
+    return image, mask, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, spatial)
 
 
 # --------------------------------------------------------------------------- naming
@@ -232,11 +367,9 @@ def _one_volume(data: Any, shape: tuple[int, ...], axis: int, volume: int | None
     return np.asarray(data[(slice(None),) * axis + (int(volume),)])
 
 
-def _read_nifti(path: Path, volume: int | None = None) -> tuple[np.ndarray, str]:
-    """A 4th axis holds channels, unless the header marks it as time (see open_dataset)."""
-    import nibabel as nib
-
-    img = nib.load(str(path))
+def _nifti_data(img: Any, path: Path, volume: int | None) -> tuple[np.ndarray, str]:
+    """The voxels of a loaded NIfTI image: a 4th axis holds channels, unless the header marks
+    it as time (see open_dataset)."""
     shape = tuple(int(d) for d in img.shape)
     header = img.header
     intent = int(np.asarray(header["intent_code"])) if "intent_code" in header else 0
@@ -258,11 +391,14 @@ def _read_nifti(path: Path, volume: int | None = None) -> tuple[np.ndarray, str]
     return np.asarray(img.dataobj), "last"  # a 4th axis holds channels
 
 
-def _read_nrrd(path: Path, volume: int | None = None) -> tuple[np.ndarray, str | int]:
+def _read_nrrd(path: Path, volume: int | None = None) -> tuple[np.ndarray, str | int,
+                                                             np.ndarray | None]:
     import nrrd
 
     data, header = nrrd.read(str(path), index_order="F")
     kinds = [str(k).lower() for k in header.get("kinds", [])]
+    axes = list(range(data.ndim))  # the file's axes still in ``data``
+    chan: str | int = "last"
     if len(kinds) == data.ndim:
         time = [i for i, k in enumerate(kinds) if k == "time"]
         if len(time) == 1:
@@ -271,10 +407,33 @@ def _read_nrrd(path: Path, volume: int | None = None) -> tuple[np.ndarray, str |
                     _one_volume(data, data.shape, t, volume, str(path),
                                 f"its NRRD kinds name axis {t} 'time'"))
             kinds = kinds[:t] + kinds[t + 1:]
-        chan = [i for i, k in enumerate(kinds) if k in _NRRD_CHANNEL_KINDS]
-        if len(chan) == 1:
-            return data, chan[0]
-    return data, "last"
+            del axes[t]
+        found = [i for i, k in enumerate(kinds) if k in _NRRD_CHANNEL_KINDS]
+        if len(found) == 1:
+            chan = found[0]
+    return data, chan, _nrrd_affine(header, axes)
+
+
+def _nrrd_affine(header: Mapping[str, Any], axes: list[int]) -> np.ndarray | None:
+    """The RAS affine of an NRRD header's ``space``, ``space directions`` and ``space
+    origin`` (for the file axes ``axes``), or None when the space is not anatomical (no
+    ``space``, ``scanner-xyz``, ``3D-right-handed``...) or the directions are missing."""
+    space = str(header.get("space", "")).lower().replace("-time", "")
+    signs = _NRRD_SPACES.get(space)
+    dirs = header.get("space directions")
+    if signs is None or dirs is None:
+        return None
+    rows = [np.asarray(dirs[a], dtype=np.float64) if dirs[a] is not None else None for a in axes]
+    spatial = [r for r in rows if r is not None and r.size and np.all(np.isfinite(r))]
+    if not 1 <= len(spatial) <= 3 or any(r.size != 3 for r in spatial):
+        return None
+    affine = np.eye(4)
+    for j, r in enumerate(spatial):
+        affine[:3, j] = r
+    origin = header.get("space origin")
+    if origin is not None and np.all(np.isfinite(np.asarray(origin, dtype=np.float64))):
+        affine[:3, 3] = np.asarray(origin, dtype=np.float64)[:3]
+    return np.diag(list(signs) + [1.0]) @ affine  # world (LPS...) → RAS
 
 
 def _read_pil(path: Path, is_mask: bool) -> tuple[np.ndarray, str | int]:
@@ -318,21 +477,26 @@ def _read_npy(path: Path) -> tuple[np.ndarray, str]:
 
 
 def _read_file(path: Path, *, is_mask: bool = False,
-               volume: int | None = None) -> tuple[np.ndarray, str | int]:
-    """Raw array and where its channel axis is, if it has one beyond spatial_ndim; a file
-    whose header marks a time axis gives its volume ``volume`` (none: _TimeSeriesError)."""
+               volume: int | None = None) -> tuple[np.ndarray, str | int, np.ndarray | None]:
+    """Raw array, where its channel axis is (if it has one beyond spatial_ndim) and its
+    RAS affine (None for formats without one); a file whose header marks a time axis gives
+    its volume ``volume`` (none: _TimeSeriesError)."""
     ext = _split_ext(path.name)
-    ext_l = ext[1] if ext else path.suffix.lower()
+    ext_l = ext[1].lower() if ext else path.suffix.lower()
     if ext_l in (".nii", ".nii.gz"):
-        return _read_nifti(path, volume)
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        data, chan = _nifti_data(img, path, volume)
+        return data, chan, np.asarray(img.affine, dtype=np.float64)
     if ext_l in (".nrrd", ".nhdr"):
         return _read_nrrd(path, volume)
     if ext_l in (".png", ".jpg", ".jpeg"):
-        return _read_pil(path, is_mask)
+        return (*_read_pil(path, is_mask), None)
     if ext_l in (".tif", ".tiff"):
-        return _read_tiff(path, volume)
+        return (*_read_tiff(path, volume), None)
     if ext_l == ".npy":
-        return _read_npy(path)
+        return (*_read_npy(path), None)
     raise DatasetError(f"{path} has an unsupported extension; expected one of "
                        f"{list(IMAGE_EXTENSIONS)}")
 
@@ -411,17 +575,21 @@ class Dataset:
         ``"folder"``, ``"hdf5"``, ``"npz"`` or ``"file"``.
     volume : int or None
         The volume read from files that are time series (see :func:`open_dataset`).
+    reorient : bool
+        Whether 3-D cases with an affine are brought to RAS (see :func:`open_dataset`).
     """
 
     def __init__(self, source: Path, kind: str, ids: list[str], *,
                  spatial_ndim: int | None, strict: bool, groups: dict[str, str],
                  images: list[Path] | None = None, masks: list[Path | None] | None = None,
-                 has_masks: bool = False, volume: int | None = None) -> None:
+                 has_masks: bool = False, volume: int | None = None,
+                 reorient: bool = False) -> None:
         self.source = source
         self.kind = kind
         self.ids = ids
         self.spatial_ndim = spatial_ndim
         self.volume = volume
+        self.reorient = bool(reorient)
         self.strict = strict
         self.groups = groups
         self.has_masks = has_masks
@@ -471,32 +639,47 @@ class Dataset:
         return case
 
     def _finish(self, case_id: str, image: np.ndarray, mask_raw: np.ndarray | None,
-                group: str | None, path: str, mask_path: str | None) -> Case:
+                group: str | None, path: str, mask_path: str | None,
+                affine: np.ndarray | None = None, mask_affine: np.ndarray | None = None) -> Case:
         mask = None
+        spatial = image.shape[1:]
+        codes = orientation_codes(affine)
         if mask_raw is not None:
-            spatial = image.shape[1:]
             try:
                 mask = _to_labels(mask_raw, spatial, mask_path or path)
             except DatasetError as exc:
                 return self._bad(Case(case_id, image, None, group, path, "mask-unreadable",
-                                      f"case {case_id!r}: {exc}; case skipped", mask_path))
+                                      f"case {case_id!r}: {exc}; case skipped", mask_path,
+                                      affine, codes))
+            if affine is not None and mask_affine is not None and \
+                    not same_grid(affine, mask_affine):
+                return self._bad(Case(
+                    case_id, image, None, group, path, "grid-mismatch",
+                    f"case {case_id!r}: image {path} and mask {mask_path} are on different "
+                    f"grids: image {describe_grid(affine, spatial)}; mask "
+                    f"{describe_grid(mask_affine, mask.shape)}; resample the mask onto the "
+                    "image's grid (nearest neighbour) or fix the header that is wrong; case "
+                    "skipped", mask_path, affine, codes))
             if mask.shape != spatial:
                 return self._bad(Case(
                     case_id, image, None, group, path, "mask-shape-mismatch",
                     f"case {case_id!r}: mask {mask_path} has shape {mask.shape}, image "
                     f"{path} has spatial shape {spatial}; put both on one grid, or remove "
-                    "the mask file; case skipped", mask_path))
-        return Case(case_id, image, mask, group, path, "ok", "", mask_path)
+                    "the mask file; case skipped", mask_path, affine, codes))
+        if self.reorient and affine is not None and len(spatial) == 3:
+            image, mask, affine = _reorient(image, mask, affine)
+        return Case(case_id, image, mask, group, path, "ok", "", mask_path, affine, codes)
 
     def _read_pair(self, case_id: str, image_path: Path, mask_path: Path | None,
                    group: str | None) -> Case:
         try:
-            raw, chan = _read_file(image_path, volume=self.volume)
-            mask_raw = None
+            raw, chan, affine = _read_file(image_path, volume=self.volume)
+            mask_raw = mask_affine = None
             spatial_ndim = self.spatial_ndim
             if mask_path is not None:
                 try:
-                    mask_raw, _ = _read_file(mask_path, is_mask=True, volume=self.volume)
+                    mask_raw, _, mask_affine = _read_file(mask_path, is_mask=True,
+                                                          volume=self.volume)
                     mask_raw = np.asarray(mask_raw)
                 except Exception as exc:  # noqa: BLE001 - any reader failure
                     if isinstance(exc, _TimeSeriesError):
@@ -516,7 +699,7 @@ class Dataset:
             return self._bad(Case(case_id, None, None, group, str(image_path), status, message,
                                   None if mask_path is None else str(mask_path)))
         return self._finish(case_id, image, mask_raw, group, str(image_path),
-                            None if mask_path is None else str(mask_path))
+                            None if mask_path is None else str(mask_path), affine, mask_affine)
 
     def _read_array_case(self, i: int, case_id: str, group: str | None) -> Case:
         where = f"{self.source}:images[{i}]"
@@ -635,7 +818,7 @@ def _open_array_file(path: Path, *, spatial_ndim: int | None, strict: bool, mask
 def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = None,
                  strict: bool = False, masks: bool = True,
                  groups: Mapping[str, str] | str | os.PathLike[str] | None = None,
-                 volume: int | None = None) -> Dataset:
+                 volume: int | None = None, reorient: bool = False) -> Dataset:
     """Open a dataset of images (and optional masks) for scoring.
 
     Parameters
@@ -678,6 +861,12 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
         Notes); their mask, when it is a time series too, gives the same volume. Files
         without a time axis are read whole. Default None: a time series is skipped with
         status ``time-series`` (``protoseg score --volume T`` on the command line).
+    reorient : bool, default False
+        Bring every 3-D case whose file has an affine (NIfTI, NRRD with an anatomical
+        ``space``) to RAS before the model: its image and mask are flipped and their axes
+        permuted (:func:`nibabel.as_closest_canonical`; no resampling) and ``Case.affine``
+        is the affine of the result. Default: voxels stay in file order
+        (``protoseg score --reorient``).
 
     Returns
     -------
@@ -699,8 +888,12 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     -----
     Images come out float32 ``(C, *spatial)``: RGB(A) PNG/JPEG → 3 channels (alpha
     dropped), 4-D NIfTI → last axis as channels unless the header marks it as time (below).
-    Voxel arrays are kept in file order (no reorientation), so image and mask must share
-    a grid.
+    Voxel arrays are kept in file order unless ``reorient`` is set. When the image and its
+    mask both have an affine (NIfTI, NRRD), they must put their voxels at the same places
+    within :data:`GRID_TOLERANCE` (direction cosines, spacing, origin; :func:`same_grid`):
+    otherwise the case is skipped with status ``grid-mismatch`` and a message naming both
+    grids (shape, spacing, orientation codes, origin). ``Case.affine`` maps voxel indices
+    to RAS+ millimetres (NRRD's ``left-posterior-superior`` spaces are converted).
 
     A 4-D NIfTI is a **time series** when its 4th axis is longer than 1, its intent is not
     a channel intent (vector, displacement vector, RGB/RGBA vector, matrix, quaternion) and
@@ -721,7 +914,8 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     values becomes nonzero = 1. A case that cannot be read (status
     ``unreadable``/``bad-shape``), whose mask cannot be read (``mask-unreadable``), whose
     mask shape differs from the image's spatial shape (``mask-shape-mismatch``) or that is
-    a time series without a usable ``volume`` (``time-series``) is returned with
+    a time series without a usable ``volume`` (``time-series``), or whose mask lies on
+    another grid in space (``grid-mismatch``) is returned with
     ``image``/``mask`` as far as read and a warning. NPZ files are loaded whole on first
     access; use HDF5 or a folder for data larger than memory.
 
@@ -755,7 +949,8 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
         return Dataset(path, "folder", [p[0] for p in pairs], spatial_ndim=spatial_ndim,
                        strict=strict, groups=group_map, images=[p[1] for p in pairs],
                        masks=[p[2] for p in pairs],
-                       has_masks=any(p[2] is not None for p in pairs), volume=volume)
+                       has_masks=any(p[2] is not None for p in pairs), volume=volume,
+                       reorient=reorient)
     if path.suffix.lower() in _ARRAY_FILES:
         return _open_array_file(path, spatial_ndim=spatial_ndim, strict=strict, masks=masks,
                                 groups=groups)
@@ -766,4 +961,4 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     group_map = _read_groups(groups, None) if groups is not None else {}
     return Dataset(path, "file", [split[0]], spatial_ndim=spatial_ndim, strict=strict,
                    groups=group_map, images=[path], masks=[None], has_masks=False,
-                   volume=volume)
+                   volume=volume, reorient=reorient)

@@ -18,16 +18,17 @@ Examples
 """
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from engine.status import Status
 
-__all__ = ["SCORE_FIELDS", "ScoreBlock", "BatchResult"]
+__all__ = ["SCORE_FIELDS", "ScoreBlock", "BatchResult", "CaseGrid"]
 
 #: The arrays of a :class:`ScoreBlock` and the dtype each is stored with.
 SCORE_FIELDS: dict[str, np.dtype[Any]] = {
@@ -124,6 +125,67 @@ class ScoreBlock:
 
 
 @dataclass(frozen=True, eq=False)
+class CaseGrid:
+    """Where a case's voxels lie in space, as the model saw them (before the card resized).
+
+    Stored with the case's saved maps (the ``grid`` attribute of ``/maps/<case>``) so that
+    the maps can be written back onto the image's grid for viewers
+    (:func:`engine.store.maps_export.export_maps`).
+
+    Attributes
+    ----------
+    affine : ndarray of float64, shape (4, 4), or None
+        Voxel indices → RAS+ millimetres (nibabel's convention) of the arrays given to the
+        model, after ``reorient`` when it was set; None when the file had none (PNG...).
+    shape : tuple of int
+        Their spatial shape (the maps' grid differs when the model card resized the input).
+    orientation : str
+        Orientation codes of ``affine`` (``"RAS"`` after ``reorient``); ``""`` without.
+    file_orientation : str
+        Orientation codes of the image file, before any reorientation; ``""`` without.
+    format : str
+        The image file's format (``"nifti"``, ``"nrrd"``, ``"png"``..., ``"array"``).
+
+    Examples
+    --------
+    >>> g = CaseGrid(np.eye(4), (8, 8, 8), "RAS", "RAS", "nifti")
+    >>> CaseGrid.from_json(g.to_json()).shape
+    (8, 8, 8)
+    """
+
+    affine: np.ndarray | None
+    shape: tuple[int, ...]
+    orientation: str = ""
+    file_orientation: str = ""
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        if self.affine is not None:
+            affine = np.array(self.affine, dtype=np.float64)
+            if affine.shape != (4, 4) or not np.isfinite(affine).all():
+                raise ValueError(f"CaseGrid.affine has shape {affine.shape}, expected a finite "
+                                 "(4, 4) voxel-to-world matrix or None")
+            object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+
+    def to_json(self) -> str:
+        """The grid as JSON text (floats round-trip exactly)."""
+        return json.dumps({"affine": None if self.affine is None else self.affine.tolist(),
+                           "shape": list(self.shape), "orientation": self.orientation,
+                           "file_orientation": self.file_orientation, "format": self.format},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CaseGrid:
+        """The grid :meth:`to_json` wrote."""
+        d = json.loads(text)
+        return cls(affine=d.get("affine"), shape=tuple(d.get("shape") or ()),
+                   orientation=str(d.get("orientation", "")),
+                   file_orientation=str(d.get("file_orientation", "")),
+                   format=str(d.get("format", "")))
+
+
+@dataclass(frozen=True, eq=False)
 class BatchResult:
     """Everything one batch of ``nb`` cases produced, in the store's schema.
 
@@ -166,6 +228,10 @@ class BatchResult:
     no_reference : tuple of str
         Ids of cases that had no mask in a labelled run (their scores that need ground
         truth have status NO_REFERENCE); the run reports how many.
+    grids : mapping of str to CaseGrid
+        Case id → where its voxels lie (:class:`CaseGrid`); optional. Stored for the cases
+        whose maps are saved (the ``grid`` attribute of ``/maps/<case>``), ignored for the
+        others.
     """
 
     case_ids: tuple[str, ...]
@@ -180,6 +246,7 @@ class BatchResult:
     maps: Mapping[str, Mapping[str, Any]]
     notes: tuple[str, ...] = ()
     no_reference: tuple[str, ...] = ()
+    grids: Mapping[str, CaseGrid] = field(default_factory=dict)
 
     @property
     def n_cases(self) -> int:
@@ -254,6 +321,15 @@ class BatchResult:
             _check_shape(_numbers(value, what, np.dtype(np.float64)), what, (nb, n_cls),
                          "(cases, classes)")
         self._validate_maps(set(ids))
+        if not isinstance(self.grids, Mapping):
+            raise TypeError(f"BatchResult.grids must be a dict case_id -> CaseGrid, got "
+                            f"{type(self.grids).__name__}")
+        for cid, grid in self.grids.items():
+            if str(cid) not in ids:
+                raise ValueError(f"BatchResult.grids has case id {cid!r}, not in this batch")
+            if not isinstance(grid, CaseGrid):
+                raise TypeError(f"BatchResult.grids[{cid!r}] must be a CaseGrid, got "
+                                f"{type(grid).__name__}")
 
     def _validate_maps(self, ids: set[str]) -> None:
         if not isinstance(self.maps, Mapping):

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.store.annotate import annotate_estimates, committed_annotation
 from engine.store.atomic import open_h5
-from engine.store.batch import SCORE_FIELDS
+from engine.store.batch import SCORE_FIELDS, CaseGrid
 from engine.store.encoding import STORE_TYPE, attr_str, check_encoding, read_array
 from engine.store.runinfo import LAYER_FIELDS, parts_dir
 
@@ -273,6 +273,16 @@ class Store:
                 else:
                     out[key] = read_array(obj)
         return out
+
+    def map_grid(self, case_id: str) -> CaseGrid | None:
+        """Where the voxels of a case with saved maps lie (:class:`~engine.store.batch.CaseGrid`:
+        affine, spatial shape before resizing, orientation, file format), or None for stores
+        written before protoseg recorded it."""
+        if case_id not in self._map_names:
+            self.maps(case_id)  # the KeyError naming the cases with maps
+        with self._open() as f:
+            text = attr_str(f["maps"][self._map_names[case_id]], "grid")
+        return None if text is None else CaseGrid.from_json(text)
 
     # ---------------------------------------------------------------- estimates
     def estimates(self) -> dict[str, Any] | None:

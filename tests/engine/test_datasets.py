@@ -487,3 +487,160 @@ def test_shape_messages_advise_what_the_user_can_do(tmp_path):
     with pytest.warns(UserWarning):
         case = open_dataset(tmp_path)[0]
     assert "spatial_ndim" not in case.message and "1 to 3 spatial axes" in case.message
+
+
+# ------------------------------------------------------------------ orientation and grids
+
+def _affine(codes: str = "RAS", spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+            shape=(4, 5, 6)) -> np.ndarray:
+    """The affine of a grid stored in orientation ``codes`` that lies where the RAS grid
+    ``diag(spacing)`` + ``origin`` of ``shape`` lies (its twin, voxels flipped/permuted)."""
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    ras = np.diag(list(spacing) + [1.0])
+    ras[:3, 3] = origin
+    t = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes)))
+    return ras @ inv_ornt_aff(t, shape)
+
+
+def _stored(arr: np.ndarray, codes: str) -> np.ndarray:
+    """A RAS array as stored in orientation ``codes``."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    return apply_orientation(arr, ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes))))
+
+
+def _nifti(path, arr, affine) -> None:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+
+
+def _nrrd_lps(path, arr, affine_ras) -> None:
+    """``arr`` as an NRRD file in LPS space whose grid is ``affine_ras`` (RAS)."""
+    import nrrd
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
+    nrrd.write(str(path), arr, header={"space": "left-posterior-superior",
+                                       "space directions": lps[:3, :3].T,
+                                       "space origin": lps[:3, 3]}, index_order="F")
+
+
+def test_nifti_case_has_its_affine_and_orientation(tmp_path):
+    vol = rng.random((4, 5, 6)).astype(np.float32)
+    aff = _affine("LPS", spacing=(2.0, 1.5, 3.0), origin=(10.0, -4.0, 7.0))
+    _nifti(tmp_path / "a.nii.gz", vol, aff)
+    np.save(tmp_path / "b.npy", vol)
+    a, b = open_dataset(tmp_path)
+    np.testing.assert_allclose(a.affine, aff, atol=1e-5)
+    assert a.orientation == a.file_orientation == "LPS" and a.source_format == "nifti"
+    assert b.affine is None and b.orientation == "" and b.source_format == "npy"
+
+
+def test_nrrd_space_directions_become_a_ras_affine(tmp_path):
+    """An NRRD in LPS space and a NIfTI of the same grid read the same RAS affine."""
+    import nrrd
+
+    vol = rng.random((4, 5, 6)).astype(np.float32)
+    aff = _affine("RAS", spacing=(0.5, 2.0, 1.25), origin=(3.0, 4.0, -5.0))
+    _nrrd_lps(tmp_path / "n.nrrd", vol, aff)
+    _nifti(tmp_path / "n_mask.nii.gz", (vol > 0.5).astype(np.uint8), aff)
+    nrrd.write(str(tmp_path / "x.nrrd"), vol, header={"space": "scanner-xyz",
+                                                      "space directions": np.eye(3)},
+               index_order="F")
+    n, x = open_dataset(tmp_path)
+    assert n.ok and n.orientation == "RAS" and n.source_format == "nrrd"
+    np.testing.assert_allclose(n.affine, aff)
+    assert x.ok and x.affine is None  # no anatomical space: no affine
+
+
+def test_nrrd_channel_axis_keeps_the_spatial_directions(tmp_path):
+    import nrrd
+
+    vec = rng.random((2, 4, 5, 6)).astype(np.float32)
+    dirs = np.full((4, 3), np.nan)
+    dirs[1:] = np.diag([-2.0, -1.0, 3.0])  # LPS: +x is left → R flips sign in RAS
+    nrrd.write(str(tmp_path / "v.nrrd"), vec, index_order="F", header={
+        "space": "left-posterior-superior", "kinds": ["vector", "domain", "domain", "domain"],
+        "space directions": dirs, "space origin": np.zeros(3)})
+    case = open_dataset(tmp_path)[0]
+    assert case.image.shape == (2, 4, 5, 6)
+    np.testing.assert_allclose(case.affine, np.diag([2.0, 1.0, 3.0, 1.0]))
+
+
+@pytest.mark.parametrize("what, mask_affine, named", [
+    ("flip", _affine("LAS"), "orientation LAS"),
+    ("spacing", _affine("RAS", spacing=(1.0, 1.0, 1.1)), "spacing (1, 1, 1.1)"),
+    ("origin", _affine("RAS", origin=(0.0, 2.0, 0.0)), "origin (0, 2, 0)"),
+])
+def test_image_and_mask_on_different_grids_are_skipped(tmp_path, what, mask_affine, named):
+    vol = rng.random((4, 5, 6)).astype(np.float32)
+    _nifti(tmp_path / "a.nii.gz", vol, _affine("RAS"))
+    _nifti(tmp_path / "a_mask.nii.gz", (vol > 0.5).astype(np.uint8), mask_affine)
+    with pytest.warns(UserWarning, match="different grids"):
+        case = open_dataset(tmp_path)[0]
+    assert case.status == "grid-mismatch" and case.mask is None and not case.ok
+    msg = case.message
+    assert "a.nii.gz" in msg and "a_mask.nii.gz" in msg and named in msg
+    assert "image shape (4, 5, 6), spacing (1, 1, 1) mm, orientation RAS, origin (0, 0, 0) mm" in msg
+    assert "mask shape (4, 5, 6)" in msg and "resample the mask" in msg and "\n" not in msg
+    with pytest.raises(DatasetError, match="different grids"):
+        open_dataset(tmp_path, strict=True)[0]
+
+
+def test_grids_within_tolerance_are_one_grid(tmp_path):
+    from engine.datasets import GRID_TOLERANCE, same_grid
+
+    vol = rng.random((4, 5, 6)).astype(np.float32)
+    aff = _affine("RAS", spacing=(1.0, 1.0, 2.0), origin=(-90.0, 126.0, -72.0))
+    near = aff.copy()
+    near[:3, :3] *= 1 + GRID_TOLERANCE / 10
+    near[:3, 3] += GRID_TOLERANCE / 10
+    _nifti(tmp_path / "a.nii.gz", vol, aff)
+    _nifti(tmp_path / "a_mask.nii.gz", (vol > 0.5).astype(np.uint8), near)
+    _nifti(tmp_path / "b.nii.gz", vol, aff)
+    np.save(tmp_path / "b_mask.npy", (vol > 0.5).astype(np.uint8))  # no affine: not compared
+    a, b = open_dataset(tmp_path)
+    assert a.ok and b.ok and b.mask is not None
+    assert not same_grid(aff, near * np.diag([1.0, 1.0, 1.01, 1.0]))
+
+
+def test_reorient_brings_every_orientation_to_ras(tmp_path):
+    """An LPS and a permuted (ASR) twin of a RAS volume read as that volume with --reorient."""
+    vol = rng.random((4, 5, 6)).astype(np.float32)
+    mask = (vol > 0.5).astype(np.uint8)
+    aff = _affine("RAS", spacing=(2.0, 1.0, 3.0), origin=(5.0, 6.0, 7.0))
+    for name, codes in (("ras", "RAS"), ("lps", "LPS"), ("asr", "ASR")):
+        twin = _affine(codes, spacing=(2.0, 1.0, 3.0), origin=(5.0, 6.0, 7.0))
+        _nifti(tmp_path / f"{name}.nii.gz", _stored(vol, codes), twin)
+        _nifti(tmp_path / f"{name}_mask.nii.gz", _stored(mask, codes), twin)
+    _nrrd_lps(tmp_path / "nrrd.nrrd", _stored(vol, "LPS"), _affine("LPS", (2.0, 1.0, 3.0), (5.0, 6.0, 7.0)))
+    plain = {c.id: c for c in open_dataset(tmp_path)}
+    assert plain["asr"].image.shape == (1, 5, 6, 4) and plain["lps"].orientation == "LPS"
+    cases = {c.id: c for c in open_dataset(tmp_path, reorient=True)}
+    for name, codes in (("ras", "RAS"), ("lps", "LPS"), ("asr", "ASR"), ("nrrd", "LPS")):
+        c = cases[name]
+        assert c.ok and c.orientation == "RAS" and c.file_orientation == codes
+        np.testing.assert_array_equal(c.image[0], vol)
+        np.testing.assert_allclose(c.affine, aff, atol=1e-5)
+        if name != "nrrd":
+            np.testing.assert_array_equal(c.mask, mask)
+        assert c.image.flags.c_contiguous
+
+
+def test_reorient_leaves_2d_images_and_files_without_affine(tmp_path):
+    img = _img2d()
+    _nifti(tmp_path / "a.nii.gz", img.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    np.save(tmp_path / "b.npy", rng.random((4, 5, 6)).astype(np.float32))
+    a, b = open_dataset(tmp_path, reorient=True)
+    np.testing.assert_array_equal(a.image[0], img)
+    assert a.orientation == "LPS" and b.affine is None and b.image.shape == (1, 4, 5, 6)
+
+
+def test_describe_grid_names_shape_spacing_orientation_origin():
+    from engine.datasets import describe_grid, orientation_codes
+
+    aff = _affine("LPI", spacing=(0.5, 0.5, 2.0), origin=(1.0, 2.0, 3.0))
+    text = describe_grid(aff, (4, 5, 6))
+    assert text.startswith("shape (4, 5, 6), spacing (0.5, 0.5, 2) mm, orientation LPI, origin (")
+    assert orientation_codes(None) == "" and orientation_codes(np.eye(4)) == "RAS"
