@@ -26,7 +26,10 @@ from engine.store import open_store
 __all__ = [
     "MAX_MAP_LAYERS",
     "ReportData",
+    "added_value",
     "case_maps",
+    "coverage_summary",
+    "failure_rows",
     "merge_intervals",
     "optional",
     "per_case_arrays",
@@ -89,8 +92,9 @@ class ReportData:
     ``score``/``status`` are (n_cases, n_classes, n_layers); ``dice`` (n_cases, n_classes)
     or (n_cases, 1); ``input_score`` (n_cases, n_classes, 1 + channels) or None; ``order``
     is the drawing order of the layers (by depth, ties by index). ``estimates`` are the
-    per-case arrays to draw, ``estimate_extras`` the other per-case arrays (flags...),
-    both (n_cases, k) and aligned with ``ids``.
+    per-case arrays to draw, ``estimate_extras`` the other per-case arrays (flags, Dice
+    lower bounds...), both (n_cases, k) and aligned with ``ids``; ``estimate_info`` is
+    ``estimates()["info"]`` (``{}`` when not recorded).
     """
 
     store: Any
@@ -110,6 +114,7 @@ class ReportData:
     baselines: dict[str, np.ndarray]
     estimates: dict[str, np.ndarray]
     estimate_extras: dict[str, np.ndarray]
+    estimate_info: dict[str, Any]
     validation: Any
     map_ids: list[str]
     has_units: bool
@@ -185,7 +190,9 @@ def read_report_data(store: Any, est_store: Any = None) -> ReportData:
     inp = optional(store, "input_scores")
     has_input = inp is not None and "score" in inp and np.size(inp["score"])
     source = est_store if est_store is not None else store
-    estimates, extras = read_estimates(source, ids, align=source is not store)
+    raw = optional(source, "estimates")
+    estimates, extras = read_estimates(source, ids, align=source is not store, raw=raw)
+    info = raw.get("info") if isinstance(raw, Mapping) else None
     return ReportData(
         store=store,
         config=dict(getattr(store, "config", None) or {}),
@@ -200,6 +207,7 @@ def read_report_data(store: Any, est_store: Any = None) -> ReportData:
         input_score=np.asarray(inp["score"], dtype=np.float64) if has_input else None,
         baselines=per_case_arrays(optional(store, "baselines"), len(ids)),
         estimates=estimates, estimate_extras=extras,
+        estimate_info=dict(info) if isinstance(info, Mapping) else {},
         validation=optional(source, "validation"),
         map_ids=[text(v) for v in (optional(store, "map_case_ids") or [])],
         has_units=bool(getattr(store, "has_units", False)),
@@ -236,15 +244,16 @@ def per_case_arrays(obj: Any, n_cases: int) -> dict[str, np.ndarray]:
 
 
 def read_estimates(
-    source: Any, ids: list[str], *, align: bool,
+    source: Any, ids: list[str], *, align: bool, raw: Any = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-case estimates to draw, and other per-case values (flags...) for the table.
 
     The estimators are those named in ``estimates()["info"]["estimators"]`` when recorded,
     else every floating-point array; integer/bool arrays are never drawn. With ``align``,
     ``source`` is another store: its rows are matched to ``ids`` (NaN where it lacks a case).
+    ``raw`` is ``source.estimates()`` when already read.
     """
-    raw_obj = optional(source, "estimates")
+    raw_obj = optional(source, "estimates") if raw is None else raw
     if not isinstance(raw_obj, Mapping):
         return {}, {}
     other_ids = text_column(np.asarray(source.cases), "id")
@@ -316,6 +325,109 @@ def _validate_result_rows(val: Mapping[str, Any]) -> list[dict[str, Any]]:
                if isinstance(res.get(stat), Mapping) and res[stat].get("reason")]
         row["note"] = "; ".join(why)
     return rows
+
+
+def failure_rows(val: Any) -> list[dict[str, Any]]:
+    """The failure-detection benchmark of each estimator, one row each (tables/failure.csv).
+
+    Reads ``validation[name]["failure"]`` (:func:`engine.quality.failure_benchmark`, stored
+    by ``protoseg estimate`` when the cases have ground truth): ``estimator, orientation,
+    n, aurc, aurc_lo, aurc_hi, e_aurc, e_aurc_lo, e_aurc_hi, oracle_aurc, random_aurc``,
+    then per Dice threshold ``t`` ``auroc_<t>`` (flagging ``Dice < t``) with
+    ``auroc_<t>_lo``, ``auroc_<t>_hi`` and ``n_bad_<t>``, and a ``note`` with the reason of
+    each undefined AUROC. Estimators without it are left out; ``[]`` when none has it.
+    """
+    if not isinstance(val, Mapping):
+        return []
+    rows = []
+    for name, res in val.items():
+        fail = res.get("failure") if isinstance(res, Mapping) else None
+        if not isinstance(fail, Mapping) or not isinstance(fail.get("aurc"), Mapping):
+            continue
+        row: dict[str, Any] = {"estimator": text(name), "orientation": fail.get("orientation"),
+                               "n": fail.get("n")}
+        for key in ("aurc", "e_aurc"):
+            entry = fail.get(key) or {}
+            lo, hi = (list(entry.get("ci") or []) + [None, None])[:2]
+            row.update({key: entry.get("value"), f"{key}_lo": lo, f"{key}_hi": hi})
+        row["oracle_aurc"] = fail.get("oracle_aurc")
+        row["random_aurc"] = fail.get("random_aurc")
+        why = []
+        for t, a in (fail.get("auroc") or {}).items():
+            lo, hi = (list(a.get("ci") or []) + [None, None])[:2]
+            row.update({f"auroc_{t}": a.get("value"), f"auroc_{t}_lo": lo,
+                        f"auroc_{t}_hi": hi, f"n_bad_{t}": a.get("n_bad")})
+            if a.get("reason"):
+                why.append(f"AUROC at {t}: {a['reason']}")
+        row["note"] = "; ".join(why)
+        rows.append(jsonable(row))
+    return rows
+
+
+def _verdict(ci: Any) -> str:
+    """The sentence of :func:`engine.quality.sa_added_value` for an AURC-difference interval.
+
+    ``protoseg estimate`` stores the comparison (``compare_aurc``) in the calibration
+    without the sentence; the rule is the same: the whole interval below 0, above 0, or
+    across it.
+    """
+    lo, hi = (float("nan") if v is None else float(v) for v in (list(ci or []) + [None, None])[:2])
+    if math.isfinite(hi) and hi < 0:
+        return ("SA adds information beyond the baselines (the whole interval of the AURC "
+                "difference is below 0)")
+    if math.isfinite(lo) and lo > 0:
+        return ("SA makes the baselines worse here (the whole interval of the AURC "
+                "difference is above 0)")
+    return ("no evidence that SA adds information beyond the baselines (the interval of the "
+            "AURC difference contains 0)")
+
+
+def added_value(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Whether SA adds to the baselines, from the calibration ``protoseg estimate`` recorded.
+
+    Reads ``info["calibration"]["combined"]["cv"]["sa_added_value"]``: the out-of-fold
+    AURC of the combined estimator (SA + baselines, ``aurc_a``) against the same model on
+    the baselines alone (``aurc_b``), their ``difference`` with its paired bootstrap
+    ``ci`` and ``p_not_better``. Returns those, ``verdict`` (a sentence) and both models'
+    out-of-fold Spearman ρ, or None when the calibration has no combined estimator.
+    """
+    cal = info.get("calibration")
+    combined = cal.get("combined") if isinstance(cal, Mapping) else None
+    cv = combined.get("cv") if isinstance(combined, Mapping) else None
+    sav = cv.get("sa_added_value") if isinstance(cv, Mapping) else None
+    if not isinstance(sav, Mapping) or "difference" not in sav:
+        return None
+    return {**jsonable(dict(sav)), "verdict": sav.get("verdict") or _verdict(sav.get("ci")),
+            "spearman_oof_combined": jsonable(cv.get("spearman_oof"))}
+
+
+def coverage_summary(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Dice lower bound's coverage check, from ``estimates()["info"]``, or None.
+
+    ``nominal`` (the ``--coverage`` asked for), ``rank_by`` (the estimator bounded),
+    ``n``, ``covered``, ``coverage`` (the cases of this store whose Dice is at least their
+    bound; None without ground truth), ``note``, and when the calibration records the
+    conformity scores of that estimator, ``n_calibration`` and ``expected`` — the central
+    95 % range of the coverage given that many calibration cases
+    (:func:`engine.quality.conformal.coverage_interval`).
+    """
+    nominal = info.get("coverage")
+    if nominal is None:
+        return None
+    check = info.get("coverage_check")
+    check = dict(check) if isinstance(check, Mapping) else {}
+    out: dict[str, Any] = {"nominal": float(nominal), "rank_by": info.get("rank_by"),
+                           "n": check.get("n"), "covered": check.get("covered"),
+                           "coverage": check.get("coverage"), "note": check.get("note") or ""}
+    cal = info.get("calibration")
+    conformal = cal.get("conformal") if isinstance(cal, Mapping) else None
+    entry = conformal.get(out["rank_by"]) if isinstance(conformal, Mapping) else None
+    if isinstance(entry, Mapping) and entry.get("n"):
+        from engine.quality.conformal import coverage_interval
+
+        out["n_calibration"] = int(entry["n"])
+        out["expected"] = list(coverage_interval(int(entry["n"]), float(nominal)))
+    return out
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

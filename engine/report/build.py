@@ -17,7 +17,8 @@ import numpy as np
 
 from engine._json import jsonable, text
 from engine.report import figures
-from engine.report.access import ReportData, case_maps, merge_intervals, validation_rows
+from engine.report.access import (ReportData, added_value, case_maps, coverage_summary,
+                                  failure_rows, merge_intervals, validation_rows)
 from engine.report.tables import (NAN_STATUSES, correlation_label, correlations, field, fmt,
                                   input_summary, layer_summary, nanmean_rows, plural,
                                   text_column, unit_summary, value_text)
@@ -386,7 +387,8 @@ class ReportBuilder:
                 said = []
                 for label, keys in (("Spearman ρ", ("spearman", "spearman.r",
                                                     "spearman.value")),
-                                    ("Pearson r", ("pearson", "pearson.r", "pearson.value"))):
+                                    ("Pearson r", ("pearson", "pearson.r", "pearson.value")),
+                                    ("AURC", ("aurc",))):
                     key = next((k for k in keys if k in merged), None)
                     if key is not None and merged[key] is not None:
                         said.append(f"{label} = {fmt(merged[key])}")
@@ -395,6 +397,16 @@ class ReportBuilder:
             else:
                 value += "; validation not recorded"
             rows.append({"key": f"estimate: {name}", "value": value})
+        cov = coverage_summary(d.estimate_info)
+        if cov is not None:
+            rows.append({"key": "Dice lower bound", "value": (
+                f"at {cov['nominal']:.0%} coverage for {cov['rank_by']}: "
+                + (f"{cov['covered']} of {plural(cov['n'], 'labelled case')} at or above "
+                   "their bound" if cov.get("n") else "not checked (no ground truth)")
+                + " (see Validation)")})
+        av = added_value(d.estimate_info)
+        if av is not None:
+            rows.append({"key": "SA beyond the baselines", "value": av["verdict"]})
         return rows
 
     def _layer_extremes(self) -> list[dict[str, str]]:
@@ -571,7 +583,9 @@ class ReportBuilder:
         dice = d.dice[d.ids.index(case), k] if k < d.dice.shape[1] else np.nan
         title = f"case {case}" + (f", class {cls}" if d.n_classes > 1 else "") + (
             f" (output Dice {float(dice):.3f})" if np.isfinite(float(dice)) else "")
-        fig = figures.fig_maps(image, ref, pred, panels, title=title)
+        grid = getattr(d.store, "map_grid", lambda _c: None)(case)  # issue 17: orientation labels
+        fig = figures.fig_maps(image, ref, pred, panels, title=title,
+                               affine=None if grid is None else grid.affine)
         caption = (f"Case {case}, class {cls}: input, prediction and each layer's binary "
                    "and probability maps.")
         if note:
@@ -643,19 +657,170 @@ class ReportBuilder:
         return Section("quality", title, tuple(blocks))
 
     def _validation_section(self) -> Section:
+        """Validation against the output's Dice, the failure-detection benchmark, the Dice
+        lower bounds and whether SA adds to the baselines (each when recorded)."""
         rows = validation_rows(self.data.validation)
-        if not rows:
-            return Section("validation", "Validation", (Paragraph(
+        blocks: list[Block] = []
+        if rows:
+            self.tables["validation"] = rows
+            shown = [merge_intervals(r) for r in rows]
+            cols: list[str] = []
+            for r in shown:
+                cols += [k for k in r if k not in cols]
+            blocks.append(Table(
+                "Validation of each estimate and baseline against the output's Dice, with 95 % "
+                "bootstrap intervals (tables/validation.csv)", shown, cols))
+        else:
+            blocks.append(Paragraph(
                 "Validation: not recorded (run `protoseg estimate` on a store with "
-                "ground truth)."),))
-        self.tables["validation"] = rows
-        shown = [merge_intervals(r) for r in rows]
-        cols: list[str] = []
-        for r in shown:
-            cols += [k for k in r if k not in cols]
-        return Section("validation", "Validation", (Table(
-            "Validation of each estimate and baseline against the output's Dice, with 95 % "
-            "bootstrap intervals (tables/validation.csv)", shown, cols),))
+                "ground truth)."))
+        blocks += self._failure_blocks() + self._bound_blocks() + self._added_value_blocks()
+        return Section("validation", "Validation", tuple(blocks))
+
+    def _per_case(self, name: str) -> np.ndarray | None:
+        """The per-case values (class 0) of an estimator, baseline or the input SA."""
+        d = self.data
+        for source in (d.estimates, d.estimate_extras, d.baselines):
+            if name in source:
+                return source[name][:, 0]
+        if name == "input_sa" and d.input_score is not None:
+            return d.input_score[:, 0, 0]
+        return None
+
+    def _failure_blocks(self) -> list[Block]:
+        """AURC, E-AURC and AUROC at each Dice threshold; the risk–coverage curves."""
+        d = self.data
+        rows = failure_rows(d.validation)
+        if not rows:
+            return []
+        self.tables["failure"] = rows
+        thresholds: list[str] = []
+        for r in rows:
+            thresholds += [k[len("n_bad_"):] for k in r
+                           if k.startswith("n_bad_") and k[len("n_bad_"):] not in thresholds]
+        shown = [merge_intervals({k: v for k, v in r.items() if not k.startswith("n_bad_")})
+                 for r in rows]
+        cols = (["estimator", "orientation", "n", "aurc", "e_aurc"]
+                + [f"auroc_{t}" for t in thresholds] + ["note"])
+        n_bad = rows[0]
+        blocks: list[Block] = [
+            Paragraph(
+                "Failure detection (risk = 1 − Dice): AURC is the area under the "
+                "risk–coverage curve, the mean risk of the cases an estimate trusts most "
+                "at every coverage (lower is better; "
+                f"{fmt(n_bad.get('oracle_aurc'))} for the oracle, "
+                f"{fmt(n_bad.get('random_aurc'))} for an uninformative estimate); "
+                "E-AURC is its excess over the oracle. auroc_<t>: how well a low (oriented) "
+                "estimate flags the cases with Dice < t (0.5 = chance); "
+                + ", ".join(f"{plural(n_bad.get(f'n_bad_{t}') or 0, 'case')} below {t}"
+                            for t in thresholds)
+                + f" of {plural(n_bad.get('n') or 0, 'labelled case')}."),
+            Table("Failure detection of each estimate and baseline, with 95 % bootstrap "
+                  "intervals (tables/failure.csv)", shown, [c for c in cols if any(
+                      c in r for r in shown)]),
+        ]
+        dice = d.dice[:, 0]
+        ok = np.isfinite(dice)
+        if int(ok.sum()) < 3:
+            return blocks
+        from engine.quality.failure import risk_coverage_curve
+
+        risk = 1.0 - dice[ok]
+        curves = []
+        for r in rows:
+            values = self._per_case(r["estimator"])
+            if values is None:
+                continue
+            conf = -values[ok] if r.get("orientation") == "lower is better" else values[ok]
+            cov, sel = risk_coverage_curve(conf, risk)
+            name = r["estimator"]
+            kind = ("estimate: " if name in d.estimates else
+                    "baseline: " if name in d.baselines else "")
+            curves.append((f"{kind}{name} (AURC {fmt(r.get('aurc'))})", cov, sel,
+                           name not in d.estimates))
+        if not curves:
+            return blocks
+        fig = figures.fig_risk_coverage(
+            curves, oracle=risk_coverage_curve(-risk, risk), random_risk=float(risk.mean()),
+            title=f"Risk–coverage, class {d.classes[0]}")
+        blocks.append(self._figure(
+            fig, "risk_coverage",
+            "Risk–coverage curves: keeping the cases each estimate trusts most (undefined "
+            "estimates last), the mean 1 − Dice of the cases kept at each coverage. Lower "
+            "is better; the area under each curve is its AURC. Estimates solid, baselines "
+            f"and the input SA dashed; {plural(int(ok.sum()), 'labelled case')}."))
+        return blocks
+
+    def _coverage_text(self, cov: Mapping[str, Any]) -> str:
+        text_ = (f"at {cov['nominal']:.0%} coverage for {cov['rank_by']} (split conformal on "
+                 "labelled cases): ")
+        if cov.get("n"):
+            text_ += (f"{cov['covered']} of {plural(cov['n'], 'labelled case')} "
+                      f"({cov['coverage']:.0%}) have a Dice at or above their bound "
+                      f"(nominal {cov['nominal']:.0%})")
+        else:
+            text_ += "not checked here (no ground truth)"
+        if cov.get("expected"):
+            lo, hi = cov["expected"]
+            text_ += (f"; with {plural(cov['n_calibration'], 'calibration case')} the "
+                      f"coverage of exchangeable new cases lies in [{lo:.2f}, {hi:.2f}] "
+                      "with 95 % probability")
+        return text_ + (f" ({cov['note']})" if cov.get("note") else "")
+
+    def _bound_blocks(self) -> list[Block]:
+        """The coverage check and the cases ranked by their Dice lower bound."""
+        d = self.data
+        cov = coverage_summary(d.estimate_info)
+        bound = d.estimate_extras.get("dice_lower_bound")
+        if cov is None or bound is None:
+            return []
+        from engine.quality.triage import rank_cases
+
+        b = bound[:, 0]
+        est = self._per_case(text(cov["rank_by"])) if cov.get("rank_by") else None
+        dice = d.dice[:, 0]
+        groups = text_column(d.cases, "group")
+        rows = []
+        for rank, i in enumerate(rank_cases(b), start=1):
+            row: dict[str, Any] = {"rank": rank, "id": d.ids[i], "group": groups[i]}
+            if est is not None:
+                row[f"estimate_{cov['rank_by']}"] = est[i]
+            row["dice_lower_bound"] = b[i]
+            row["output_dice"] = dice[i]
+            row["covered"] = (bool(dice[i] >= (b[i] if np.isfinite(b[i]) else 0.0))
+                              if np.isfinite(dice[i]) else None)
+            rows.append(row)
+        self.tables["triage"] = rows
+        shown = rows[:MAX_CASE_ROWS]
+        which = (f"the first {len(shown)} of {plural(len(rows), 'case')}" if len(shown) < len(rows)
+                 else f"all {plural(len(rows), 'case')}")
+        return [
+            Paragraph("Coverage check of the Dice lower bound: " + self._coverage_text(cov)
+                      + "."),
+            Table(f"Cases ranked by their Dice lower bound at {cov['nominal']:.0%} coverage, "
+                  f"lowest first ({which}; tables/triage.csv)", shown, list(rows[0])),
+        ]
+
+    def _added_value_blocks(self) -> list[Block]:
+        """The combined estimator's verdict: does SA add to the baselines?"""
+        av = added_value(self.data.estimate_info)
+        if av is None:
+            return []
+        self.tables["added_value"] = [{k: v for k, v in av.items() if k != "ci"}
+                                      | {"ci_lo": (av.get("ci") or [None, None])[0],
+                                         "ci_hi": (av.get("ci") or [None, None])[1]}]
+        lo, hi = (list(av.get("ci") or []) + [None, None])[:2]
+        verdict = av["verdict"]
+        return [Paragraph(
+            f"Does SA add information beyond the baselines? {verdict[0].upper()}{verdict[1:]}. "
+            f"Out-of-fold AURC of the combined estimator (SA features and the baselines) "
+            f"{fmt(av.get('aurc_a'))}, of the same model on the baselines alone "
+            f"{fmt(av.get('aurc_b'))}: difference {fmt(av.get('difference'))} "
+            f"[{fmt(lo)}, {fmt(hi)}] (paired bootstrap over {plural(av.get('n') or 0, 'case')}, "
+            f"resampling {av.get('resample', 'cases')}; negative = SA helps; fraction of "
+            f"replicates where SA does not help {fmt(av.get('p_not_better'), 2)}). "
+            f"Out-of-fold Spearman ρ with the output Dice: {fmt(av.get('spearman_oof_combined'))} "
+            f"with SA, {fmt(av.get('baselines_spearman_oof'))} without (tables/added_value.csv).")]
 
     def _case_rows(self) -> list[dict[str, Any]]:
         d = self.data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "MapPanel",
     "fig_compare",
     "fig_maps",
+    "fig_risk_coverage",
     "fig_sa_depth",
     "fig_scatter",
     "fig_units",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 _CLASS_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+_BASELINE_COLOURS = ("#bcbd22", "#17becf", "#e377c2", "#8c564b", "#7f7f7f")
 
 
 def new_figure(width: float, height: float) -> Any:
@@ -57,11 +59,28 @@ def save_figure(fig: Any, stem: Path, *, dpi: int = 110) -> bytes:
     -------
     bytes
         The PNG file's content (for embedding as a data URI).
+
+    Notes
+    -----
+    The PNG is the Agg canvas drawn once at ``dpi`` and encoded by Pillow as 8-bit RGB
+    (the figures are opaque; RGBA when a pixel is not) at zlib level 6: about 7 % smaller
+    than ``savefig``'s RGBA and no slower; level 1 would save a fifth of the encoding time
+    of the maps figure for files half as large again (``benchmarks/report_speed.py``),
+    and every byte is embedded in ``report.html``.
     """
+    from PIL import Image
+
+    own_dpi = fig.dpi
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    opaque = bool((rgba[..., 3] == 255).all())
+    im = Image.fromarray(np.ascontiguousarray(rgba[..., :3]) if opaque else rgba)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    im.save(buf, format="png", compress_level=6, dpi=(dpi, dpi))
     png = buf.getvalue()
     stem.with_suffix(".png").write_bytes(png)
+    fig.set_dpi(own_dpi)
     # the layout was computed while drawing the PNG; keep it rather than recompute it
     fig.set_layout_engine("none")
     # SVG keeps glyphs as paths (matplotlib's default), so the file needs no fonts.
@@ -293,6 +312,53 @@ def fig_scatter(
     return fig
 
 
+def fig_risk_coverage(
+    curves: Sequence[tuple[str, np.ndarray, np.ndarray, bool]],
+    *,
+    oracle: tuple[np.ndarray, np.ndarray] | None = None,
+    random_risk: float | None = None,
+    title: str = "",
+) -> Any:
+    """Risk–coverage curves: the mean risk (1 − Dice) of the cases an estimate trusts most.
+
+    Parameters
+    ----------
+    curves : sequence of (label, coverage, selective risk, is_baseline)
+        One curve per estimator or baseline (:func:`engine.quality.failure.risk_coverage_curve`);
+        baselines (and other references, such as the input SA) are drawn dashed.
+    oracle : (coverage, selective risk), optional
+        The curve of a perfect ranking (dotted black).
+    random_risk : float, optional
+        The mean risk: the curve of an uninformative estimate (grey line).
+    title : str
+        Axes title.
+    """
+    fig = new_figure(8.8, 4.2)
+    ax = fig.add_subplot()
+    counts = [0, 0]  # estimators, baselines
+    for label, cov, risk, baseline in curves:
+        palette = _BASELINE_COLOURS if baseline else _CLASS_COLOURS
+        colour = palette[counts[baseline] % len(palette)]
+        counts[baseline] += 1
+        ax.plot(np.asarray(cov, float), np.asarray(risk, float), "--" if baseline else "-",
+                color=colour, linewidth=1.0 if baseline else 1.6, label=label)
+    if oracle is not None:
+        ax.plot(np.asarray(oracle[0], float), np.asarray(oracle[1], float), ":", color="k",
+                linewidth=1.2, label="oracle (ranked by the true Dice)")
+    if random_risk is not None and np.isfinite(random_risk):
+        ax.axhline(random_risk, color="#7f7f7f", linewidth=0.8,
+                   label=f"uninformative (mean risk {random_risk:.3f})")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (fraction of cases kept, most trusted first)")
+    ax.set_ylabel("selective risk (mean 1 − Dice of the kept cases)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 @dataclass
 class MapPanel:
     """One row of the maps figure: a layer's binary and probability maps over the input."""
@@ -329,76 +395,87 @@ def choose_slices(volume_fg: np.ndarray | None, shape: tuple[int, ...]) -> list[
     return out
 
 
-def _views(arr: np.ndarray | None, slices: list[int] | None) -> list[np.ndarray | None]:
+def _views(arr: np.ndarray | None, slices: list[int] | None,
+           ref_shape: tuple[int, ...] | None = None) -> list[np.ndarray | None]:
+    """The 2-D views of ``arr``: itself, or for 3-D its slice on each axis.
+
+    ``slices`` index the reference grid (``ref_shape``); an array on another grid is cut
+    at the same relative position.
+    """
     if arr is None:
         return [None] * (3 if slices is not None else 1)
+    arr = np.asarray(arr)
     if slices is None:
         return [arr]
-    return [np.take(arr, slices[a], axis=a) for a in range(3)]
+    out = []
+    for a in range(3):
+        i = slices[a]
+        if ref_shape is not None and arr.shape[a] != ref_shape[a]:
+            i = min(arr.shape[a] - 1, i * arr.shape[a] // max(ref_shape[a], 1))
+        out.append(np.take(arr, i, axis=a))
+    return out
 
 
-def _contour(ax: Any, mask: np.ndarray | None, colour: str) -> None:
+def _outline(mask: np.ndarray | None) -> list[np.ndarray]:
+    """The outline of a binary mask as ``(x, y)`` polylines in pixel coordinates.
+
+    The lines ``Axes.contour(mask, levels=[0.5])`` draws (contourpy, which matplotlib
+    uses), computed once per view and drawn over every cell as one ``LineCollection``.
+    Empty when the mask is empty or full.
+    """
     if mask is None:
-        return
-    m = np.asarray(mask, dtype=float)
-    if m.ndim == 2 and m.min() < 0.5 <= m.max():
-        ax.contour(m, levels=[0.5], colors=colour, linewidths=0.8)
+        return []
+    m = np.asarray(mask, dtype=np.float64)
+    if m.ndim != 2 or not (m.min() < 0.5 <= m.max()):
+        return []
+    import contourpy
+
+    return list(contourpy.contour_generator(z=m, line_type="Separate").lines(0.5))
 
 
-def _show_image(ax: Any, image: np.ndarray | None, shape: tuple[int, ...]) -> None:
+def _colour(values: np.ndarray, cmap: str, lo: float, hi: float) -> np.ndarray:
+    """``values`` through a matplotlib colormap as RGB floats; NaN white (as ``imshow``)."""
+    import matplotlib
+
+    v = np.asarray(values, dtype=np.float64)
+    rgba = matplotlib.colormaps[cmap]((v - lo) / (hi - lo))
+    bad = ~np.isfinite(v)
+    rgba[bad] = 1.0
+    return rgba[..., :3]
+
+
+def _gray(image: np.ndarray | None, shape: tuple[int, ...],
+          window: tuple[float, float]) -> np.ndarray:
+    """The input as gray RGB on ``shape`` (black when not recorded)."""
     if image is None:
-        ax.imshow(np.zeros(shape), cmap="gray", vmin=0, vmax=1)
-        return
-    img = _fit(np.asarray(image, dtype=float), shape)
+        return np.zeros((*shape, 3))
+    return _colour(_fit(np.asarray(image, dtype=np.float64), shape), "gray", *window)
+
+
+def _window(image: np.ndarray | None) -> tuple[float, float]:
+    """Display range of the input: its 1st to 99th percentile over finite values."""
+    if image is None:
+        return 0.0, 1.0
+    img = np.asarray(image, dtype=np.float64)
     finite = img[np.isfinite(img)]
     lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+    return float(lo), float(hi if hi > lo else lo + 1)
 
 
-def _not_recorded(ax: Any) -> None:
-    ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes,
-            fontsize=7, color="white")
+_RED = np.array([1.0, 0x20 / 255, 0x20 / 255])
 
 
-def _draw_input(ax_b: Any, ax_p: Any, image: np.ndarray | None, reference: np.ndarray | None,
-                prediction: np.ndarray | None, shape: tuple[int, ...]) -> None:
-    """The first column: the input with the reference outlined, the prediction below."""
-    _show_image(ax_b, image, shape)
-    _contour(ax_b, reference, "yellow")
-    if prediction is not None:
-        ax_p.imshow(_fit(np.asarray(prediction, dtype=float), shape), cmap="magma",
-                    vmin=0, vmax=1, interpolation="nearest")
-    else:
-        _show_image(ax_p, None, shape)
-    _contour(ax_p, reference, "cyan")
-    ax_p.set_xlabel("prediction" if prediction is not None else "prediction not recorded",
-                    fontsize=7)
-
-
-def _draw_panel(ax_b: Any, ax_p: Any, binary: np.ndarray | None,
-                probability: np.ndarray | None, image: np.ndarray | None,
-                reference: np.ndarray | None, shape: tuple[int, ...]) -> None:
-    """One layer's column: its binary map in red over the input, its probability map below."""
-    from matplotlib.colors import ListedColormap
-
-    shape_c = next((a.shape for a in (binary, probability) if a is not None), shape)
-    ref_c = None if reference is None else _fit(reference, shape_c)
-    _show_image(ax_b, image, shape_c)
+def _cell_pair(binary: np.ndarray | None, probability: np.ndarray | None,
+               base: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's two cells: its binary map (red, half transparent) over the input, and
+    its probability map (magma, 0 black to 1 yellow)."""
+    top = base.copy()
     if binary is not None:
-        bb = np.asarray(binary, dtype=bool)
-        ax_b.imshow(np.ma.masked_where(~bb, np.ones(bb.shape)),
-                    cmap=ListedColormap(["#ff2020"]), alpha=0.5, vmin=0, vmax=1,
-                    interpolation="nearest")
-    else:
-        _not_recorded(ax_b)
-    _contour(ax_b, ref_c, "yellow")
-    if probability is not None:
-        ax_p.imshow(np.asarray(probability, dtype=float), cmap="magma", vmin=0, vmax=1,
-                    interpolation="nearest")
-    else:
-        _show_image(ax_p, None, shape_c)
-        _not_recorded(ax_p)
-    _contour(ax_p, ref_c, "cyan")
+        bb = _fit(np.asarray(binary, dtype=bool), shape)
+        top[bb] = 0.5 * top[bb] + 0.5 * _RED
+    bottom = (np.zeros((*shape, 3)) if probability is None else
+              _colour(_fit(np.asarray(probability, dtype=np.float64), shape), "magma", 0.0, 1.0))
+    return top, bottom
 
 
 def fig_maps(
@@ -408,6 +485,7 @@ def fig_maps(
     panels: Sequence[MapPanel],
     *,
     title: str = "",
+    affine: np.ndarray | None = None,
 ) -> Any:
     """Segmentation-ability maps of one case over its input.
 
@@ -422,13 +500,31 @@ def fig_maps(
         probability map.
     title : str
         Figure title.
+    affine : ndarray (4, 4), optional
+        The voxel → RAS affine of the 3-D arrays (the store's ``CaseGrid``): their slices
+        are then drawn in anatomical orientation (sagittal, coronal, axial) with R/L, A/P
+        and S/I at the input's edges. Default: axes in array order, unlabelled.
 
     Notes
     -----
     Columns: the input (with the reference outlined, above the prediction probability),
     then one column per panel. 2-D cases have two rows (binary, probability); 3-D cases two
     rows per axis, each at the slice with the most reference foreground (middle slice when
-    the reference is empty). 1-D cases are drawn as curves.
+    the reference is empty). 1-D cases are drawn as curves. With ``affine``, the arrays are
+    flipped and permuted to RAS (no resampling) and each slice drawn as radiological
+    viewers (ITK-SNAP, 3D Slicer) show it: the patient's right on the left of axial and
+    coronal slices, anterior on the left of sagittal ones, superior (anterior in axial
+    slices) at the top.
+
+    Every cell is coloured here with matplotlib's colormaps (input: gray between its 1st
+    and 99th percentile; probability: magma on [0, 1]; binary map: red at alpha 0.5), each
+    axis's cells are drawn as one 8-bit image (``interpolation="none"``: nearest neighbour
+    in the PNG, the pixels themselves in the SVG) in one Axes placed by hand, and the
+    reference's outline (:func:`_outline`; yellow over the input, cyan over the
+    probability) as one line collection. One Axes, ``imshow`` and ``contour`` per cell with
+    the constrained layout drew the same content 3-4 times slower (the demo's 33 × 6 cells:
+    7.5 s against 2.2 s to draw and save; ``benchmarks/report_speed.py``). Arrays on
+    another grid than the reference are shown on the finer of the two (nearest neighbour).
     """
     ref_shape = next((np.shape(a) for a in (reference, prediction, image) if a is not None), None)
     if ref_shape is None:
@@ -436,45 +532,151 @@ def fig_maps(
     ndim = len(ref_shape)
     if ndim == 1:
         return _fig_maps_1d(image, reference, prediction, panels, title=title)
+    from matplotlib.collections import LineCollection
+
+    anatomical = ndim == 3 and affine is not None
+    if anatomical:  # to RAS: slice v is then sagittal, coronal, axial (_ANATOMICAL_VIEWS)
+        image, reference, prediction = (_to_ras(a, affine) for a in (image, reference, prediction))
+        panels = [replace(p, binary=_to_ras(p.binary, affine),
+                          probability=_to_ras(p.probability, affine)) for p in panels]
+        ref_shape = next((np.shape(a) for a in (reference, prediction, image) if a is not None),
+                         next((np.shape(p.binary) for p in panels if p.binary is not None),
+                              ref_shape))
+
     slices = choose_slices(reference if reference is not None else
                            (None if prediction is None else np.asarray(prediction) > 0.5),
                            ref_shape) if ndim == 3 else None
     n_views = 3 if slices is not None else 1
     cols = 1 + len(panels)
-    rows = 2 * n_views
+    img_v = _views(image, slices, ref_shape)
+    ref_v = _views(reference, slices, ref_shape)
+    pred_v = _views(prediction, slices, ref_shape)
+    bin_v = [_views(p.binary, slices, ref_shape) for p in panels]
+    prob_v = [_views(p.probability, slices, ref_shape) for p in panels]
+    if anatomical:
+        img_v, ref_v, pred_v = (_on_screen(views) for views in (img_v, ref_v, pred_v))
+        bin_v, prob_v = [_on_screen(b) for b in bin_v], [_on_screen(p) for p in prob_v]
+    window = _window(image)
+
+    mosaics, grids, outlines = [], [], []
+    for v in range(n_views):
+        shapes = [a.shape for a in (ref_v[v], pred_v[v], img_v[v], *(b[v] for b in bin_v),
+                                    *(p[v] for p in prob_v)) if a is not None]
+        grid = tuple(int(n) for n in np.max(shapes, axis=0)) if shapes else (1, 1)
+        h, w = grid
+        gx, gy = max(1, round(0.03 * w)), max(1, round(0.03 * h))
+        mosaic = np.ones((2 * h + gy, cols * w + (cols - 1) * gx, 3))
+        base = _gray(img_v[v], grid, window)
+        first = (base,
+                 np.zeros((*grid, 3)) if pred_v[v] is None else _colour(
+                     _fit(np.asarray(pred_v[v], dtype=np.float64), grid), "magma", 0.0, 1.0))
+        cells = [first] + [_cell_pair(b[v], p[v], base, grid) for b, p in zip(bin_v, prob_v)]
+        for c, (top, bottom) in enumerate(cells):
+            x0 = c * (w + gx)
+            mosaic[:h, x0:x0 + w] = top
+            mosaic[h + gy:, x0:x0 + w] = bottom
+        mosaics.append(mosaic)
+        grids.append((h, w, gx, gy))
+        outlines.append(_outline(None if ref_v[v] is None else _fit(ref_v[v], grid)))
+
+    # the layout, in inches: every column has the same pitch; each axis (view) keeps the
+    # aspect of its slices (clipped to [1/3, 3]); text goes in the margins
     cell = 1.9 if cols > 6 else 2.3
-    aspects = []
-    for v in range(n_views):
-        shp = [n for a, n in enumerate(ref_shape) if slices is None or a != v]
-        aspects.append(min(3.0, max(0.33, shp[0] / max(shp[1], 1))))
-    fig = new_figure(cell * cols + 0.6, sum(2 * cell * a for a in aspects) + 1.1)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    img_v = _views(image, slices)
-    ref_v = _views(reference, slices)
-    pred_v = _views(prediction, slices)
-    for v in range(n_views):
-        rb, rp = 2 * v, 2 * v + 1
-        where = f"axis {v}, slice {slices[v]}\n" if slices is not None else ""
-        shape_v = next(a.shape for a in (ref_v[v], pred_v[v], img_v[v], np.zeros((1, 1)))
-                       if a is not None)
-        _draw_input(axes[rb, 0], axes[rp, 0], img_v[v], ref_v[v], pred_v[v], shape_v)
-        axes[rb, 0].set_ylabel(where + "binary map", fontsize=8)
-        axes[rp, 0].set_ylabel(where + "probability map", fontsize=8)
-        if v == 0:
-            axes[rb, 0].set_title("input + reference", fontsize=8)
-        for c, panel in enumerate(panels, start=1):
-            _draw_panel(axes[rb, c], axes[rp, c], _views(panel.binary, slices)[v],
-                        _views(panel.probability, slices)[v], img_v[v], ref_v[v], shape_v)
-            if v == 0:
-                axes[rb, c].set_title(_wrap(panel.label, 22), fontsize=8)
-            if v == n_views - 1 and panel.note:
-                axes[rp, c].set_xlabel(_wrap(panel.note, 26), fontsize=6)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+    pitch = cell + 0.06
+    titles = [_wrap(p.label, 22) for p in panels]
+    notes = [_wrap(p.note, 26) if p.note else "" for p in panels]
+    line8, line6 = 8 * 1.25 / 72, 6 * 1.25 / 72
+    n_title = max([t.count("\n") + 1 for t in ["input + reference", *titles]])
+    n_note = max([n.count("\n") + 1 for n in notes if n] + [1])
+    top = 0.08 + (0.28 if title else 0.0) + n_title * line8 + 0.04
+    bottom = 0.06 + max(n_note * line6, 7 * 1.25 / 72) + 0.04
+    left, right, vgap = 0.5, 0.12, 0.12
+    heights = []
+    for h, w, gx, gy in grids:
+        cw = pitch * w / (w + gx)  # cell width in inches
+        aspect = min(3.0, max(0.33, h / max(w, 1)))
+        heights.append((2 * h + gy) * cw * aspect / h)
+    fig_w = left + cols * pitch + right
+    fig_h = top + sum(heights) + vgap * (n_views - 1) + bottom
+    fig = new_figure(fig_w, fig_h)
+    fig.set_layout_engine("none")
+
+    def at(x: float, y: float, s: str, **kw: Any) -> None:  # inches from the top left
+        fig.text(x / fig_w, 1 - y / fig_h, s, **kw)
+
     if title:
-        fig.suptitle(title, fontsize=10)
+        at(left + cols * pitch / 2, 0.08, title, ha="center", va="top", fontsize=10)
+    y = top
+    for v, ((h, w, gx, gy), mosaic, vh) in enumerate(zip(grids, mosaics, heights)):
+        width = cols * pitch - pitch * gx / (w + gx)
+        ax = fig.add_axes((left / fig_w, 1 - (y + vh) / fig_h, width / fig_w, vh / fig_h))
+        # as 8-bit RGB: resampled (PNG) and encoded (SVG) several times faster than floats
+        ax.imshow((mosaic * 255 + 0.5).astype(np.uint8), aspect="auto", interpolation="none")
+        ax.set_axis_off()
+        if outlines[v]:  # the reference: yellow over the input, cyan over probabilities
+            segs = [line + (c * (w + gx), r * (h + gy)) for r in (0, 1) for c in range(cols)
+                    for line in outlines[v]]
+            colours = ["yellow"] * (len(segs) // 2) + ["cyan"] * (len(segs) // 2)
+            ax.add_collection(LineCollection(segs, colors=colours, linewidths=0.8),
+                              autolim=False)
+        cw = pitch * w / (w + gx)
+        row_h = vh * h / (2 * h + gy)
+        where = f"axis {v}, slice {slices[v]}\n" if slices is not None else ""
+        if anatomical:
+            name, (up, down, lt, rt) = _ANATOMICAL_VIEWS[v]
+            where = f"{name}, slice {slices[v]}\n"  # type: ignore[index]
+            x0, y_mid = left + 0.03, y + row_h / 2
+            for x_, y_, s_, kw in ((left + cw / 2, y + 0.03, up, {"ha": "center", "va": "top"}),
+                                   (left + cw / 2, y + row_h - 0.03, down,
+                                    {"ha": "center", "va": "bottom"}),
+                                   (x0, y_mid, lt, {"ha": "left", "va": "center"}),
+                                   (left + cw - 0.03, y_mid, rt, {"ha": "right", "va": "center"})):
+                at(x_, y_, s_, fontsize=7, color="white", fontweight="bold", **kw,
+                   bbox={"boxstyle": "square,pad=0.1", "fc": "black", "ec": "none", "alpha": 0.6})
+        for r, label in enumerate(("binary map", "probability map")):
+            yc = y + (vh - row_h / 2 if r else row_h / 2)
+            at(left - 0.06, yc, where + label, ha="center", va="bottom", rotation=90,
+               fontsize=8, rotation_mode="anchor")
+        for c in range(cols):
+            xc = left + c * pitch + cw / 2
+            if v == 0:
+                at(xc, y - 0.04, "input + reference" if c == 0 else titles[c - 1],
+                   ha="center", va="bottom", fontsize=8, linespacing=1.1)
+            if c and v == n_views - 1 and notes[c - 1]:
+                at(xc, y + vh + 0.04, notes[c - 1], ha="center", va="top", fontsize=6,
+                   linespacing=1.1)
+            for r, missing in enumerate((bin_v, prob_v)):
+                if c and missing[c - 1][v] is None:
+                    at(xc, y + (vh - row_h / 2 if r else row_h / 2), "not recorded",
+                       ha="center", va="center", fontsize=7, color="white")
+        if v == n_views - 1:
+            at(left + cw / 2, y + vh + 0.04,
+               "prediction" if prediction is not None else "prediction not recorded",
+               ha="center", va="top", fontsize=7)
+        y += vh + vgap
     return fig
+
+
+#: The views of a RAS volume sliced along axis 0, 1, 2, and the letters at the top, bottom,
+#: left and right of each as drawn by :func:`_on_screen` (radiological convention).
+_ANATOMICAL_VIEWS = (("sagittal", ("S", "I", "A", "P")), ("coronal", ("S", "I", "R", "L")),
+                     ("axial", ("A", "P", "R", "L")))
+
+
+def _to_ras(arr: np.ndarray | None, affine: np.ndarray) -> np.ndarray | None:
+    """A 3-D array flipped and permuted to RAS (:func:`nibabel.orientations.io_orientation`);
+    the flips do not depend on the array's size, so maps on a coarser grid follow too."""
+    if arr is None or np.ndim(arr) != 3:
+        return arr
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    return apply_orientation(np.asarray(arr), io_orientation(np.asarray(affine, dtype=np.float64)))
+
+
+def _on_screen(views: list[np.ndarray | None]) -> list[np.ndarray | None]:
+    """Slices of a RAS volume as drawn: rows from superior (axial: anterior) down, columns
+    from the patient's right (sagittal: anterior) to the left."""
+    return [None if a is None else np.flip(a).T for a in views]
 
 
 def _wrap(text: str, width: int) -> str:
