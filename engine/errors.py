@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["NonFiniteFeaturesError", "CaseError", "option", "cli_messages"]
+__all__ = ["NonFiniteFeaturesError", "CaseError", "OutOfMemoryError", "option", "cli_messages"]
 
 #: How messages name an option: as the Python keyword (``nonfinite='skip'``) or, while the
 #: CLI runs, as its flag (``--nonfinite skip``) — advice must be followable from where the
@@ -83,3 +83,31 @@ class CaseError(ValueError):
         self.case_id = str(case_id)
         self.path = str(path)
         self.tensor = tensor
+
+
+class OutOfMemoryError(MemoryError):
+    """A batch could not be allocated; the message says what and what to lower.
+
+    Raised by the scoring loop ``from`` the original ``MemoryError`` (or onnxruntime's
+    allocation failure). The batches finished before it are kept in the store's parts, so
+    the same call with a smaller batch or budget resumes.
+
+    Attributes
+    ----------
+    case_ids : tuple of str
+        The cases of the batch that failed.
+    batch_size : int
+        The batch size in force.
+    needed : int or None
+        Bytes of hidden tensors the largest pass exposes for this batch, when known.
+    budget : int or None
+        The memory budget in bytes (``max_memory``, or the automatic limit).
+    """
+
+    def __init__(self, message: str, *, case_ids: tuple[str, ...] = (), batch_size: int = 0,
+                 needed: int | None = None, budget: int | None = None) -> None:
+        super().__init__(message)
+        self.case_ids = tuple(str(c) for c in case_ids)
+        self.batch_size = int(batch_size)
+        self.needed = needed
+        self.budget = budget

@@ -130,13 +130,20 @@ class StoreLock:
             self._held = True
             return
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:  # a read-only or full folder: nothing can be written there
+                raise StoreWriteError(
+                    exc.errno or errno.EIO,
+                    f"cannot write in folder {self.path.parent} for store {self.store} "
+                    f"({exc.strerror or exc}); choose an output in a writable folder, or make this "
+                    "one writable") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise StoreExistsError(f"another writer holds store {self.store} (lock "
-                                       f"{self.path}); {advice}") from None
+                raise StoreExistsError(f"another writer holds store {self.store}: it is in use "
+                                       f"until that run ends (lock {self.path}); {advice}") from None
             try:
                 st, now = os.fstat(fd), os.stat(self.path)
                 same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,13 @@ class StoreVersionError(ValueError):
 
 
 class StoreWriteError(OSError):
-    """Writing a store file failed; the message names the file and the key."""
+    """Writing a store file failed; the message names the file and the key.
+
+    ``errno`` is the cause's (``ENOSPC``, ``EROFS``...); ``str()`` is the message alone.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if isinstance(self.strerror, str) and self.strerror else super().__str__()
 
 
 class WriteContext:
@@ -53,6 +60,9 @@ class WriteContext:
         """Return the :class:`StoreWriteError` for ``exc`` (errno kept, EIO when none)."""
         code = getattr(exc, "errno", None) or errno.EIO
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if getattr(exc, "errno", None) and len(str(reason)) > 80:
+            # HDF5's own text (times, buffers, offsets) says less than the errno
+            reason = os.strerror(code)
         return StoreWriteError(
             code, f"cannot write key {self.key!r} to {self.filename}: {reason}; {self.advice}")
 

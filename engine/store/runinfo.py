@@ -30,7 +30,8 @@ from engine.store.encoding import (
 )
 from engine.store.errors import StoreVersionError
 
-__all__ = ["LAYER_FIELDS", "RunInfo", "make_run", "config_difference", "read_run",
+__all__ = ["LAYER_FIELDS", "RunInfo", "make_run", "config_difference", "dataset_difference",
+           "read_run", "read_manifest",
            "run_of_file", "write_run_attrs", "parts_dir"]
 
 #: Columns of the ``/layers`` table (keys of each layer dict given to the writer).
@@ -103,8 +104,95 @@ def make_run(config: Mapping[str, Any], layers: Iterable[Mapping[str, Any]],
     return RunInfo(_normalise(dict(config)), _normalise(layer_list), class_list)
 
 
-def config_difference(path: Path, old: RunInfo, new: RunInfo) -> str | None:
-    """One-line description of every setting that differs between two runs, or None."""
+def _ids_text(ids: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(c) for c in ids[:limit])
+    return shown + (f", ... {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _same_path(recorded: str, resolved: str | None) -> bool:
+    """Whether a path recorded by an older protoseg (as typed) names ``resolved``."""
+    if resolved is None:
+        return False
+    try:
+        return Path(os.path.abspath(Path(recorded).expanduser())).resolve() == Path(resolved)
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def dataset_difference(old: Any, new: Any, *, old_manifest: Mapping[str, Any] | None = None,
+                       new_manifest: Mapping[str, Any] | None = None,
+                       old_ids: Iterable[str] | None = None) -> str | None:
+    """What differs between the data of two runs, in a few words; None when it is the same.
+
+    ``old``/``new`` are the configuration's ``"dataset"`` values: a manifest summary
+    (``kind, cases, ids_sha256, fingerprint``, see :mod:`engine.run.manifest`) — equal
+    fingerprints are the same data wherever it lies and however its path was spelled — or,
+    in stores of older protoseg versions, the path as it was typed, which is the same data
+    when it resolves to the manifest's ``path`` (or, for data passed as an object, its class
+    name, which is all those versions recorded). The whole manifests (``dataset.json``) or
+    the ids of a finished store let the answer name the cases added or removed and the
+    files changed.
+    """
+    if old == new:
+        return None
+    new_path = (new_manifest or {}).get("path")
+    if isinstance(old, str) and isinstance(new, Mapping):
+        if _same_path(old, new_path) or (old and old == (new_manifest or {}).get("type")):
+            return None  # the same path, or the same kind of in-memory object (all they recorded)
+        return (f"data {old!r} (as an older protoseg recorded it; from here it is "
+                f"{Path(os.path.abspath(old))}), this run reads {new_path or 'other data'}")
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return f"dataset={old!r}, this run reads {new!r}"
+    if old.get("fingerprint") == new.get("fingerprint") and old.get("kind") == new.get("kind"):
+        return None
+    n_old, n_new = old.get("cases"), new.get("cases")
+    if old.get("kind") != new.get("kind"):
+        return (f"a {old.get('kind')} dataset of {n_old} cases, this run reads a "
+                f"{new.get('kind')} dataset of {n_new} cases")
+    was_ids = list((old_manifest or {}).get("ids") or []) or (
+        list(old_ids) if old_ids is not None else [])
+    now_ids = list((new_manifest or {}).get("ids") or [])
+    if old.get("ids_sha256") != new.get("ids_sha256"):
+        if not was_ids or not now_ids:
+            return f"other cases ({n_old} before, {n_new} now)"
+        was_set, now_set = set(was_ids), set(now_ids)
+        added = [c for c in now_ids if c not in was_set]
+        removed = [c for c in was_ids if c not in now_set]
+        if not added and not removed:
+            return f"the same {n_new} cases in another order"
+        said = []
+        if added:
+            said.append(f"{len(added)} case(s) added ({_ids_text(added)})")
+        if removed:
+            said.append(f"{len(removed)} case(s) removed ({_ids_text(removed)})")
+        return ", ".join(said)
+    old_files = (old_manifest or {}).get("files")
+    new_files = (new_manifest or {}).get("files")
+    if old_files is None or new_files is None or len(old_files) != len(new_files):
+        return f"the same {n_new} case ids, but their files changed"
+    changed: list[str] = []
+    total = 0
+    for was, now in zip(old_files, new_files):
+        was_map = {str(f[0]): tuple(f[1:]) for f in was}
+        now_map = {str(f[0]): tuple(f[1:]) for f in now}
+        total += len(now_map)
+        changed += [name for name in sorted(set(was_map) | set(now_map))
+                    if was_map.get(name) != now_map.get(name)]
+    if not changed:
+        return f"the same {n_new} case ids, but their files changed"
+    return (f"the same {n_new} case ids, but {len(changed)} of {total} file(s) changed "
+            f"({_ids_text(changed)})")
+
+
+def config_difference(path: Path, old: RunInfo, new: RunInfo, *,
+                      old_manifest: Mapping[str, Any] | None = None,
+                      new_manifest: Mapping[str, Any] | None = None,
+                      old_ids: Iterable[str] | None = None) -> str | None:
+    """One-line description of every setting that differs between two runs, or None.
+
+    The ``"dataset"`` setting is compared by :func:`dataset_difference` (by content, not
+    by path; the manifests and ``old_ids`` only make its words more precise).
+    """
     def short(value: Any) -> str:
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
@@ -112,6 +200,12 @@ def config_difference(path: Path, old: RunInfo, new: RunInfo) -> str | None:
     was, asks = [], []
     old_all = dict(old.config, layers=old.layers, classes=old.classes)
     new_all = dict(new.config, layers=new.layers, classes=new.classes)
+    data = dataset_difference(old_all.pop("dataset", None), new_all.pop("dataset", None),
+                              old_manifest=old_manifest, new_manifest=new_manifest,
+                              old_ids=old_ids)
+    if data is not None and isinstance(old.config.get("dataset"), Mapping):
+        old_all.pop("n_cases", None)  # the data's own words say how many cases
+        new_all.pop("n_cases", None)
     for key in sorted(set(old_all) | set(new_all)):
         a, b = old_all.get(key, "<unset>"), new_all.get(key, "<unset>")
         if a == b:
@@ -128,11 +222,16 @@ def config_difference(path: Path, old: RunInfo, new: RunInfo) -> str | None:
         else:
             was.append(f"{key}={short(a)}")
             asks.append(f"{key}={short(b)}")
-    if not was:
+    if not was and data is None:
         return None
-    return (f"store {path} was made with {', '.join(was)}, this run asks {', '.join(asks)}; "
-            f"choose another output ({option('store', 'PATH')}), or {option('overwrite')} to delete "
-            "the finished work there and start over")
+    made = []
+    if data is not None:
+        made.append(f"from other data: {data}" if not was else f"from other data ({data})")
+    if was:
+        made.append(f"with {', '.join(was)}, this run asks {', '.join(asks)}")
+    return (f"store {path} was made {' and '.join(made)}; choose another output "
+            f"({option('store', 'PATH')}), or {option('overwrite')} to delete the finished work "
+            "there and start over")
 
 
 def read_run(path: Path) -> RunInfo:
@@ -159,6 +258,20 @@ def read_run(path: Path) -> RunInfo:
         raise StoreVersionError(f"{path} was written by a newer protoseg (store version "
                                 f"{version}); upgrade protoseg")
     return RunInfo(data["config"], data["layers"], [int(c) for c in data["classes"]])
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The dataset manifest ``dataset.json`` of an unfinished run, or None.
+
+    Only the wording of a refused resume uses it (which cases, which files), so a missing
+    or damaged file is no error.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def run_of_file(path: Path) -> RunInfo:

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.errors import option
 from engine.store.atomic import StoreLock, publish, write_json_atomic
-from engine.store.batch import SCORE_FIELDS, BatchResult
+from engine.store.batch import SCORE_FIELDS, BatchResult, CaseGrid
 from engine.store.encoding import (
     PART_TYPE,
     key_name,
@@ -44,6 +44,7 @@ from engine.store.runinfo import (
     config_difference,
     make_run,
     parts_dir,
+    read_manifest,
     read_run,
     run_of_file,
     write_run_attrs,
@@ -78,14 +79,18 @@ def _arrays(result: BatchResult) -> dict[str, np.ndarray]:
 
 
 def _write_maps(root: h5py.Group, maps: Mapping[str, Mapping[str, Any]],
-                w: WriteContext) -> None:
-    """One ``case-maps`` group per case; ProtoSeg maps as ``layer-maps`` groups."""
+                w: WriteContext, grids: Mapping[str, CaseGrid] | None = None) -> None:
+    """One ``case-maps`` group per case (attribute ``grid`` when the case's grid is known);
+    ProtoSeg maps as ``layer-maps`` groups."""
     coll = require_group(root, "maps", "map-collection")
     for case_id, entries in maps.items():
         w.key = f"maps/{case_id}"
         grp = coll.create_group(key_name(str(case_id)))
         set_encoding(grp, "case-maps")
         grp.attrs["case_id"] = str(case_id)
+        grid = (grids or {}).get(str(case_id))
+        if grid is not None:
+            grp.attrs["grid"] = grid.to_json()
         for name, value in entries.items():
             w.key = f"maps/{case_id}/{name}"
             if isinstance(value, Mapping):
@@ -125,6 +130,12 @@ class StoreWriter:
         Continue an unfinished (or extend a finished) run with the same settings.
     overwrite : bool, default False
         Delete an existing store and unfinished run at ``path`` and start over.
+    manifest : dict, optional
+        The dataset manifest (:meth:`engine.run.manifest.DatasetManifest.as_json`), kept
+        as ``<path>.parts/dataset.json``: when ``config["dataset"]`` differs on resume, the
+        message names the cases added or removed and the files changed. With it, a store
+        whose ``config["dataset"]`` is the path an older protoseg recorded is resumed when
+        that path resolves to ``manifest["path"]`` (the old description is kept).
 
     Raises
     ------
@@ -136,6 +147,8 @@ class StoreWriter:
         differing key); pass ``overwrite=True`` or another path.
     StoreVersionError
         The existing store or run was written by a newer protoseg.
+    StoreWriteError
+        The store's folder cannot be written (read-only, full); nothing is left there.
 
     Notes
     -----
@@ -157,10 +170,11 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, config: Mapping[str, Any],
                  layers: list[Mapping[str, Any]], classes: list[int], resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, manifest: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.parts = parts_dir(self.path)
         self.run: RunInfo = make_run(config, layers, classes)
+        self.manifest = dict(manifest) if manifest is not None else None
         self._done: dict[str, Path] = {}
         self._store_ids: set[str] = set()
         self._next = 0
@@ -187,8 +201,8 @@ class StoreWriter:
         previous = _WRITERS.get(key)
         if previous is not None and previous() is not None:
             previous().close()  # type: ignore[union-attr]  # same process: take over
-        self._lock.acquire(advice="wait for it to finish, close() the other StoreWriter, "
-                                  "or choose another output")
+        self._lock.acquire(advice=f"wait for it to finish, or choose another output "
+                                  f"({option('store', 'PATH')})")
         _WRITERS[key] = weakref.ref(self)
 
     def close(self) -> None:
@@ -224,26 +238,40 @@ class StoreWriter:
         if has_store:
             try:
                 old = run_of_file(self.path)
-                self._store_ids = set(read_part_ids(self.path)[0])
+                store_ids = read_part_ids(self.path)[0]
             except StoreVersionError:
                 raise
             except Exception as exc:  # noqa: BLE001 - not a readable store
                 raise StoreExistsError(
                     f"{self.path} exists but is not a readable protoseg store "
                     f"({type(exc).__name__}: {exc}); choose another output "
-                    f"({option('store', 'PATH')}), or {option('overwrite')} to replace it") from None
-            diff = config_difference(self.path, old, self.run)
-            if diff:
-                raise StoreConfigError(diff)
+                    f"({option('store', 'PATH')}), or {option('overwrite')} to delete it and "
+                    "start over") from None
+            self._store_ids = set(store_ids)
+            self._compare(old, old_ids=store_ids)
         if has_parts and (self.parts / "run.json").exists():
             old = read_run(self.parts / "run.json")
-            diff = config_difference(self.path, old, self.run)
-            if diff:
-                raise StoreConfigError(diff)
+            self._compare(old, old_manifest=read_manifest(self.parts / "dataset.json"))
             self._scan_parts()
         else:
             self.parts.mkdir(exist_ok=True)
             write_json_atomic(self.parts / "run.json", self.run.as_json())
+            if self.manifest is not None:
+                write_json_atomic(self.parts / "dataset.json", self.manifest)
+
+    def _compare(self, old: RunInfo, *, old_manifest: Mapping[str, Any] | None = None,
+                 old_ids: list[str] | None = None) -> None:
+        """Refuse a run description with other settings or data; adopt an equivalent one.
+
+        An older store's description may name the same data differently (its path as
+        typed): the old description is kept, so that every part and the store agree.
+        """
+        diff = config_difference(self.path, old, self.run, old_manifest=old_manifest,
+                                 new_manifest=self.manifest, old_ids=old_ids)
+        if diff:
+            raise StoreConfigError(diff)
+        if old != self.run:
+            self.run = old
 
     # ---------------------------------------------------------------- state
     def _cleanup_temps(self) -> None:
@@ -271,8 +299,9 @@ class StoreWriter:
             clash = [c for c in ids if c in self._done or c in self._store_ids]
             if clash:
                 raise ValueError(f"part {part} repeats case(s) {clash[:5]} already in "
-                                 f"{self._done.get(clash[0], self.path)}; remove one of them "
-                                 "or start over with overwrite=True")
+                                 f"{self._done.get(clash[0], self.path)}; remove one of them, "
+                                 f"or {option('overwrite')} to delete the finished work and start "
+                                 "over")
             for c in ids:
                 self._done[c] = part
             if self._schema is None:
@@ -326,7 +355,7 @@ class StoreWriter:
             raise ValueError(f"case(s) {again[:5]} are already in store {self.path}; skip "
                              "the ids in done_ids() when resuming")
         final = self.parts / f"part-{self._next:06d}.h5"
-        self._write_part(final, arrays, result.maps)
+        self._write_part(final, arrays, result.maps, result.grids)
         self._next += 1
         self._schema = schema
         for c in result.case_ids:
@@ -334,7 +363,8 @@ class StoreWriter:
         return final
 
     def _write_part(self, final: Path, arrays: Mapping[str, np.ndarray],
-                    maps: Mapping[str, Mapping[str, Any]]) -> None:
+                    maps: Mapping[str, Mapping[str, Any]],
+                    grids: Mapping[str, CaseGrid] | None = None) -> None:
         """Write a part under a temporary name, then publish it as ``final``."""
         tmp = self.parts / f".{final.name}.tmp-{os.getpid()}"
         w = WriteContext(final)
@@ -351,7 +381,7 @@ class StoreWriter:
                     # time at unit level in the pipeline benchmark)
                     write_array(grp, leaf, arrays[key], compress=False)
                 if maps:
-                    _write_maps(f, maps, w)
+                    _write_maps(f, maps, w, grids)
                 w.key = "/"
                 f.attrs["complete"] = 1
             publish(tmp, final)
