@@ -30,6 +30,11 @@ _EXPORTS: dict[str, str] = {
     "read_metadata": "engine.model.metadata",
     "write_metadata": "engine.model.metadata",
     "new_metadata": "engine.model.metadata",
+    "resolve_shapes": "engine.model.shapes",
+    "accepted_multiple": "engine.model.shapes",
+    "check_activation": "engine.model.activation",
+    "infer_activation": "engine.model.activation",
+    "ActivationError": "engine.model.activation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -307,7 +307,8 @@ class ModelCard:
             if not self.resize:
                 raise ValueError(
                     f"image spatial size {spatial} differs from the model's input size {self.input_size} "
-                    "and resize is off; turn resize on or resample the images")
+                    f"and the model card does not resize; resample the images, or resize them all "
+                    f"({option('input_size', ','.join(map(str, self.input_size)))})")
             x = np.asarray(resize_linear(x, self.input_size), dtype=np.float32)
         if self.scaling != "none":
             x = self._scale(x)

@@ -27,6 +27,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from engine.errors import option
+from engine.memory import available_memory as _available_memory
 from engine.model.metadata import read_metadata
 
 __all__ = [
@@ -516,18 +518,10 @@ def expose(model: str | os.PathLike[str] | onnx.ModelProto,
 # memory planning
 
 def available_memory() -> int:
-    """Bytes of RAM available now (``MemAvailable`` from ``/proc/meminfo``; fallbacks elsewhere)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    """Bytes this process can still use: the smallest of ``MemAvailable``, the cgroup (v1/v2)
+    limit less its usage, and ``RLIMIT_AS``/``RLIMIT_DATA`` less this process's size
+    (see :func:`engine.memory.memory_limit`)."""
+    return _available_memory()
 
 
 def activation_bytes(tensor: HiddenTensor, batch_size: int, *,
@@ -623,11 +617,12 @@ def plan_passes(
     if current:
         passes.append(current)
     if too_big:
-        logger.warning("tensors %s alone exceed max_activation_memory=%d bytes at batch %d; each "
-                       "gets its own pass (lower the batch size to stay within the budget)",
-                       too_big, max_activation_memory, batch_size)
+        logger.warning("tensor(s) %s alone exceed the %.1f MiB budget for exposed activations at "
+                       "batch %d; each gets its own pass (lower %s to stay within it)",
+                       ", ".join(too_big[:5]) + (" ..." if len(too_big) > 5 else ""),
+                       max_activation_memory / 2**20, batch_size, option("batch_size", "N"))
     if len(passes) > 1:
-        logger.info("exposed activations exceed max_activation_memory=%.1f MiB at batch %d: "
+        logger.info("exposed activations exceed their %.1f MiB budget at batch %d: "
                     "running the model in %d passes per batch", max_activation_memory / 2**20,
                     batch_size, len(passes))
     return passes

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import option
+
 __all__ = ["cuda_usable", "make_session", "Session", "PROVIDERS", "OPTIMIZATIONS"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -79,6 +81,7 @@ def cuda_usable() -> bool:
 
     if _CUDA not in ort.get_available_providers():
         return False
+    _preload_pip_cuda(ort)
     ort.set_default_logger_severity(_SILENT)
     try:
         opts = ort.SessionOptions()
@@ -89,6 +92,20 @@ def cuda_usable() -> bool:
         return False
     finally:
         ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+
+
+def _preload_pip_cuda(ort: Any) -> None:
+    """Load CUDA/cuDNN from pip's ``nvidia-*`` wheels before the first CUDA session (their
+    provider library has no RPATH: ``onnxruntime.preload_dlls()``); nothing without them."""
+    import importlib.util
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or importlib.util.find_spec("nvidia") is None:
+        return
+    try:
+        preload()
+    except Exception:  # a partial pip install: the probe below then says CUDA cannot load
+        pass
 
 
 def _np_dtype(ort_type: str) -> Any:
@@ -141,14 +158,15 @@ class Session:
         Returns
         -------
         dict
-            Output name → array, batch on axis 0. On a model whose batch is fixed to 1 a
-            batch of B cases runs B times and the results are concatenated.
+            Output name → array, batch on axis 0. On a model whose batch is fixed to ``n``
+            a batch of B cases runs in chunks of ``n`` (the last one padded with copies of
+            its final case, whose outputs are dropped) and the results are concatenated.
 
         Raises
         ------
         ValueError
-            Missing or unknown input names, unknown output names, a batch size the model
-            cannot take, or inputs with different batch sizes.
+            Missing or unknown input names, unknown output names, or inputs with different
+            batch sizes.
         """
         missing = [n for n in self.input_names if n not in feeds]
         unknown = [n for n in feeds if n not in self.input_names]
@@ -179,14 +197,57 @@ class Session:
                 f"inputs have batch sizes {sorted(str(b) for b in batches)}; all inputs need the same "
                 "batch size on axis 0")
         batch = batches.pop()
-        if self.fixed_batch is None or batch == self.fixed_batch:
+        n = self.fixed_batch
+        if n is None or batch == n:
             return self._run_once(arrays, names)
-        if self.fixed_batch != 1:
-            raise ValueError(
-                f"the model's batch is fixed to {self.fixed_batch}, got a batch of {batch}; "
-                f"use batch_size={self.fixed_batch} (or re-export the model with a dynamic batch)")
-        parts = [self._run_once({k: v[i:i + 1] for k, v in arrays.items()}, names) for i in range(batch)]
-        return {n: np.concatenate([p[n] for p in parts], axis=0) for n in names}
+        # a fixed batch of n: run chunks of n cases; the last one is padded with copies of
+        # its final case, whose outputs are dropped (each case's outputs depend on it alone)
+        parts = []
+        for start in range(0, batch, n):
+            chunk = {k: v[start:start + n] for k, v in arrays.items()}
+            m = next(iter(chunk.values())).shape[0]
+            if m < n:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], n - m, axis=0)]) for k, v in chunk.items()}
+            out = self._run_once(chunk, names)
+            parts.append({k: v[:m] for k, v in out.items()} if m < n else out)
+        if len(parts) == 1:
+            return {k: np.ascontiguousarray(v) for k, v in parts[0].items()}
+        return {name: np.concatenate([p[name] for p in parts], axis=0) for name in names}
+
+    # --- GPU data path (issue 19, engine.gpu): outputs left on the device -------------------
+    def run_device(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None, *,
+                   host: Sequence[str] = ()) -> dict[str, Any]:
+        """Run one batch and leave the outputs on the GPU (``io.bind_output(name, "cuda")``).
+
+        Returns
+        -------
+        dict
+            Output name → ``onnxruntime.OrtValue`` in CUDA memory (view it with
+            :func:`engine.gpu.device_view`), except the names in ``host``: numpy arrays.
+            A session not on CUDA, or a model whose batch is fixed to another size (run in
+            padded chunks), goes through :meth:`run` instead: every value is a numpy array.
+        """
+        names = list(self.output_names if outputs is None else outputs)
+        sizes = {np.shape(v)[0] for v in feeds.values() if np.ndim(v)}
+        if self.provider != _CUDA or (self.fixed_batch is not None and sizes != {self.fixed_batch}):
+            return self.run(feeds, names)
+        bad = [n for n in names if n not in self.output_names]
+        if bad or sorted(feeds) != sorted(self.input_names):
+            return self.run(feeds, names)  # raises the usual error
+        binding = self.ort_session.io_binding()
+        for name, value in feeds.items():
+            arr = np.asarray(value)
+            want = _np_dtype(self.input_types[name])
+            if want is not None and arr.dtype != want and np.issubdtype(arr.dtype, np.floating) \
+                    and np.issubdtype(want, np.floating):
+                arr = arr.astype(want)
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in names:
+            binding.bind_output(name, "cpu" if name in host else "cuda")
+        self.ort_session.run_with_iobinding(binding)
+        return {name: (value.numpy() if name in host else value)
+                for name, value in zip(names, binding.get_outputs())}
+    # --- end of the GPU data path hook ---------------------------------------------------------
 
     def _run_once(self, arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         sess = self.ort_session
@@ -226,6 +287,7 @@ def make_session(
     provider: str = "auto",
     optimization: str = "all",
     threads: int | None = None,
+    cuda_options: Mapping[str, str] | None = None,
 ) -> Session:
     """Build an onnxruntime session.
 
@@ -239,6 +301,9 @@ def make_session(
         onnxruntime graph optimisation level.
     threads : int, optional
         Intra-op threads (default: onnxruntime's choice, one per physical core).
+    cuda_options : mapping of str to str, optional
+        CUDA execution provider options (e.g. ``user_compute_stream``, set by the GPU data
+        path of :mod:`engine.gpu`); ignored when the session runs on the CPU.
 
     Returns
     -------
@@ -272,8 +337,9 @@ def make_session(
         raise ValueError(f"threads={threads!r}; expected a non-negative integer (0 = onnxruntime's default)")
     if provider == "cuda" and not cuda_usable():
         raise ValueError(
-            "provider='cuda' was asked for but onnxruntime's CUDA execution provider cannot load "
-            f"here (providers listed: {ort.get_available_providers()}); use provider='auto' or 'cpu'")
+            f"{option('provider', 'cuda')} was asked for but onnxruntime's CUDA execution provider "
+            f"cannot load here (providers listed: {ort.get_available_providers()}); use "
+            f"{option('provider', 'auto')} or {option('provider', 'cpu')}")
     use_cuda = provider == "cuda" or (provider == "auto" and cuda_usable())
     opts = ort.SessionOptions()
     opts.graph_optimization_level = {
@@ -284,14 +350,17 @@ def make_session(
     }[optimization]
     if threads:
         opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    # 4 = fatal only: a failed run raises, and protoseg says what failed in one line
+    opts.log_severity_level = 4
     if not use_cuda:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # one CPU memory arena for all sessions of the process: a run split into several
         # passes (one session each) then peaks like one pass, not like the sum of passes
         if _shared_cpu_arena():
             opts.add_session_config_entry("session.use_env_allocators", "1")
-    providers = [_CUDA, _CPU] if use_cuda else [_CPU]
+    providers: list[Any] = [_CUDA, _CPU] if use_cuda else [_CPU]
+    if use_cuda and cuda_options:  # GPU data path (issue 19): e.g. one stream shared with Numba
+        providers[0] = (_CUDA, {str(k): str(v) for k, v in cuda_options.items()})
     if hasattr(model, "SerializeToString"):
         source: Any = model.SerializeToString()
     elif isinstance(model, (bytes, bytearray)):

@@ -181,7 +181,7 @@ def test_preprocess_resize_matches_torch():
 
 def test_preprocess_errors():
     card = _card(resize=False)
-    with pytest.raises(ValueError, match="resize is off"):
+    with pytest.raises(ValueError, match=r"does not resize; resample the images, or resize them all \(input_size="):
         card.preprocess(np.zeros((1, 4, 4)))
     with pytest.raises(ValueError, match=r"image\[None\]"):
         card.preprocess(np.zeros((8, 8)))
