@@ -19,7 +19,7 @@ DEEPBRAIN_WHEEL := .cache/wheels/deepbrain-0.1-py3-none-any.whl
 export PROTOSEG_DEEPBRAIN_WHEEL ?= $(CURDIR)/$(DEEPBRAIN_WHEEL)
 
 $(VENV)/.test: $(VENV)/.core pyproject.toml
-	$(PY) -m pip install --quiet -e ".[torch,tensorflow,test,monai]"
+	$(PY) -m pip install --quiet -e ".[torch,tensorflow,test,monai,dask]"
 	@# nnU-Net's networks (the nnunet extra) without timm/einops: only transformer architectures need
 	@# them, and timm pulls torchvision; the U-Nets need torch and numpy, installed above
 	$(PY) -m pip install --quiet --no-deps "dynamic-network-architectures>=0.3"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
+import warnings
 import math
 import sys
 from collections.abc import Callable
@@ -62,6 +64,15 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             raise click.ClickException(_one_line(exc)) from None
+        except MemoryError as exc:  # the scoring loop's OutOfMemoryError names batch and remedy
+            if debug:
+                raise
+            from engine.errors import OutOfMemoryError
+
+            if isinstance(exc, OutOfMemoryError):
+                raise click.ClickException(_one_line(exc)) from None
+            raise click.ClickException(f"out of memory ({_one_line(exc)}): lower --batch-size or "
+                                       "--max-memory, or score fewer --layers") from None
 
     return wrapper
 
@@ -150,6 +161,46 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.propagate = False
 
 
+#: Skipped cases listed one line each on stderr before the rest are only counted (-v lists all).
+MAX_CASE_LINES = 10
+#: Skipped cases are said even under --quiet (its own level; the "protoseg" handler prints it).
+_CASES_LOG = logging.getLogger("protoseg.cases")
+_CASES_LOG.setLevel(logging.WARNING)
+_SKIPPED = re.compile(r"^case (?P<id>'.*?'): (?P<why>.*?);? case skipped\.?$")
+
+
+class _CaseLines:
+    """The CLI's warning display: one line per warning through the ``protoseg`` logger,
+    skipped cases as ``case 'x' skipped: why``, at most :data:`MAX_CASE_LINES` of them unless
+    ``-v`` (the store's case statuses keep every reason)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.shown, self.hidden = limit, 0, 0
+
+    def __call__(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+        log = logging.getLogger("protoseg")
+        text = " ".join(str(message).split())
+        if not issubclass(category, UserWarning):  # library deprecations: debug output only
+            log.debug("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
+            return
+        m = _SKIPPED.match(text)
+        if m is None:
+            log.warning("warning: %s", text)
+            return
+        if self.limit is not None and self.shown >= self.limit:
+            self.hidden += 1
+            return
+        self.shown += 1
+        _CASES_LOG.warning("case %s skipped: %s", m["id"], m["why"])
+
+    def close(self) -> None:
+        if self.hidden:
+            _CASES_LOG.warning(
+                "... and %d more skipped case%s (-v lists them; the store's case statuses say why)",
+                self.hidden, "" if self.hidden == 1 else "s")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="protoseg")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -174,6 +225,14 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     ctx.obj["debug"] = debug
     ctx.obj["verbose"] = verbose
     _setup_logging(verbose, quiet=False)
+    # a skipped case's warning is one line on stderr like every other message (no source
+    # line, no "datasets.py:463: UserWarning:" prefix); --quiet hides it with the rest.
+    # Restored when the command ends (the CLI also runs in-process, under tests).
+    ctx.with_resource(warnings.catch_warnings())
+    lines = _CaseLines(None if verbose else MAX_CASE_LINES)
+    warnings.showwarning = lines
+    warnings.simplefilter("always", UserWarning)  # two cases with one message are two lines
+    ctx.call_on_close(lines.close)
 
 
 # ---------------------------------------------------------------- inspect
@@ -207,17 +266,25 @@ def _io_dict(vi: Any) -> dict[str, Any]:
 @click.option("--layers", default="all", show_default=True,
               help="Only list tensors matching this selector: all, auto (the layers an exporter named), "
                    "name, layer, glob, re:REGEX, op:OpType.")
+@click.option("--input-shape", help="An input shape, batch first (e.g. 1,1,256,256): also show each tensor's "
+                                    "size for it and the bytes per case that scoring would hold.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with inputs, outputs, hidden.")
 @handle_errors
-def inspect(model: Path, layers: str, as_json: bool) -> None:
+def inspect(model: Path, layers: str, input_shape: str | None, as_json: bool) -> None:
     """Show a model's inputs, outputs and the hidden tensors protoseg can score.
+
+    Symbolic dims (a dynamic batch or spatial size) are shown by name, unknown ones as ?;
+    with --input-shape they are resolved for that input, as `score` resolves them for
+    the data.
 
     \b
     Example:
       protoseg inspect model.onnx
       protoseg inspect model.onnx --layers 'op:Conv' --json
+      protoseg inspect model.onnx --input-shape 1,1,512,512
     """
-    from engine.model.graph import list_hidden_tensors, load_model, select_tensors
+    from engine.model.graph import activation_bytes, list_hidden_tensors, load_model, select_tensors
+    from engine.model.shapes import resolve_shapes
 
     proto = load_model(model)
     init_names = {i.name for i in proto.graph.initializer}
@@ -227,15 +294,35 @@ def inspect(model: Path, layers: str, as_json: bool) -> None:
     if layers != "all":
         hidden = select_tensors(hidden, _split_selectors(layers))
     n_exported = sum(t.exported for t in hidden)
-    if as_json:
-        _echo_json({"model": str(model), "inputs": inputs, "outputs": outputs,
-                    "hidden": [_tensor_dict(t) for t in hidden]})
-        return
+    tensors = [_tensor_dict(t) for t in hidden]
     cols = ["name", "layer", "op", "shape", "dtype"]
+    total = None
+    if input_shape:
+        shape = _shape(input_shape, "--input-shape")
+        if not inputs or len(shape) != len(inputs[0]["shape"]):
+            raise click.BadParameter(
+                f"{input_shape!r} has {len(shape)} dims; the model's input {inputs[0]['name']!r} has "
+                f"shape {inputs[0]['shape']}" if inputs else "the model has no input",
+                param_hint="--input-shape")
+        sized = resolve_shapes(proto, hidden, inputs[0]["name"], shape)
+        total = 0
+        for d, t in zip(tensors, sized):
+            d["resolved_shape"] = [int(v) if isinstance(v, int) else None for v in t.shape[1:]]
+            d["bytes_per_case"] = activation_bytes(t, 1)
+            total += d["bytes_per_case"]
+        cols += ["resolved", "MiB/case"]
+    if as_json:
+        out = {"model": str(model), "inputs": inputs, "outputs": outputs, "hidden": tensors}
+        if total is not None:
+            out["input_shape"], out["bytes_per_case"] = list(shape), total
+        _echo_json(out)
+        return
 
     def rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{**d, "name": ("* " if d.get("exported") else "") + d["name"],
-                 "shape": "x".join("?" if s is None else str(s) for s in d["shape"])} for d in items]
+                 "shape": "x".join("?" if s is None else str(s) for s in d["shape"]),
+                 "resolved": "x".join(str(s) for s in d.get("resolved_shape") or ()),
+                 "MiB/case": f"{d.get('bytes_per_case', 0) / 2**20:.2f}"} for d in items]
 
     click.echo(f"model: {model}")
     click.echo("\ninputs:")
@@ -244,7 +331,11 @@ def inspect(model: Path, layers: str, as_json: bool) -> None:
     click.echo(_table(rows(outputs), ["name", "shape", "dtype"]))
     click.echo(f"\nhidden tensors ({len(hidden)}" + (
         f"; {n_exported} exported and named, marked *, scored by default" if n_exported else "") + "):")
-    click.echo(_table(rows([_tensor_dict(t) for t in hidden]), cols))
+    click.echo(_table(rows(tensors), cols))
+    if total is not None:
+        click.echo(f"\nfor input {'x'.join(map(str, shape))}: {total / 2**20:.1f} MiB per case if every "
+                   "listed tensor is scored; score holds one pass of them per batch (x --batch-size, "
+                   "split into passes under the memory budget)")
 
 
 def _split_selectors(value: str | tuple[str, ...]) -> str | list[str]:
@@ -263,7 +354,22 @@ def _split_selectors(value: str | tuple[str, ...]) -> str | list[str]:
 #: Options that only mean something when a model is run (refused by `estimate STORE`).
 _SCORING_ONLY = ("layers", "resize", "threshold", "batch_size", "provider", "optimization", "card_toml",
                  "activation", "prediction_output", "layout", "scaling", "classes", "save_maps",
-                 "no_input_sa", "nonfinite", "strict", "max_cases", "shard", "resume", "overwrite")
+                 "no_input_sa", "nonfinite", "strict", "max_cases", "shard", "resume", "overwrite",
+                 "max_memory", "volume", "input_size", "reorient", "cluster", "chunk_size")
+
+
+class _Size(click.ParamType):
+    """A memory size: bytes, or a number with a unit (4GiB, 512MB, 1.5G, 1e9)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        from engine.memory import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -279,6 +385,10 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Probability threshold of the prediction [default: the model card's, else 0.5]."),
         click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Cases per model run (bounds memory)."),
+        click.option("--max-memory", type=_Size(), metavar="SIZE",
+                     help="Memory the run may use (4GiB, 512MB...); a quarter of it bounds the hidden "
+                          "tensors exposed per model run, split into more passes when needed "
+                          "[default: what is free, within cgroup and ulimit -v/-d limits]."),
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="onnxruntime execution provider (auto: CUDA only when it loads)."),
         click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]),
@@ -286,10 +396,17 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--card", "card_toml", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="TOML model card (prediction output, activation, layout, preprocessing)."),
         click.option("--activation", type=click.Choice(["sigmoid", "softmax", "logits"]),
-                     help="What the prediction output holds (overrides the model card)."),
+                     help="What the prediction output ALREADY holds, as the model computes it (not an "
+                          "activation to apply): sigmoid = per-channel probabilities in [0, 1], softmax "
+                          "= probabilities summing to 1 over channels, logits = raw scores (protoseg "
+                          "applies sigmoid/softmax to them). Overrides the model card."),
         click.option("--prediction-output", help="Graph output holding the prediction (overrides the card)."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC", "NCDHW", "NDHWC", "NCW", "NWC"]),
                      help="Input layout (overrides the card)."),
+        click.option("--input-size", metavar="H,W[,D]",
+                     help="Resize every image to this spatial size before the model (linear): for a "
+                          "model that needs one size, or to score images of sizes it cannot take. "
+                          "Default: the model's fixed size, else each image at its own size."),
         click.option("--scaling", type=click.Choice(["none", "minmax", "zscore", "meanstd"]),
                      help="Intensity scaling before the model (overrides the card)."),
         click.option("--classes", help="Classes to score one-vs-rest, comma-separated (e.g. 1,2,3)."),
@@ -299,9 +416,21 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--nonfinite", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
                      help="NaN/Inf in a hidden tensor: stop, or score NaN with a status and go on."),
         click.option("--strict", is_flag=True, help="Stop at the first unreadable case instead of skipping it."),
+        click.option("--volume", type=click.IntRange(min=0), metavar="T",
+                     help="Score volume T (from 0) of time series (4-D NIfTI whose header gives the 4th "
+                          "axis a time unit, NRRD/TIFF time axes) [default: such cases are skipped]."),
+        click.option("--reorient", is_flag=True,
+                     help="Bring every 3-D NIfTI/NRRD case (image and mask) to RAS before the model, by "
+                          "axis flips and permutations only (no resampling) [default: voxels in file order]."),
         click.option("--max-cases", type=click.IntRange(min=1), help="Score only the first N cases."),
         click.option("--shard", metavar="I/N", help="Score only cases with index % N == I (one worker of N; "
-                     "join the stores with engine.merge_parts)."),
+                     "join the stores with `protoseg merge`)."),
+        click.option("--cluster", metavar="ADDRESS",
+                     help="Score on a Dask cluster: tcp://HOST:PORT of a running scheduler, or local:N for "
+                          "N worker processes on this machine (needs protoseg[dask]; docs/distributed.md)."),
+        click.option("--chunk-size", type=click.IntRange(min=1), metavar="N",
+                     help="With --cluster: cases per task, a multiple of --batch-size [default: about four "
+                          "chunks per worker, at most 8 batches]."),
         click.option("--resume/--no-resume", default=True, show_default=True,
                      help="Continue an interrupted run made with the same settings (a finished one is "
                           "left as is); --no-resume refuses an existing store."),
@@ -315,8 +444,15 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _card_overrides(card_toml: Path | None, activation: str | None, prediction_output: str | None,
-                    layout: str | None, scaling: str | None, classes: str | None) -> Any:
+                    layout: str | None, scaling: str | None, classes: str | None,
+                    input_size: str | None = None) -> Any:
     overrides: dict[str, Any] = {}
+    if input_size:
+        size = _shape(input_size, "--input-size")
+        if not size or any(v < 1 for v in size):
+            raise click.BadParameter(f"expected positive sizes such as 256,256, got {input_size!r}",
+                                     param_hint="--input-size")
+        overrides["input_size"], overrides["resize"] = size, True
     if activation:
         overrides["activation"] = activation
     if prediction_output:
@@ -344,6 +480,14 @@ def _maps_arg(save_maps: tuple[str, ...]) -> Any:
     return [s for part in save_maps for s in part.split(",") if s]
 
 
+def _check_cluster_flags(cluster: str | None, chunk_size: int | None, shard: str | None) -> None:
+    if chunk_size is not None and cluster is None:
+        raise click.UsageError("--chunk-size applies with --cluster only")
+    if cluster is not None and shard is not None:
+        raise click.UsageError("--cluster and --shard exclude each other: the cluster cuts the data into "
+                               "chunks itself (--shard is for one machine of a batch array)")
+
+
 def _check_store_flags(resume: bool, overwrite: bool) -> None:
     ctx = click.get_current_context()
     explicit = ctx.get_parameter_source("resume") == click.core.ParameterSource.COMMANDLINE
@@ -361,10 +505,23 @@ def layer_summary(store: Any) -> list[dict[str, Any]]:
 
     from engine.report import layer_summary as report_layer_summary
 
+    import numpy as np
+
+    from engine.status import Status
+
     ls = store.layer_scores()
+    case_status = np.asarray(store.cases["status"]).astype(str)
+    classes = list(store.classes)
     rows = []
-    for r in report_layer_summary(ls["score"], ls["status"], store.layers, list(store.classes)):
+    for r in report_layer_summary(ls["score"], ls["status"], store.layers, classes):
         why = {k[len("nan_"):]: v for k, v in r.items() if k.startswith("nan_") and v}
+        if why.pop(Status.NOT_COMPUTED.name, 0):
+            # not computed because the case was skipped: say why (its case status)
+            k, li = classes.index(r["class"]), int(r["layer_index"])
+            skipped = case_status[ls["status"][:, k, li] == int(Status.NOT_COMPUTED)]
+            for reason in skipped:
+                key = Status.NOT_COMPUTED.name if reason == "ok" else str(reason)
+                why[key] = why.get(key, 0) + 1
         rows.append({
             "layer": r["layer"],
             "tensor": r["name"],
@@ -410,7 +567,9 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
           prediction_output: str | None, layout: str | None, scaling: str | None, classes: str | None,
           save_maps: tuple[str, ...], no_input_sa: bool, nonfinite: str, strict: bool,
           max_cases: int | None, shard: str | None, resume: bool, overwrite: bool, quiet: bool,
-          as_json: bool) -> None:
+          as_json: bool, max_memory: int | None = None, volume: int | None = None,
+          input_size: str | None = None, reorient: bool = False, cluster: str | None = None,
+          chunk_size: int | None = None) -> None:
     """Score every hidden layer of MODEL on the cases in DATA into an HDF5 store.
 
     DATA is a folder of image/mask pairs (NIfTI, NRRD, PNG/JPEG/TIFF, .npy), one
@@ -427,6 +586,7 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
     if store is None:
         raise click.UsageError("missing option -o/--output: the HDF5 store to write")
     _check_store_flags(resume, overwrite)
+    _check_cluster_flags(cluster, chunk_size, shard)
     if guide == "ground_truth" and soft_guide:
         raise click.UsageError("--soft-guide applies to --guide prediction only")
     if quiet:
@@ -437,10 +597,12 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
             model, data, store, layers=_split_selectors(layers), level=level, guide=guide,
             guide_kind="soft" if soft_guide else "hard", reference=reference, resize=resize,
             threshold=threshold, batch_size=batch_size, provider=provider, optimization=optimization,
-            card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
+            card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes,
+                                 input_size),
             save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
             resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
-            progress=update,
+            max_memory=max_memory, volume=volume, reorient=reorient, progress=update,
+            client=cluster, chunk_size=chunk_size,
         )
     finally:
         close()
@@ -451,13 +613,19 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
                            "cases": summary.n_cases, "scored": summary.n_scored,
                            "resumed_skipped": summary.n_skipped_done, "failed": summary.n_failed,
                            "no_reference": summary.n_no_reference,
-                           "seconds": round(summary.seconds, 3), "layers": rows}))
+                           "seconds": round(summary.seconds, 3), "layers": rows,
+                           **({"cluster": summary.cluster_json()} if cluster else {})}))
         return
     if not quiet:
         _print_layer_summary(rows, multi_class=len(st.classes) > 1)
         no_ref = f"{summary.n_no_reference} without mask, " if summary.n_no_reference else ""
         click.echo(f"\nstore: {summary.store}  ({summary.n_cases} cases, {summary.n_failed} failed, "
                    f"{no_ref}provider {summary.provider}, {summary.seconds:.1f} s)")
+        if cluster:
+            c = summary.cluster_json()
+            click.echo(f"chunks: {c['done']} done, {c['skipped']} skipped, {c['retried']} retried, "
+                       f"{c['failed']} failed; seconds per worker: "
+                       + ", ".join(f"{k} {v:.1f}" for k, v in c["worker_seconds"].items()))
     else:
         click.echo(str(summary.store))
 
@@ -467,9 +635,10 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, path_type=Path), required=False)
 @_score_options
-@click.option("--estimator", type=click.Choice(["paper", "all-layers", "calibrated"]), multiple=True,
+@click.option("--estimator", type=click.Choice(["paper", "all-layers", "calibrated", "combined"]), multiple=True,
               help="Estimators to compute (repeatable) [default: paper and all-layers, "
-                   "plus calibrated with --calibration].")
+                   "plus calibrated with --calibration]; combined = SA and baselines in a ridge "
+                   "model stored in the calibration.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration file: read it when it exists, else fit it on DATA's masks and save it.")
 @click.option("--rank-by", default=None, help="Estimator used to rank and flag [default: the first].")
@@ -478,6 +647,9 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
 @click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), help="Flag this fraction of cases.")
 @click.option("--dice-threshold", type=float, default=0.8, show_default=True,
               help="Validation: cases with true Dice below this are 'bad' (AUROC).")
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Per-case lower bound on Dice at this coverage (e.g. 0.9; split conformal, needs "
+                   "--calibration); cases are ranked and flagged by the bound.")
 @click.option("--model", "store_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With a STORE written by an older protoseg: the model it was scored with.")
 @handle_errors
@@ -490,7 +662,9 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
              overwrite: bool, quiet: bool, as_json: bool, estimator: tuple[str, ...],
              calibration: Path | None, rank_by: str | None, flag_below: float | None,
              flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float,
-             store_model: Path | None) -> None:
+             coverage: float | None, store_model: Path | None, max_memory: int | None = None,
+             volume: int | None = None, input_size: str | None = None,
+             reorient: bool = False, cluster: str | None = None, chunk_size: int | None = None) -> None:
     """Label-free quality estimate (mean SA) per case, least supported first.
 
     With MODEL DATA, scores DATA with the network's own prediction as both guide and
@@ -516,7 +690,7 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
         _setup_logging(0, quiet=True)
     common = dict(estimators=list(estimator) or None, calibration=calibration, rank_by=rank_by,
                   flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
-                  dice_threshold=dice_threshold)
+                  dice_threshold=dice_threshold, coverage=coverage)
     if data is None:
         _check_store_only(source, store)
         result = estimate_store(source, model=store_model, **common)
@@ -527,16 +701,19 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
         if store_model is not None:
             raise click.UsageError("--model applies to `estimate STORE`; with MODEL DATA the model is MODEL")
         _check_store_flags(resume, overwrite)
+        _check_cluster_flags(cluster, chunk_size, shard)
         update, close = _progress(quiet, "estimating")
         try:
             result = estimate_dataset(
                 source, data, store, layers=_split_selectors(layers), resize=resize,
                 threshold=threshold, batch_size=batch_size, provider=provider,
                 optimization=optimization,
-                card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes),
+                card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes,
+                                 input_size),
                 save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
                 resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
-                progress=update, **common)
+                max_memory=max_memory, volume=volume, reorient=reorient, progress=update,
+                client=cluster, chunk_size=chunk_size, **common)
         finally:
             close()
     if as_json:
@@ -545,6 +722,8 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
     rows = result["ranking"]
     cols = ["rank", "case", "group", result["rank_by"]] + [
         e for e in result["estimators"] if e != result["rank_by"]] + ["predicted_fraction", "flag"]
+    if result.get("coverage") is not None:
+        cols.insert(3, "dice_lower_bound")
     if any(r.get("true_dice") is not None for r in rows):
         cols.append("true_dice")
     shown = [{c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c)) for c in cols} for r in rows]
@@ -556,8 +735,15 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
                   "spearman": _fmt_ci(v.get("spearman"), v.get("spearman_ci")),
                   "pearson": _fmt_ci(v.get("pearson"), v.get("pearson_ci")),
                   "partial|volume": _fmt(v.get("partial_spearman")),
-                  "auroc": _fmt(v.get("auroc")), "n": v.get("n")} for v in result["validation"]]
-        click.echo(_table(vrows, ["estimate", "spearman", "pearson", "partial|volume", "auroc", "n"]))
+                  "auroc": _fmt(v.get("auroc")),
+                  "aurc": _fmt_ci(v.get("aurc"), v.get("aurc_ci")),
+                  "e-aurc": _fmt(v.get("e_aurc")), "n": v.get("n")} for v in result["validation"]]
+        click.echo(_table(vrows, ["estimate", "spearman", "pearson", "partial|volume", "auroc", "aurc",
+                                  "e-aurc", "n"]))
+    if result.get("coverage_check"):
+        cc = result["coverage_check"]
+        click.echo(f"\nDice lower bound (coverage {cc['nominal']:g}): {cc['covered']} of {cc['n']} "
+                   f"labelled cases covered ({_fmt(cc['coverage'])})")
     click.echo(f"\nstore: {result['store']}  ({len(rows)} cases, {sum(bool(r['flag']) for r in rows)} flagged)")
 
 
@@ -644,7 +830,12 @@ def _export_common(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="ONNX file to write."),
         click.option("--layers", multiple=True, help="Layers to expose (names, globs, types); default: blocks."),
         click.option("--activation", type=click.Choice(["sigmoid", "softmax", "logits"]),
-                     help="What the prediction output holds."),
+                     help="What the prediction output ALREADY holds, as the model computes it (not an "
+                          "activation to apply): sigmoid = per-channel probabilities in [0, 1], softmax "
+                          "= probabilities summing to 1 over channels, logits = raw scores. Default: "
+                          "guessed from a final Sigmoid/Softmax. Checked on the export's test run: "
+                          "sigmoid/softmax on values outside [0, 1], or softmax on channels not summing "
+                          "to 1, is an error and nothing is written."),
         click.option("--scaling", type=click.Choice(["none", "minmax", "zscore", "meanstd"]),
                      help="Intensity scaling the model expects (recorded in the model card)."),
         click.option("--json", "as_json", is_flag=True, help="Print the export result as JSON."),
@@ -832,6 +1023,22 @@ def demo(out_dir: Path, level: str, provider: str, quiet: bool, as_json: bool) -
             click.echo(f"mean SA ({name}): {_fmt(v)}")
     click.echo(f"store:  {summary.store}")
     click.echo(f"report: {rep}")
+
+
+# commands defined in their own modules (they import this one: registered after it is complete)
+from cli.compare import compare as _compare  # noqa: E402  (issue 18; kept last: cli.compare uses this module)
+cli.add_command(_compare)
+
+from cli.merge import merge as _merge  # noqa: E402  (issue 16)
+cli.add_command(_merge)
+
+from cli.export_frameworks import monai_cmd, nnunet_cmd  # noqa: E402
+
+export.add_command(nnunet_cmd)
+export.add_command(monai_cmd)
+
+from cli.maps import maps as _maps  # noqa: E402  (issue 17)
+cli.add_command(_maps)
 
 
 def main() -> None:

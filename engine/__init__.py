@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "RunSummary": "engine.run",
     "ScoreOptions": "engine.run",
     "CaseError": "engine.errors",
+    "OutOfMemoryError": "engine.errors",
     "Store": "engine.store",
     "StoreWriter": "engine.store",
     "open_store": "engine.store",
@@ -64,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "validate": "engine.quality",
     # reports
     "write_report": "engine.report",
+    "compare_stores": "engine.report.compare",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -10,20 +10,26 @@ time) → input SA (SPEC §5) → saved maps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from engine.datasets import Case
 from engine.errors import CaseError, NonFiniteFeaturesError, option
+from engine.gpu import DeviceTensor
 from engine.quality import baselines as compute_baselines
+from engine.quality.baseline import BASELINE_NAMES
+from engine.model.activation import ActivationError, check_activation
+from engine.model.shapes import accepted_multiple, size_message
 from engine.resize import resize_linear, resize_nearest
 from engine.run.options import BEST_UNIT_MAPS
 from engine.run.plan import Pass, Plan
 from engine.scores import dice, protoseg, sa_scores
 from engine.status import Status
 from engine.store import BatchResult, ScoreBlock
+from engine.store.batch import CaseGrid
 
 __all__ = ["score_batch"]
 
@@ -58,45 +64,106 @@ def _batch_names(cases: Sequence[Case], rows: Sequence[int]) -> tuple[str, str]:
     return str(cases[rows[0]].id), f"batch of {len(rows)} cases: {ids}"
 
 
-def _inputs(plan: Plan, cases: Sequence[Case]) -> _Inputs | None:
-    """Preprocess the readable cases; non-finite inputs stop the run or are recorded."""
+def _prepare(plan: Plan, cases: Sequence[Case]) -> tuple[list[str], dict[int, np.ndarray]]:
+    """Per case its status, and the model input of each scorable one (by batch position).
+
+    A case the model cannot take (channel count, rank, size) is skipped with a status and a
+    warning naming it, or stops the run with ``strict``; non-finite inputs stop the run or
+    are recorded (``nonfinite``), checked on the raw image before scaling could hide them.
+    """
     status = [str(c.status) for c in cases]
-    ok = [i for i, c in enumerate(cases) if c.status == "ok"]
-    if not ok:
-        return None
-    card = plan.card
-    # checked on the raw image, before scaling or resizing could hide a NaN voxel
-    bad = np.array([not np.isfinite(cases[i].image).all() for i in ok])
-    x = np.stack([card.preprocess(cases[i].image) for i in ok]).astype(np.float32, copy=False)
-    bad |= ~np.isfinite(x.reshape(len(ok), -1)).all(axis=1)
-    if bad.any():
-        first = cases[ok[int(np.argmax(bad))]]
-        if plan.options.nonfinite == "raise":
-            raise CaseError(
-                f"the input image holds NaN or Inf ({int(bad.sum())} case(s) in this batch); fix "
-                f"the data or pass {option('nonfinite', 'skip')} to record such cases as "
-                "NONFINITE and go on", case_id=str(first.id), path=str(first.path))
-        for j in np.flatnonzero(bad):
-            status[ok[j]] = "nonfinite-input"
-        keep = np.flatnonzero(~bad)
-        x = x[keep]
-        ok = [ok[j] for j in keep]
-        if not ok:
-            return _Inputs(ok, x, x, status)
-    return _Inputs(ok, x, card.to_channels_first(x, card.input_name), status)
+    card, o = plan.card, plan.options
+    xs: dict[int, np.ndarray] = {}
+    bad: list[int] = []
+    for i, c in enumerate(cases):
+        if c.status != "ok":
+            continue
+        image = np.asarray(c.image)
+        try:
+            if image.ndim == card.spatial_ndim + 1 and image.shape[0] != card.channels:
+                kind = "RGB" if image.shape[0] in (3, 4) else f"{image.shape[0]}-channel"
+                raise _Unusable("wrong-channels", (
+                    f"image is {kind} ({image.shape[0]} channels), the model takes {card.channels}; "
+                    "convert it" + (" to greyscale" if card.channels == 1 else "")))
+            x = card.preprocess(image)
+        except ValueError as exc:
+            st = exc.status if isinstance(exc, _Unusable) else "bad-shape"
+            msg = f"case {str(c.id)!r}: {c.path}: {exc}"
+            if o.strict:
+                raise CaseError(f"{exc}; the run stops here ({option('strict')} is set: drop it "
+                                "to skip such cases)", case_id=str(c.id), path=str(c.path)) from None
+            warnings.warn(f"{msg}; case skipped", stacklevel=2)
+            status[i] = st
+            continue
+        if not (np.isfinite(image).all() and np.isfinite(x).all()):
+            bad.append(i)
+            status[i] = "nonfinite-input"
+            continue
+        xs[i] = x
+    if bad and o.nonfinite == "raise":
+        first = cases[bad[0]]
+        raise CaseError(
+            f"the input image holds NaN or Inf ({len(bad)} case(s) in this batch); fix "
+            f"the data or pass {option('nonfinite', 'skip')} to record such cases as "
+            "NONFINITE and go on", case_id=str(first.id), path=str(first.path))
+    return status, xs
+
+
+class _Unusable(ValueError):
+    """A case the model cannot take, with the status it is recorded under."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _groups(plan: Plan, xs: dict[int, np.ndarray]) -> list[list[int]]:
+    """Batch positions in runs of one input shape (first appearance first), each at most as
+    large as the memory plan allows: a model with dynamic sizes was planned for one case's
+    voxels, and a batch of larger cases is scored in proportionally smaller parts."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in xs.items():
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    out: list[list[int]] = []
+    for rows in by_shape.values():
+        step = len(rows)
+        if plan.planned_voxels:
+            voxels = int(np.prod(np.shape(plan.card.to_channels_first(xs[rows[0]][None],
+                                                                      plan.card.input_name))[2:]))
+            if voxels > plan.planned_voxels:
+                step = max(1, plan.options.batch_size * plan.planned_voxels // voxels)
+        out.extend(rows[j:j + step] for j in range(0, len(rows), step))
+    return out
 
 
 def _run(p: Pass, plan: Plan, x: np.ndarray, cases: Sequence[Case], ok: list[int],
          extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """Run one pass; an onnxruntime failure names the cases it ran on."""
+    """Run one pass; an onnxruntime failure names the cases it ran on (and, for a size
+    the model cannot take, the sizes it can)."""
     try:
+        if plan.device is not None:  # GPU data path (issue 19): hidden outputs stay on the device
+            return p.session.run_device({plan.card.input_name: x}, outputs=[t.name for t in p.tensors]
+                                        + list(extra), host=list(extra))
         return p.session.run({plan.card.input_name: x}, outputs=[t.name for t in p.tensors] + list(extra))
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # onnxruntime raises its own types; keep the message, add the cases
         case_id, where = _batch_names(cases, ok)
-        raise CaseError(f"running the model failed: {str(exc).splitlines()[0]}",
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaseError(_size_advice(p, plan, x) or f"running the model failed: {reason}",
                         case_id=case_id, path=where) from exc
+
+
+def _size_advice(p: Pass, plan: Plan, x: np.ndarray) -> str | None:
+    """For a model with symbolic spatial dims that failed on ``x``: which sizes it takes."""
+    card = plan.card
+    layout = str(card.layout).upper()
+    axes = [i for i, ch in enumerate(layout) if ch not in "NC"]
+    declared = p.session.input_shapes.get(card.input_name) or ()
+    if len(declared) != x.ndim or all(isinstance(declared[i], int) for i in axes):
+        return None
+    m = accepted_multiple(p.session, card.input_name, x.shape, axes)
+    return None if m is None else size_message([x.shape[i] for i in axes], m)
 
 
 def _targets(plan: Plan, cases: Sequence[Case], inp: _Inputs, out0: dict[str, np.ndarray]) -> _Targets:
@@ -104,6 +171,12 @@ def _targets(plan: Plan, cases: Sequence[Case], inp: _Inputs, out0: dict[str, np
     card, o = plan.card, plan.options
     ref_shape = tuple(inp.x_cf.shape[2:])
     pred_name = card.prediction_output
+    try:  # probabilities read from raw scores would be made-up numbers: say so instead
+        check_activation(out0[pred_name], card.activation, where=f"prediction output {pred_name!r}",
+                         layout=card.output_layout)
+    except ActivationError as exc:
+        case_id, where = _batch_names(cases, inp.ok)
+        raise CaseError(str(exc), case_id=case_id, path=where) from None
     prob = card.to_probability({pred_name: out0[pred_name]})  # (B, K, *grid)
     if tuple(prob.shape[2:]) != ref_shape:
         prob = resize_linear(prob, ref_shape)
@@ -210,10 +283,12 @@ def _score_tensor(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feat
     o = plan.options
     level = "both" if (o.want_unit and o.want_layer) else ("unit" if o.want_unit else "layer")
     li = plan.layer_index[t.name]
+    # GPU data path (issue 19): a tensor left on the device is scored there
+    score = plan.device.sa_scores if isinstance(feats, DeviceTensor) else sa_scores
     for k in range(len(plan.classes)):
         try:
-            res = sa_scores(feats, tg.guides[k], tg.refs[k], level=level, resize=o.resize,
-                            empty=o.empty, nonfinite=o.nonfinite)
+            res = score(feats, tg.guides[k], tg.refs[k], level=level, resize=o.resize,
+                        empty=o.empty, nonfinite=o.nonfinite)
         except NonFiniteFeaturesError as exc:
             c = cases[ok[exc.sample]]
             raise CaseError(f"tensor {t.name!r} (layer {t.layer}): {exc}", case_id=str(c.id),
@@ -250,12 +325,18 @@ def _map16(prob: np.ndarray) -> np.ndarray:
     return np.asarray(prob, dtype=np.float16)
 
 
-def _input_sa(plan: Plan, inp: _Inputs, tg: _Targets, nb: int) -> ScoreBlock:
-    """SA of the raw input channels (SPEC §5): all channels, then each when there are several."""
+def _input_columns(plan: Plan) -> int:
+    """Input-SA columns: all channels together, then one per channel when there are several."""
+    c = int(plan.card.channels)
+    return 1 + (c if c > 1 else 0)
+
+
+def _input_sa(plan: Plan, inp: _Inputs, tg: _Targets, block: ScoreBlock) -> None:
+    """SA of the raw input channels (SPEC §5) into ``block``: all channels, then each when
+    there are several (see :func:`_input_columns`)."""
     o, nk = plan.options, len(plan.classes)
     c_in = inp.x_cf.shape[1]
     n_in = 1 + (c_in if c_in > 1 else 0)
-    block = ScoreBlock.empty((nb, nk, n_in))
     for k in range(nk):
         res = sa_scores(inp.x_cf, tg.guides[k], tg.refs[k], level="both" if c_in > 1 else "layer",
                         resize="upsample", empty=o.empty, nonfinite="skip")
@@ -263,7 +344,64 @@ def _input_sa(plan: Plan, inp: _Inputs, tg: _Targets, nb: int) -> ScoreBlock:
         block.put((inp.ok, k, 0), lres)
         if ures is not None:
             block.put((inp.ok, k, slice(1, n_in)), ures)
-    return block
+
+
+@dataclass
+class _Acc:
+    """What a batch accumulates, part by part (rows are the cases' batch positions)."""
+
+    layer: ScoreBlock
+    units: dict[int, ScoreBlock]
+    out_dice: np.ndarray
+    base: dict[str, np.ndarray]
+    maps: dict[str, dict[str, Any]]
+    input: ScoreBlock | None
+    notes: list[str] = field(default_factory=list)
+    no_ref: list[str] = field(default_factory=list)
+
+
+def _score_part(plan: Plan, cases: Sequence[Case], inp: _Inputs, acc: _Acc) -> None:
+    """Score the cases ``inp.ok`` (one input shape) into ``acc``."""
+    nb, nk = len(cases), len(plan.classes)
+    ok = inp.ok
+    if plan.has_masks:
+        acc.notes.extend(_labels_note(plan, cases, ok))
+    first = plan.passes[0]
+    out = _run(first, plan, inp.x, cases, ok, extra=[plan.card.prediction_output])
+    tg = _targets(plan, cases, inp, out)
+    if tg.gt is not None:
+        for k in range(nk):
+            acc.out_dice[ok, k] = dice(tg.pred[:, k], tg.gt[:, k], empty=plan.options.empty, batch=True)
+    for k in range(nk):
+        for name, val in compute_baselines(tg.prob[:, k], threshold=plan.threshold).items():
+            acc.base.setdefault(name, np.full((nb, nk), np.nan))[ok, k] = val
+    map_rows = [j for j, i in enumerate(ok) if str(cases[i].id) in plan.map_ids]
+    for p in plan.passes:
+        if p is not first:  # one pass's activations alive at a time
+            out = _run(p, plan, inp.x, cases, ok)
+        for t in p.tensors:
+            if plan.device is None:
+                feats = plan.card.to_channels_first(out[t.name], t.name)
+            else:  # GPU data path (issue 19): a device view of the OrtValue, no copy
+                feats = plan.device.features(out[t.name], name=t.name, layout=plan.card.layout_of(t.name))
+            _score_tensor(plan, cases, ok, t, feats, tg, acc.layer, acc.units, nb)
+            if map_rows and isinstance(feats, DeviceTensor):
+                feats = feats.to_host()  # maps are drawn on the host (saved cases only)
+            for j in map_rows:
+                acc.maps.setdefault(str(cases[ok[j]].id), {}).update(_tensor_maps(
+                    plan, t, feats, tg, j, acc.units.get(plan.layer_index[t.name]), ok[j]))
+            del feats
+        del out
+    if acc.input is not None:
+        _input_sa(plan, inp, tg, acc.input)
+    for j in map_rows:
+        entry = acc.maps.setdefault(str(cases[ok[j]].id), {})
+        entry["_image"] = np.asarray(inp.x_cf[j, 0], dtype=np.float32)
+        entry["_prediction"] = np.asarray(tg.prob[j], dtype=np.float32)
+        if tg.gt is not None and cases[ok[j]].mask is not None:
+            entry["_reference"] = tg.gt[j]
+    blocks = [acc.layer, *acc.units.values()] + ([acc.input] if acc.input is not None else [])
+    acc.no_ref.extend(_no_reference(plan, cases, ok, blocks, acc.out_dice))
 
 
 def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> BatchResult:
@@ -290,54 +428,24 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
         or a model run that failed; the error names the case id and its file.
     """
     nb, nk = len(cases), len(plan.classes)
-    layer = ScoreBlock.empty((nb, nk, len(plan.layers)))
-    units: dict[int, ScoreBlock] = {}
-    out_dice = np.full((nb, nk), np.nan)
-    base: dict[str, np.ndarray] = {}
-    maps: dict[str, dict[str, Any]] = {}
-    input_block = ScoreBlock.empty((nb, nk, 1)) if plan.options.input_sa else None
-    notes: tuple[str, ...] = ()
-    no_ref: tuple[str, ...] = ()
-    inp = _inputs(plan, cases)
-    status = inp.status if inp is not None else [str(c.status) for c in cases]
-    if inp is not None and inp.ok:
-        ok = inp.ok
-        notes = _labels_note(plan, cases, ok) if plan.has_masks else ()
-        first = plan.passes[0]
-        out = _run(first, plan, inp.x, cases, ok, extra=[plan.card.prediction_output])
-        tg = _targets(plan, cases, inp, out)
-        if tg.gt is not None:
-            for k in range(nk):
-                out_dice[ok, k] = dice(tg.pred[:, k], tg.gt[:, k], empty=plan.options.empty, batch=True)
-        for k in range(nk):
-            for name, val in compute_baselines(tg.prob[:, k], threshold=plan.threshold).items():
-                base.setdefault(name, np.full((nb, nk), np.nan))[ok, k] = val
-        map_rows = [j for j, i in enumerate(ok) if str(cases[i].id) in plan.map_ids]
-        for p in plan.passes:
-            if p is not first:  # one pass's activations alive at a time
-                out = _run(p, plan, inp.x, cases, ok)
-            for t in p.tensors:
-                feats = plan.card.to_channels_first(out[t.name], t.name)
-                _score_tensor(plan, cases, ok, t, feats, tg, layer, units, nb)
-                for j in map_rows:
-                    maps.setdefault(str(cases[ok[j]].id), {}).update(_tensor_maps(
-                        plan, t, feats, tg, j, units.get(plan.layer_index[t.name]), ok[j]))
-                del feats
-            del out
-        if plan.options.input_sa:
-            input_block = _input_sa(plan, inp, tg, nb)
-        for j in map_rows:
-            entry = maps.setdefault(str(cases[ok[j]].id), {})
-            entry["_image"] = np.asarray(inp.x_cf[j, 0], dtype=np.float32)
-            entry["_prediction"] = np.asarray(tg.prob[j], dtype=np.float32)
-            if tg.gt is not None and cases[ok[j]].mask is not None:
-                entry["_reference"] = tg.gt[j]
-        blocks = [layer, *units.values()] + ([input_block] if input_block is not None else [])
-        no_ref = _no_reference(plan, cases, ok, blocks, out_dice)
+    acc = _Acc(layer=ScoreBlock.empty((nb, nk, len(plan.layers))), units={},
+               out_dice=np.full((nb, nk), np.nan),
+               base={name: np.full((nb, nk), np.nan) for name in BASELINE_NAMES}, maps={},
+               input=ScoreBlock.empty((nb, nk, _input_columns(plan))) if plan.options.input_sa else None)
+    status, xs = _prepare(plan, cases)
+    if plan.device is not None:  # GPU data path (issue 19): the self-check picks its batches
+        plan.device.begin_batch()
+    for rows in _groups(plan, xs):  # one input shape per part: mixed sizes, planned memory
+        x = np.stack([xs[i] for i in rows])
+        inp = _Inputs(rows, x, plan.card.to_channels_first(x, plan.card.input_name), status)
+        _score_part(plan, cases, inp, acc)
+    layer, units, input_block = acc.layer, acc.units, acc.input
     nonfinite_rows = [i for i in range(nb) if status[i] == "nonfinite-input"]
     if nonfinite_rows:
         for blk in [layer, *units.values()] + ([input_block] if input_block is not None else []):
             blk.status[nonfinite_rows] = int(Status.NONFINITE)
+    notes = tuple(dict.fromkeys(acc.notes))
+    out_dice, base, maps, no_ref = acc.out_dice, acc.base, acc.maps, tuple(acc.no_ref)
     return BatchResult(
         case_ids=tuple(str(c.id) for c in cases),
         case_index=np.asarray(index, dtype=np.int64),
@@ -345,4 +453,8 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
         case_group=tuple("" if c.group is None else str(c.group) for c in cases),
         layer=layer, units=units, input=input_block, output_dice=out_dice,
         baselines=base, maps=maps, notes=notes, no_reference=no_ref,
+        # where the saved maps' voxels lie, for viewers (protoseg maps); before any resizing
+        grids={str(c.id): CaseGrid(getattr(c, "affine", None), np.shape(c.image)[1:],
+                                   getattr(c, "orientation", ""), getattr(c, "file_orientation", ""),
+                                   getattr(c, "source_format", "")) for c in cases if str(c.id) in maps},
     )

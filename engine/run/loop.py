@@ -21,8 +21,11 @@ from typing import Any
 
 from engine._version import __version__
 from engine.datasets import DatasetError
-from engine.model.graph import load_model
+from engine.errors import CaseError, OutOfMemoryError, option
+from engine.memory import format_size
+from engine.model.graph import activation_bytes, load_model
 from engine.run.batch import score_batch
+from engine.run.manifest import dataset_manifest
 from engine.run.options import ScoreOptions, dataset_label
 from engine.run.plan import Plan, build_plan, open_data, resolve_card, spatial_hidden
 from engine.store import StoreWriter
@@ -77,10 +80,15 @@ def score_dataset(
     strict: bool = False,
     groups: Any = None,
     max_activation_memory: int | None = None,
+    max_memory: int | str | None = None,
     max_cases: int | None = None,
     shard: str | tuple[int, int] | None = None,
+    volume: int | None = None,
+    reorient: bool = False,
     progress: Callable[[int, int], None] | None = None,
     extra_config: dict[str, Any] | None = None,
+    client: Any = None,
+    chunk_size: int | None = None,
 ) -> RunSummary:
     """Score every hidden layer of an ONNX segmentation model on a dataset.
 
@@ -141,17 +149,41 @@ def score_dataset(
     groups : mapping or path, optional
         Case id → group (subject, site), passed to the dataset reader.
     max_activation_memory : int, optional
-        Bytes of hidden tensors per batch before the selection is split into passes.
+        Bytes of hidden tensors per batch before the selection is split into passes (the
+        low-level override; default a quarter of the memory budget).
+    max_memory : int or str, optional
+        The memory the run may use, in bytes or as ``"4GiB"``/``"512MB"``; a quarter of it
+        bounds the hidden tensors one pass exposes. Default: what this process can still
+        use — the smallest of ``MemAvailable``, the cgroup (v1/v2) limit less its usage,
+        and ``RLIMIT_AS``/``RLIMIT_DATA`` less this process's size
+        (:func:`engine.memory.memory_limit`). Provenance, not configuration.
     max_cases : int, optional
         Score only the first ``max_cases`` cases.
     shard : "I/N" or (I, N), optional
         Score only the cases whose dataset index ``i`` has ``i % N == I``: N workers (or
         machines) each write their own store, and :func:`engine.merge_parts` joins them
         in dataset order. The shard is provenance, not configuration, so shards merge.
+    volume : int, optional
+        The volume (time point, from 0) to score from files that are time series (4-D
+        NIfTI with a time unit...; see :func:`engine.open_dataset`). Default: such cases
+        are skipped with status ``time-series``.
+    reorient : bool
+        Bring every 3-D case with an affine (NIfTI, NRRD) to RAS before the model, by axis
+        flips and permutations only (see :func:`engine.open_dataset`); recorded in the
+        configuration as ``reorient: "RAS"``. Default: voxels in file order.
     progress : callable, optional
         ``progress(done, total)`` after each batch.
     extra_config : dict, optional
         Extra settings recorded (and compared on resume) with the configuration.
+    client : distributed.Client or str, optional
+        Score on a Dask cluster (:mod:`engine.run.distributed`): a connected client,
+        ``"tcp://host:port"`` of a running scheduler, or ``"local:N"`` for N worker
+        processes on this machine. Model and data must then be paths the workers can
+        read. The store is the one a single-process run writes (provenance aside); the
+        summary is a :class:`~engine.run.distributed.DistributedSummary`.
+    chunk_size : int, optional
+        With ``client``: cases per task (a multiple of ``batch_size``; default about four
+        chunks per worker, at most 8 batches).
 
     Returns
     -------
@@ -166,6 +198,9 @@ def score_dataset(
     engine.errors.CaseError
         Non-finite inputs or features with ``nonfinite="raise"``, or a failed model run:
         names the case id and its file.
+    engine.errors.OutOfMemoryError
+        A batch could not be allocated: names the batch, its size and the budget, and what to
+        lower (``batch_size``, ``max_memory``, ``layers``); finished batches are kept.
     FileNotFoundError
         Model or data missing.
 
@@ -181,8 +216,16 @@ def score_dataset(
         save_maps=save_maps if isinstance(save_maps, int) else tuple(save_maps),
         input_sa=input_sa, empty=empty, nonfinite=nonfinite, resume=resume, overwrite=overwrite,
         strict=strict, groups=groups, max_activation_memory=max_activation_memory,
-        max_cases=max_cases, shard=shard, extra_config=dict(extra_config or {}))
+        max_memory=max_memory, max_cases=max_cases, shard=shard, volume=volume,
+        reorient=reorient, extra_config=dict(extra_config or {}))
     t_start = time.perf_counter()
+    if client is not None:  # scale-out (issue 16): same plan, batches and store, on Dask workers
+        from engine.run.distributed import score_distributed
+
+        return score_distributed(model, data, store, options, client=client, chunk_size=chunk_size,
+                                 progress=progress, t_start=t_start)
+    if chunk_size is not None:
+        raise ValueError(f"chunk_size={chunk_size!r} applies to a cluster run; pass client= too")
     proto = load_model(model)
     spatial_hidden(proto)  # a model with nothing to score is refused before anything else
     mcard = resolve_card(proto, options.card)
@@ -208,41 +251,115 @@ def run_plan(plan: Plan, dataset: Any, data: Any, store: str | os.PathLike[str],
     if len(dataset) == 0:  # before the writer: no empty store is left to block the next run
         raise DatasetError(f"the dataset {dataset_label(data)} holds no cases; check the path, "
                            "or the 'images' array of an HDF5/NPZ file")
-    writer = StoreWriter(store, config=plan.config(data, n_total), layers=list(plan.layers),
+    manifest = dataset_manifest(dataset, n_total)  # resume compares data by content
+    writer = StoreWriter(store, config=plan.config(manifest, n_total), layers=list(plan.layers),
                          classes=list(plan.classes), resume=o.resume and not o.overwrite,
-                         overwrite=o.overwrite)
-    done = set(writer.done_ids())
-    mine = range(n_total) if o.shard is None else range(o.shard[0], n_total, o.shard[1])
-    todo = [i for i in mine if str(dataset.ids[i]) not in done]
-    n_skipped = len(mine) - len(todo)
-    if n_skipped:
-        log.info("resuming: %d of %d cases already scored", n_skipped, n_total)
-    n_failed, n_done, n_no_ref, noted = 0, n_skipped, 0, set()
-    if progress:
-        progress(n_done, len(mine))
-    for start in range(0, len(todo), o.batch_size):
-        idx = todo[start:start + o.batch_size]
-        result = score_batch(plan, [dataset[i] for i in idx], idx)
-        n_failed += sum(s != "ok" for s in result.case_status)
-        n_no_ref += len(result.no_reference)
-        for note in set(result.notes) - noted:
-            log.warning("%s", note)
-            noted.add(note)
-        writer.write_batch(result)
-        n_done += len(idx)
-        del result
+                         overwrite=o.overwrite, manifest=manifest.as_json())
+    try:  # whatever stops the run (an error, Ctrl-C), the lock goes and the parts stay
+        done = set(writer.done_ids())
+        mine = range(n_total) if o.shard is None else range(o.shard[0], n_total, o.shard[1])
+        todo = [i for i in mine if str(dataset.ids[i]) not in done]
+        n_skipped = len(mine) - len(todo)
+        if n_skipped:
+            log.info("resuming: %d of %d cases already scored", n_skipped, n_total)
+        n_failed, n_done, n_no_ref, noted = 0, n_skipped, 0, set()
         if progress:
             progress(n_done, len(mine))
-    if n_no_ref:
-        log.warning("%d of %d cases have no mask: their scores against the ground truth are NaN "
-                    "(status NO_REFERENCE); their label-free results are kept", n_no_ref, len(todo))
-    path = writer.finalize(_provenance(plan, started, t_start))
+        budget = o.memory_budget()  # before any batch: at an allocation failure little is left
+        for start in range(0, len(todo), o.batch_size):
+            idx = todo[start:start + o.batch_size]
+            try:
+                result = score_batch(plan, [dataset[i] for i in idx], idx)
+            except (MemoryError, CaseError) as exc:
+                if not _allocation_failure(exc):
+                    raise
+                writer.close()  # the parts written so far stay: the same call resumes
+                raise _out_of_memory(plan, dataset, idx, exc, budget, n_kept=n_done,
+                                     batch_no=start // o.batch_size + 1,
+                                     n_batches=-(-len(todo) // o.batch_size)) from exc
+            n_failed += sum(s != "ok" for s in result.case_status)
+            n_no_ref += len(result.no_reference)
+            for note in set(result.notes) - noted:
+                log.warning("%s", note)
+                noted.add(note)
+            writer.write_batch(result)
+            n_done += len(idx)
+            del result
+            if progress:
+                progress(n_done, len(mine))
+        if n_no_ref:
+            log.warning("%d of %d cases have no mask: their scores against the ground truth are NaN "
+                        "(status NO_REFERENCE); their label-free results are kept", n_no_ref, len(todo))
+        path = writer.finalize(dict(_provenance(plan, started, t_start),
+                                     dataset=manifest.path or dataset_label(data)))
+    except BaseException:
+        writer.close()
+        raise
     return RunSummary(
         store=Path(path), provider=plan.provider, n_cases=len(mine), n_scored=len(todo),
         n_skipped_done=n_skipped, n_failed=n_failed, passes=len(plan.passes),
         seconds=time.perf_counter() - t_start, assumed=list(plan.card.assumed),
         n_no_reference=n_no_ref,
     )
+
+
+#: What onnxruntime says when an allocation fails (CPU arena, std::bad_alloc, CUDA).
+_ORT_ALLOC_MARKERS = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory",
+                      "alloc_failed")
+
+
+def _allocation_failure(exc: BaseException) -> bool:
+    """A MemoryError (numpy's ``_ArrayMemoryError`` included), or onnxruntime's allocation
+    failure (raised as its own RuntimeException, which the batch wraps in a CaseError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError):
+            return True
+        if type(e).__module__.startswith("onnxruntime") and any(
+                m in str(e).lower() for m in _ORT_ALLOC_MARKERS):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _out_of_memory(plan: Plan, dataset: Any, idx: Sequence[int], exc: BaseException,
+                   budget: tuple[int, str], *, n_kept: int, batch_no: int,
+                   n_batches: int) -> OutOfMemoryError:
+    """One line: which batch, what it needed, the budget, and what to lower."""
+    o = plan.options
+    ids = [str(dataset.ids[i]) for i in idx]
+    cases = (f"case {ids[0]!r}" if len(ids) == 1 else
+             f"cases {', '.join(repr(c) for c in ids)}" if len(ids) <= 4 else
+             f"cases {ids[0]!r} ... {ids[-1]!r} ({len(ids)})")
+    what = [cases, f"batch size {o.batch_size}"]
+    try:
+        needed: int | None = max(
+            sum(activation_bytes(t, len(idx), input_size=plan.card.input_size) for t in p.tensors)
+            for p in plan.passes)
+    except (ValueError, TypeError):
+        needed = None
+    if needed is not None:
+        n_pass = len(plan.passes)
+        what.append(f"up to {format_size(needed)} of hidden tensors exposed per model run"
+                    + (f" in {n_pass} passes" if n_pass > 1 else ""))
+    shape, total_size = getattr(exc, "shape", None), getattr(exc, "_total_size", None)
+    if shape is not None and total_size is not None:  # numpy's _ArrayMemoryError
+        what.append(f"allocating a {tuple(shape)} {getattr(exc, 'dtype', '')} array of "
+                    f"{format_size(total_size)}")
+    elif not isinstance(exc, MemoryError):
+        what.append("onnxruntime could not allocate its buffers")
+    total, source = budget
+    rerun = ([f"{option('batch_size', max(1, o.batch_size // 2))}"] if o.batch_size > 1 else [])
+    rerun.append(f"{option('max_memory', format_size(max(1, total // 2)))} for more, smaller passes")
+    kept = (f"the {n_kept} cases already scored are kept and the rerun resumes from them" if n_kept
+            else "no batch had finished")
+    return OutOfMemoryError(
+        f"out of memory in batch {batch_no} of {n_batches} ({', '.join(what)}) within a memory "
+        f"budget of {format_size(total)} ({source}). Rerun with {', or '.join(rerun)}; {kept}. "
+        f"Fewer {option('layers').split('=')[0]} also helps, in a new store",
+        case_ids=tuple(ids), batch_size=o.batch_size, needed=needed, budget=total)
 
 
 def _provenance(plan: Plan, started: str, t_start: float) -> dict[str, Any]:
@@ -252,9 +369,11 @@ def _provenance(plan: Plan, started: str, t_start: float) -> dict[str, Any]:
         "model": str(plan.model_path) if plan.model_path else "<in-memory model>",
         "model_sha256": plan.model_sha256,
         "provider": plan.provider,
+        "backend": plan.backend,  # where hidden tensors were scored (issue 19: "cuda" or "cpu")
         "optimization": o.optimization,
         "passes": len(plan.passes),
         "batch_size": o.batch_size,
+        "max_memory": o.max_memory,
         "shard": None if o.shard is None else f"{o.shard[0]}/{o.shard[1]}",
         "started": started,
         "finished": _now(),

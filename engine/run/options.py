@@ -7,6 +7,7 @@ re-validate them. Settings that change numbers are copied into the store's confi
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,9 +16,13 @@ from typing import Any
 import numpy as np
 
 from engine._checks import check_choice
+from engine.errors import option
+from engine.memory import format_size, memory_limit, parse_size
 
 __all__ = ["ScoreOptions", "GUIDES", "GUIDE_KINDS", "REFERENCES", "LEVELS", "RESIZES",
-           "BEST_UNIT_MAPS", "parse_shard", "dataset_label", "as_selector"]
+           "BEST_UNIT_MAPS", "ACTIVATION_FRACTION", "parse_shard", "dataset_label", "as_selector"]
+
+log = logging.getLogger("protoseg")
 
 GUIDES = ("prediction", "ground_truth")
 GUIDE_KINDS = ("hard", "soft")
@@ -26,6 +31,11 @@ LEVELS = ("layer", "unit", "both")
 RESIZES = ("upsample", "downsample")
 #: Unit maps stored per layer for each case in ``save_maps`` (the best units by unit SA).
 BEST_UNIT_MAPS = 3
+#: Share of the run's memory budget (``max_memory``, else the automatic limit) that the
+#: hidden tensors one pass exposes may take. The rest is for what each exposed tensor costs
+#: again downstream — onnxruntime's own buffers, the channels-first copy, the features
+#: resized to the input grid, the kernels' work arrays — and for the batch's images and masks.
+ACTIVATION_FRACTION = 0.25
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -72,8 +82,11 @@ class ScoreOptions:
     strict: bool = False
     groups: Any = None
     max_activation_memory: int | None = None
+    max_memory: int | str | None = None
     max_cases: int | None = None
     shard: tuple[int, int] | None = None
+    volume: int | None = None
+    reorient: bool = False
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,16 +102,54 @@ class ScoreOptions:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold!r}")
+        if self.volume is not None:
+            if isinstance(self.volume, bool) or not isinstance(self.volume, (int, np.integer)) \
+                    or self.volume < 0:
+                raise ValueError(f"volume must be a non-negative integer (the time point of a time "
+                                 f"series) or None, got {self.volume!r}")
+            object.__setattr__(self, "volume", int(self.volume))
+        object.__setattr__(self, "reorient", bool(self.reorient))
         if not isinstance(self.layers, str):
             object.__setattr__(self, "layers", tuple(str(s) for s in self.layers))
         if not isinstance(self.save_maps, (int, np.integer)):
             object.__setattr__(self, "save_maps", tuple(str(s) for s in self.save_maps))
         object.__setattr__(self, "shard", parse_shard(self.shard))
         object.__setattr__(self, "batch_size", int(self.batch_size))
+        if self.max_memory is not None:
+            try:
+                object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+            except ValueError as exc:
+                raise ValueError(f"max_memory: {exc}") from None
 
     def with_(self, **changes: Any) -> ScoreOptions:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+    def memory_budget(self) -> tuple[int, str]:
+        """Bytes the run may use, and what set that figure (for logs and error messages).
+
+        ``max_memory`` when given, else the automatic limit of
+        :func:`engine.memory.memory_limit`: the smallest of ``MemAvailable``, the cgroup
+        limit less its usage, and ``RLIMIT_AS``/``RLIMIT_DATA`` less this process's size.
+        """
+        if self.max_memory is not None:
+            return int(self.max_memory), option("max_memory", format_size(int(self.max_memory)))
+        lim = memory_limit()
+        return lim.bytes, lim.source
+
+    def activation_budget(self) -> int:
+        """Bytes of hidden tensors one pass may expose (what the pass planner splits by).
+
+        ``max_activation_memory`` when given (the low-level override), else
+        :data:`ACTIVATION_FRACTION` of :meth:`memory_budget`.
+        """
+        if self.max_activation_memory is not None:
+            return int(self.max_activation_memory)
+        total, source = self.memory_budget()
+        budget = max(1, int(total * ACTIVATION_FRACTION))
+        log.info("memory budget %s (%s): up to %s of hidden tensors exposed per pass",
+                 format_size(total), source, format_size(budget))
+        return budget
 
     @property
     def want_layer(self) -> bool:

@@ -18,13 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.datasets import open_dataset
 from engine.errors import option
+from engine.gpu import DeviceScorer, choose_backend
 from engine.model.card import ModelCard, resolve_model_card
 from engine.model.graph import (HiddenTensor, expose, list_hidden_tensors, load_model, output_path_tensors,
                                 plan_passes, select_tensors)
 from engine.model.session import Session, make_session
-from engine.run.options import ScoreOptions, as_selector, dataset_label
+from engine.model.shapes import resolve_shapes, unresolved
+from engine.run.manifest import dataset_manifest
+from engine.run.options import ScoreOptions, as_selector
 
 __all__ = ["Plan", "Pass", "build_plan", "resolve_card", "open_data", "model_sha256", "layer_row",
            "spatial_hidden"]
@@ -74,6 +79,10 @@ class Plan:
         Whether the dataset has ground truth.
     map_ids : frozenset of str
         Cases whose maps are saved.
+    planned_voxels : int or None
+        For a model with dynamic spatial dims, the input voxels per case the passes were
+        sized for (a batch of larger cases is scored in smaller parts); None when every
+        tensor's size is fixed by the model.
     """
 
     options: ScoreOptions
@@ -89,11 +98,20 @@ class Plan:
     reference: str
     has_masks: bool
     map_ids: frozenset[str]
+    planned_voxels: int | None = None
+    #: GPU data path (issue 19): the :class:`engine.gpu.DeviceScorer` that scores hidden
+    #: tensors on the device, or None when they are scored on the CPU.
+    device: Any = None
 
     @property
     def provider(self) -> str:
         """The onnxruntime provider that runs the model."""
         return self.passes[0].session.provider
+
+    @property
+    def backend(self) -> str:
+        """Where hidden tensors are scored: ``"cuda"`` (:mod:`engine.gpu`) or ``"cpu"``."""
+        return "cpu" if self.device is None else "cuda"
 
     @property
     def binary_model(self) -> bool:
@@ -114,9 +132,11 @@ class Plan:
             "classes": list(self.classes),
             "empty": o.empty,
             "nonfinite": o.nonfinite,
+            **({} if o.volume is None else {"volume": o.volume}),  # only when set: older stores resume
+            **({"reorient": "RAS"} if o.reorient else {}),  # likewise
             "input_sa": bool(o.input_sa),
             "model_card": self.card.to_dict(),
-            "dataset": dataset_label(data),
+            "dataset": dataset_manifest(data, n_cases).config(),  # by content, not by path
             "n_cases": n_cases,
             "saved_maps": sorted(self.map_ids),
             # the prediction in another form (logits...): estimates leave these out
@@ -166,18 +186,20 @@ def open_data(data: Any, card: ModelCard, options: ScoreOptions) -> Any:
     if hasattr(data, "ids") and hasattr(data, "__getitem__"):
         return data
     return open_dataset(data, spatial_ndim=card.spatial_ndim, strict=options.strict,
-                        groups=options.groups)
+                        groups=options.groups, volume=options.volume, reorient=options.reorient)
 
 
-def layer_row(t: HiddenTensor) -> dict[str, Any]:
-    """The store's description of one scored tensor."""
+def layer_row(t: HiddenTensor, sized: HiddenTensor | None = None) -> dict[str, Any]:
+    """The store's description of one scored tensor (``sized``: the same tensor with its
+    dims resolved for the data, which gives the channel count of a symbolic one)."""
     shape = [d if isinstance(d, int) else str(d) for d in (t.shape or ())]
     chans = None
     layout = (t.layout or "NC").upper()
-    if shape:
-        ch_axis = 1 if layout.startswith("NC") else len(shape) - 1
-        if ch_axis < len(shape) and isinstance(shape[ch_axis], int):
-            chans = shape[ch_axis]
+    dims = list((sized or t).shape or ())
+    if dims:
+        ch_axis = 1 if layout.startswith("NC") else len(dims) - 1
+        if ch_axis < len(dims) and isinstance(dims[ch_axis], int):
+            chans = dims[ch_axis]
     return {
         "name": t.name, "layer": t.layer, "op": t.op, "depth": int(t.depth),
         "shape": "x".join(str(d) for d in shape), "channels": -1 if chans is None else int(chans),
@@ -208,6 +230,48 @@ def _reference(options: ScoreOptions, has_masks: bool) -> str:
     if options.reference == "auto":
         return "ground_truth" if has_masks else "prediction"
     return options.reference
+
+
+def _same_rank(tensors: list[HiddenTensor], rank: int, layers: Any) -> list[HiddenTensor]:
+    """The tensors whose rank is the input's: a rank-5 tensor in a 2-D network (a converter's
+    Unsqueeze around a transposed convolution, say) is no feature map of the image. Left
+    out quietly from ``auto``/``all``; named explicitly, it is an error."""
+    keep = [t for t in tensors if len(t.shape) == rank]
+    other = [t for t in tensors if len(t.shape) != rank]
+    if other:
+        if as_selector(layers) not in ("auto", "all"):
+            t = other[0]
+            raise ValueError(
+                f"tensor {t.name!r} has rank {len(t.shape)} (shape {t.shape}); the model's input has rank "
+                f"{rank}, so it is no feature map of the image; choose other layers ({option('layers', 'NAMES')})")
+        log.info("left out %d tensor(s) whose rank differs from the input's (%d): %s", len(other), rank,
+                 ", ".join(t.name for t in other[:5]) + (" ..." if len(other) > 5 else ""))
+    if not keep:
+        raise ValueError(f"no selected tensor has the input's rank {rank}; list the model's tensors with "
+                         "`protoseg inspect` and choose layers of that rank")
+    return keep
+
+
+def _sample_input(dataset: Any, card: ModelCard, look: int = 32) -> tuple[tuple[int, ...], int]:
+    """(model input shape of one case, batch first; its spatial voxels), from the card's
+    input size or else from the first readable case of the dataset."""
+    if card.input_size is not None:
+        image = np.zeros((card.channels,) + tuple(card.input_size), dtype=np.float32)
+    else:
+        image = None
+        for i in range(min(len(dataset.ids), look)):
+            case = dataset[i]
+            if case.ok and np.ndim(case.image) == card.spatial_ndim + 1 \
+                    and np.shape(case.image)[0] == card.channels:
+                image = np.nan_to_num(np.asarray(case.image, dtype=np.float32))
+                break
+        if image is None:
+            raise ValueError(
+                f"the model's hidden tensors have symbolic sizes and none of the first {look} cases "
+                f"is readable with {card.channels} channel(s) to take the input size from; fix the "
+                f"data or give the size ({option('input_size', 'H,W')})")
+    x = card.preprocess(image)
+    return (1,) + tuple(int(d) for d in x.shape), int(np.prod(image.shape[1:]))
 
 
 def build_plan(model: Any, dataset: Any, options: ScoreOptions, *,
@@ -246,18 +310,39 @@ def build_plan(model: Any, dataset: Any, options: ScoreOptions, *,
 
     # network order: by depth from the input (stable for equal depths)
     selected = sorted(select_tensors(hidden, as_selector(options.layers)), key=lambda t: t.depth)
-    groups = plan_passes(selected, options.batch_size,
-                         max_activation_memory=options.max_activation_memory,
+    selected = _same_rank(selected, mcard.spatial_ndim + 2, options.layers)
+    sized, planned_voxels = selected, None
+    if any(unresolved(t) for t in selected):
+        # symbolic sizes: resolved for one case's input; a batch of larger cases is split
+        x_shape, planned_voxels = _sample_input(dataset, mcard)
+        axes = [i for i, ch in enumerate(str(mcard.layout).upper()) if ch not in "NC"]
+        sized = resolve_shapes(proto, selected, mcard.input_name, x_shape, spatial_axes=axes,
+                               provider=options.provider)
+    by_name = {t.name: t for t in sized}
+    groups = plan_passes(sized, options.batch_size,
+                         max_activation_memory=options.activation_budget(),
                          input_size=mcard.input_size)
+    # GPU data path (issue 19): scored on the device when onnxruntime's CUDA provider and
+    # Numba's GPU both work (provider "cuda" without one of them is an error naming it)
+    device = DeviceScorer() if choose_backend(options.provider) == "cuda" else None
+    cuda_options = device.ort_options() if device is not None else None
     passes = tuple(Pass(tuple(ts), make_session(expose(proto, ts), provider=options.provider,
-                                                optimization=options.optimization))
+                                                optimization=options.optimization,
+                                                cuda_options=cuda_options))
                    for ts in groups)
+    if device is not None and any(p.session.provider != "CUDAExecutionProvider" for p in passes):
+        device = None  # a session fell back to the CPU: its outputs are on the host
+    fixed = passes[0].session.fixed_batch if passes else None
+    if fixed is not None and fixed != options.batch_size:
+        log.warning("the model's batch size is fixed to %d: each batch of %d runs as chunks of %d",
+                    fixed, options.batch_size, fixed)
     order = {t.name: i for i, t in enumerate(selected)}
-    rows = sorted((layer_row(t) for p in passes for t in p.tensors), key=lambda r: order[r["name"]])
+    rows = sorted((layer_row(t, by_name.get(t.name)) for t in selected), key=lambda r: order[r["name"]])
     return Plan(
         options=options, model=proto, model_path=model_path,
         model_sha256=model_sha256(model_path, proto), card=mcard, passes=passes,
         layers=tuple(rows), layer_index={r["name"]: i for i, r in enumerate(rows)},
         classes=tuple(int(c) for c in mcard.classes), threshold=threshold,
-        reference=reference, has_masks=has_masks, map_ids=map_ids,
+        reference=reference, has_masks=has_masks, map_ids=map_ids, planned_voxels=planned_voxels,
+        device=device,
     )

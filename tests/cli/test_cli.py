@@ -257,7 +257,7 @@ def test_export_torch_from_a_factory_function(runner, tmp_path):
 def _readme_commands() -> set[str]:
     text = (ROOT / "README.md").read_text()
     found = set()
-    pattern = r"(?:^\s*(?:\$ )?|`)protoseg ((?:[a-z]+)(?: (?:torch|tensorflow|onnx))?)"
+    pattern = r"(?:^\s*(?:\$ )?|`)protoseg ((?:[a-z]+)(?: (?:torch|tensorflow|onnx|nnunet|monai-bundle))?)"
     for m in re.finditer(pattern, text, re.M):
         found.add(m.group(1))
     return found
@@ -272,3 +272,130 @@ def test_readme_and_commands_agree():
     gone = {d for d in documented_leaf if d not in commands}
     assert not missing, f"commands missing from README.md: {sorted(missing)}"
     assert not gone, f"README.md names commands that do not exist: {sorted(gone)}"
+
+
+def test_score_skips_a_time_series_naming_volume_and_volume_scores_it(runner, tmp_path):
+    """A 4-D NIfTI whose header says time is one case skipped with a followable fix (--volume)."""
+    import nibabel as nib
+
+    import engine
+
+    model = models.save(models.unet(ndim=3, batch="N", size=8, metadata=True), tmp_path / "u3.onnx")
+    data = tmp_path / "cases"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4)),
+                 str(data / f"{name}.nii.gz"))
+    series = nib.Nifti1Image(rng.random((8, 8, 8, 3)).astype(np.float32), np.eye(4))
+    series.header.set_xyzt_units("mm", "sec")
+    nib.save(series, str(data / "fmri.nii.gz"))
+
+    store = tmp_path / "run.h5"
+    res = _ok(runner.invoke(cli, ["score", str(model), str(data), "-o", str(store), "--json"]))
+    out = json.loads(res.stdout)
+    assert out["cases"] == 3 and out["failed"] == 1
+    st = engine.open_store(store)
+    assert dict(zip(st.cases["id"], st.cases["status"]))["fmri"] == "time-series"
+    # one line on stderr per skipped case, without Python's warning decoration
+    msgs = [line for line in res.stderr.splitlines() if "fmri" in line]
+    assert msgs and all(line.startswith("protoseg: case 'fmri' skipped: ") for line in msgs)
+    assert "UserWarning" not in res.stderr
+    assert len(msgs) == 1 and "fmri.nii.gz" in msgs[0] and "--volume 0" in msgs[0]
+    assert "volume=" not in msgs[0] and "spatial_ndim" not in msgs[0]
+
+    out = json.loads(_ok(runner.invoke(cli, ["score", str(model), str(data), "-o",
+                                             str(tmp_path / "v.h5"), "--volume", "2", "--json"])).output)
+    assert out["cases"] == 3 and out["failed"] == 0
+    assert engine.open_store(tmp_path / "v.h5").config["volume"] == 2
+
+
+def test_volume_option_is_documented_and_validated(runner, unet_path, data, tmp_path):
+    for command in ("score", "estimate"):
+        assert "--volume" in _ok(runner.invoke(cli, [command, "--help"])).output
+    res = runner.invoke(cli, ["score", str(unet_path), str(data), "-o", str(tmp_path / "r.h5"),
+                              "--volume", "-1"])
+    assert res.exit_code == 2 and "--volume" in res.output
+
+
+# ---------------------------------------------------------------- dynamic shapes (issue 14)
+
+def test_inspect_resolves_symbolic_dims_for_an_input_shape(runner, tmp_path):
+    path = models.save(models.unet(batch="N", size="S"), tmp_path / "dyn.onnx")
+    plain = _ok(runner.invoke(cli, ["inspect", str(path)])).stdout
+    assert "Nx4xunk__0xunk__1" in plain  # symbolic dims shown as such
+    out = json.loads(_ok(runner.invoke(cli, ["inspect", str(path), "--input-shape", "1,1,64,48",
+                                             "--json"])).stdout)
+    enc1 = next(t for t in out["hidden"] if t["name"] == "enc1")
+    pool1 = next(t for t in out["hidden"] if t["name"] == "pool1")
+    assert enc1["resolved_shape"] == [4, 64, 48] and pool1["resolved_shape"] == [4, 32, 24]
+    assert enc1["bytes_per_case"] == 4 * 64 * 48 * 4
+    assert out["bytes_per_case"] == sum(t["bytes_per_case"] for t in out["hidden"])
+    bad = runner.invoke(cli, ["inspect", str(path), "--input-shape", "1,64,48"])
+    assert bad.exit_code == 2 and "has 3 dims" in bad.output
+
+
+def test_a_size_the_model_cannot_take_is_one_line_and_input_size_scores_it(runner, tmp_path):
+    path = models.save(models.unet(batch="N", size="S"), tmp_path / "dyn.onnx")
+    data = tmp_path / "odd.npz"
+    np.savez(data, images=np.random.default_rng(0).random((3, 1, 33, 33)).astype(np.float32))
+    res = runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "a.h5"), "-q"])
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "spatial size (33, 33)" in lines[0] and "--input-size 34,34" in lines[0]
+    assert not (tmp_path / "a.h5").exists()
+    _ok(runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "b.h5"), "-q",
+                            "--input-size", "34,34"]))
+    import engine
+
+    assert engine.open_store(tmp_path / "b.h5").config["model_card"]["input_size"] == [34, 34]
+    bad = runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "c.h5"), "-q",
+                              "--input-size", "34"])
+    assert bad.exit_code == 1 and "--input-size 34: expected 2 positive integers" in bad.stderr
+
+
+def test_declaring_sigmoid_for_raw_scores_stops_score_with_the_range(runner, tmp_path):
+    path = models.save(models.unet(batch="N", head="logits"), tmp_path / "logits.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.random.default_rng(1).random((2, 1, 32, 32)).astype(np.float32))
+    res = runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "a.h5"), "-q",
+                              "--activation", "sigmoid"])
+    assert res.exit_code == 1
+    line = res.stderr.strip()
+    assert "\n" not in line and "--activation sigmoid declares probabilities" in line
+    assert "--activation logits" in line
+    _ok(runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "b.h5"), "-q"]))
+
+
+# ---------------------------------------------------------------- messages (issue 18)
+
+def _folder_with_bad_masks(root: Path, good: int, bad: int) -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(good + bad):
+        img = (rng.random((32, 32)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"case{i:02d}.png")
+        side = 32 if i < good else 16  # the bad ones: a mask on another grid
+        Image.fromarray(((rng.random((side, side)) > 0.5) * 255).astype(np.uint8)).save(
+            root / f"case{i:02d}_mask.png")
+    return root
+
+
+def test_skipped_cases_are_one_line_each_capped_and_the_summary_says_why(runner, tmp_path):
+    from cli.main import MAX_CASE_LINES
+
+    path = models.save(models.unet(batch="N", metadata=True), tmp_path / "u.onnx")
+    data = _folder_with_bad_masks(tmp_path / "cases", good=2, bad=MAX_CASE_LINES + 3)
+    res = _ok(runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "a.h5")]))
+    skipped = [line for line in res.stderr.splitlines() if " skipped: " in line]
+    assert len(skipped) == MAX_CASE_LINES
+    assert skipped[0].startswith("protoseg: case 'case02' skipped: mask ")
+    assert "Warning" not in res.stderr and "warnings.warn" not in res.stderr
+    assert "... and 3 more skipped cases (-v lists them" in res.stderr
+    # the summary's NaN reasons are the cases' own statuses, not NOT_COMPUTED
+    assert f"mask-shape-mismatch: {MAX_CASE_LINES + 3}" in res.stdout and "NOT_COMPUTED" not in res.stdout
+    everything = _ok(runner.invoke(cli, ["-v", "score", str(path), str(data), "-o", str(tmp_path / "b.h5")]))
+    assert sum(" skipped: " in line for line in everything.stderr.splitlines()) == MAX_CASE_LINES + 3
+    assert "more skipped" not in everything.stderr
