@@ -278,6 +278,28 @@ def _put_sa(layer: ScoreBlock, units: dict[int, ScoreBlock], res: Any, level: st
         units[li].put((rows, k), ures)
 
 
+def _label_free_wanted(plan: Plan) -> bool:
+    """A labelled run scores against the ground truth; its cases without a mask then get
+    their label-free layer SA (prediction guide, prediction reference) in a block of their own."""
+    return plan.has_masks and plan.reference == "ground_truth" and plan.options.guide == "prediction"
+
+
+def _score_label_free(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feats: Any,
+                      tg: _Targets, block: ScoreBlock) -> None:
+    """Layer SA against the prediction for the scorable cases without a mask."""
+    rows = [j for j, i in enumerate(ok) if cases[i].mask is None]
+    if not rows:
+        return
+    o, li = plan.options, plan.layer_index[t.name]
+    f = feats.to_host() if isinstance(feats, DeviceTensor) else feats
+    f = np.ascontiguousarray(f[rows]) if len(rows) < len(ok) else f
+    for k in range(len(plan.classes)):
+        g = tg.guides[k][rows] if len(rows) < len(ok) else tg.guides[k]
+        ref = tg.pred[rows, k] if len(rows) < len(ok) else tg.pred[:, k]
+        res = sa_scores(f, g, ref, level="layer", resize=o.resize, empty=o.empty, nonfinite="skip")
+        block.put(([ok[j] for j in rows], k, li), res)
+
+
 def _score_tensor(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feats: np.ndarray,
                   tg: _Targets, layer: ScoreBlock, units: dict[int, ScoreBlock], nb: int) -> None:
     o = plan.options
@@ -358,6 +380,7 @@ class _Acc:
     input: ScoreBlock | None
     notes: list[str] = field(default_factory=list)
     no_ref: list[str] = field(default_factory=list)
+    label_free: ScoreBlock | None = None
 
 
 def _score_part(plan: Plan, cases: Sequence[Case], inp: _Inputs, acc: _Acc) -> None:
@@ -385,6 +408,8 @@ def _score_part(plan: Plan, cases: Sequence[Case], inp: _Inputs, acc: _Acc) -> N
             else:  # GPU data path (issue 19): a device view of the OrtValue, no copy
                 feats = plan.device.features(out[t.name], name=t.name, layout=plan.card.layout_of(t.name))
             _score_tensor(plan, cases, ok, t, feats, tg, acc.layer, acc.units, nb)
+            if acc.label_free is not None:
+                _score_label_free(plan, cases, ok, t, feats, tg, acc.label_free)
             if map_rows and isinstance(feats, DeviceTensor):
                 feats = feats.to_host()  # maps are drawn on the host (saved cases only)
             for j in map_rows:
@@ -431,7 +456,8 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
     acc = _Acc(layer=ScoreBlock.empty((nb, nk, len(plan.layers))), units={},
                out_dice=np.full((nb, nk), np.nan),
                base={name: np.full((nb, nk), np.nan) for name in BASELINE_NAMES}, maps={},
-               input=ScoreBlock.empty((nb, nk, _input_columns(plan))) if plan.options.input_sa else None)
+               input=ScoreBlock.empty((nb, nk, _input_columns(plan))) if plan.options.input_sa else None,
+               label_free=ScoreBlock.empty((nb, nk, len(plan.layers))) if _label_free_wanted(plan) else None)
     status, xs = _prepare(plan, cases)
     if plan.device is not None:  # GPU data path (issue 19): the self-check picks its batches
         plan.device.begin_batch()
@@ -452,7 +478,7 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
         case_status=tuple(status),
         case_group=tuple("" if c.group is None else str(c.group) for c in cases),
         layer=layer, units=units, input=input_block, output_dice=out_dice,
-        baselines=base, maps=maps, notes=notes, no_reference=no_ref,
+        baselines=base, maps=maps, notes=notes, no_reference=no_ref, label_free=acc.label_free,
         # where the saved maps' voxels lie, for viewers (protoseg maps); before any resizing
         grids={str(c.id): CaseGrid(getattr(c, "affine", None), np.shape(c.image)[1:],
                                    getattr(c, "orientation", ""), getattr(c, "file_orientation", ""),

@@ -289,7 +289,9 @@ def run_plan(plan: Plan, dataset: Any, data: Any, store: str | os.PathLike[str],
                 progress(n_done, len(mine))
         if n_no_ref:
             log.warning("%d of %d cases have no mask: their scores against the ground truth are NaN "
-                        "(status NO_REFERENCE); their label-free results are kept", n_no_ref, len(todo))
+                        "(status NO_REFERENCE); their label-free results are kept%s", n_no_ref, len(todo),
+                        " (their SA against the prediction: Store.label_free_scores())"
+                        if plan.reference == "ground_truth" and o.guide == "prediction" else "")
         path = writer.finalize(dict(_provenance(plan, started, t_start),
                                      dataset=manifest.path or dataset_label(data)))
     except BaseException:

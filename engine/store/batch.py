@@ -232,6 +232,10 @@ class BatchResult:
         Case id → where its voxels lie (:class:`CaseGrid`); optional. Stored for the cases
         whose maps are saved (the ``grid`` attribute of ``/maps/<case>``), ignored for the
         others.
+    label_free : ScoreBlock or None, shape (nb, n_classes, n_layers)
+        In a run scored against the ground truth with the prediction as guide: the layer SA
+        against the prediction of the cases without a mask (their label-free result; the
+        others NOT_COMPUTED). None in other runs; every batch of a run has it or none does.
     """
 
     case_ids: tuple[str, ...]
@@ -247,6 +251,7 @@ class BatchResult:
     notes: tuple[str, ...] = ()
     no_reference: tuple[str, ...] = ()
     grids: Mapping[str, CaseGrid] = field(default_factory=dict)
+    label_free: ScoreBlock | None = None
 
     @property
     def n_cases(self) -> int:
@@ -306,6 +311,9 @@ class BatchResult:
             _block(block, f"BatchResult.units[{li}]")._check(
                 f"BatchResult.units[{li}]", (nb, n_cls, int(channels) if known else None),
                 f"layer {li} has {channels} channels; " + hint if known else hint)
+        if self.label_free is not None:
+            _block(self.label_free, "BatchResult.label_free")._check(
+                "BatchResult.label_free", (nb, n_cls, n_layers), hint)
         if self.input is not None:
             _block(self.input, "BatchResult.input")._check(
                 "BatchResult.input", (nb, n_cls, None), "(cases, classes, input columns)")

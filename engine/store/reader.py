@@ -229,6 +229,15 @@ class Store:
         """Input SA (SPEC §5): (n_cases, n_classes, n_inputs) arrays."""
         return self._score_group("input_scores", cls)
 
+    def label_free_scores(self, cls: int | None = None) -> dict[str, np.ndarray]:
+        """Label-free layer SA (prediction as guide and reference) of the cases that had no
+        mask in a run scored against the ground truth; NOT_COMPUTED for the others.
+
+        (n_cases, n_classes, n_layers) arrays like :meth:`layer_scores`. KeyError when the
+        run did not score against the ground truth with the prediction as guide.
+        """
+        return self._score_group("label_free_scores", cls)
+
     def output_dice(self) -> np.ndarray:
         """Dice of the prediction against ground truth, (n_cases, n_classes); NaN without."""
         with self._open() as f:

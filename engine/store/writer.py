@@ -70,6 +70,8 @@ def _arrays(result: BatchResult) -> dict[str, np.ndarray]:
     blocks += [(f"unit_scores/{int(li)}", blk) for li, blk in sorted(result.units.items())]
     if result.input is not None:
         blocks.append(("input_scores", result.input))
+    if result.label_free is not None:
+        blocks.append(("label_free_scores", result.label_free))
     for prefix, block in blocks:
         for field, arr in block.items():
             out[f"{prefix}/{field}"] = np.asarray(arr).astype(SCORE_FIELDS[field], copy=False)
