@@ -355,7 +355,8 @@ def _split_selectors(value: str | tuple[str, ...]) -> str | list[str]:
 _SCORING_ONLY = ("layers", "resize", "threshold", "batch_size", "provider", "optimization", "card_toml",
                  "activation", "prediction_output", "layout", "scaling", "classes", "save_maps",
                  "no_input_sa", "nonfinite", "strict", "max_cases", "shard", "resume", "overwrite",
-                 "max_memory", "volume", "input_size", "reorient", "cluster", "chunk_size")
+                 "max_memory", "volume", "input_size", "reorient", "cluster", "chunk_size",
+                 "deterministic")
 
 
 class _Size(click.ParamType):
@@ -419,6 +420,9 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--volume", type=click.IntRange(min=0), metavar="T",
                      help="Score volume T (from 0) of time series (4-D NIfTI whose header gives the 4th "
                           "axis a time unit, NRRD/TIFF time axes) [default: such cases are skipped]."),
+        click.option("--deterministic", is_flag=True,
+                     help="Make the model's numbers repeat exactly on a GPU: onnxruntime's deterministic "
+                          "compute, no TF32, a fixed cuDNN algorithm (slower; no effect on the CPU's numbers)."),
         click.option("--reorient", is_flag=True,
                      help="Bring every 3-D NIfTI/NRRD case (image and mask) to RAS before the model, by "
                           "axis flips and permutations only (no resampling) [default: voxels in file order]."),
@@ -569,7 +573,7 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
           max_cases: int | None, shard: str | None, resume: bool, overwrite: bool, quiet: bool,
           as_json: bool, max_memory: int | None = None, volume: int | None = None,
           input_size: str | None = None, reorient: bool = False, cluster: str | None = None,
-          chunk_size: int | None = None) -> None:
+          chunk_size: int | None = None, deterministic: bool = False) -> None:
     """Score every hidden layer of MODEL on the cases in DATA into an HDF5 store.
 
     DATA is a folder of image/mask pairs (NIfTI, NRRD, PNG/JPEG/TIFF, .npy), one
@@ -601,7 +605,8 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
                                  input_size),
             save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
             resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
-            max_memory=max_memory, volume=volume, reorient=reorient, progress=update,
+            max_memory=max_memory, volume=volume, reorient=reorient, deterministic=deterministic,
+            progress=update,
             client=cluster, chunk_size=chunk_size,
         )
     finally:
@@ -664,7 +669,8 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
              flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float,
              coverage: float | None, store_model: Path | None, max_memory: int | None = None,
              volume: int | None = None, input_size: str | None = None,
-             reorient: bool = False, cluster: str | None = None, chunk_size: int | None = None) -> None:
+             reorient: bool = False, cluster: str | None = None, chunk_size: int | None = None,
+             deterministic: bool = False) -> None:
     """Label-free quality estimate (mean SA) per case, least supported first.
 
     With MODEL DATA, scores DATA with the network's own prediction as both guide and
@@ -712,8 +718,8 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
                                  input_size),
                 save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
                 resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
-                max_memory=max_memory, volume=volume, reorient=reorient, progress=update,
-                client=cluster, chunk_size=chunk_size, **common)
+                max_memory=max_memory, volume=volume, reorient=reorient, deterministic=deterministic,
+                progress=update, client=cluster, chunk_size=chunk_size, **common)
         finally:
             close()
     if as_json:

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.errors import option
 
-__all__ = ["cuda_usable", "make_session", "Session", "PROVIDERS", "OPTIMIZATIONS"]
+__all__ = ["cuda_usable", "cuda_provider_options", "make_session", "Session", "PROVIDERS", "OPTIMIZATIONS"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
 OPTIMIZATIONS = ("disable", "basic", "extended", "all")
@@ -281,6 +281,17 @@ def _shared_cpu_arena() -> bool:
         return False
 
 
+def cuda_provider_options(cuda_options: Mapping[str, str] | None = None, *,
+                          deterministic: bool = False) -> dict[str, str]:
+    """onnxruntime CUDA provider options: the given ones, and with ``deterministic`` no TF32
+    (float32 matmuls and convolutions in full float32) and a fixed cuDNN algorithm choice
+    (``cudnn_conv_algo_search=DEFAULT``) so that a run repeats exactly."""
+    out = {str(k): str(v) for k, v in (cuda_options or {}).items()}
+    if deterministic:
+        out.update({"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"})
+    return out
+
+
 def make_session(
     model: Any,
     *,
@@ -288,6 +299,7 @@ def make_session(
     optimization: str = "all",
     threads: int | None = None,
     cuda_options: Mapping[str, str] | None = None,
+    deterministic: bool = False,
 ) -> Session:
     """Build an onnxruntime session.
 
@@ -304,6 +316,9 @@ def make_session(
     cuda_options : mapping of str to str, optional
         CUDA execution provider options (e.g. ``user_compute_stream``, set by the GPU data
         path of :mod:`engine.gpu`); ignored when the session runs on the CPU.
+    deterministic : bool
+        onnxruntime's deterministic compute, and on CUDA no TF32 and a fixed cuDNN algorithm
+        (:func:`cuda_provider_options`): slower, but a run repeats bit for bit.
 
     Returns
     -------
@@ -350,6 +365,8 @@ def make_session(
     }[optimization]
     if threads:
         opts.intra_op_num_threads = threads
+    if deterministic:
+        opts.use_deterministic_compute = True
     # 4 = fatal only: a failed run raises, and protoseg says what failed in one line
     opts.log_severity_level = 4
     if not use_cuda:
@@ -359,8 +376,9 @@ def make_session(
         if _shared_cpu_arena():
             opts.add_session_config_entry("session.use_env_allocators", "1")
     providers: list[Any] = [_CUDA, _CPU] if use_cuda else [_CPU]
-    if use_cuda and cuda_options:  # GPU data path (issue 19): e.g. one stream shared with Numba
-        providers[0] = (_CUDA, {str(k): str(v) for k, v in cuda_options.items()})
+    cuda_opts = cuda_provider_options(cuda_options, deterministic=deterministic)
+    if use_cuda and cuda_opts:  # GPU data path (issue 19): e.g. one stream shared with Numba
+        providers[0] = (_CUDA, cuda_opts)
     if hasattr(model, "SerializeToString"):
         source: Any = model.SerializeToString()
     elif isinstance(model, (bytes, bytearray)):

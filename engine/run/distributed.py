@@ -345,7 +345,8 @@ def _with_threads(plan: Plan, threads: int) -> Plan:
     passes = tuple(Pass(p.tensors, make_session(expose(plan.model, list(p.tensors)),
                                                 provider=plan.options.provider,
                                                 optimization=plan.options.optimization,
-                                                threads=threads, cuda_options=cuda))
+                                                threads=threads, cuda_options=cuda,
+                                                deterministic=plan.options.deterministic))
                    for p in plan.passes)
     return dataclasses.replace(plan, passes=passes)
 

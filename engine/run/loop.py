@@ -85,6 +85,7 @@ def score_dataset(
     shard: str | tuple[int, int] | None = None,
     volume: int | None = None,
     reorient: bool = False,
+    deterministic: bool = False,
     progress: Callable[[int, int], None] | None = None,
     extra_config: dict[str, Any] | None = None,
     client: Any = None,
@@ -171,6 +172,9 @@ def score_dataset(
         Bring every 3-D case with an affine (NIfTI, NRRD) to RAS before the model, by axis
         flips and permutations only (see :func:`engine.open_dataset`); recorded in the
         configuration as ``reorient: "RAS"``. Default: voxels in file order.
+    deterministic : bool
+        onnxruntime's deterministic compute, and on CUDA no TF32 and a fixed cuDNN algorithm
+        (:func:`engine.model.session.cuda_provider_options`); recorded in the configuration.
     progress : callable, optional
         ``progress(done, total)`` after each batch.
     extra_config : dict, optional
@@ -217,7 +221,7 @@ def score_dataset(
         input_sa=input_sa, empty=empty, nonfinite=nonfinite, resume=resume, overwrite=overwrite,
         strict=strict, groups=groups, max_activation_memory=max_activation_memory,
         max_memory=max_memory, max_cases=max_cases, shard=shard, volume=volume,
-        reorient=reorient, extra_config=dict(extra_config or {}))
+        reorient=reorient, deterministic=deterministic, extra_config=dict(extra_config or {}))
     t_start = time.perf_counter()
     if client is not None:  # scale-out (issue 16): same plan, batches and store, on Dask workers
         from engine.run.distributed import score_distributed

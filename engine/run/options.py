@@ -85,6 +85,7 @@ class ScoreOptions:
     max_memory: int | str | None = None
     max_cases: int | None = None
     shard: tuple[int, int] | None = None
+    deterministic: bool = False
     volume: int | None = None
     reorient: bool = False
     extra_config: Mapping[str, Any] = field(default_factory=dict)

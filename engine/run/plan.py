@@ -134,6 +134,7 @@ class Plan:
             "nonfinite": o.nonfinite,
             **({} if o.volume is None else {"volume": o.volume}),  # only when set: older stores resume
             **({"reorient": "RAS"} if o.reorient else {}),  # likewise
+            **({"deterministic": True} if o.deterministic else {}),  # likewise (GPU numbers)
             "input_sa": bool(o.input_sa),
             "model_card": self.card.to_dict(),
             "dataset": dataset_manifest(data, n_cases).config(),  # by content, not by path
@@ -328,7 +329,8 @@ def build_plan(model: Any, dataset: Any, options: ScoreOptions, *,
     cuda_options = device.ort_options() if device is not None else None
     passes = tuple(Pass(tuple(ts), make_session(expose(proto, ts), provider=options.provider,
                                                 optimization=options.optimization,
-                                                cuda_options=cuda_options))
+                                                cuda_options=cuda_options,
+                                                deterministic=options.deterministic))
                    for ts in groups)
     if device is not None and any(p.session.provider != "CUDAExecutionProvider" for p in passes):
         device = None  # a session fell back to the CPU: its outputs are on the host

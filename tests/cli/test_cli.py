@@ -399,3 +399,17 @@ def test_skipped_cases_are_one_line_each_capped_and_the_summary_says_why(runner,
     everything = _ok(runner.invoke(cli, ["-v", "score", str(path), str(data), "-o", str(tmp_path / "b.h5")]))
     assert sum(" skipped: " in line for line in everything.stderr.splitlines()) == MAX_CASE_LINES + 3
     assert "more skipped" not in everything.stderr
+
+
+def test_deterministic_is_recorded_in_the_configuration(runner, tmp_path):
+    import engine
+
+    path = models.save(models.unet(batch="N", metadata=True), tmp_path / "u.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.random.default_rng(2).random((2, 1, 32, 32)).astype(np.float32))
+    _ok(runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "a.h5"), "-q",
+                            "--deterministic"]))
+    _ok(runner.invoke(cli, ["score", str(path), str(data), "-o", str(tmp_path / "b.h5"), "-q"]))
+    a, b = engine.open_store(tmp_path / "a.h5"), engine.open_store(tmp_path / "b.h5")
+    assert a.config["deterministic"] is True and "deterministic" not in b.config
+    np.testing.assert_array_equal(a.layer_scores()["score"], b.layer_scores()["score"])

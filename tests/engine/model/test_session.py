@@ -146,3 +146,16 @@ def test_iobinding_path_gives_the_same_outputs():
     assert list(got) == list(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_deterministic_sessions_ask_cuda_for_no_tf32_and_a_fixed_algorithm():
+    from engine.model.session import cuda_provider_options
+
+    assert cuda_provider_options({"user_compute_stream": 7}) == {"user_compute_stream": "7"}
+    det = cuda_provider_options({"user_compute_stream": "7"}, deterministic=True)
+    assert det == {"user_compute_stream": "7", "use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}
+    # on the CPU the session builds and gives the same outputs
+    x = _x(2, 1, 8, 8, seed=5)
+    a = make_session(tiny_conv(), provider="cpu", deterministic=True).run({"x": x})["y"]
+    b = make_session(tiny_conv(), provider="cpu").run({"x": x})["y"]
+    np.testing.assert_array_equal(a, b)
