@@ -356,7 +356,7 @@ _SCORING_ONLY = ("layers", "resize", "threshold", "batch_size", "provider", "opt
                  "activation", "prediction_output", "layout", "scaling", "classes", "save_maps",
                  "no_input_sa", "nonfinite", "strict", "max_cases", "shard", "resume", "overwrite",
                  "max_memory", "volume", "input_size", "reorient", "cluster", "chunk_size",
-                 "deterministic")
+                 "deterministic", "size_multiple")
 
 
 class _Size(click.ParamType):
@@ -404,6 +404,10 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--prediction-output", help="Graph output holding the prediction (overrides the card)."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC", "NCDHW", "NDHWC", "NCW", "NWC"]),
                      help="Input layout (overrides the card)."),
+        click.option("--size-multiple", type=click.IntRange(min=2), metavar="M",
+                     help="Pad each image with zeros at the end of each axis up to a multiple of M before "
+                          "the model (a U-Net's pooling needs it), and score on the image's own grid "
+                          "(overrides the card's size_multiple)."),
         click.option("--input-size", metavar="H,W[,D]",
                      help="Resize every image to this spatial size before the model (linear): for a "
                           "model that needs one size, or to score images of sizes it cannot take. "
@@ -449,8 +453,10 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _card_overrides(card_toml: Path | None, activation: str | None, prediction_output: str | None,
                     layout: str | None, scaling: str | None, classes: str | None,
-                    input_size: str | None = None) -> Any:
+                    input_size: str | None = None, size_multiple: int | None = None) -> Any:
     overrides: dict[str, Any] = {}
+    if size_multiple:
+        overrides["size_multiple"] = (int(size_multiple),)
     if input_size:
         size = _shape(input_size, "--input-size")
         if not size or any(v < 1 for v in size):
@@ -573,7 +579,8 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
           max_cases: int | None, shard: str | None, resume: bool, overwrite: bool, quiet: bool,
           as_json: bool, max_memory: int | None = None, volume: int | None = None,
           input_size: str | None = None, reorient: bool = False, cluster: str | None = None,
-          chunk_size: int | None = None, deterministic: bool = False) -> None:
+          chunk_size: int | None = None, deterministic: bool = False,
+          size_multiple: int | None = None) -> None:
     """Score every hidden layer of MODEL on the cases in DATA into an HDF5 store.
 
     DATA is a folder of image/mask pairs (NIfTI, NRRD, PNG/JPEG/TIFF, .npy), one
@@ -602,7 +609,7 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
             guide_kind="soft" if soft_guide else "hard", reference=reference, resize=resize,
             threshold=threshold, batch_size=batch_size, provider=provider, optimization=optimization,
             card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes,
-                                 input_size),
+                                 input_size, size_multiple),
             save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
             resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
             max_memory=max_memory, volume=volume, reorient=reorient, deterministic=deterministic,
@@ -670,7 +677,7 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
              coverage: float | None, store_model: Path | None, max_memory: int | None = None,
              volume: int | None = None, input_size: str | None = None,
              reorient: bool = False, cluster: str | None = None, chunk_size: int | None = None,
-             deterministic: bool = False) -> None:
+             deterministic: bool = False, size_multiple: int | None = None) -> None:
     """Label-free quality estimate (mean SA) per case, least supported first.
 
     With MODEL DATA, scores DATA with the network's own prediction as both guide and
@@ -715,7 +722,7 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
                 threshold=threshold, batch_size=batch_size, provider=provider,
                 optimization=optimization,
                 card=_card_overrides(card_toml, activation, prediction_output, layout, scaling, classes,
-                                 input_size),
+                                 input_size, size_multiple),
                 save_maps=_maps_arg(save_maps), input_sa=not no_input_sa, nonfinite=nonfinite,
                 resume=resume, overwrite=overwrite, strict=strict, max_cases=max_cases, shard=shard,
                 max_memory=max_memory, volume=volume, reorient=reorient, deterministic=deterministic,

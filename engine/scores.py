@@ -183,9 +183,15 @@ def _check_layout(F: np.ndarray, layout: str, spatial: tuple[int, ...], grid: tu
 
 
 @lru_cache(maxsize=256)
-def _kernel_weights(n_in: int, n_out: int) -> tuple[np.ndarray, ...]:
-    """linear_weights with uint32 indices (unsigned: no wrap-around checks in the kernels)."""
-    i0, i1, w0, w1 = _resize.linear_weights(n_in, n_out)
+def _kernel_weights(n_in: int, n_out: int, n_cover: int | None = None) -> tuple[np.ndarray, ...]:
+    """linear_weights with uint32 indices (unsigned: no wrap-around checks in the kernels).
+
+    With ``n_cover`` (>= ``n_out``) the features cover ``n_cover`` positions of which the
+    target is the first ``n_out`` (an input padded at its end): the weights resize to
+    ``n_cover`` and keep the first ``n_out`` rows, which is the crop of that resize.
+    """
+    n_cover = n_out if n_cover is None else n_cover
+    i0, i1, w0, w1 = (np.ascontiguousarray(a[:n_out]) for a in _resize.linear_weights(n_in, n_cover))
     out = (i0.astype(np.uint32), i1.astype(np.uint32), w0, w1)
     for a in out:
         a.setflags(write=False)
@@ -196,7 +202,8 @@ def _pad3(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (1,) * (3 - len(shape)) + tuple(shape)  # type: ignore[return-value]
 
 
-def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: str, layout: str) -> _Prepared:
+def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: str, layout: str,
+             extent: Any = None) -> _Prepared:
     check_choice(layout, "layout", _LAYOUTS)
     check_choice(resize, "resize", _RESIZES)
     F, fsp, n_channels = _features(features, layout)
@@ -204,7 +211,8 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     B = F.shape[0]
     g = _spatial_map(guide, "guide", B, nsp, None)
     grid = tuple(int(s) for s in g.shape[1:])
-    _check_layout(F, layout, fsp, grid)
+    cover = _extent(extent, grid, resize)
+    _check_layout(F, layout, fsp, cover)
     # Features stored channels-last (NDHWC / NHWC, or a channels-first view of such memory, as
     # Model cards give for tf2onnx models) take the channels-last kernels, which read each
     # position's channels contiguously and split one sample's positions over the threads; so
@@ -247,10 +255,11 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     if cl_ok:
         F = last
     F5 = F[(slice(None),) * (1 if channels_last else 2) + (None,) * (3 - nsp)]
-    src3, tgt3 = _pad3(fsp), _pad3(target)
+    # the grid the weights resize to: the target, or the padded grid it is the corner of
+    src3, tgt3, cov3 = _pad3(fsp), _pad3(target), _pad3(target if extent is None else cover)
     weights: tuple[np.ndarray, ...] = ()
-    for n_in, n_out in zip(src3, tgt3):
-        weights += _kernel_weights(n_in, n_out)
+    for n_in, n_out, n_cov in zip(src3, tgt3, cov3):
+        weights += _kernel_weights(n_in, n_out, n_cov)
     g4 = g.reshape((B,) + tgt3)
     if m is None:
         m4, has_mask = np.ones((1, 1, 1, 1), dtype=g4.dtype), False
@@ -259,8 +268,23 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     ref4 = None if ref is None else ref.reshape((B,) + tgt3)
     flat = F5.reshape(B, F5.shape[1], -1) if flat_ok else None  # a view: no copy
     cl = F5.reshape(B, -1, F5.shape[4]) if cl_ok else None  # a view: no copy
-    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3, channels_last, weights,
+    return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3 == cov3, channels_last, weights,
                      flat, cl, src3, tuple(deferred))
+
+
+def _extent(extent: Any, grid: tuple[int, ...], resize: str) -> tuple[int, ...]:
+    """The grid the features cover: ``grid`` itself, or a larger one whose leading corner the
+    guide's grid is (an input padded at the end of each axis)."""
+    if extent is None:
+        return grid
+    cover = tuple(int(e) for e in extent)
+    if len(cover) != len(grid) or any(c < g for c, g in zip(cover, grid)):
+        raise ValueError(f"extent={tuple(extent)!r}: expected {len(grid)} sizes, each at least the "
+                         f"guide's grid {grid} (the padded grid the features cover)")
+    if cover != grid and resize != "upsample":
+        raise ValueError("extent (a padded input) needs resize='upsample': the maps are computed "
+                         "on the padded grid's resolution and cropped to the guide's grid")
+    return cover
 
 
 def _check_deferred(p: _Prepared, bad: np.ndarray) -> None:
@@ -372,6 +396,7 @@ def protoseg(
     resize: str = "upsample",
     layout: str = "channels_first",
     nonfinite: str = "raise",
+    extent: Any = None,
 ) -> ProtoSegResult:
     """ProtoSeg map of a feature tensor given a foreground guide (SPEC §1, §3).
 
@@ -392,6 +417,11 @@ def protoseg(
     layout : {"channels_first", "channels_last"}
     nonfinite : {"raise", "skip"}
         What to do with samples whose features hold NaN or Inf.
+    extent : sequence of int, optional
+        The grid the features cover when it is larger than the guide's: the model's input
+        was padded at the end of each axis to this size, and the guide's grid is its leading
+        corner. The map is the crop of the one computed on ``extent`` (``resize="upsample"``
+        only). Default: the features cover the guide's grid.
 
     Returns
     -------
@@ -436,7 +466,7 @@ def protoseg(
     ([[False, False, True, True]], [[1.0]], [0])
     """
     check_choice(nonfinite, "nonfinite", _NONFINITE)
-    p = _prepare(features, guide, None, mask, resize=resize, layout=layout)
+    p = _prepare(features, guide, None, mask, resize=resize, layout=layout, extent=extent)
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     tgt3 = p.g.shape[1:]
     P = np.empty((B, C))
@@ -479,6 +509,7 @@ def sa_scores(
     layout: str = "channels_first",
     empty: str = "nan",
     nonfinite: str = "raise",
+    extent: Any = None,
 ) -> SAScores | tuple[SAScores, SAScores]:
     """SA scores: Dice of the ProtoSeg map against a reference, per layer and/or unit (SPEC §2).
 
@@ -504,6 +535,8 @@ def sa_scores(
     ------
     TypeError, ValueError
         As :func:`protoseg`; also a reference that is not binary.
+
+    Notes on ``extent``: as in :func:`protoseg` (scores of the map cropped to the guide's grid).
 
     Notes
     -----
@@ -533,7 +566,7 @@ def sa_scores(
     check_choice(nonfinite, "nonfinite", _NONFINITE)
     if reference is None:
         raise TypeError("reference is required; received None; pass the binary reference map")
-    p = _prepare(features, guide, reference, mask, resize=resize, layout=layout)
+    p = _prepare(features, guide, reference, mask, resize=resize, layout=layout, extent=extent)
     assert p.ref is not None
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
     P, N, status, npos, tp, ny = _prototypes(p, p.ref, level in ("layer", "both"))

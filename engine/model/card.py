@@ -108,6 +108,9 @@ class ModelCard:
     size_multiple : tuple of int or None
         Per spatial axis, the number the model's input sizes must be multiples of (the
         product of a U-Net's pooling strides); ``None`` when not known. Never inferred.
+        :meth:`preprocess` pads an image whose size is not such a multiple with zeros at the
+        end of each axis (after scaling, as nnU-Net pads); scoring crops back
+        (:meth:`padded_size`), so SA is computed on the image's own grid.
     """
 
     input_name: str
@@ -166,12 +169,14 @@ class ModelCard:
                     f"positive integers for layout {self.layout} (or none for any size)")
             self.input_size = tuple(int(s) for s in size)
         if self.size_multiple is not None:
-            multiple = tuple(self.size_multiple)
+            multiple = tuple(np.atleast_1d(self.size_multiple).tolist())
+            if len(multiple) == 1:  # one number for every spatial axis
+                multiple *= self.spatial_ndim
             if len(multiple) != self.spatial_ndim or not all(
                     isinstance(m, (int, np.integer)) and m > 0 for m in multiple):
                 raise ValueError(
-                    f"size_multiple={list(multiple)!r}: expected {self.spatial_ndim} positive integers "
-                    f"for layout {self.layout} (or none)")
+                    f"{option('size_multiple', ','.join(map(str, multiple)))}: expected one or "
+                    f"{self.spatial_ndim} positive integers for layout {self.layout} (or none)")
             self.size_multiple = tuple(int(m) for m in multiple)
         self.classes = tuple(int(c) for c in self.classes)
         if not self.classes or min(self.classes) < 0:
@@ -312,9 +317,19 @@ class ModelCard:
             x = np.asarray(resize_linear(x, self.input_size), dtype=np.float32)
         if self.scaling != "none":
             x = self._scale(x)
+        padded = self.padded_size(tuple(x.shape[1:]))
+        if padded != tuple(x.shape[1:]):
+            x = np.pad(x, [(0, 0)] + [(0, p - s) for p, s in zip(padded, x.shape[1:])])
         if _is_channels_last(self.layout):
             x = np.moveaxis(x, 0, -1)
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def padded_size(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial size the model is fed for an image of ``spatial`` (after any resize):
+        each axis rounded up to the card's ``size_multiple``; unchanged without one."""
+        if self.size_multiple is None:
+            return tuple(int(s) for s in spatial)
+        return tuple(-(-int(s) // int(m)) * int(m) for s, m in zip(spatial, self.size_multiple))
 
     def _scale(self, x: np.ndarray) -> np.ndarray:
         axes = tuple(range(1, x.ndim))

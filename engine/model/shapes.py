@@ -104,8 +104,9 @@ def size_message(size: Sequence[int], multiple: int) -> str:
     """The one line for a spatial size a model cannot take, with the sizes it can."""
     fit = tuple(-(-int(s) // multiple) * multiple for s in size)
     return (f"the model cannot take spatial size {tuple(int(s) for s in size)}: it runs on sizes that "
-            f"are multiples of {multiple} (such as {fit}); crop or pad the images to such sizes, or "
-            f"resize every image ({option('input_size', ','.join(map(str, fit)))})")
+            f"are multiples of {multiple} (such as {fit}); pad each image to such a size and score "
+            f"it on its own grid ({option('size_multiple', multiple)}), or resize every image "
+            f"({option('input_size', ','.join(map(str, fit)))})")
 
 
 def accepted_multiple(session: Any, input_name: str, input_shape: Sequence[int],

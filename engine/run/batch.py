@@ -9,6 +9,7 @@ time) → input SA (SPEC §5) → saved maps.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class _Inputs:
     x: np.ndarray          # model input (len(ok), ...)
     x_cf: np.ndarray       # channels-first image on the reference grid
     status: list[str]      # per case of the batch: "ok" or why not scored
+    extent: tuple[int, ...] | None = None  # the padded grid the model saw (card size_multiple)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class _Targets:
     gt: np.ndarray | None            # (n_ok, K, *grid) bool, None without masks
     guides: list[np.ndarray]         # per class, float32 (n_ok, *grid)
     refs: list[np.ndarray]           # per class, bool (n_ok, *grid)
+    extent: tuple[int, ...] | None = None  # the padded grid the features cover (see _Inputs)
 
 
 def _batch_names(cases: Sequence[Case], rows: Sequence[int]) -> tuple[str, str]:
@@ -117,13 +120,15 @@ class _Unusable(ValueError):
         self.status = status
 
 
-def _groups(plan: Plan, xs: dict[int, np.ndarray]) -> list[list[int]]:
-    """Batch positions in runs of one input shape (first appearance first), each at most as
-    large as the memory plan allows: a model with dynamic sizes was planned for one case's
-    voxels, and a batch of larger cases is scored in proportionally smaller parts."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
+def _groups(plan: Plan, xs: dict[int, np.ndarray],
+            sizes: dict[int, tuple[int, ...]] | None = None) -> list[list[int]]:
+    """Batch positions in runs of one input shape (and one scored size, when inputs are
+    padded; first appearance first), each at most as large as the memory plan allows: a
+    model with dynamic sizes was planned for one case's voxels, and a batch of larger cases
+    is scored in proportionally smaller parts."""
+    by_shape: dict[tuple[Any, ...], list[int]] = {}
     for i, x in xs.items():
-        by_shape.setdefault(tuple(x.shape), []).append(i)
+        by_shape.setdefault((tuple(x.shape), (sizes or {}).get(i)), []).append(i)
     out: list[list[int]] = []
     for rows in by_shape.values():
         step = len(rows)
@@ -134,6 +139,16 @@ def _groups(plan: Plan, xs: dict[int, np.ndarray]) -> list[list[int]]:
                 step = max(1, plan.options.batch_size * plan.planned_voxels // voxels)
         out.extend(rows[j:j + step] for j in range(0, len(rows), step))
     return out
+
+
+def _scored_sizes(plan: Plan, cases: Sequence[Case], xs: dict[int, np.ndarray]) -> dict[int, tuple[int, ...]]:
+    """Per scorable case the grid it is scored on (after any resize to the card's input
+    size), when the card pads inputs to a size multiple; empty otherwise."""
+    card = plan.card
+    if card.size_multiple is None:
+        return {}
+    return {i: tuple(card.input_size) if card.input_size is not None else
+            tuple(int(d) for d in np.shape(cases[i].image)[1:]) for i in xs}
 
 
 def _run(p: Pass, plan: Plan, x: np.ndarray, cases: Sequence[Case], ok: list[int],
@@ -178,7 +193,11 @@ def _targets(plan: Plan, cases: Sequence[Case], inp: _Inputs, out0: dict[str, np
         case_id, where = _batch_names(cases, inp.ok)
         raise CaseError(str(exc), case_id=case_id, path=where) from None
     prob = card.to_probability({pred_name: out0[pred_name]})  # (B, K, *grid)
-    if tuple(prob.shape[2:]) != ref_shape:
+    if inp.extent is not None:  # the prediction covers the padded grid: crop it back
+        if tuple(prob.shape[2:]) != inp.extent:
+            prob = resize_linear(prob, inp.extent)
+        prob = np.ascontiguousarray(prob[(slice(None), slice(None)) + tuple(slice(0, n) for n in ref_shape)])
+    elif tuple(prob.shape[2:]) != ref_shape:
         prob = resize_linear(prob, ref_shape)
     finite = np.isfinite(prob.reshape(len(inp.ok), -1)).all(axis=1)
     if not finite.all():
@@ -196,7 +215,7 @@ def _targets(plan: Plan, cases: Sequence[Case], inp: _Inputs, out0: dict[str, np
             g = gt[:, k]
         guides.append(np.ascontiguousarray(g, dtype=np.float32))
         refs.append(pred[:, k] if plan.reference == "prediction" else gt[:, k])
-    return _Targets(prob, pred, gt, guides, refs)
+    return _Targets(prob, pred, gt, guides, refs, inp.extent)
 
 
 def _labels_note(plan: Plan, cases: Sequence[Case], ok: list[int]) -> tuple[str, ...]:
@@ -296,7 +315,8 @@ def _score_label_free(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, 
     for k in range(len(plan.classes)):
         g = tg.guides[k][rows] if len(rows) < len(ok) else tg.guides[k]
         ref = tg.pred[rows, k] if len(rows) < len(ok) else tg.pred[:, k]
-        res = sa_scores(f, g, ref, level="layer", resize=o.resize, empty=o.empty, nonfinite="skip")
+        res = sa_scores(f, g, ref, level="layer", resize=o.resize, empty=o.empty, nonfinite="skip",
+                        extent=tg.extent)
         block.put(([ok[j] for j in rows], k, li), res)
 
 
@@ -306,7 +326,10 @@ def _score_tensor(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feat
     level = "both" if (o.want_unit and o.want_layer) else ("unit" if o.want_unit else "layer")
     li = plan.layer_index[t.name]
     # GPU data path (issue 19): a tensor left on the device is scored there
-    score = plan.device.sa_scores if isinstance(feats, DeviceTensor) else sa_scores
+    if isinstance(feats, DeviceTensor) and tg.extent is not None:
+        feats = feats.to_host()  # padded inputs are scored on the host (extent)
+    score = plan.device.sa_scores if isinstance(feats, DeviceTensor) else functools.partial(
+        sa_scores, extent=tg.extent)
     for k in range(len(plan.classes)):
         try:
             res = score(feats, tg.guides[k], tg.refs[k], level=level, resize=o.resize,
@@ -325,7 +348,8 @@ def _tensor_maps(plan: Plan, t: Any, feats: np.ndarray, tg: _Targets, j: int,
     entry: dict[str, Any] = {}
     for k in range(nk):
         suffix = "" if nk == 1 else f"[class {plan.classes[k]}]"
-        r = protoseg(feats[j:j + 1], tg.guides[k][j:j + 1], resize=o.resize, nonfinite="skip")
+        r = protoseg(feats[j:j + 1], tg.guides[k][j:j + 1], resize=o.resize, nonfinite="skip",
+                     extent=tg.extent)
         entry[t.name + suffix] = {"binary": r.binary[0], "probability": _map16(r.probability[0])}
         if unit_row is None:
             continue
@@ -335,7 +359,7 @@ def _tensor_maps(plan: Plan, t: Any, feats: np.ndarray, tg: _Targets, j: int,
                 [:BEST_UNIT_MAPS] if np.isfinite(scores[u])]
         for u in best:
             r = protoseg(feats[j:j + 1, u:u + 1], tg.guides[k][j:j + 1], resize=o.resize,
-                         nonfinite="skip")
+                         nonfinite="skip", extent=tg.extent)
             entry[f"{t.name}#unit{u}{suffix}"] = {"binary": r.binary[0],
                                                   "probability": _map16(r.probability[0])}
     return entry
@@ -389,6 +413,10 @@ def _score_part(plan: Plan, cases: Sequence[Case], inp: _Inputs, acc: _Acc) -> N
     ok = inp.ok
     if plan.has_masks:
         acc.notes.extend(_labels_note(plan, cases, ok))
+    if inp.extent is not None:
+        acc.notes.append(f"padded: images whose size is not a multiple of {list(plan.card.size_multiple)} "
+                         "are padded with zeros at the end of each axis for the model; their scores, "
+                         "maps and prediction are on the image's own grid")
     first = plan.passes[0]
     out = _run(first, plan, inp.x, cases, ok, extra=[plan.card.prediction_output])
     tg = _targets(plan, cases, inp, out)
@@ -461,10 +489,15 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
     status, xs = _prepare(plan, cases)
     if plan.device is not None:  # GPU data path (issue 19): the self-check picks its batches
         plan.device.begin_batch()
-    for rows in _groups(plan, xs):  # one input shape per part: mixed sizes, planned memory
+    sizes = _scored_sizes(plan, cases, xs)
+    for rows in _groups(plan, xs, sizes):  # one input shape per part: mixed sizes, planned memory
         x = np.stack([xs[i] for i in rows])
-        inp = _Inputs(rows, x, plan.card.to_channels_first(x, plan.card.input_name), status)
-        _score_part(plan, cases, inp, acc)
+        x_cf = plan.card.to_channels_first(x, plan.card.input_name)
+        extent = None
+        if sizes and tuple(x_cf.shape[2:]) != sizes[rows[0]]:  # padded (size_multiple): crop back
+            extent = tuple(x_cf.shape[2:])
+            x_cf = x_cf[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes[rows[0]])]
+        _score_part(plan, cases, _Inputs(rows, x, x_cf, status, extent), acc)
     layer, units, input_block = acc.layer, acc.units, acc.input
     nonfinite_rows = [i for i in range(nb) if status[i] == "nonfinite-input"]
     if nonfinite_rows:

@@ -503,3 +503,40 @@ def test_scores_do_not_depend_on_the_thread_count(layout: str, batch: int) -> No
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     for name in ("binary", "probability", "foreground", "background", "status"):
         np.testing.assert_array_equal(getattr(m1, name), getattr(m2, name))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_extent_scores_the_crop_of_the_padded_grid(ndim):
+    # an input padded from S to P at the end of each axis: the features cover P; the map on
+    # the guide's grid S must be the crop of the map computed on P (the twin: resize the
+    # features to P with the engine's linear resize, crop to S, score on the identity grid)
+    from engine.resize import resize_linear
+
+    rng = np.random.default_rng(7 + ndim)
+    S = (13, 10, 7)[:ndim]
+    P = (16, 12, 8)[:ndim]
+    src = (4, 3, 2)[:ndim]  # the layer's grid: P / 4
+    f = rng.normal(size=(2, 5) + src)
+    g = (rng.random((2,) + S) > 0.6).astype(np.float64)
+    y = rng.random((2,) + S) > 0.5
+    crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in S)
+    twin_f = np.ascontiguousarray(resize_linear(f, P)[crop])
+    for level in ("layer", "unit"):
+        got = sa_scores(f, g, y, level=level, extent=P)
+        want = sa_scores(twin_f, g, y, level=level)
+        np.testing.assert_array_equal(got.tp, want.tp)
+        np.testing.assert_array_equal(got.fp, want.fp)
+        np.testing.assert_array_equal(got.fn, want.fn)
+        last = np.ascontiguousarray(np.moveaxis(f, 1, -1))  # the channels-last kernels too
+        got = sa_scores(last, g, y, level=level, extent=P, layout="channels_last")
+        np.testing.assert_array_equal(got.tp, want.tp)
+        np.testing.assert_array_equal(got.fp, want.fp)
+    got_map = protoseg(f, g, extent=P)
+    want_map = protoseg(twin_f, g)
+    np.testing.assert_array_equal(got_map.binary, want_map.binary)
+    # and differs from treating the features as covering S (what padding without extent did)
+    assert not np.array_equal(protoseg(f, g).probability, got_map.probability)
+    with pytest.raises(ValueError, match="at least the guide's grid"):
+        sa_scores(f, g, y, extent=tuple(s - 1 for s in S))
+    with pytest.raises(ValueError, match="upsample"):
+        sa_scores(f, g, y, extent=P, resize="downsample")

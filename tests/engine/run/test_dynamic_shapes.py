@@ -195,3 +195,50 @@ def test_unknown_input_dims_without_names_are_sized_too(tmp_path):
     for cid in b:
         np.testing.assert_array_equal(a[cid][0], b[cid][0])
         np.testing.assert_array_equal(a[cid][1], b[cid][1])
+
+
+def test_a_card_size_multiple_pads_and_scores_on_the_image_grid(tmp_path):
+    # 33x33 images for a model that needs even sizes: padded to 34x34 for the model, scored
+    # on 33x33. The twin: run the model on the padded image, take each tensor, resize it to
+    # the padded grid (the engine's linear resize), crop to 33x33, score on that grid.
+    from engine.model.graph import expose
+    from engine.model.session import make_session
+    from engine.resize import resize_linear
+    from engine.scores import sa_scores
+
+    img = _blobs(2, 33, seed=9)[0]
+    data = tmp_path / "odd.npz"
+    np.savez(data, images=img)
+    proto = models.unet(batch="N", size="S")
+    model = models.save(proto, tmp_path / "dyn.onnx")
+    run = score_dataset(model, data, tmp_path / "r.h5", card={"size_multiple": 2})
+    st = engine.open_store(run.store)
+    assert run.n_failed == 0 and st.config["model_card"]["size_multiple"] == [2, 2]
+    names = [str(n) for n in st.layers["name"]]
+    got = st.layer_scores()["score"][:, 0]
+    padded = np.pad(img, [(0, 0), (0, 0), (0, 1), (0, 1)])
+    out = make_session(expose(proto, names), provider="cpu").run({"x": padded})
+    prob = out["prob"][:, 0, :33, :33]
+    guide = (prob > 0.5).astype(np.float32)
+    for li, name in enumerate(names):
+        f = out[name]
+        twin = np.ascontiguousarray(resize_linear(f, (34, 34))[:, :, :33, :33])
+        want = sa_scores(twin, guide, guide > 0.5).score
+        np.testing.assert_array_equal(got[:, li], want, err_msg=name)
+
+
+def test_size_multiple_from_the_cli_message_is_the_fix(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    data = tmp_path / "odd.npz"
+    np.savez(data, images=_blobs(2, 33, seed=3)[0])
+    model = models.save(models.unet(batch="N", size="S"), tmp_path / "dyn.onnx")
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["score", str(model), str(data), "-o", str(tmp_path / "a.h5"), "-q"])
+    assert bad.exit_code == 1 and "--size-multiple 2" in bad.stderr
+    ok = runner.invoke(cli, ["score", str(model), str(data), "-o", str(tmp_path / "b.h5"),
+                             "--size-multiple", "2"])
+    assert ok.exit_code == 0, ok.stderr
+    assert ok.stderr.count("padded:") == 1  # recorded once for the run
