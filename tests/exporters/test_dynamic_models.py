@@ -137,3 +137,41 @@ def test_tf2onnx_none_dims_score_mixed_sizes(tmp_path):
         onnx.save(proto, paths[name])
     _check_dynamic_run(paths["dyn"], paths["static"], tmp_path, [32, 48, 32, 40],
                        card={"layout": "NHWC"})
+
+
+@pytest.mark.slow
+def test_a_unet_needing_multiples_of_16_given_100x100_images(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Deep(nn.Module):  # four poolings with skip connections: sizes must be multiples of 16
+        def __init__(self) -> None:
+            super().__init__()
+            self.downs = nn.ModuleList(nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(5))
+            self.ups = nn.ModuleList(nn.ConvTranspose2d(4, 4, 2, stride=2) for _ in range(4))
+            self.fuse = nn.ModuleList(nn.Conv2d(8, 4, 3, padding=1) for _ in range(4))
+            self.head = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, conv in enumerate(self.downs):
+                x = torch.relu(conv(x))
+                if i < 4:
+                    skips.append(x)
+                    x = nn.functional.max_pool2d(x, 2)
+            for up, fuse, skip in zip(self.ups, self.fuse, reversed(skips)):
+                x = torch.relu(fuse(torch.cat([up(x), skip], 1)))
+            return torch.sigmoid(self.head(x))
+
+    torch.manual_seed(0)
+    path = tmp_path / "deep.onnx"
+    torch.onnx.export(Deep().eval(), (torch.rand(1, 1, 64, 64),), str(path), dynamo=False,
+                      input_names=["image"], output_names=["prob"],
+                      dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}, "prob": {0: "b", 2: "h", 3: "w"}})
+    data = _folder(tmp_path / "cases", [100, 100])
+    with pytest.raises(ValueError, match=r"spatial size \(100, 100\).*multiples of 16 \(such as \(112, 112\)\)"):
+        score_dataset(path, data, tmp_path / "a.h5")
+    run = score_dataset(path, data, tmp_path / "b.h5", card={"size_multiple": 16})
+    st = engine.open_store(run.store)
+    assert run.n_failed == 0 and np.isfinite(st.output_dice()).all()
+    assert st.config["model_card"]["size_multiple"] == [16, 16]
