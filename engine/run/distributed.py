@@ -55,7 +55,7 @@ from engine.datasets import DatasetError
 from engine.errors import option
 from engine.model.graph import load_model
 from engine.quality.baseline import BASELINE_NAMES
-from engine.run.batch import _input_columns, score_batch
+from engine.run.batch import _input_columns, _label_free_wanted, score_batch
 from engine.run.loop import RunSummary, _now, _provenance
 from engine.run.manifest import DatasetManifest, dataset_manifest
 from engine.run.options import ScoreOptions, dataset_label
@@ -585,7 +585,8 @@ def _failed_result(plan: Plan, chunk: Chunk, groups: Sequence[str]) -> BatchResu
         layer=ScoreBlock.empty((n, nk, len(plan.layers))), units=units,
         input=ScoreBlock.empty((n, nk, _input_columns(plan))) if plan.options.input_sa else None,
         output_dice=np.full((n, nk), np.nan),
-        baselines={name: np.full((n, nk), np.nan) for name in BASELINE_NAMES}, maps={})
+        baselines={name: np.full((n, nk), np.nan) for name in BASELINE_NAMES}, maps={},
+        label_free=ScoreBlock.empty((n, nk, len(plan.layers))) if _label_free_wanted(plan) else None)
 
 
 def _case_groups(dataset: Any, indices: Sequence[int]) -> list[str]:
