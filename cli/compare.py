@@ -6,27 +6,14 @@ options, calls :func:`engine.report.compare.compare_stores`, prints the per-laye
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cli._errors import handle_errors
+
 __all__ = ["compare"]
-
-
-def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`cli.main.handle_errors`, looked up when the command runs (``cli.main``
-    imports this module at its end, so it cannot be imported here at import time)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from cli.main import handle_errors
-
-        return handle_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 def _interval(row: dict[str, Any]) -> str:
@@ -55,7 +42,7 @@ def _interval(row: dict[str, Any]) -> str:
 @click.option("--unit-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Count units whose SA is above this (per-unit summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON object.")
-@_handle_errors
+@handle_errors
 def compare(store_a: Path, store_b: Path, out_dir: Path | None, allow_different: bool, match: str,
             n_boot: int, seed: int, top_cases: int, unit_threshold: float, as_json: bool) -> None:
     """Compare two stores scored on the same cases, layer by layer (B − A).

@@ -8,26 +8,15 @@ what the model card cannot express is logged (stderr) and listed under ``message
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cli._errors import handle_errors
+
 __all__ = ["nnunet_cmd", "monai_cmd"]
-
-
-def _handled(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``cli.main.handle_errors``, looked up at call time (cli.main imports this module)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from cli.main import handle_errors
-
-        return handle_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 def _size(value: str | None) -> tuple[int, ...] | None:
@@ -81,7 +70,7 @@ def _print(result: Any, as_json: bool) -> None:
               help="checkpoint_final.pth or checkpoint_best.pth.")
 @click.option("--configuration", help="Plans configuration (default: the checkpoint's, e.g. 3d_fullres).")
 @_common
-@_handled
+@handle_errors
 def nnunet_cmd(folder: Path, fold: str, checkpoint: str, configuration: str | None, out: Path,
                layers: tuple[str, ...], input_size: str | None, as_json: bool) -> None:
     """Export an nnU-Net v2 trained model (FOLDER holds plans.json, dataset.json, fold_F/).
@@ -108,7 +97,7 @@ def nnunet_cmd(folder: Path, fold: str, checkpoint: str, configuration: str | No
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="State dict (default: models/model.pt).")
 @_common
-@_handled
+@handle_errors
 def monai_cmd(folder: Path, config: str | None, network_id: str, weights: Path | None, out: Path,
               layers: tuple[str, ...], input_size: str | None, as_json: bool) -> None:
     """Export a MONAI bundle's network (FOLDER holds configs/ and models/model.pt).

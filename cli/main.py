@@ -7,13 +7,11 @@ result on stdout (progress and logs go to stderr). Domain errors become one-line
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import re
-import warnings
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ from typing import Any
 import click
 
 from engine import __version__
-from engine.errors import cli_messages
+from cli._errors import handle_errors
+from engine.errors import CaseSkippedWarning
 
 __all__ = ["cli", "main"]
 
@@ -30,52 +29,6 @@ DEMO_MODEL = DATA_DIR / "deepbrain" / "deepbrain.onnx"
 DEMO_DATA = DATA_DIR / "colin27"
 
 log = logging.getLogger("protoseg")
-
-# Errors that are the user's to fix: shown as one line, exit 1.
-_DOMAIN_ERRORS = (ValueError, TypeError, KeyError, LookupError, FileNotFoundError,
-                  FileExistsError, PermissionError, ImportError, OSError, RuntimeError)
-
-
-def _one_line(exc: BaseException) -> str:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    msg = " ".join(str(msg).split())
-    return msg or type(exc).__name__
-
-
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn domain errors into one-line ClickExceptions unless ``--debug`` was given."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        debug = bool((ctx.find_root().obj or {}).get("debug"))
-        try:
-            with cli_messages():  # engine advice names flags, not Python keywords
-                return func(*args, **kwargs)
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            click.echo("interrupted: the batches already finished are kept; run the same command "
-                       "again to resume", err=True)
-            ctx.exit(130)
-        except click.ClickException:
-            raise
-        except _DOMAIN_ERRORS as exc:
-            if debug:
-                raise
-            raise click.ClickException(_one_line(exc)) from None
-        except MemoryError as exc:  # the scoring loop's OutOfMemoryError names batch and remedy
-            if debug:
-                raise
-            from engine.errors import OutOfMemoryError
-
-            if isinstance(exc, OutOfMemoryError):
-                raise click.ClickException(_one_line(exc)) from None
-            raise click.ClickException(f"out of memory ({_one_line(exc)}): lower --batch-size or "
-                                       "--max-memory, or score fewer --layers") from None
-
-    return wrapper
-
 
 def _echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
@@ -166,7 +119,6 @@ MAX_CASE_LINES = 10
 #: Skipped cases are said even under --quiet (its own level; the "protoseg" handler prints it).
 _CASES_LOG = logging.getLogger("protoseg.cases")
 _CASES_LOG.setLevel(logging.WARNING)
-_SKIPPED = re.compile(r"^case (?P<id>'.*?'): (?P<why>.*?);? case skipped\.?$")
 
 
 class _CaseLines:
@@ -184,15 +136,14 @@ class _CaseLines:
         if not issubclass(category, UserWarning):  # library deprecations: debug output only
             log.debug("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
             return
-        m = _SKIPPED.match(text)
-        if m is None:
+        if not isinstance(message, CaseSkippedWarning):
             log.warning("warning: %s", text)
             return
         if self.limit is not None and self.shown >= self.limit:
             self.hidden += 1
             return
         self.shown += 1
-        _CASES_LOG.warning("case %s skipped: %s", m["id"], m["why"])
+        _CASES_LOG.warning("case %r skipped: %s", message.case_id, " ".join(message.reason.split()))
 
     def close(self) -> None:
         if self.hidden:

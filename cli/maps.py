@@ -6,27 +6,13 @@ options, calls :func:`engine.store.maps_export.export_maps`, prints one line per
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
+from cli._errors import handle_errors
+
 __all__ = ["maps"]
-
-
-def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`cli.main.handle_errors`, looked up when the command runs (``cli.main``
-    imports this module at its end, so it cannot be imported here at import time)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from cli.main import handle_errors
-
-        return handle_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command()
@@ -41,7 +27,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--format", "fmt", type=click.Choice(["nifti", "nrrd"]), default=None,
               help="File format [default: NRRD for NRRD images, else NIfTI (.nii.gz)].")
 @click.option("--json", "as_json", is_flag=True, help="Print the files written as JSON.")
-@_handle_errors
+@handle_errors
 def maps(store: Path, out_dir: Path | None, cases: tuple[str, ...], layers: tuple[str, ...],
          fmt: str | None, as_json: bool) -> None:
     """Write the SA maps saved in STORE as NIfTI/NRRD files on each image's grid.

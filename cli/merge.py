@@ -6,27 +6,13 @@ stores (e.g. one per ``--shard I/N`` machine of a batch array) and prints what i
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
+from cli._errors import handle_errors
+
 __all__ = ["merge"]
-
-
-def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """:func:`cli.main.handle_errors`, looked up when the command runs (``cli.main``
-    imports this module at its end)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from cli.main import handle_errors
-
-        return handle_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command()
@@ -35,7 +21,7 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
               help="The merged store to write.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT when it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_handle_errors
+@handle_errors
 def merge(parts: tuple[Path, ...], out: Path, overwrite: bool, as_json: bool) -> None:
     """Merge shards (STORE.parts folders, part files or finished stores) into one store.
 

@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "ScoreOptions": "engine.run",
     "CaseError": "engine.errors",
     "OutOfMemoryError": "engine.errors",
+    "CaseSkippedWarning": "engine.errors",
     "Store": "engine.store",
     "StoreWriter": "engine.store",
     "open_store": "engine.store",

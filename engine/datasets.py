@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import option
+from engine.errors import CaseSkippedWarning, option
 
 __all__ = [
     "Case",
@@ -635,7 +635,11 @@ class Dataset:
     def _bad(self, case: Case) -> Case:
         if self.strict:
             raise DatasetError(case.message)
-        warnings.warn(case.message, stacklevel=3)
+        prefix, suffix = f"case {case.id!r}: ", "; case skipped"
+        if case.message.startswith(prefix) and case.message.endswith(suffix):
+            warnings.warn(CaseSkippedWarning(case.id, case.message[len(prefix):-len(suffix)]), stacklevel=3)
+        else:
+            warnings.warn(case.message, stacklevel=3)
         return case
 
     def _finish(self, case_id: str, image: np.ndarray, mask_raw: np.ndarray | None,

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["NonFiniteFeaturesError", "CaseError", "OutOfMemoryError", "option", "cli_messages"]
+__all__ = ["NonFiniteFeaturesError", "CaseError", "OutOfMemoryError", "CaseSkippedWarning", "option",
+           "cli_messages"]
 
 #: How messages name an option: as the Python keyword (``nonfinite='skip'``) or, while the
 #: CLI runs, as its flag (``--nonfinite skip``) — advice must be followable from where the
@@ -111,3 +112,17 @@ class OutOfMemoryError(MemoryError):
         self.batch_size = int(batch_size)
         self.needed = needed
         self.budget = budget
+
+
+class CaseSkippedWarning(UserWarning):
+    """A case was skipped (unreadable, wrong channels, time series...) and the run goes on.
+
+    ``str()`` is the whole message (``case 'x': why; case skipped``); ``case_id`` and
+    ``reason`` (the why alone) let a front end word it its own way (the CLI prints
+    ``case 'x' skipped: why``, one line each).
+    """
+
+    def __init__(self, case_id: str, reason: str) -> None:
+        super().__init__(f"case {case_id!r}: {reason}; case skipped")
+        self.case_id = case_id
+        self.reason = reason

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from engine.model.card import PASS_THROUGH_OPS
 from engine.model.metadata import read_metadata
 from exporters._common import (
     ExportResult,
@@ -301,11 +302,6 @@ def _guess_layout(dims: Sequence[int | None]) -> str | None:
     return spatial_layout(rank, True)
 
 
-#: Ops that only move or copy data: looked through when finding the prediction's activation.
-_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Cast",
-                           "Flatten", "Slice", "Resize", "Upsample", "Pad"})
-
-
 def _guess_activation(graph: Any, prediction: str) -> str:
     """``sigmoid``/``softmax`` when the prediction comes from a Sigmoid/Softmax node (through
     ops that only move data, such as tf2onnx's final Transpose), else ``logits``."""
@@ -317,7 +313,7 @@ def _guess_activation(graph: Any, prediction: str) -> str:
             break
         if node.op_type in ("Sigmoid", "Softmax"):
             return node.op_type.lower()
-        if node.op_type not in _PASS_THROUGH or not node.input:
+        if node.op_type not in PASS_THROUGH_OPS or not node.input:
             break
         name = node.input[0]
     return "logits"

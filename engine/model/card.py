@@ -47,7 +47,7 @@ __all__ = ["ModelCard", "resolve_model_card", "FIELDS"]
 _CHANNELS_LAST = ("NWC", "NHWC", "NDHWC")
 _BY_RANK = {3: ("NCW", "NWC"), 4: ("NCHW", "NHWC"), 5: ("NCDHW", "NDHWC")}
 #: Ops that only move data around: looked through when finding the prediction's activation.
-_PASS_THROUGH = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Cast",
+PASS_THROUGH_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Cast",
                            "Flatten", "Slice", "Resize", "Upsample", "Pad"})
 
 #: Flat field names accepted in overrides and TOML (``hidden`` maps to both hidden dicts).
@@ -504,7 +504,7 @@ def _activation_of(graph: Any, output: str) -> tuple[str, str]:
             if node.op_type == "LogSoftmax":
                 return "logits", "the output is produced by LogSoftmax (softmax applied to it again)"
             return "softmax", f"the output is produced by a Softmax node ({node.name or name!r})"
-        if node.op_type not in _PASS_THROUGH or not node.input:
+        if node.op_type not in PASS_THROUGH_OPS or not node.input:
             return "logits", f"the output is produced by {node.op_type}, not Sigmoid/Softmax"
         name = node.input[0]
     return "logits", "no Sigmoid or Softmax found before the output"

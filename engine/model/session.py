@@ -180,11 +180,7 @@ class Session:
             raise ValueError(f"unknown outputs {bad}; the session's outputs are {self.output_names}")
         arrays: dict[str, np.ndarray] = {}
         for name, value in feeds.items():
-            arr = np.asarray(value)
-            want = _np_dtype(self.input_types[name])
-            if want is not None and arr.dtype != want and np.issubdtype(arr.dtype, np.floating) \
-                    and np.issubdtype(want, np.floating):
-                arr = arr.astype(want)
+            arr = self._as_input(name, value)
             expected = self.input_shapes.get(name) or ()
             if expected and arr.ndim != len(expected):
                 raise ValueError(
@@ -236,18 +232,22 @@ class Session:
             return self.run(feeds, names)  # raises the usual error
         binding = self.ort_session.io_binding()
         for name, value in feeds.items():
-            arr = np.asarray(value)
-            want = _np_dtype(self.input_types[name])
-            if want is not None and arr.dtype != want and np.issubdtype(arr.dtype, np.floating) \
-                    and np.issubdtype(want, np.floating):
-                arr = arr.astype(want)
-            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+            binding.bind_cpu_input(name, np.ascontiguousarray(self._as_input(name, value)))
         for name in names:
             binding.bind_output(name, "cpu" if name in host else "cuda")
         self.ort_session.run_with_iobinding(binding)
         return {name: (value.numpy() if name in host else value)
                 for name, value in zip(names, binding.get_outputs())}
     # --- end of the GPU data path hook ---------------------------------------------------------
+
+    def _as_input(self, name: str, value: Any) -> np.ndarray:
+        """``value`` as an array, a float one cast to the input's float type."""
+        arr = np.asarray(value)
+        want = _np_dtype(self.input_types[name])
+        if want is not None and arr.dtype != want and np.issubdtype(arr.dtype, np.floating) \
+                and np.issubdtype(want, np.floating):
+            arr = arr.astype(want)
+        return arr
 
     def _run_once(self, arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         sess = self.ort_session

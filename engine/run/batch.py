@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.datasets import Case
-from engine.errors import CaseError, NonFiniteFeaturesError, option
+from engine.errors import CaseError, CaseSkippedWarning, NonFiniteFeaturesError, option
 from engine.gpu import DeviceTensor
 from engine.quality import baselines as compute_baselines
 from engine.quality.baseline import BASELINE_NAMES
@@ -91,11 +91,10 @@ def _prepare(plan: Plan, cases: Sequence[Case]) -> tuple[list[str], dict[int, np
             x = card.preprocess(image)
         except ValueError as exc:
             st = exc.status if isinstance(exc, _Unusable) else "bad-shape"
-            msg = f"case {str(c.id)!r}: {c.path}: {exc}"
             if o.strict:
                 raise CaseError(f"{exc}; the run stops here ({option('strict')} is set: drop it "
                                 "to skip such cases)", case_id=str(c.id), path=str(c.path)) from None
-            warnings.warn(f"{msg}; case skipped", stacklevel=2)
+            warnings.warn(CaseSkippedWarning(str(c.id), f"{c.path}: {exc}"), stacklevel=2)
             status[i] = st
             continue
         if not (np.isfinite(image).all() and np.isfinite(x).all()):
@@ -310,13 +309,12 @@ def _score_label_free(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, 
     if not rows:
         return
     o, li = plan.options, plan.layer_index[t.name]
+    sel: Any = rows if len(rows) < len(ok) else slice(None)  # every case: views, no copies
     f = feats.to_host() if isinstance(feats, DeviceTensor) else feats
-    f = np.ascontiguousarray(f[rows]) if len(rows) < len(ok) else f
+    f = f if isinstance(sel, slice) else np.ascontiguousarray(f[sel])
     for k in range(len(plan.classes)):
-        g = tg.guides[k][rows] if len(rows) < len(ok) else tg.guides[k]
-        ref = tg.pred[rows, k] if len(rows) < len(ok) else tg.pred[:, k]
-        res = sa_scores(f, g, ref, level="layer", resize=o.resize, empty=o.empty, nonfinite="skip",
-                        extent=tg.extent)
+        res = sa_scores(f, tg.guides[k][sel], tg.pred[sel, k], level="layer", resize=o.resize,
+                        empty=o.empty, nonfinite="skip", extent=tg.extent)
         block.put(([ok[j] for j in rows], k, li), res)
 
 
