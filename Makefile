@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test setup setup-test setup-eval clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,23 @@ $(VENV)/.test: $(VENV)/.core pyproject.toml
 
 setup: $(VENV)/.core
 setup-test: $(VENV)/.test
+
+# The estimator evaluation (docs/estimation.md): the [eval] extra (nilearn's MNI152 template,
+# torch) and the pyradiomics 3.0.1 sdist's CT volumes (BSD-3; not an installable package, and
+# 3.1.0's sdist reports a different version in its metadata, which pip refuses), unpacked into
+# .cache/pyradiomics/. The experiments read them there and never download.
+PYRADIOMICS_SDIST := .cache/sdists/pyradiomics-3.0.1.tar.gz
+
+$(VENV)/.eval: $(VENV)/.core pyproject.toml
+	$(PY) -m pip install --quiet -e ".[eval]"
+	@# --no-build-isolation: pip reads the sdist's metadata with setup.py, which imports numpy
+	test -f $(PYRADIOMICS_SDIST) || $(PY) -m pip download --quiet --no-deps --no-binary pyradiomics --no-build-isolation pyradiomics==3.0.1 -d .cache/sdists
+	$(PY) -c "import tarfile, pathlib; t = tarfile.open('$(PYRADIOMICS_SDIST)'); \
+	  ms = [m for m in t.getmembers() if m.name.count('/') == 1 and m.name.endswith('/LICENSE.txt') or m.name.count('/') == 2 and '/data/' in m.name and m.name.endswith('.nrrd')]; \
+	  [setattr(m, 'name', m.name.split('/', 1)[1]) for m in ms]; t.extractall('.cache/pyradiomics', members=ms, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))"
+	touch $@
+
+setup-eval: $(VENV)/.eval
 
 demo: $(VENV)/.core
 	$(VENV)/bin/protoseg demo -o protoseg-demo

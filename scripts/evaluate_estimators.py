@@ -1,4 +1,4 @@
-"""Honest evaluation of the label-free quality estimators on real MRI (issue 7).
+"""Honest evaluation of the label-free quality estimators on real MRI and CT (issues 7, 20).
 
 One command per experiment; each builds its cases from real volumes, scores them with
 :func:`engine.score_dataset` (layer and unit level, guide = reference = prediction), computes
@@ -8,6 +8,7 @@ baselines, validates every one against the output's true Dice, writes JSON/Markd
 
     .venv/bin/python scripts/evaluate_estimators.py unet2d --docs
     .venv/bin/python scripts/evaluate_estimators.py deepbrain --docs
+    .venv/bin/python scripts/evaluate_estimators.py lungct --docs
 
 ``unet2d``: the shipped 2-D U-Net (``cli/data/unet2d/unet2d.onnx``, trained by
 ``scripts/train_unet2d.py`` on MNI152 slices) on its held-out MNI152 axial slices and on
@@ -23,17 +24,26 @@ bias field, contrast/gamma, down-up resampling, crop, shift). Reference: Colin27
 (a brain mask with the ventricles, like deepbrain's target). Geometric corruptions move the
 reference with the image.
 
-Both experiments also run the failure-detection benchmark (:mod:`engine.quality.failure`:
+``lungct``: the shipped lung-CT 2-D U-Net (``cli/data/lungct/lungct.onnx``, trained by
+``scripts/train_lungct.py`` on ``lung1`` of the pyradiomics data) on the held-out ``lung1``
+slices and on every ``lung2`` slice (another patient with a large tumour: the shifted domain),
+each clean and under graded in-plane corruptions (:func:`corrupt_ct`). Reference: the training
+target (aerated lung by a fixed HU rule, united with the packaged tumour label), moved with
+the image by the shift.
+
+Every experiment also runs the failure-detection benchmark (:mod:`engine.quality.failure`:
 AURC, E-AURC, AUROC at Dice thresholds, Spearman pooled and within group, bootstrap intervals
 by subject), fit the ``combined`` ridge estimator and its baselines-only twin by grouped
 cross-validation (does SA add anything beyond the baselines?), and check the coverage of the
-conformal Dice lower bounds on held-out groups. ``deepbrain`` adds held-out shift families:
+conformal Dice lower bounds on held-out groups. ``deepbrain`` and ``lungct`` add held-out shift families:
 each corruption family (:data:`FAMILIES`) is left out in turn, ``calibrated`` and ``combined``
 are fitted on the clean cases and the other families, and tested on the left-out one.
 
 Colin27 is read from Debian's ``mricron-data`` when installed, else from the unchanged copies
-in ``cli/data/colin27``; MNI152 from a nilearn wheel (``--wheel PATH``, else ``pip download``
-fetches one before the experiment starts).
+in ``cli/data/colin27``; MNI152 from the installed ``nilearn`` package (``--wheel PATH``: from a
+wheel on disk); the lung CT from ``.cache/pyradiomics/data`` (``--data DIR``). ``make
+setup-eval`` installs / puts all of them there; nothing is downloaded while an experiment runs —
+missing data stop it with one line naming that command.
 """
 from __future__ import annotations
 
@@ -51,7 +61,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-__all__ = ["build_unet2d_cases", "build_deepbrain_cases", "corrupt", "evaluate_store", "main"]
+__all__ = ["build_unet2d_cases", "build_deepbrain_cases", "build_lungct_cases", "corrupt", "corrupt_ct",
+           "evaluate_store", "main"]
 
 _MRICRON = Path("/usr/share/mricron/templates")
 _SHIPPED = REPO / "cli" / "data" / "colin27"
@@ -184,6 +195,82 @@ def build_deepbrain_cases(out: Path, wheel: str | None, levels: int, seed: int =
     return path
 
 
+#: Corruptions of the lung-CT slices (HU, 64×64 grid); shift families as :data:`FAMILIES`.
+CT_CORRUPTIONS = ("noise", "blur", "bias", "gamma", "resample", "shift")
+
+
+def corrupt_ct(hu: np.ndarray, mask: np.ndarray, kind: str, level: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One corruption of a stack of CT slices ``(n, H, W)`` in HU at level 1..3 (per slice, in plane).
+
+    ``noise``: Gaussian, σ = 60 / 150 / 300 HU; ``blur``: Gaussian, σ = 0.8 / 1.5 / 2.5 pixels;
+    ``bias``: a smooth multiplicative field on the attenuation (HU + 1000), amplitude
+    0.2 / 0.4 / 0.7; ``gamma`` (family *contrast*): attenuation scaled by 1.3 / 1.6 / 0.6 (a
+    miscalibrated scanner); ``resample``: down–up by 2 / 3 / 4 (linear); ``shift``: 6 / 12 / 20
+    pixels along the first axis, air (-1000 HU) filled in, the mask moves with the image.
+    """
+    from scipy import ndimage
+
+    x = hu.astype(np.float32).copy()
+    if kind == "noise":
+        x = x + rng.normal(0, (60.0, 150.0, 300.0)[level - 1], x.shape).astype(np.float32)
+    elif kind == "blur":
+        x = ndimage.gaussian_filter(x, (0, *(2 * [(0.8, 1.5, 2.5)[level - 1]])))
+    elif kind == "bias":
+        gy, gx = np.meshgrid(*[np.linspace(-1, 1, s) for s in x.shape[1:]], indexing="ij")
+        for i in range(len(x)):
+            field = rng.uniform(-1, 1) * gy + rng.uniform(-1, 1) * gx + rng.uniform(-1, 1) * gy * gx
+            x[i] = (x[i] + 1000) * np.exp((0.2, 0.4, 0.7)[level - 1] * field) - 1000
+    elif kind == "gamma":
+        x = (x + 1000) * (1.3, 1.6, 0.6)[level - 1] - 1000
+    elif kind == "resample":
+        f = (2, 3, 4)[level - 1]
+        small = ndimage.zoom(x, (1, 1 / f, 1 / f), order=1)
+        x = ndimage.zoom(small, np.array(x.shape) / np.array(small.shape), order=1)[:, : x.shape[1], : x.shape[2]]
+    elif kind == "shift":
+        s = (6, 12, 20)[level - 1]
+        x, mask = np.roll(x, s, axis=1), np.roll(mask, s, axis=1)
+        x[:, :s] = -1000
+        mask = mask.copy()
+        mask[:, :s] = 0
+    else:
+        raise ValueError(f"corruption {kind!r}; expected one of {', '.join(CT_CORRUPTIONS)}")
+    return x.astype(np.float32), mask.astype(np.uint8)
+
+
+def build_lungct_cases(out: Path, data: str | Path | None = None, levels: int = 3, seed: int = 0) -> Path:
+    """NPZ with held-out ``lung1`` slices and all ``lung2`` slices (64×64, HU), clean and corrupted.
+
+    Groups = subject (``lung1-heldout``, ``lung2``); ids ``<subject>_z<k>_<kind><level>`` or
+    ``…_clean``. The data are read from the folder ``make setup-eval`` fills (or ``data``);
+    when they are missing this raises a one-line :class:`FileNotFoundError` naming that
+    command — nothing is downloaded.
+    """
+    from train_lungct import ct_slices, find_data, split_of
+
+    folder = find_data(data)
+    rng = np.random.default_rng(seed)
+    images, masks, ids, groups = [], [], [], []
+    for case, group in (("lung1", "lung1-heldout"), ("lung2", "lung2")):
+        hu, msk, z = ct_slices(folder, case)
+        if case == "lung1":  # the training subject: only the slices the network never saw
+            keep = split_of(z) == "test"
+            hu, msk, z = hu[keep], msk[keep], z[keep]
+        variants = [("clean", hu, msk)]
+        for kind in CT_CORRUPTIONS:
+            for level in range(1, levels + 1):
+                variants.append((f"{kind}{level}", *corrupt_ct(hu, msk, kind, level, rng)))
+        for name, x, m in variants:
+            images.append(x)
+            masks.append(m)
+            ids += [f"{group}_z{k:03d}_{name}" for k in z]
+            groups += [group] * len(z)
+    path = out / "lungct_cases.npz"
+    np.savez(path, images=np.concatenate(images), masks=np.concatenate(masks), ids=np.array(ids),
+             groups=np.array(groups))
+    return path
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -280,16 +367,19 @@ def _take(ls: dict, units: dict | None, base: dict, sel: np.ndarray) -> tuple[di
 
 
 def _family(case_id: str) -> str:
-    """Shift family of a deepbrain case id (``colin27_noise2`` → ``noise``; ``…_clean`` → ``clean``)."""
-    kind = case_id.split("_", 1)[1].rstrip("0123456789")
+    """Shift family of a case id (``colin27_noise2``, ``lung2_z017_noise2`` → ``noise``; ``…_clean`` → ``clean``)."""
+    kind = case_id.rsplit("_", 1)[-1].rstrip("0123456789")  # lung-CT ids: lung2_z017_noise2
     return FAMILIES.get(kind, "clean")
 
 
 def _fit_apply(ls: dict, units: dict | None, layers: np.ndarray, base: dict, dice: np.ndarray,
                groups: np.ndarray, train: np.ndarray, test: np.ndarray, folds: int) -> dict[str, dict[str, Any]]:
     """``calibrated``, ``combined`` and the baselines-only ridge fitted on ``train`` only and
-    applied to ``test``; conformal scores from the training part's out-of-fold estimates."""
-    from engine.quality import calibrate, candidate_estimates, conformal_scores, fit_combined
+    applied to ``test``; conformal scores (constant and normalised, :func:`engine.quality.
+    conformal_entry`) from the training part's out-of-fold estimates, and the test cases'
+    difficulty features."""
+    from engine.quality import (calibrate, candidate_estimates, conformal_entry, conformal_scores,
+                                difficulty_features, fit_combined, hidden_layer_sa)
     from engine.quality.table import score_table
 
     ls_tr, u_tr, b_tr = _take(ls, units, base, train)
@@ -298,25 +388,77 @@ def _fit_apply(ls: dict, units: dict | None, layers: np.ndarray, base: dict, dic
     g_arg = list(g_tr) if len(set(g_tr.tolist())) > 1 else None
     cal = calibrate(ls_tr, u_tr, layers, dice[train], groups=g_arg, folds=folds)
     out = {"calibrated": {"estimate": candidate_estimates(ls_te, u_te, layers, [cal.choice])[0],
-                          "scores": conformal_scores(np.asarray(cal.oof_estimate), dice[train]),
-                          "choice": cal.choice["name"]}}
+                          "oof": np.asarray(cal.oof_estimate), "choice": cal.choice["name"]}}
     table_te = score_table(ls_te, u_te, layers)
     for name, fs in (("combined", "sa+baselines"), ("baselines (ridge)", "baselines")):
         m = fit_combined(ls_tr, u_tr, layers, b_tr, dice[train], groups=g_arg, folds=folds, feature_set=fs)
-        out[name] = {"estimate": m.predict(table_te, b_te),
-                     "scores": conformal_scores(np.asarray(m.oof_estimate), dice[train]), "alpha": m.alpha}
+        out[name] = {"estimate": m.predict(table_te, b_te), "oof": np.asarray(m.oof_estimate), "alpha": m.alpha}
+    sa_tr, hidden = hidden_layer_sa(ls_tr, layers)
+    sa_te = hidden_layer_sa(ls_te, layers, names=hidden)[0]
+    for fa in out.values():
+        fa["scores"] = conformal_scores(fa["oof"], dice[train])
+        fa["entry"] = conformal_entry(fa["oof"], dice[train], difficulty_features(fa["oof"], baselines=b_tr, layer_sa=sa_tr),
+                                      groups=g_arg, folds=folds, layers=hidden)
+        fa["features"] = difficulty_features(fa["estimate"], baselines=b_te, layer_sa=sa_te)
     return out
 
 
-def _coverage_row(held_out: str, name: str, fa: dict[str, Any], dice: np.ndarray) -> dict[str, Any]:
-    from engine.quality import coverage_interval, dice_lower_bound, empirical_coverage
+def _coverage_row(held_out: str, name: str, fa: dict[str, Any], dice: np.ndarray,
+                  method: str = "constant") -> dict[str, Any]:
+    """Coverage of one estimator's Dice lower bound on the test cases, by ``method``; with the
+    mean bound, the mean slack ``Dice − bound`` (looseness), the spread of the per-case margin
+    ``q · σ`` (estimate − bound before clipping to [0, 1]) and the Spearman of that margin with
+    the actual ``|estimate − Dice|``."""
+    from engine.quality import apply_bound, coverage_interval
 
-    bound = dice_lower_bound(fa["estimate"], fa["scores"], COVERAGE)
-    n_cal = int(np.asarray(fa["scores"]).size)
-    return {"held_out": held_out, "estimator": name, "n_calibration": n_cal,
-            **empirical_coverage(bound, dice), "expected": list(coverage_interval(n_cal, COVERAGE)),
+    b = apply_bound(fa["entry"], fa["estimate"], COVERAGE, features=fa["features"], method=method)
+    return {"held_out": held_out, "estimator": name, "method": b.method, "n_calibration": b.n_calibration,
+            "expected": list(coverage_interval(b.n_calibration, COVERAGE)),
+            **_bound_stats(b.bound, np.asarray(fa["estimate"], dtype=float), dice, b.q * b.sigma),
+            "bound": b.bound, "estimate": np.asarray(fa["estimate"], dtype=float), "margin": b.q * b.sigma}
+
+
+def _bound_stats(bound: np.ndarray, est: np.ndarray, dice: np.ndarray, margin: np.ndarray) -> dict[str, Any]:
+    from engine.quality import empirical_coverage
+    from engine.quality.validation import correlation
+
+    ok = np.isfinite(bound) & np.isfinite(dice) & np.isfinite(margin)
+    vary = ok.sum() > 2 and float(np.ptp(margin[ok])) > 1e-12
+    return {**empirical_coverage(bound, dice),
             "mean_bound": float(np.nanmean(bound)) if np.isfinite(bound).any() else float("nan"),
-            "mean_dice": float(np.nanmean(dice)), "bound": bound}
+            "mean_dice": float(np.nanmean(dice)),
+            "mean_slack": float(np.mean(dice[ok] - bound[ok])) if ok.any() else float("nan"),
+            "margin_sd": float(np.std(margin[ok])) if ok.any() else float("nan"),
+            "margin_vs_error": correlation(margin[ok], np.abs(est[ok] - dice[ok])) if vary else float("nan"),
+            "n_undefined": int(np.sum(np.isnan(bound) & np.isfinite(est)))}
+
+
+def _case_fold_coverage(ls: dict, units: dict | None, layers: np.ndarray, base: dict, dice: np.ndarray,
+                        folds: int) -> list[dict[str, Any]]:
+    """In-distribution coverage: folds over cases (every domain in every fold); each fold's
+    bounds come from estimators and conformal scores fitted on the other folds only, with
+    inner folds over cases too. Pooled over the folds, per estimator and method."""
+    from engine.quality import coverage_interval, group_folds
+
+    n = dice.size
+    each = np.array([str(i) for i in range(n)])  # one "group" per case: inner folds over cases
+    fold = group_folds(n, folds, seed=0)
+    parts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in np.unique(fold):
+        test = fold == f
+        fa = _fit_apply(ls, units, layers, base, dice, each, ~test, test, folds)
+        for k in ("calibrated", "combined"):
+            for method in ("constant", "normalized"):
+                r = _coverage_row("case folds", k, fa[k], dice[test], method)
+                parts.setdefault((k, r["method"]), []).append({**r, "dice": dice[test]})
+    rows = []
+    for (k, method), rs in parts.items():
+        n_cal = int(round(np.mean([r["n_calibration"] for r in rs])))
+        cat = {key: np.concatenate([r[key] for r in rs]) for key in ("bound", "estimate", "dice", "margin")}
+        rows.append({"held_out": f"case folds ({len(rs)}, pooled)", "estimator": k, "method": method,
+                     "n_calibration": n_cal, "expected": list(coverage_interval(n_cal, COVERAGE)),
+                     **_bound_stats(cat["bound"], cat["estimate"], cat["dice"], cat["margin"])})
+    return rows
 
 
 def _best_baseline(fb: dict[str, Any], base: dict[str, np.ndarray]) -> str:
@@ -378,7 +520,9 @@ def failure_section(store: Any, ls: dict, layers: np.ndarray, base: dict[str, np
     for grp in sorted(set(groups)):
         test = g == grp
         fa = _fit_apply(ls, units, layers, base, dice, g, ~test, test, folds)
-        coverage += [_coverage_row(grp, k, fa[k], dice[test]) for k in ("calibrated", "combined")]
+        coverage += [_coverage_row(grp, k, fa[k], dice[test], m) for k in ("calibrated", "combined")
+                     for m in ("constant", "normalized")]
+    coverage += _case_fold_coverage(ls, units, layers, base, dice, folds)
     out = {
         "rows": failure_rows(fb),
         "oracle_aurc": next(iter(fb.values()))["oracle_aurc"],
@@ -389,7 +533,7 @@ def failure_section(store: Any, ls: dict, layers: np.ndarray, base: dict[str, np
                           "n_features": len(m.features), "folds": m.cv["folds"]} for fs, m in models.items()},
         "combined_case_folds": {fs: {"alpha": m.alpha, "spearman_oof": m.cv["spearman_oof"]}
                                 for fs, m in in_dist.items()},
-        "coverage_groups": [{k: v for k, v in r.items() if k != "bound"} for r in coverage],
+        "coverage_groups": [{k: v for k, v in r.items() if k not in ("bound", "estimate", "margin")} for r in coverage],
         "estimates": {k: np.asarray(v, dtype=float).tolist() for k, v in ests.items()},
     }
     if families:
@@ -401,14 +545,16 @@ def _families_section(store: Any, ls: dict, units: dict | None, layers: np.ndarr
                       dice: np.ndarray, groups: np.ndarray, est: dict[str, np.ndarray], *, n_boot: int,
                       folds: int) -> dict[str, Any]:
     """Leave one shift family out: fit on clean + the other families, test on the left-out one."""
-    from engine.quality import empirical_coverage, failure_benchmark, failure_rows
+    from engine.quality import failure_benchmark, failure_rows
     from engine.quality.validation import correlation
 
     fam = np.array([_family(str(i)) for i in store.cases["id"]])
     n = dice.size
     fitted = ("calibrated", "combined", "baselines (ridge)")
     held = {k: np.full(n, np.nan) for k in fitted}
-    bounds = {k: np.full(n, np.nan) for k in ("calibrated", "combined")}
+    bounds = {f"{k} {m}": np.full(n, np.nan) for k in ("calibrated", "combined") for m in ("constant", "normalized")}
+    held_est = {k: np.full(n, np.nan) for k in ("calibrated", "combined")}
+    margins = {k: np.full(n, np.nan) for k in bounds}
     per_family = []
     order = [f for f in dict.fromkeys(FAMILIES.values()) if (fam == f).any()]
     for f in order:
@@ -423,9 +569,13 @@ def _families_section(store: Any, ls: dict, units: dict | None, layers: np.ndarr
                      ("mean_entropy", -base["mean_entropy"])):
             row["spearman"][k] = correlation(v[test], dice[test])
         for k in ("calibrated", "combined"):
-            cr = _coverage_row(f, k, fa[k], dice[test])
-            bounds[k][test] = cr.pop("bound")
-            row[f"coverage_{k}"] = cr
+            held_est[k][test] = fa[k]["estimate"]
+            for m in ("constant", "normalized"):
+                cr = _coverage_row(f, k, fa[k], dice[test], m)
+                cr.pop("estimate")
+                margins[f"{k} {cr['method']}"][test] = cr.pop("margin")
+                bounds[f"{k} {cr['method']}"][test] = cr.pop("bound")
+                row[f"coverage_{k}" + ("" if m == "constant" else f"_{m}")] = cr
         per_family.append(row)
     shifted = fam != "clean"
     ests = {"paper": est["paper"], "all-layers": est["all-layers"],
@@ -441,7 +591,8 @@ def _families_section(store: Any, ls: dict, units: dict | None, layers: np.ndarr
     return {
         "families": order, "per_family": per_family, "rows": failure_rows(fb), "comparisons": cmp,
         "n_shifted": int(shifted.sum()),
-        "coverage_pooled": {k: empirical_coverage(bounds[k][shifted], dice[shifted]) for k in bounds},
+        "coverage_pooled": {k: _bound_stats(bounds[k][shifted], held_est[k.split(" ")[0]][shifted], dice[shifted],
+                                            margins[k][shifted]) for k in bounds},
         "oracle_aurc": next(iter(fb.values()))["oracle_aurc"], "random_aurc": next(iter(fb.values()))["random_aurc"],
     }
 
@@ -460,6 +611,8 @@ def _failure_table(rows: list[dict[str, Any]], groups: list[str]) -> list[str]:
         lines.append(f"| {r['estimator']} | {_ci(r, 'aurc')} | {_ci(r, 'e_aurc')} | "
                      + " | ".join(_fmt(r[f'auroc_{t}']) for t in thr) + f" | {_ci(r, 'spearman', 2)} | "
                      + " | ".join(_fmt(r.get(f"spearman_in_{g}")) for g in groups) + " |")
+    if not groups:  # no per-group columns: drop the empty last cell of every row
+        lines = [line[:-5] + " |" if line.endswith(" |  |") else line for line in lines]
     return lines
 
 
@@ -470,6 +623,50 @@ def _comparison_table(cmp: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {c['comparison']} | {_fmt(c['difference'], 3)} [{_fmt(c['ci'][0], 3)}, {_fmt(c['ci'][1], 3)}] "
                      f"| {_fmt(c['p_not_better'])} | {c['verdict']} |")
     return lines
+
+
+def cluster_comparisons(result: dict[str, Any], ids: list[str], dice: np.ndarray, *, n_boot: int) -> list[dict[str, Any]]:
+    """The key AURC comparisons again, resampling whole slices instead of cases.
+
+    Lung-CT cases are slices and their corrupted versions (``<subject>_z<k>_<variant>``); the
+    versions of one slice are not independent, so resampling cases within a subject gives
+    intervals that are too narrow. Here each slice with all its versions is one cluster
+    (:func:`engine.quality.compare_aurc` with ``groups`` = slice), whole clusters resampled.
+    """
+    from engine.quality import compare_aurc
+    from engine.quality.validation import LOWER_IS_BETTER
+
+    est = {k: np.asarray(v, dtype=float) for k, v in result["failure"]["estimates"].items()}
+    base = [k for k in ("predicted_fraction", "soft_dice", "uncertain_fraction", "mean_entropy") if k in est]
+    aurc = {r["estimator"]: r["aurc"] for r in result["failure"]["rows"]}
+    best = min(base, key=lambda b: aurc[b])
+    clusters = [i.rsplit("_", 1)[0] for i in ids]
+    pairs = [("combined (out-of-fold)", "baselines-only ridge (out-of-fold)"),
+             ("combined (out-of-fold)", best), ("all-layers", best), ("calibrated (out-of-fold)", best),
+             ("combined (case folds)", "baselines-only ridge (case folds)")]
+    out = []
+    for a, b in pairs:
+        if a not in est or b not in est:
+            continue
+        c = compare_aurc(est[a], est[b], dice, groups=clusters, n_boot=n_boot, seed=0,
+                         lower_is_better=(a in LOWER_IS_BETTER, b in LOWER_IS_BETTER))
+        lo, hi = c["ci"]
+        c["verdict"] = ("the first is better (interval below 0)" if hi < 0 else
+                        "the first is worse (interval above 0)" if lo > 0 else "no clear difference (interval contains 0)")
+        out.append({"comparison": f"{a} − {b}", "n_clusters": len(set(clusters)), **c})
+    return out
+
+
+def subset_benchmark(result: dict[str, Any], keep: np.ndarray, dice: np.ndarray, *, n_boot: int) -> list[dict[str, Any]]:
+    """Failure-detection rows on a subset of the cases (e.g. the clean shifted-domain slices).
+
+    The estimates are the ones of the full evaluation (out-of-fold where fitted); only the
+    cases evaluated change. Cases are resampled for the intervals.
+    """
+    from engine.quality import failure_benchmark, failure_rows
+
+    est = {k: np.asarray(v, dtype=float)[keep] for k, v in result["failure"]["estimates"].items()}
+    return failure_rows(failure_benchmark(est, dice[keep], n_boot=n_boot, seed=0))
 
 
 def failure_markdown(result: dict[str, Any], title: str) -> str:
@@ -493,13 +690,22 @@ def failure_markdown(result: dict[str, Any], title: str) -> str:
               + "; ".join(f"`{fs}` α = {c['alpha']:.3g}, Spearman {_fmt(c['spearman_oof'])}"
                           for fs, c in fb["combined_case_folds"].items()) + ".", ""]
     lines += _comparison_table(fb["comparisons"])
-    lines += ["", f"Dice lower bounds at coverage {COVERAGE:g} on held-out groups (fitted on the other groups only):", "",
-              "| held out | estimator | labelled cases | covered | coverage | 95 % range if exchangeable | mean bound | mean Dice |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"Dice lower bounds at coverage {COVERAGE:g} on held-out groups (fitted on the other groups only) and "
+              "on case folds (every group in every fold: the in-distribution check), by method — `constant`: "
+              "estimate − q; `normalized`: estimate − q·σ, σ a label-free per-case difficulty scale. Slack = "
+              "mean Dice − bound; margin = q·σ, the estimate minus the bound before clipping to [0, 1] (its SD "
+              "across cases, and its Spearman with the actual |estimate − Dice|: does the bound widen where "
+              "the estimate is worse?):", "",
+              "| held out | estimator | method | labelled cases | covered | coverage | 95 % range if exchangeable "
+              "| mean bound | mean Dice | slack | margin SD | margin vs error |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in fb["coverage_groups"]:
-        lines.append(f"| {c['held_out']} | {c['estimator']} | {c['n_calibration']} | {c['covered']}/{c['n']} | "
-                     f"{_fmt(c['coverage'])} | {_fmt(c['expected'][0])}–{_fmt(c['expected'][1])} | "
-                     f"{_fmt(c['mean_bound'])} | {_fmt(c['mean_dice'])} |")
+        und = f" ({c['n_undefined']} undefined)" if c.get("n_undefined") else ""
+        lines.append(f"| {c['held_out']} | {c['estimator']} | {c.get('method', 'constant')} | {c['n_calibration']} | "
+                     f"{c['covered']}/{c['n']}{und} | {_fmt(c['coverage'])} | "
+                     f"{_fmt(c['expected'][0])}–{_fmt(c['expected'][1])} | {_fmt(c['mean_bound'])} | "
+                     f"{_fmt(c['mean_dice'])} | {_fmt(c.get('mean_slack'))} | {_fmt(c.get('margin_sd'))} | "
+                     f"{_fmt(c.get('margin_vs_error'))} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -508,23 +714,31 @@ def families_markdown(result: dict[str, Any], title: str) -> str:
     fam = result["failure"]["families"]
     lines = [f"### {title}: held-out shift families", "",
              f"Each family is left out in turn; `calibrated` and `combined` (and the baselines-only ridge) are "
-             f"fitted on the clean volumes and the other families, then applied to the left-out family. "
+             f"fitted on the clean cases and the other families, then applied to the left-out family. "
              f"Pooled over the {fam['n_shifted']} corrupted cases (each estimated while its family was held out):", ""]
     lines += _failure_table(fam["rows"], result["groups"])
     lines += [""] + _comparison_table(fam["comparisons"])
     lines += ["", f"Per family (Spearman with true Dice within the family; Dice lower bound at coverage {COVERAGE:g}):", "",
-              "| held-out family | n | calibrated chose | all-layers | calibrated | combined | predicted_fraction | −mean_entropy | coverage calibrated | coverage combined |",
+              "| held-out family | n | calibrated chose | all-layers | calibrated | combined | predicted_fraction | −mean_entropy "
+              "| coverage calibrated (constant / normalized) | coverage combined (constant / normalized) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in fam["per_family"]:
         sp = r["spearman"]
-        cc, cm = r["coverage_calibrated"], r["coverage_combined"]
+        cov = {k: [r[f"coverage_{k}"], r.get(f"coverage_{k}_normalized")] for k in ("calibrated", "combined")}
+        cells = {k: " / ".join(f"{c['covered']}/{c['n']}" for c in v if c) for k, v in cov.items()}
         lines.append(f"| {r['family']} | {r['n']} | `{r['calibrated_choice']}` | {_fmt(sp['all-layers'])} | "
                      f"{_fmt(sp['calibrated'])} | {_fmt(sp['combined'])} | {_fmt(sp['predicted_fraction'])} | "
-                     f"{_fmt(sp['mean_entropy'])} | {cc['covered']}/{cc['n']} | {cm['covered']}/{cm['n']} |")
+                     f"{_fmt(sp['mean_entropy'])} | {cells['calibrated']} | {cells['combined']} |")
     pc = fam["coverage_pooled"]
-    lines += ["", f"Pooled coverage of the bound on held-out families (nominal {COVERAGE:g}): calibrated "
-              f"{pc['calibrated']['covered']}/{pc['calibrated']['n']} ({_fmt(pc['calibrated']['coverage'])}), combined "
-              f"{pc['combined']['covered']}/{pc['combined']['n']} ({_fmt(pc['combined']['coverage'])}).", ""]
+    lines += ["", f"Pooled over the held-out families (nominal {COVERAGE:g}; slack = mean Dice − bound; margin = q·σ):", "",
+              "| estimator | method | covered | coverage | mean bound | slack | margin SD | margin vs error |",
+              "|---|---|---|---|---|---|---|---|"]
+    for k, c in pc.items():
+        est_name, method = k.split(" ")
+        lines.append(f"| {est_name} | {method} | {c['covered']}/{c['n']} | {_fmt(c['coverage'])} | "
+                     f"{_fmt(c['mean_bound'])} | {_fmt(c['mean_slack'])} | {_fmt(c['margin_sd'])} | "
+                     f"{_fmt(c['margin_vs_error'])} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -594,11 +808,13 @@ def write_docs(section: str, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate the label-free quality estimators on real MRI.")
-    parser.add_argument("experiment", choices=("unet2d", "deepbrain"))
+    parser = argparse.ArgumentParser(description="Evaluate the label-free quality estimators on real MRI and CT.")
+    parser.add_argument("experiment", choices=("unet2d", "deepbrain", "lungct"))
     parser.add_argument("--out", default=None, help="output folder (default out/eval-<experiment>)")
-    parser.add_argument("--wheel", default=None, help="nilearn wheel on disk (default: pip download)")
-    parser.add_argument("--levels", type=int, default=3, help="deepbrain: corruption levels per kind (1-3)")
+    parser.add_argument("--wheel", default=None, help="nilearn wheel on disk (default: the installed nilearn)")
+    parser.add_argument("--data", default=None, help="lungct: folder with the pyradiomics lung NRRD files "
+                        "(default .cache/pyradiomics/data, filled by `make setup-eval`)")
+    parser.add_argument("--levels", type=int, default=3, help="deepbrain, lungct: corruption levels per kind (1-3)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--reuse-store", action="store_true", help="skip building and scoring: evaluate the store in --out")
@@ -617,6 +833,12 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(args.model or REPO / "cli" / "data" / "unet2d" / "unet2d.onnx")
         # "auto": the layers the torch exporter exposed and named (module paths)
         layers, batch, title = "auto", args.batch_size or 16, "2-D U-Net: held-out MNI152 slices and Colin27 slices"
+    elif args.experiment == "lungct":
+        if not 1 <= args.levels <= 3:
+            parser.error("--levels must be 1, 2 or 3")
+        model = Path(args.model or REPO / "cli" / "data" / "lungct" / "lungct.onnx")
+        layers, batch = "auto", args.batch_size or 64
+        title = "Lung-CT 2-D U-Net: held-out lung1 slices and lung2 slices, graded corruptions"
     else:
         if not 1 <= args.levels <= 3:
             parser.error("--levels must be 1, 2 or 3")
@@ -624,23 +846,47 @@ def main(argv: list[str] | None = None) -> int:
         # "auto": the 15 Keras layers the TensorFlow exporter exposed and named
         layers, batch, title = "auto", args.batch_size or 1, "deepbrain 3-D U-Net: Colin27 and MNI152, graded corruptions"
     if not args.reuse_store:
-        if args.experiment == "unet2d":
-            data = build_unet2d_cases(out, args.wheel)
-        else:
-            data = build_deepbrain_cases(out, args.wheel, args.levels)
+        try:
+            if args.experiment == "unet2d":
+                data = build_unet2d_cases(out, args.wheel)
+            elif args.experiment == "lungct":
+                data = build_lungct_cases(out, args.data, args.levels)
+            else:
+                data = build_deepbrain_cases(out, args.wheel, args.levels)
+        except FileNotFoundError as exc:  # data not set up: one line naming the set-up command
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"cases written to {data} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         # label-free: guide = reference = the prediction (ground truth only for true Dice)
         summary = score_dataset(model, data, store, layers=layers, level="both", guide="prediction",
                                 reference="prediction", batch_size=batch,
                                 overwrite=not args.resume, resume=args.resume, save_maps=0, progress=None)
         print(f"scored: {summary}", file=sys.stderr)
-    result = evaluate_store(store, n_boot=args.n_boot, families=args.experiment == "deepbrain")
+    result = evaluate_store(store, n_boot=args.n_boot, families=args.experiment in ("deepbrain", "lungct"))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = f"python scripts/evaluate_estimators.py {args.experiment} --docs"
     (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown(result, title)
     fail_text = failure_markdown(result, title)
     fam_text = families_markdown(result, title) if "families" in result["failure"] else ""
+    if args.experiment == "lungct":  # slices and their corrupted versions: resample whole slices
+        from engine.store import open_store
+
+        st = open_store(store)
+        ids = [str(i) for i in st.cases["id"]]
+        cmp = cluster_comparisons(result, ids, st.output_dice()[:, 0].astype(float), n_boot=args.n_boot)
+        result["failure"]["comparisons_slice_clusters"] = cmp
+        dice_all = st.output_dice()[:, 0].astype(float)
+        clean2 = np.array([i.startswith("lung2_") and i.endswith("_clean") for i in ids])
+        result["failure"]["clean_lung2"] = subset_benchmark(result, clean2, dice_all, n_boot=args.n_boot)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+        fail_text += "\n".join([
+            "", f"The same comparisons with whole slices resampled ({cmp[0]['n_clusters'] if cmp else 0} clusters: "
+            "each slice with all its corrupted versions; the case-resampled intervals above treat the "
+            "versions of one slice as independent and are too narrow):", ""] + _comparison_table(cmp) + [
+            "", f"The clean `lung2` slices alone ({int(clean2.sum())} cases, {int(np.sum(dice_all[clean2] < 0.8))} "
+            "with Dice < 0.8: the domain shift without corruptions; estimates as above, cases resampled):", ""]
+            + _failure_table(result["failure"]["clean_lung2"], []) + [""])
     (out / "evaluation.md").write_text("\n\n".join(t for t in (text, fail_text, fam_text) if t))
     print(text, fail_text, fam_text, sep="\n")
     if args.docs:

@@ -1,8 +1,8 @@
 """Train the small 2-D U-Net shipped in ``cli/data/unet2d/`` (issue 7).
 
-Real MRI, no download at run time beyond the ``nilearn`` wheel from PyPI: the MNI152
-(ICBM 2009a, symmetric) T1 template and its grey- and white-matter probability maps are
-files inside that wheel (``nilearn/datasets/data/``). The task is brain-parenchyma
+Real MRI, nothing downloaded at run time: the MNI152 (ICBM 2009a, symmetric) T1 template
+and its grey- and white-matter probability maps are files of the ``nilearn`` package
+(``nilearn/datasets/data/``). The task is brain-parenchyma
 segmentation on axial slices: target = ``gm + wm > 0.5``. Slices are resized to 128×128
 and scaled per slice to [0, 1] (min-max), exactly what the model card tells the engine to do.
 
@@ -14,18 +14,18 @@ Usage (CPU, fixed seed, a few minutes on 2 cores)::
 
     .venv/bin/python scripts/train_unet2d.py --out cli/data/unet2d/unet2d.onnx
 
-``--wheel PATH`` uses a wheel already on disk; otherwise ``pip download --no-deps
-nilearn`` fetches it into a temporary folder.
+The files are read from the installed ``nilearn`` package (``make setup-eval`` installs it
+with the ``[eval]`` extra); ``--wheel PATH`` reads them from a nilearn wheel on disk instead.
+Nothing is downloaded: without either, the script stops and names the set-up command.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import io
 import json
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -57,21 +57,37 @@ HIDDEN_LAYERS = ("enc1", "enc2", "enc3", "bottleneck", "up3", "dec3", "up2", "de
 
 
 def find_wheel(wheel: str | None) -> Path:
-    """Return a nilearn wheel: ``wheel`` when given, else ``pip download`` one into a temp dir."""
+    """Where the MNI152 files are: ``wheel`` when given, else the installed ``nilearn`` package.
+
+    Returns the wheel file, or the folder that holds the installed ``nilearn`` package (its
+    ``site-packages``); :func:`load_mni` reads either. Never downloads.
+
+    Raises
+    ------
+    FileNotFoundError
+        One line: the wheel given does not exist, or nilearn is not installed (run
+        ``make setup-eval``).
+    """
     if wheel is not None:
         path = Path(wheel)
         if not path.is_file():
             raise FileNotFoundError(f"nilearn wheel {path} does not exist; pass an existing .whl or omit --wheel")
         return path
-    tmp = Path(tempfile.mkdtemp(prefix="nilearn-wheel-"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "nilearn", "-d", str(tmp)],
-        check=True,
-    )
-    found = sorted(tmp.glob("nilearn-*.whl"))
-    if not found:
-        raise FileNotFoundError(f"pip download left no nilearn wheel in {tmp}")
-    return found[0]
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "nilearn (the MNI152 template) is not installed and no --wheel was given; run `make setup-eval` "
+            "(installs the [eval] extra) or pass --wheel PATH to a nilearn wheel on disk"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+def _source_name(source: Path) -> str:
+    """``nilearn-X.Y.Z-….whl`` for a wheel, ``nilearn X.Y.Z (installed)`` for the package."""
+    if not source.is_dir():
+        return source.name
+    info = sorted(source.glob("nilearn-*.dist-info"))
+    return f"nilearn {info[0].name[len('nilearn-'):-len('.dist-info')]} (installed)" if info else "nilearn (installed)"
 
 
 def _nifti_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -84,20 +100,28 @@ def _nifti_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mni(wheel: Path) -> dict[str, np.ndarray]:
-    """Read the MNI152 T1 and the GM/WM maps (scaled to [0, 1]) from the nilearn wheel.
+    """Read the MNI152 T1 and the GM/WM maps (scaled to [0, 1]) from a nilearn wheel or package.
 
     Returns a dict with ``t1`` (raw intensities), ``gm``, ``wm`` (probabilities), ``mask``
-    (``gm + wm > 0.5``, uint8), ``affine`` and ``license`` (the wheel's licence text).
+    (``gm + wm > 0.5``, uint8), ``affine`` and ``license`` (nilearn's licence text).
     """
     out: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(wheel) as zf:
-        names = zf.namelist()
+    if wheel.is_dir():  # the installed package (site-packages)
         for key, member in MNI_FILES.items():
-            if member not in names:
-                raise KeyError(f"{member} not found in {wheel}; use a nilearn wheel that ships the MNI152 template")
-            out[key], out["affine"] = _nifti_from_bytes(zf.read(member))
-        lic = [n for n in names if n.endswith(LICENSE_MEMBER_SUFFIX)]
-        out["license"] = zf.read(lic[0]).decode() if lic else ""
+            if not (wheel / member).is_file():
+                raise KeyError(f"{member} not found under {wheel}; install a nilearn that ships the MNI152 template")
+            out[key], out["affine"] = _nifti_from_bytes((wheel / member).read_bytes())
+        lic = sorted(wheel.glob("nilearn-*.dist-info/licenses/LICENSE")) + sorted(wheel.glob("nilearn-*.dist-info/LICENSE*"))
+        out["license"] = lic[0].read_text() if lic else ""
+    else:
+        with zipfile.ZipFile(wheel) as zf:
+            names = zf.namelist()
+            for key, member in MNI_FILES.items():
+                if member not in names:
+                    raise KeyError(f"{member} not found in {wheel}; use a nilearn wheel that ships the MNI152 template")
+                out[key], out["affine"] = _nifti_from_bytes(zf.read(member))
+            lic = [n for n in names if n.endswith(LICENSE_MEMBER_SUFFIX)]
+            out["license"] = zf.read(lic[0]).decode() if lic else ""
     out["gm"] = out["gm"] / 255.0
     out["wm"] = out["wm"] / 255.0
     out["mask"] = ((out["gm"] + out["wm"]) > 0.5).astype(np.uint8)
@@ -261,7 +285,7 @@ def export_onnx(model, path: Path, *, source: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="cli/data/unet2d/unet2d.onnx", help="ONNX file to write")
-    parser.add_argument("--wheel", default=None, help="nilearn wheel on disk (default: pip download it)")
+    parser.add_argument("--wheel", default=None, help="nilearn wheel on disk (default: the installed nilearn)")
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps (default 600)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--width", type=int, default=8)
@@ -275,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    wheel = find_wheel(args.wheel)
+    try:
+        wheel = find_wheel(args.wheel)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     mni = load_mni(wheel)
     images, z = axial_slices(mni["t1"], mni["mask"])
     masks, _ = axial_slices(mni["mask"].astype(np.float32), mni["mask"])
@@ -283,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     x = minmax(resize_slices(images))
     y = (resize_slices(masks) >= 0.5).astype(np.float32)
     train, test = split == "train", split == "test"
-    print(f"slices: {train.sum()} train, {test.sum()} held out (wheel {wheel.name})", file=sys.stderr)
+    print(f"slices: {train.sum()} train, {test.sum()} held out ({_source_name(wheel)})", file=sys.stderr)
 
     model = build_unet(args.width)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -316,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     info = export_onnx(model, out, source="scripts/train_unet2d.py UNet2D(width=%d)" % args.width)
     summary = {
         "command": "python scripts/train_unet2d.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "wheel": wheel.name,
+        "wheel": _source_name(wheel),
         "train_slices": int(train.sum()),
         "test_slices": int(test.sum()),
         "steps": args.steps,

@@ -16,8 +16,11 @@ nothing here reads or writes a store. One concern per module:
   :func:`e_aurc`, :func:`risk_coverage_curve`, :func:`compare_aurc`, :func:`failure_rows`;
 - :mod:`.combined` — the ``combined`` estimator: :func:`fit_combined`, :class:`CombinedModel`,
   :func:`sa_added_value`;
-- :mod:`.conformal` — per-case Dice lower bounds: :func:`conformal_scores`,
-  :func:`conformal_quantile`, :func:`dice_lower_bound`, :func:`empirical_coverage`,
+- :mod:`.conformal` — per-case Dice lower bounds (constant or normalised by a label-free
+  difficulty scale): :func:`conformal_scores`, :func:`normalized_scores`,
+  :func:`conformal_quantile`, :func:`dice_lower_bound`, :func:`conformal_entry`,
+  :func:`apply_bound`, :class:`Bound`, :class:`DifficultyModel`, :func:`fit_difficulty`,
+  :func:`difficulty_features`, :func:`hidden_layer_sa`, :func:`empirical_coverage`,
   :func:`coverage_interval`.
 
 Examples
@@ -35,11 +38,20 @@ from engine.quality.baseline import baselines
 from engine.quality.calibration import Calibration, calibrate, candidate_estimates, default_candidates, group_folds
 from engine.quality.combined import CombinedModel, fit_combined, sa_added_value
 from engine.quality.conformal import (
+    BOUND_METHODS,
+    Bound,
+    DifficultyModel,
+    apply_bound,
+    conformal_entry,
     conformal_quantile,
     conformal_scores,
     coverage_interval,
     dice_lower_bound,
+    difficulty_features,
     empirical_coverage,
+    fit_difficulty,
+    hidden_layer_sa,
+    normalized_scores,
 )
 from engine.quality.estimators import ESTIMATORS, estimate_quality
 from engine.quality.failure import aurc, compare_aurc, e_aurc, failure_benchmark, failure_rows, risk_coverage_curve
@@ -54,9 +66,13 @@ from engine.quality.validation import (
 )
 
 __all__ = [
+    "BOUND_METHODS",
     "ESTIMATORS",
+    "Bound",
     "Calibration",
     "CombinedModel",
+    "DifficultyModel",
+    "apply_bound",
     "aurc",
     "auroc",
     "baselines",
@@ -64,19 +80,24 @@ __all__ = [
     "calibrate",
     "candidate_estimates",
     "compare_aurc",
+    "conformal_entry",
     "conformal_quantile",
     "conformal_scores",
     "coverage_interval",
     "default_candidates",
     "dice_lower_bound",
+    "difficulty_features",
     "e_aurc",
     "empirical_coverage",
     "estimate_quality",
     "failure_benchmark",
     "failure_rows",
     "fit_combined",
+    "fit_difficulty",
     "flag_cases",
     "group_folds",
+    "hidden_layer_sa",
+    "normalized_scores",
     "partial_spearman",
     "rank_cases",
     "risk_coverage_curve",

@@ -190,9 +190,13 @@ class Calibration:
     ``cv_fold_mean`` is the mean of the per-fold held-out correlations (each fold on its own,
     so that offsets between folds — e.g. subjects — do not enter; NaN folds ignored).
     ``combined`` is the fitted combined estimator (:meth:`engine.quality.combined.CombinedModel.to_dict`)
-    or None; ``conformal`` maps an estimator name to its sorted conformity scores on the
-    labelled cases (``scores``: out-of-fold estimate − true Dice, see
-    :mod:`engine.quality.conformal`), from which Dice lower bounds are drawn at any coverage.
+    or None; ``conformal`` maps an estimator name to what Dice lower bounds are drawn from at
+    any coverage (:func:`engine.quality.conformal_entry`): its sorted conformity scores on the
+    labelled cases (``scores``: out-of-fold estimate − true Dice, the constant method) and,
+    when fitted, ``normalized`` — the cross-fitted scores ``(estimate − Dice) / σ`` and the
+    label-free difficulty model of ``σ`` (see :mod:`engine.quality.conformal`). The
+    ``normalized`` key is an addition within format version 2: files without it (written
+    before it existed) still read, and give the constant bound; older readers ignore it.
     """
 
     choice: dict[str, Any]

@@ -12,13 +12,16 @@ import numpy as np
 __all__ = ["rank_cases", "flag_cases"]
 
 
-def rank_cases(estimates: np.ndarray) -> np.ndarray:
+def rank_cases(estimates: np.ndarray, *, then_by: np.ndarray | None = None) -> np.ndarray:
     """Case indices, least supported first: NaN estimates first, then ascending (stable).
 
     Parameters
     ----------
     estimates : ndarray
-        ``(n_cases,)``; higher = better supported.
+        ``(n_cases,)``; higher = better supported (an estimate, or a Dice lower bound).
+    then_by : ndarray, optional
+        ``(n_cases,)`` tie-break among equal values (NaN first, then ascending): e.g. the
+        estimate when ranking by Dice lower bounds, several of which may be clipped to 0.
 
     Returns
     -------
@@ -29,10 +32,17 @@ def rank_cases(estimates: np.ndarray) -> np.ndarray:
     --------
     >>> rank_cases(np.array([0.5, np.nan, 0.1])).tolist()
     [1, 2, 0]
+    >>> rank_cases(np.array([0.0, 0.0, 0.3]), then_by=np.array([0.6, 0.4, 0.9])).tolist()
+    [1, 0, 2]
     """
     e = np.asarray(estimates, dtype=np.float64).reshape(-1)
     key = np.where(np.isnan(e), -np.inf, e)
-    return np.lexsort((np.arange(e.size), key, ~np.isnan(e)))
+    if then_by is None:
+        return np.lexsort((np.arange(e.size), key, ~np.isnan(e)))
+    t = np.asarray(then_by, dtype=np.float64).reshape(-1)
+    if t.shape != e.shape:
+        raise ValueError(f"then_by has {t.size} values but estimates has {e.size}; give one per case")
+    return np.lexsort((np.arange(e.size), np.where(np.isnan(t), -np.inf, t), key, ~np.isnan(e)))
 
 
 def flag_cases(
@@ -42,6 +52,7 @@ def flag_cases(
     lowest: int | None = None,
     fraction: float | None = None,
     return_reasons: bool = False,
+    then_by: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Flag the least-supported cases by exactly one rule.
 
@@ -57,6 +68,8 @@ def flag_cases(
         Flag the ``ceil(fraction · n)`` least-supported cases, ``0 < fraction <= 1``.
     return_reasons : bool, optional
         Also return a per-case reason string (``""`` when not flagged).
+    then_by : ndarray, optional
+        Tie-break of the ``lowest``/``fraction`` order (:func:`rank_cases`).
 
     Returns
     -------
@@ -100,7 +113,7 @@ def flag_cases(
             if not 0.0 < float(fraction) <= 1.0:  # type: ignore[arg-type]
                 raise ValueError(f"fraction={fraction!r}; expected a number in (0, 1]")
             k = int(math.ceil(float(fraction) * n))  # type: ignore[arg-type]
-        order = rank_cases(e)
+        order = rank_cases(e, then_by=then_by)
         extra = [i for i in order[: max(k, 0)] if not undefined[i]]
         flags[extra] = True
         extra_set = set(extra)

@@ -405,11 +405,12 @@ def coverage_summary(info: Mapping[str, Any]) -> dict[str, Any] | None:
     """The Dice lower bound's coverage check, from ``estimates()["info"]``, or None.
 
     ``nominal`` (the ``--coverage`` asked for), ``rank_by`` (the estimator bounded),
-    ``n``, ``covered``, ``coverage`` (the cases of this store whose Dice is at least their
-    bound; None without ground truth), ``note``, and when the calibration records the
-    conformity scores of that estimator, ``n_calibration`` and ``expected`` — the central
-    95 % range of the coverage given that many calibration cases
-    (:func:`engine.quality.conformal.coverage_interval`).
+    ``method`` (``"normalized"`` or ``"constant"``; ``"constant"`` for stores annotated
+    before the normalised method existed), ``method_note``, ``n``, ``covered``, ``coverage``
+    (the cases of this store whose Dice is at least their bound; None without ground truth),
+    ``note``, and when the calibration records the conformity scores of that estimator and
+    method, ``n_calibration`` and ``expected`` — the central 95 % range of the coverage given
+    that many calibration cases (:func:`engine.quality.conformal.coverage_interval`).
     """
     nominal = info.get("coverage")
     if nominal is None:
@@ -419,9 +420,15 @@ def coverage_summary(info: Mapping[str, Any]) -> dict[str, Any] | None:
     out: dict[str, Any] = {"nominal": float(nominal), "rank_by": info.get("rank_by"),
                            "n": check.get("n"), "covered": check.get("covered"),
                            "coverage": check.get("coverage"), "note": check.get("note") or ""}
+    bound = info.get("bound")
+    bound = dict(bound) if isinstance(bound, Mapping) else {}
+    out["method"] = str(bound.get("method") or "constant")
+    out["method_note"] = str(bound.get("note") or "")
     cal = info.get("calibration")
     conformal = cal.get("conformal") if isinstance(cal, Mapping) else None
     entry = conformal.get(out["rank_by"]) if isinstance(conformal, Mapping) else None
+    if out["method"] == "normalized" and isinstance(entry, Mapping):
+        entry = entry.get("normalized")
     if isinstance(entry, Mapping) and entry.get("n"):
         from engine.quality.conformal import coverage_interval
 

@@ -752,7 +752,9 @@ class ReportBuilder:
         return blocks
 
     def _coverage_text(self, cov: Mapping[str, Any]) -> str:
-        text_ = (f"at {cov['nominal']:.0%} coverage for {cov['rank_by']} (split conformal on "
+        how = ("normalised split conformal: estimate − q · a label-free per-case difficulty scale"
+               if cov.get("method") == "normalized" else "split conformal: estimate − q")
+        text_ = (f"at {cov['nominal']:.0%} coverage for {cov['rank_by']} ({how}, calibrated on "
                  "labelled cases): ")
         if cov.get("n"):
             text_ += (f"{cov['covered']} of {plural(cov['n'], 'labelled case')} "
@@ -765,7 +767,8 @@ class ReportBuilder:
             text_ += (f"; with {plural(cov['n_calibration'], 'calibration case')} the "
                       f"coverage of exchangeable new cases lies in [{lo:.2f}, {hi:.2f}] "
                       "with 95 % probability")
-        return text_ + (f" ({cov['note']})" if cov.get("note") else "")
+        text_ += f" ({cov['note']})" if cov.get("note") else ""
+        return text_ + (f"; {cov['method_note']}" if cov.get("method_note") else "")
 
     def _bound_blocks(self) -> list[Block]:
         """The coverage check and the cases ranked by their Dice lower bound."""
@@ -777,11 +780,13 @@ class ReportBuilder:
         from engine.quality.triage import rank_cases
 
         b = bound[:, 0]
+        scale = d.estimate_extras.get("dice_bound_scale")
         est = self._per_case(text(cov["rank_by"])) if cov.get("rank_by") else None
         dice = d.dice[:, 0]
         groups = text_column(d.cases, "group")
         rows = []
-        for rank, i in enumerate(rank_cases(b), start=1):
+        # ties (bounds clipped to 0) by the estimate, as protoseg estimate ranks them
+        for rank, i in enumerate(rank_cases(b, then_by=est), start=1):
             row: dict[str, Any] = {"rank": rank, "id": d.ids[i], "group": groups[i]}
             if est is not None:
                 row[f"estimate_{cov['rank_by']}"] = est[i]
@@ -789,6 +794,8 @@ class ReportBuilder:
             row["output_dice"] = dice[i]
             row["covered"] = (bool(dice[i] >= (b[i] if np.isfinite(b[i]) else 0.0))
                               if np.isfinite(dice[i]) else None)
+            if scale is not None and cov.get("method") == "normalized":
+                row["bound_scale"] = scale[i, 0]
             rows.append(row)
         self.tables["triage"] = rows
         shown = rows[:MAX_CASE_ROWS]

@@ -23,20 +23,25 @@ from engine._json import jsonable
 from engine.errors import option
 from engine.model.graph import load_model, output_path_tensors
 from engine.quality import (
+    BOUND_METHODS,
     ESTIMATORS,
+    Bound,
     Calibration,
+    apply_bound,
     calibrate,
     compare_aurc,
-    conformal_scores,
-    dice_lower_bound,
+    conformal_entry,
+    difficulty_features,
     empirical_coverage,
     estimate_quality,
     failure_benchmark,
     fit_combined,
     flag_cases,
+    hidden_layer_sa,
     rank_cases,
     validate,
 )
+from engine.quality.conformal import DIFFICULTY_FEATURES
 from engine.run.loop import score_dataset
 from engine.run.plan import model_sha256, resolve_card
 from engine.store import Store, annotate_estimates, open_store
@@ -65,6 +70,7 @@ class EstimateOptions:
     folds: int = 5
     seed: int = 0
     coverage: float | None = None
+    bound_method: str | None = None
 
     def __post_init__(self) -> None:
         names = tuple(self.estimators) or (
@@ -83,6 +89,11 @@ class EstimateOptions:
             if not self.calibration:
                 raise ValueError(f"Dice lower bounds ({option('coverage', 0.9)}) are calibrated on labelled "
                                  f"cases: give {option('calibration', 'FILE')}")
+        if self.bound_method is not None:
+            check_choice(self.bound_method, "bound_method", BOUND_METHODS)
+            if self.coverage is None:
+                raise ValueError(f"{option('bound_method', self.bound_method)} applies to Dice lower bounds: "
+                                 f"give {option('coverage', 0.9)} too")
         if len(self.rules) > 1:
             raise ValueError("give at most one flagging rule (flag_below, flag_lowest, flag_fraction)")
         rank_by = self.rank_by or names[0]
@@ -149,8 +160,19 @@ def _calibration(opts: EstimateOptions, st: Store, ls: Any, units: Any, true_dic
                          "dataset has no ground truth to fit one; fit it on labelled data first")
     cal = calibrate(ls, units, st.layers, true_dice, groups=groups, folds=opts.folds,
                     seed=opts.seed, exclude=exclude)
-    cal.conformal["calibrated"] = _conformal_entry(np.asarray(cal.oof_estimate), true_dice)
     base = {k: np.asarray(v)[:, 0] for k, v in st.baselines().items()}
+    layer_sa, hidden = hidden_layer_sa(ls, st.layers, exclude=exclude)
+
+    def entry(oof: np.ndarray) -> dict[str, Any]:
+        """Conformal scores of out-of-fold estimates, constant and normalised
+        (:func:`engine.quality.conformal_entry`); the difficulty features are those the
+        store has (the uncertainty baselines only when it holds baselines)."""
+        names = [f for f in DIFFICULTY_FEATURES if f not in ("mean_entropy", "uncertain_fraction") or f in base]
+        feats = difficulty_features(oof, baselines=base, layer_sa=layer_sa, names=names)
+        return conformal_entry(oof, true_dice, feats, groups=groups, folds=opts.folds, seed=opts.seed,
+                               layers=hidden if "sa_dispersion" in names else ())
+
+    cal.conformal["calibrated"] = entry(np.asarray(cal.oof_estimate))
     if base:
         kw = dict(groups=groups, folds=opts.folds, seed=opts.seed, exclude=exclude)
         model = fit_combined(ls, units, st.layers, base, true_dice, feature_set="sa+baselines", **kw)
@@ -161,7 +183,7 @@ def _calibration(opts: EstimateOptions, st: Store, ls: Any, units: Any, true_dic
         model.cv["sa_added_value"] = {**cmp, "baselines_spearman_oof": ref.cv["spearman_oof"],
                                       "baselines_alpha": ref.alpha}
         cal.combined = model.to_dict()
-        cal.conformal["combined"] = _conformal_entry(oof, true_dice)
+        cal.conformal["combined"] = entry(oof)
     else:
         log.warning("store %s holds no baselines: the combined estimator is not fitted", st.path)
     cal.save(opts.calibration)
@@ -170,15 +192,11 @@ def _calibration(opts: EstimateOptions, st: Store, ls: Any, units: Any, true_dic
     return cal
 
 
-def _conformal_entry(oof: np.ndarray, true_dice: np.ndarray) -> dict[str, Any]:
-    """Sorted conformity scores of out-of-fold estimates (see :mod:`engine.quality.conformal`)."""
-    scores = conformal_scores(oof, true_dice)
-    return {"scores": scores.tolist(), "n": int(scores.size),
-            "method": "split conformal on out-of-fold estimates: score = estimate - true Dice"}
-
-
-def _bound(opts: EstimateOptions, cal: Calibration | None, values: dict[str, np.ndarray]) -> np.ndarray | None:
-    """Per-case Dice lower bound of the ranking estimator at ``opts.coverage`` (None without)."""
+def _bound(opts: EstimateOptions, cal: Calibration | None, values: dict[str, np.ndarray],
+           base: dict[str, np.ndarray], ls: Any, layers: Any) -> Bound | None:
+    """Per-case Dice lower bound of the ranking estimator at ``opts.coverage`` (None without):
+    normalised by the label-free difficulty scale when the calibration holds its model and
+    ``opts.bound_method`` allows, else constant (:func:`engine.quality.apply_bound`)."""
     if opts.coverage is None:
         return None
     entry = (cal.conformal if cal is not None else {}).get(opts.rank_by)
@@ -188,22 +206,38 @@ def _bound(opts: EstimateOptions, cal: Calibration | None, values: dict[str, np.
             f"the calibration holds no conformal scores for {opts.rank_by!r} (it has: "
             f"{', '.join(have) or 'none'}); rank by one of those ({option('rank_by', have[0] if have else 'combined')}) "
             "or refit the calibration on labelled data with this protoseg")
-    return dice_lower_bound(values[opts.rank_by], np.asarray(entry["scores"]), opts.coverage)
+    est = values[opts.rank_by]
+    norm = entry.get("normalized")
+    feats = None
+    if norm and opts.bound_method != "constant":
+        model = norm["difficulty"]
+        try:
+            layer_sa = (hidden_layer_sa(ls, layers, names=model["layers"])[0]
+                        if "sa_dispersion" in model["features"] else None)
+            feats = difficulty_features(est, baselines=base, layer_sa=layer_sa, names=model["features"])
+        except KeyError as exc:
+            raise ValueError(f"the normalised Dice lower bound cannot be computed on this store: "
+                             f"{exc.args[0]} (or ask for {option('bound_method', 'constant')})") from None
+    return apply_bound(entry, est, opts.coverage, features=feats, method=opts.bound_method)
 
 
 def _ranking(st: Store, opts: EstimateOptions, values: dict[str, np.ndarray],
              base: dict[str, np.ndarray], input_sa: np.ndarray, flags: np.ndarray,
              reasons: np.ndarray, true_dice: np.ndarray | None,
-             bound: np.ndarray | None = None) -> list[dict[str, Any]]:
+             bound: Bound | None = None) -> list[dict[str, Any]]:
     cases, n = st.cases, len(st.cases)
     rows = []
-    # ranked by the bound when there is one (the same order as the estimate: bound = estimate - q)
-    for r, i in enumerate(rank_cases(values[opts.rank_by] if bound is None else bound), start=1):
+    # ranked by the bound when there is one (ties, e.g. bounds clipped to 0, by the estimate);
+    # the constant bound (estimate - q) keeps the order of the estimate, the normalised one not
+    est = values[opts.rank_by]
+    order = rank_cases(est) if bound is None else rank_cases(bound.bound, then_by=est)
+    for r, i in enumerate(order, start=1):
         row: dict[str, Any] = {"rank": r, "case": str(cases["id"][i]), "group": str(cases["group"][i])}
         for e in opts.estimators:
             row[e] = values[e][i]
         if bound is not None:
-            row["dice_lower_bound"] = bound[i]
+            row["dice_lower_bound"] = bound.bound[i]
+            row["bound_scale"] = bound.sigma[i]
         row["predicted_fraction"] = base.get("predicted_fraction", np.full(n, np.nan))[i]
         row["input_sa"] = input_sa[i]
         row["flag"] = bool(flags[i])
@@ -246,16 +280,20 @@ def _estimate(st: Store, opts: EstimateOptions, exclude: list[str]) -> dict[str,
                                          calibration=cal if e in ("calibrated", "combined") else None,
                                          exclude=exclude, baselines=base, return_details=True)
         values[e] = np.asarray(v, dtype=np.float64)
-    bound = _bound(opts, cal, values)
+    bnd = _bound(opts, cal, values, base, ls, st.layers)
+    bound = None if bnd is None else bnd.bound
     inp = st.input_scores()
     input_sa = np.asarray(inp["score"])[:, 0, 0] if inp is not None else np.full(n, np.nan)
     # with --coverage the rules apply to the Dice lower bound (a number on the Dice scale)
     est = values[opts.rank_by] if bound is None else bound
     if opts.rules:
         flags, reasons = flag_cases(est, threshold=opts.flag_below, lowest=opts.flag_lowest,
-                                    fraction=opts.flag_fraction, return_reasons=True)
+                                    fraction=opts.flag_fraction, return_reasons=True,
+                                    then_by=None if bnd is None else values[opts.rank_by])
     else:
         flags, reasons = np.isnan(est), np.where(np.isnan(est), "estimate undefined", "")
+    if bnd is not None:  # an undefined bound says why (estimate or difficulty scale undefined)
+        reasons = np.where(np.isnan(bnd.bound) & (bnd.reason != ""), bnd.reason, reasons)
     validation = None
     if has_truth:
         validation = validate({**values, **base, "input_sa": input_sa}, true_dice,
@@ -270,6 +308,7 @@ def _estimate(st: Store, opts: EstimateOptions, exclude: list[str]) -> dict[str,
     coverage_check = None
     if bound is not None and has_truth:
         coverage_check = {**empirical_coverage(bound, true_dice), "nominal": opts.coverage,
+                          "method": bnd.method,
                           "note": "on this dataset; in-sample when the calibration was fitted on it"}
     info = {"estimators": list(opts.estimators), "rank_by": opts.rank_by,
             "excluded_output_path": exclude,
@@ -277,14 +316,18 @@ def _estimate(st: Store, opts: EstimateOptions, exclude: list[str]) -> dict[str,
                           "fraction": opts.flag_fraction},
             "details": jsonable(details), "calibration": cal.to_dict() if cal else None,
             "dice_threshold": opts.dice_threshold, "coverage": opts.coverage,
-            "coverage_check": coverage_check}
-    extra = {} if bound is None else {"dice_lower_bound": bound}
+            "coverage_check": coverage_check,
+            "bound": None if bnd is None else {"method": bnd.method, "q": bnd.q, "note": bnd.note,
+                                               "n_calibration": bnd.n_calibration}}
+    extra = {} if bnd is None else {"dice_lower_bound": bnd.bound, "dice_bound_scale": bnd.sigma}
     annotate_estimates(st.path, {**values, **extra, "input_sa": input_sa, "flag": flags.astype(np.uint8)},
                        validation=jsonable(validation) if validation else None, info=jsonable(info))
     return {"store": str(st.path), "estimators": list(opts.estimators), "rank_by": opts.rank_by,
             "ranking": _ranking(st, opts, values, base, input_sa, flags, reasons,
-                                true_dice if has_truth else None, bound),
+                                true_dice if has_truth else None, bnd),
             "coverage": opts.coverage, "coverage_check": jsonable(coverage_check),
+            "bound_method": None if bnd is None else bnd.method,
+            "bound_note": None if bnd is None else bnd.note,
             "validation": _validation_rows(validation),
             "calibration": jsonable(cal.to_dict()) if cal else None,
             "provider": st.provenance.get("provider")}
@@ -306,6 +349,7 @@ def estimate_store(
     folds: int = 5,
     seed: int = 0,
     coverage: float | None = None,
+    bound_method: str | None = None,
 ) -> dict[str, Any]:
     """Label-free quality estimate per case from a store scored earlier; no model run.
 
@@ -338,17 +382,22 @@ def estimate_store(
     coverage : float, optional
         Nominal coverage of a per-case lower bound on Dice for the ranking estimator
         (split conformal, :mod:`engine.quality.conformal`); needs ``calibration``. Cases are
-        ranked by the bound, the flagging rules apply to it, and it is stored as
-        ``dice_lower_bound``.
+        ranked by the bound (ties by the estimate), the flagging rules apply to it, and it is
+        stored as ``dice_lower_bound`` (with its difficulty scale as ``dice_bound_scale``).
+    bound_method : {"normalized", "constant"}, optional
+        ``normalized`` (the default when the calibration holds it): ``estimate − q · σ`` with
+        ``σ`` a label-free per-case difficulty scale; ``constant``: ``estimate − q``. A
+        calibration written before the normalised method existed gives the constant bound
+        (``bound_note`` says so).
 
     Returns
     -------
     dict
         ``store``, ``estimators``, ``rank_by``, ``ranking`` (one row per case, least
-        supported first; ``dice_lower_bound`` with ``coverage``), ``validation`` (rows, with
-        the failure-detection benchmark's ``aurc`` and ``e_aurc``) or None, ``calibration``
-        (dict) or None, ``coverage`` and ``coverage_check`` (empirical coverage when the
-        data are labelled).
+        supported first; ``dice_lower_bound`` and ``bound_scale`` with ``coverage``),
+        ``validation`` (rows, with the failure-detection benchmark's ``aurc`` and ``e_aurc``)
+        or None, ``calibration`` (dict) or None, ``coverage``, ``bound_method``,
+        ``bound_note`` and ``coverage_check`` (empirical coverage when the data are labelled).
 
     Raises
     ------
@@ -359,7 +408,7 @@ def estimate_store(
         estimators=tuple(estimators or ()), calibration=calibration, rank_by=rank_by,
         flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
         dice_threshold=dice_threshold, worst_fraction=worst_fraction, n_boot=n_boot,
-        folds=folds, seed=seed, coverage=coverage)
+        folds=folds, seed=seed, coverage=coverage, bound_method=bound_method)
     st = open_store(store)
     _check_store(st, opts.estimators)
     return _estimate(st, opts, _exclusions(st, model))
@@ -382,6 +431,7 @@ def estimate_dataset(
     folds: int = 5,
     seed: int = 0,
     coverage: float | None = None,
+    bound_method: str | None = None,
     **score_kwargs: Any,
 ) -> dict[str, Any]:
     """Score a dataset label-free, then estimate its quality per case (:func:`estimate_store`).
@@ -395,7 +445,7 @@ def estimate_dataset(
     model, data, store
         As in :func:`engine.score_dataset`.
     estimators, calibration, rank_by, flag_below, flag_lowest, flag_fraction, dice_threshold, \
-worst_fraction, n_boot, folds, seed, coverage
+worst_fraction, n_boot, folds, seed, coverage, bound_method
         As in :func:`estimate_store`.
     **score_kwargs
         Passed to :func:`engine.score_dataset` (layers, batch_size, provider, card, ...);
@@ -414,7 +464,7 @@ worst_fraction, n_boot, folds, seed, coverage
         estimators=tuple(estimators or ()), calibration=calibration, rank_by=rank_by,
         flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
         dice_threshold=dice_threshold, worst_fraction=worst_fraction, n_boot=n_boot,
-        folds=folds, seed=seed, coverage=coverage)
+        folds=folds, seed=seed, coverage=coverage, bound_method=bound_method)
     proto = load_model(model)
     card = resolve_card(proto, score_kwargs.get("card"))
     score_kwargs["card"] = card  # resolved once: score_dataset takes a ready ModelCard as is
