@@ -378,9 +378,13 @@ def _score_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--deterministic", is_flag=True,
                      help="Make the model's numbers repeat exactly on a GPU: onnxruntime's deterministic "
                           "compute, no TF32, a fixed cuDNN algorithm (slower; no effect on the CPU's numbers)."),
-        click.option("--reorient", is_flag=True,
-                     help="Bring every 3-D NIfTI/NRRD case (image and mask) to RAS before the model, by "
-                          "axis flips and permutations only (no resampling) [default: voxels in file order]."),
+        click.option("--reorient/--no-reorient", default=None,
+                     help="Bring every 3-D NIfTI/NRRD case (image and mask) to the model card's orientation "
+                          "(RAS when it names none) before the model, by axis flips and permutations only "
+                          "(no resampling), or permute each file's axes as the card says (orientation "
+                          "'zyx': reversed, as nnU-Net's default readers feed the network); --no-reorient "
+                          "keeps voxels in file order, either way [default: as the model card's "
+                          "orientation says, else file order]."),
         click.option("--max-cases", type=click.IntRange(min=1), help="Score only the first N cases."),
         click.option("--shard", metavar="I/N", help="Score only cases with index % N == I (one worker of N; "
                      "join the stores with `protoseg merge`)."),
@@ -529,7 +533,7 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
           save_maps: tuple[str, ...], no_input_sa: bool, nonfinite: str, strict: bool,
           max_cases: int | None, shard: str | None, resume: bool, overwrite: bool, quiet: bool,
           as_json: bool, max_memory: int | None = None, volume: int | None = None,
-          input_size: str | None = None, reorient: bool = False, cluster: str | None = None,
+          input_size: str | None = None, reorient: bool | None = None, cluster: str | None = None,
           chunk_size: int | None = None, deterministic: bool = False,
           size_multiple: int | None = None) -> None:
     """Score every hidden layer of MODEL on the cases in DATA into an HDF5 store.
@@ -613,6 +617,10 @@ def score(model: Path, data: Path, store: Path, layers: tuple[str, ...], level: 
 @click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Per-case lower bound on Dice at this coverage (e.g. 0.9; split conformal, needs "
                    "--calibration); cases are ranked and flagged by the bound.")
+@click.option("--bound-method", type=click.Choice(["normalized", "constant"]), default=None,
+              help="Dice lower bound: normalized = estimate - q * (per-case label-free difficulty "
+                   "scale), constant = estimate - q [default: normalized when the calibration holds "
+                   "it, else constant].")
 @click.option("--model", "store_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With a STORE written by an older protoseg: the model it was scored with.")
 @handle_errors
@@ -625,9 +633,10 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
              overwrite: bool, quiet: bool, as_json: bool, estimator: tuple[str, ...],
              calibration: Path | None, rank_by: str | None, flag_below: float | None,
              flag_lowest: int | None, flag_fraction: float | None, dice_threshold: float,
-             coverage: float | None, store_model: Path | None, max_memory: int | None = None,
+             coverage: float | None, bound_method: str | None, store_model: Path | None,
+             max_memory: int | None = None,
              volume: int | None = None, input_size: str | None = None,
-             reorient: bool = False, cluster: str | None = None, chunk_size: int | None = None,
+             reorient: bool | None = None, cluster: str | None = None, chunk_size: int | None = None,
              deterministic: bool = False, size_multiple: int | None = None) -> None:
     """Label-free quality estimate (mean SA) per case, least supported first.
 
@@ -654,7 +663,7 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
         _setup_logging(0, quiet=True)
     common = dict(estimators=list(estimator) or None, calibration=calibration, rank_by=rank_by,
                   flag_below=flag_below, flag_lowest=flag_lowest, flag_fraction=flag_fraction,
-                  dice_threshold=dice_threshold, coverage=coverage)
+                  dice_threshold=dice_threshold, coverage=coverage, bound_method=bound_method)
     if data is None:
         _check_store_only(source, store)
         result = estimate_store(source, model=store_model, **common)
@@ -706,8 +715,13 @@ def estimate(source: Path, data: Path | None, store: Path | None, layers: tuple[
                                   "e-aurc", "n"]))
     if result.get("coverage_check"):
         cc = result["coverage_check"]
-        click.echo(f"\nDice lower bound (coverage {cc['nominal']:g}): {cc['covered']} of {cc['n']} "
-                   f"labelled cases covered ({_fmt(cc['coverage'])})")
+        click.echo(f"\nDice lower bound (coverage {cc['nominal']:g}, {result.get('bound_method')} split "
+                   f"conformal): {cc['covered']} of {cc['n']} labelled cases covered ({_fmt(cc['coverage'])})")
+    elif result.get("bound_method"):
+        click.echo(f"\nDice lower bound: coverage {result['coverage']:g}, {result['bound_method']} split "
+                   "conformal (no ground truth here to check it)")
+    if result.get("bound_note"):
+        click.echo(f"note: {result['bound_note']}")
     click.echo(f"\nstore: {result['store']}  ({len(rows)} cases, {sum(bool(r['flag']) for r in rows)} flagged)")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import CaseSkippedWarning, option
+from engine.model.metadata import check_orientation, file_axis_order
 
 __all__ = [
     "Case",
@@ -30,6 +31,7 @@ __all__ = [
     "GRID_TOLERANCE",
     "IMAGE_EXTENSIONS",
     "MASK_SUFFIXES",
+    "NNUNET_IMAGE_DIRS",
     "describe_grid",
     "open_dataset",
     "orientation_codes",
@@ -45,6 +47,11 @@ MASK_SUFFIXES = ("_mask", "_seg", "_label")
 IMAGE_SUFFIXES = ("_image", "_img")
 _ARRAY_FILES = (".h5", ".hdf5", ".hdf", ".npz")
 _MASK_DIRS = ("masks", "labels", "segmentations")
+#: nnU-Net's raw-data folders of images (``CASE_0000.nii.gz``, one file per channel); their
+#: labels (``CASE.nii.gz``) are in ``labelsTr``/``labelsTs`` beside them.
+NNUNET_IMAGE_DIRS = ("imagesTr", "imagesTs")
+#: A channel file of nnU-Net's layout: the case id, ``_``, the channel as four digits.
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _NRRD_CHANNEL_KINDS = {"vector", "covariant-vector", "normal", "rgb-color", "rgba-color",
                        "3-color", "4-color", "hsv-color", "xyz-color", "list", "point",
                        "2-vector", "3-vector", "4-vector", "3-gradient", "3-normal",
@@ -91,6 +98,24 @@ class _TimeSeriesError(_CaseProblem):
     status = "time-series"
 
 
+class _VolumesError(_CaseProblem):
+    """Several volumes (not a time series) for a model that takes one channel."""
+
+    status = "multi-volume"
+
+
+class _ChannelsError(_CaseProblem):
+    """A channel axis whose length is not the model's channel count."""
+
+    status = "wrong-channels"
+
+
+class _GridError(_CaseProblem):
+    """Files of one case (channel files) on different grids."""
+
+    status = "grid-mismatch"
+
+
 @dataclass
 class Case:
     """One case of a dataset.
@@ -107,10 +132,12 @@ class Case:
     group : str or None
         Group (subject, site...) from ``groups``/``groups.csv``.
     path : str
-        Where the image came from (``file.h5:images[3]`` for array files).
+        Where the image came from (``file.h5:images[3]`` for array files; the first channel
+        file in nnU-Net's one-file-per-channel layout).
     status : str
         ``"ok"``, ``"unreadable"``, ``"mask-unreadable"``, ``"mask-shape-mismatch"``,
-        ``"bad-shape"``, ``"time-series"`` or ``"grid-mismatch"``.
+        ``"bad-shape"``, ``"time-series"``, ``"multi-volume"``, ``"wrong-channels"`` or
+        ``"grid-mismatch"``.
     message : str
         Human explanation when ``status != "ok"``.
     mask_path : str or None
@@ -233,13 +260,25 @@ def describe_grid(affine: np.ndarray, shape: tuple[int, ...]) -> str:
             f"{_numbers(np.asarray(affine, dtype=np.float64)[:3, 3])} mm")
 
 
-def _reorient(image: np.ndarray, mask: np.ndarray | None,
-              affine: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """``image`` (C, X, Y, Z) and ``mask`` (X, Y, Z) flipped and permuted to RAS, and the
-    affine of the result: what :func:`nibabel.as_closest_canonical` does (no resampling)."""
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+def _reorient(image: np.ndarray, mask: np.ndarray | None, affine: np.ndarray,
+              target: str = "RAS") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``image`` (C, X, Y, Z) and ``mask`` (X, Y, Z) flipped and permuted to the axis codes
+    ``target``, and the affine of the result (no resampling): for ``"RAS"`` what
+    :func:`nibabel.as_closest_canonical` does; otherwise ``ornt_transform`` from the file's
+    closest axes (``io_orientation``) to ``target`` (``axcodes2ornt``).
 
-    ornt = io_orientation(affine)
+    A ``target`` that permutes the file's axes (``"zyx"``, see
+    :func:`engine.model.metadata.file_axis_order`) stands for the file's own codes so
+    permuted (an LPS file to SPL): the same transform, built from the permutation alone, so
+    that it holds for any affine (no flips)."""
+    from nibabel.orientations import (apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation,
+                                      ornt_transform)
+
+    order = file_axis_order(target)
+    if order is not None:  # output axis j is file axis order[j]: file axis k goes to order.index(k)
+        ornt = np.array([[order.index(k), 1] for k in range(3)], dtype=np.float64)
+    else:
+        ornt = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(target)))
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return image, mask, affine
     spatial = image.shape[1:]
@@ -247,6 +286,17 @@ def _reorient(image: np.ndarray, mask: np.ndarray | None,
     if mask is not None:
         mask = np.ascontiguousarray(apply_orientation(mask, ornt))
     return image, mask, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, spatial)
+
+
+def _target_orientation(reorient: bool | str | None) -> str | None:
+    """``reorient`` as the axis codes cases are brought to: True → ``"RAS"``, a string →
+    those codes or that permutation of the file's axes (``"zyx"``; checked),
+    False/None/``""`` → None (file order)."""
+    if reorient is None or reorient is False or reorient == "":
+        return None
+    if reorient is True:
+        return "RAS"
+    return check_orientation(reorient, what="reorient", file_axes=True)
 
 
 # --------------------------------------------------------------------------- naming
@@ -284,16 +334,92 @@ def _add_unique(table: dict[str, Path], key: str, path: Path, what: str) -> None
     table[key] = path
 
 
-def _pair_folder(folder: Path, masks: bool) -> tuple[list[tuple[str, Path, Path | None]],
-                                                     list[Path]]:
-    """Return [(id, image path, mask path|None)] and the unmatched mask files."""
-    images: dict[str, Path] = {}
+ImagePath = Path | tuple[Path, ...]
+
+
+def _channel_groups(files: list[Path], *, required: bool, where: Path,
+                    channels: int | None = None) -> dict[str, tuple[Path, ...]] | None:
+    """nnU-Net's one-file-per-channel layout: case id → its channel files in suffix order
+    (``CASE_0000``, ``CASE_0001``...), or None when ``files`` are not in that layout.
+
+    ``required`` (an ``imagesTr``/``imagesTs`` folder): every file must be named so, else
+    DatasetError. Elsewhere the files are grouped only when the model takes ``channels`` > 1,
+    every file is named so, and there are at least two cases of exactly ``channels`` files.
+    A case whose suffixes skip a channel is a DatasetError naming it.
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    for p in files:
+        stem = _split_ext(p.name)[0]  # type: ignore[index]
+        m = _CHANNEL_FILE.match(stem)
+        if m is None:
+            if required:
+                raise DatasetError(
+                    f"{p} is in nnU-Net's {where.name}/ folder but not named CASE_XXXX (a case id, _, "
+                    "the channel as four digits, e.g. liver_001_0000.nii.gz); rename it, or move it out")
+            return None
+        chans = groups.setdefault(m["case"], {})
+        ch = int(m["channel"])
+        if ch in chans:
+            raise DatasetError(f"two files for channel {ch} of case {m['case']!r}: {chans[ch]} and {p}; "
+                               "keep one")
+        chans[ch] = p
+    if not required and (channels is None or channels < 2 or len(groups) < 2
+                         or any(len(c) != channels for c in groups.values())):
+        return None
+    out = {}
+    for case, chans in groups.items():
+        if sorted(chans) != list(range(len(chans))):
+            missing = sorted(set(range(max(chans) + 1)) - set(chans))
+            raise DatasetError(
+                f"case {case!r} in {where} has channel files {[f'_{c:04d}' for c in sorted(chans)]} but "
+                f"not {[f'_{c:04d}' for c in missing]}; nnU-Net's layout numbers channels from _0000 "
+                "without gaps: add the missing file(s) or renumber")
+        out[case] = tuple(chans[c] for c in sorted(chans))
+    return out
+
+
+def _nnunet_folders(folder: Path) -> tuple[Path, Path | None] | None:
+    """(images folder, labels folder or None) of nnU-Net's raw layout: ``folder`` itself is
+    ``imagesTr``/``imagesTs`` (labels in ``labelsTr``/``labelsTs`` beside it), or holds one
+    of them (a ``DatasetXXX_Name`` folder); None otherwise."""
+    if folder.name in NNUNET_IMAGE_DIRS:
+        images = folder
+    else:
+        found = [folder / n for n in NNUNET_IMAGE_DIRS if (folder / n).is_dir()]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise DatasetError(f"{folder} holds both imagesTr/ and imagesTs/ (nnU-Net's layout); pass "
+                               f"the one to score, e.g. {folder / 'imagesTs'}")
+        images = found[0]
+    labels = images.parent / images.name.replace("images", "labels", 1)
+    return images, labels if labels.is_dir() else None
+
+
+def _pair_folder(folder: Path, masks: bool, channels: int | None = None
+                 ) -> tuple[list[tuple[str, ImagePath, Path | None]], list[Path]]:
+    """Return [(id, image path (a tuple of channel files in nnU-Net's layout), mask path|None)]
+    and the unmatched mask files."""
+    images: dict[str, ImagePath] = {}
     mask_files: dict[str, Path] = {}
     sub = folder / "images"
-    if sub.is_dir():
-        for p in _image_files(sub):
-            stem = _split_ext(p.name)[0]  # type: ignore[index]
-            _add_unique(images, _strip_suffix(stem, IMAGE_SUFFIXES) or stem, p, "image")
+    nnunet = None if sub.is_dir() else _nnunet_folders(folder)
+    if nnunet is not None:
+        img_dir, label_dir = nnunet
+        grouped = _channel_groups(_image_files(img_dir), required=True, where=img_dir)
+        images.update(grouped or {})
+        if label_dir is not None:
+            for p in _image_files(label_dir):
+                _add_unique(mask_files, _split_ext(p.name)[0], p, "label")  # type: ignore[index]
+    elif sub.is_dir():
+        files = _image_files(sub)
+        grouped = _channel_groups(files, required=False, where=sub, channels=channels)
+        if grouped is not None:
+            images.update(grouped)
+        else:
+            for p in files:
+                stem = _split_ext(p.name)[0]  # type: ignore[index]
+                _add_unique(images, _strip_suffix(stem, IMAGE_SUFFIXES) or stem, p, "image")
         for name in _MASK_DIRS:
             mdir = folder / name
             if mdir.is_dir():
@@ -304,13 +430,21 @@ def _pair_folder(folder: Path, masks: bool) -> tuple[list[tuple[str, Path, Path 
                     _add_unique(mask_files, key, p, "mask")
                 break
     else:
+        plain = []
         for p in _image_files(folder):
             stem = _split_ext(p.name)[0]  # type: ignore[index]
             base = _strip_suffix(stem, MASK_SUFFIXES)
             if base is not None:
                 _add_unique(mask_files, base, p, "mask")
-                continue
-            _add_unique(images, _strip_suffix(stem, IMAGE_SUFFIXES) or stem, p, "image")
+            else:
+                plain.append(p)
+        grouped = _channel_groups(plain, required=False, where=folder, channels=channels)
+        if grouped is not None:
+            images.update(grouped)
+        else:
+            for p in plain:
+                stem = _split_ext(p.name)[0]  # type: ignore[index]
+                _add_unique(images, _strip_suffix(stem, IMAGE_SUFFIXES) or stem, p, "image")
     if not masks:
         mask_files = {}
     ids = sorted(images, key=_natural_key)
@@ -367,9 +501,39 @@ def _one_volume(data: Any, shape: tuple[int, ...], axis: int, volume: int | None
     return np.asarray(data[(slice(None),) * axis + (int(volume),)])
 
 
-def _nifti_data(img: Any, path: Path, volume: int | None) -> tuple[np.ndarray, str]:
+def _stack(data: Any, shape: tuple[int, ...], axis: int, channels: int | None, volume: int | None,
+           where: str, why: str) -> np.ndarray:
+    """A non-time axis of several entries (a 4th NIfTI axis, an NRRD list axis) as the model
+    card says: the channels when the model takes that many (or when no card is known:
+    ``channels`` None); volume ``volume`` of it for a model taking one channel; else a
+    :class:`_VolumesError` (one channel, no volume) or :class:`_ChannelsError` naming both
+    numbers."""
+    n = int(shape[axis])
+    if channels is None or (channels > 1 and n == channels):
+        return np.asarray(data)
+    if channels == 1:
+        if volume is None:
+            raise _VolumesError(
+                f"{where} holds {n} volumes along axis {axis} (shape {shape}; {why}, so not a time "
+                f"series), but the model takes 1 channel; to score one of them pass its index, e.g. "
+                f"{option('volume', 0)} (0 to {n - 1}), or split the file into one file per volume")
+        if not 0 <= volume < n:
+            raise _VolumesError(
+                f"{where} holds {n} volumes along axis {axis} (shape {shape}; {why}), so "
+                f"{option('volume', volume)} is out of range; pass a volume from 0 to {n - 1}")
+        return np.asarray(data[(slice(None),) * axis + (int(volume),)])
+    raise _ChannelsError(
+        f"{where} holds {n} volumes along axis {axis} (shape {shape}; {why}), read as {n} channels, "
+        f"but the model takes {channels} channels; give each case the model's {channels} channels (one "
+        f"4-D file of {channels} volumes, or one file per channel: CASE_0000, CASE_0001...), or use a "
+        f"model card with channels = {n}")
+
+
+def _nifti_data(img: Any, path: Path, volume: int | None,
+                channels: int | None = None) -> tuple[np.ndarray, str]:
     """The voxels of a loaded NIfTI image: a 4th axis holds channels, unless the header marks
-    it as time (see open_dataset)."""
+    it as time (see open_dataset), or the model card's ``channels`` says otherwise
+    (:func:`_stack`)."""
     shape = tuple(int(d) for d in img.shape)
     header = img.header
     intent = int(np.asarray(header["intent_code"])) if "intent_code" in header else 0
@@ -380,7 +544,11 @@ def _nifti_data(img: Any, path: Path, volume: int | None) -> tuple[np.ndarray, s
         if intent == _NIFTI_TIME_SERIES and shape[4] > 1:
             return _one_volume(img.dataobj, shape, 4, volume, str(path),
                                "its NIfTI intent is 'time series'"), "last"
-        return np.asarray(img.dataobj)[:, :, :, 0, :], "last"  # the vector: channels
+        vec = np.asarray(img.dataobj)[:, :, :, 0, :]  # the vector: channels
+        if vec.shape[3] == 1:
+            return vec, "last"
+        return _stack(vec, vec.shape, 3, channels, volume, str(path),
+                      "the NIfTI vector layout (X, Y, Z, 1, V)"), "last"
     if len(shape) >= 4 and shape[3] > 1 and intent not in _NIFTI_CHANNEL_INTENTS:
         if intent == _NIFTI_TIME_SERIES:
             return _one_volume(img.dataobj, shape, 3, volume, str(path),
@@ -388,11 +556,15 @@ def _nifti_data(img: Any, path: Path, volume: int | None) -> tuple[np.ndarray, s
         if unit != "unknown":
             return _one_volume(img.dataobj, shape, 3, volume, str(path),
                                f"its header gives the 4th axis the time unit {unit!r}", hint), "last"
-    return np.asarray(img.dataobj), "last"  # a 4th axis holds channels
+    if len(shape) == 4 and shape[3] > 1:  # a 4th axis holds channels (when the card agrees)
+        why = ("its NIfTI intent names channels" if intent in _NIFTI_CHANNEL_INTENTS
+               else "its header gives the 4th axis no time unit")
+        return _stack(img.dataobj, shape, 3, channels, volume, str(path), why), "last"
+    return np.asarray(img.dataobj), "last"
 
 
-def _read_nrrd(path: Path, volume: int | None = None) -> tuple[np.ndarray, str | int,
-                                                             np.ndarray | None]:
+def _read_nrrd(path: Path, volume: int | None = None,
+               channels: int | None = None) -> tuple[np.ndarray, str | int, np.ndarray | None]:
     import nrrd
 
     data, header = nrrd.read(str(path), index_order="F")
@@ -411,6 +583,15 @@ def _read_nrrd(path: Path, volume: int | None = None) -> tuple[np.ndarray, str |
         found = [i for i, k in enumerate(kinds) if k in _NRRD_CHANNEL_KINDS]
         if len(found) == 1:
             chan = found[0]
+    if data.ndim == 4:  # a volume and one non-spatial axis: channels when the card agrees
+        axis = chan if isinstance(chan, int) else 3
+        why = (f"its NRRD kinds name axis {axis} {kinds[axis]!r}" if len(kinds) == data.ndim
+               else "its 4th axis")
+        stacked = _stack(data, data.shape, axis, channels, volume, str(path), why)
+        if stacked.ndim == 3:  # one volume of it, picked with ``volume``
+            del axes[axis]
+            return stacked, "last", _nrrd_affine(header, axes)
+        data = stacked
     return data, chan, _nrrd_affine(header, axes)
 
 
@@ -476,21 +657,22 @@ def _read_npy(path: Path) -> tuple[np.ndarray, str]:
     return np.load(path, mmap_mode="r", allow_pickle=False), "first"
 
 
-def _read_file(path: Path, *, is_mask: bool = False,
-               volume: int | None = None) -> tuple[np.ndarray, str | int, np.ndarray | None]:
+def _read_file(path: Path, *, is_mask: bool = False, volume: int | None = None,
+               channels: int | None = None) -> tuple[np.ndarray, str | int, np.ndarray | None]:
     """Raw array, where its channel axis is (if it has one beyond spatial_ndim) and its
     RAS affine (None for formats without one); a file whose header marks a time axis gives
-    its volume ``volume`` (none: _TimeSeriesError)."""
+    its volume ``volume`` (none: _TimeSeriesError); a non-time 4th axis of a NIfTI/NRRD
+    image is checked against the model's ``channels`` (:func:`_stack`; None: channels)."""
     ext = _split_ext(path.name)
     ext_l = ext[1].lower() if ext else path.suffix.lower()
     if ext_l in (".nii", ".nii.gz"):
         import nibabel as nib
 
         img = nib.load(str(path))
-        data, chan = _nifti_data(img, path, volume)
+        data, chan = _nifti_data(img, path, volume, channels)
         return data, chan, np.asarray(img.affine, dtype=np.float64)
     if ext_l in (".nrrd", ".nhdr"):
-        return _read_nrrd(path, volume)
+        return _read_nrrd(path, volume, channels)
     if ext_l in (".png", ".jpg", ".jpeg"):
         return (*_read_pil(path, is_mask), None)
     if ext_l in (".tif", ".tiff"):
@@ -576,20 +758,27 @@ class Dataset:
     volume : int or None
         The volume read from files that are time series (see :func:`open_dataset`).
     reorient : bool
-        Whether 3-D cases with an affine are brought to RAS (see :func:`open_dataset`).
+        Whether 3-D cases with an affine are reoriented (see :func:`open_dataset`).
+    orientation : str or None
+        The axis codes they are brought to (``"RAS"``...), or the permutation of each file's
+        voxel axes they are fed in (``"zyx"``), None without ``reorient``.
+    channels : int or None
+        The model's input channels, which decide how a non-time 4th axis is read.
     """
 
     def __init__(self, source: Path, kind: str, ids: list[str], *,
                  spatial_ndim: int | None, strict: bool, groups: dict[str, str],
-                 images: list[Path] | None = None, masks: list[Path | None] | None = None,
+                 images: list[ImagePath] | None = None, masks: list[Path | None] | None = None,
                  has_masks: bool = False, volume: int | None = None,
-                 reorient: bool = False) -> None:
+                 reorient: bool | str = False, channels: int | None = None) -> None:
         self.source = source
         self.kind = kind
         self.ids = ids
         self.spatial_ndim = spatial_ndim
         self.volume = volume
-        self.reorient = bool(reorient)
+        self.orientation = _target_orientation(reorient)
+        self.reorient = self.orientation is not None
+        self.channels = channels
         self.strict = strict
         self.groups = groups
         self.has_masks = has_masks
@@ -670,14 +859,48 @@ class Dataset:
                     f"case {case_id!r}: mask {mask_path} has shape {mask.shape}, image "
                     f"{path} has spatial shape {spatial}; put both on one grid, or remove "
                     "the mask file; case skipped", mask_path, affine, codes))
-        if self.reorient and affine is not None and len(spatial) == 3:
-            image, mask, affine = _reorient(image, mask, affine)
+        if self.orientation is not None and affine is not None and len(spatial) == 3:
+            image, mask, affine = _reorient(image, mask, affine, self.orientation)
         return Case(case_id, image, mask, group, path, "ok", "", mask_path, affine, codes)
 
-    def _read_pair(self, case_id: str, image_path: Path, mask_path: Path | None,
+    def _read_channel_files(self, files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """One case of nnU-Net's layout: its channel files (``CASE_0000``...) stacked in
+        suffix order, (C, *spatial) float32, and the first file's affine. Every file must
+        hold one channel on the first file's grid (shape, and affine when both have one)."""
+        stack: list[np.ndarray] = []
+        first_affine: np.ndarray | None = None
+        for n, p in enumerate(files):
+            raw, chan, affine = _read_file(p, volume=self.volume, channels=1)
+            one = _to_channels_first(raw, chan, self.spatial_ndim, str(p))
+            if one.shape[0] != 1:
+                raise _ChannelsError(
+                    f"{p} holds {one.shape[0]} channels (shape {np.shape(raw)}); in nnU-Net's layout each "
+                    "file CASE_XXXX holds one channel: split it into one file per channel")
+            if n == 0:
+                first_affine = affine
+            elif one.shape[1:] != stack[0].shape[1:] or (
+                    affine is not None and first_affine is not None
+                    and not same_grid(first_affine, affine)):
+                def grid(a: np.ndarray | None, shape: tuple[int, ...]) -> str:
+                    return describe_grid(a, shape) if a is not None else f"shape {shape}"
+                raise _GridError(
+                    f"channel files {files[0]} and {p} are on different grids: "
+                    f"{grid(first_affine, stack[0].shape[1:])}; {grid(affine, one.shape[1:])}; resample "
+                    "every channel onto the first channel's grid")
+            stack.append(one)
+        return np.ascontiguousarray(np.concatenate(stack, axis=0)), first_affine
+
+    def _read_pair(self, case_id: str, image_path: ImagePath, mask_path: Path | None,
                    group: str | None) -> Case:
+        files = image_path if isinstance(image_path, tuple) else None
+        if files is not None:
+            image_path = files[0]
         try:
-            raw, chan, affine = _read_file(image_path, volume=self.volume)
+            if files is not None:
+                raw, affine = self._read_channel_files(files)
+                chan: str | int = 0
+            else:
+                raw, chan, affine = _read_file(image_path, volume=self.volume, channels=self.channels)
             mask_raw = mask_affine = None
             spatial_ndim = self.spatial_ndim
             if mask_path is not None:
@@ -822,7 +1045,8 @@ def _open_array_file(path: Path, *, spatial_ndim: int | None, strict: bool, mask
 def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = None,
                  strict: bool = False, masks: bool = True,
                  groups: Mapping[str, str] | str | os.PathLike[str] | None = None,
-                 volume: int | None = None, reorient: bool = False) -> Dataset:
+                 volume: int | None = None, reorient: bool | str = False,
+                 channels: int | None = None) -> Dataset:
     """Open a dataset of images (and optional masks) for scoring.
 
     Parameters
@@ -840,6 +1064,14 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
              ``<id>_seg.*`` / ``<id>_label.*``;
           3. one folder with ``<id>.*`` and ``<id>_mask.*`` (same suffixes); an image
              without mask has ``mask=None``.
+
+          nnU-Net's raw layout — a folder ``imagesTr``/``imagesTs`` (or a dataset folder
+          holding one of them) of one file per channel, ``<id>_0000.nii.gz``,
+          ``<id>_0001.nii.gz``..., with labels ``<id>.nii.gz`` in ``labelsTr``/``labelsTs``
+          beside it — gives one case per id, its channel files stacked in suffix order.
+          Elsewhere (``images/`` or one folder) files are so grouped only when ``channels``
+          > 1, every image is named ``<id>_XXXX`` and at least two ids have exactly
+          ``channels`` files each.
 
           Masks without an image are reported with a warning. Two images for one id
           raise. Cases are ordered by id (natural order: ``case2`` before ``case10``).
@@ -865,12 +1097,24 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
         Notes); their mask, when it is a time series too, gives the same volume. Files
         without a time axis are read whole. Default None: a time series is skipped with
         status ``time-series`` (``protoseg score --volume T`` on the command line).
-    reorient : bool, default False
+    reorient : bool or str, default False
         Bring every 3-D case whose file has an affine (NIfTI, NRRD with an anatomical
-        ``space``) to RAS before the model: its image and mask are flipped and their axes
-        permuted (:func:`nibabel.as_closest_canonical`; no resampling) and ``Case.affine``
-        is the affine of the result. Default: voxels stay in file order
-        (``protoseg score --reorient``).
+        ``space``) to RAS (True) or to the axis codes given (``"LPS"``...) before the model:
+        its image and mask are flipped and their axes permuted (nibabel's
+        ``io_orientation``, ``ornt_transform``, ``apply_orientation``; for RAS what
+        :func:`nibabel.as_closest_canonical` does; no resampling) and ``Case.affine`` is the
+        affine of the result. A permutation of ``"xyz"`` (the file's voxel axes as stored)
+        instead permutes each such case's axes, no flips: ``"zyx"`` reverses them (an RAS
+        file comes out SAR, an LPS file SPL), as SimpleITK and nnU-Net's default readers
+        read files. Default: voxels stay in file order. ``protoseg score`` takes it from the
+        model card's ``orientation`` (``--reorient``/``--no-reorient``).
+    channels : int, optional
+        The model's input channels (``protoseg score`` passes the card's). A NIfTI/NRRD image
+        with a non-time 4th axis (or an NRRD list/vector axis beside 3 spatial axes) is read
+        as channels only when ``channels`` > 1 equals that axis's length; with
+        ``channels=1`` the case is skipped with status ``multi-volume`` unless ``volume``
+        picks one of its volumes; another length is status ``wrong-channels``. Default
+        None: such an axis holds channels, whatever its length.
 
     Returns
     -------
@@ -891,7 +1135,8 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     Notes
     -----
     Images come out float32 ``(C, *spatial)``: RGB(A) PNG/JPEG → 3 channels (alpha
-    dropped), 4-D NIfTI → last axis as channels unless the header marks it as time (below).
+    dropped), 4-D NIfTI → last axis as channels unless the header marks it as time (below)
+    or ``channels`` disagrees.
     Voxel arrays are kept in file order unless ``reorient`` is set. When the image and its
     mask both have an affine (NIfTI, NRRD), they must put their voxels at the same places
     within :data:`GRID_TOLERANCE` (direction cosines, spacing, origin; :func:`same_grid`):
@@ -914,12 +1159,21 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     beyond its length, the case is skipped with status ``time-series`` and a message naming
     the file, its shape and its number of volumes.
 
+    Any other 4th axis (and an NRRD list/vector axis beside three spatial axes, and the
+    vector layout's ``V``) is **channels only when the model card says so** (``channels``):
+    a model taking C > 1 channels reads an axis of exactly C entries as its channels; a
+    model taking one channel skips the case with status ``multi-volume`` (``volume`` picks
+    one of its volumes instead); any other length skips it with status
+    ``wrong-channels`` and a message naming both numbers.
+
     Masks keep integer labels (uint8, uint16 above 255); a float mask with non-integer
     values becomes nonzero = 1. A case that cannot be read (status
     ``unreadable``/``bad-shape``), whose mask cannot be read (``mask-unreadable``), whose
     mask shape differs from the image's spatial shape (``mask-shape-mismatch``) or that is
-    a time series without a usable ``volume`` (``time-series``), or whose mask lies on
-    another grid in space (``grid-mismatch``) is returned with
+    a time series without a usable ``volume`` (``time-series``), that has several volumes
+    the model cannot take as channels (``multi-volume``, ``wrong-channels``), or whose mask
+    (or one of whose channel files) lies on another grid in space (``grid-mismatch``) is
+    returned with
     ``image``/``mask`` as far as read and a warning. NPZ files are loaded whole on first
     access; use HDF5 or a folder for data larger than memory.
 
@@ -941,8 +1195,13 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist; pass a folder of image/mask "
                                 "pairs, an HDF5/NPZ file or an image file")
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, (int, np.integer))
+                                 or channels < 1):
+        raise ValueError(f"channels={channels!r}; expected a positive integer (the model's input "
+                         "channels) or None")
+    target = _target_orientation(reorient)
     if path.is_dir():
-        pairs, unmatched = _pair_folder(path, masks)
+        pairs, unmatched = _pair_folder(path, masks, channels)
         if not pairs:
             raise DatasetError(f"folder {path} holds no image files; expected "
                                f"{list(IMAGE_EXTENSIONS)} (or images/ and masks/ subfolders)")
@@ -954,7 +1213,7 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
                        strict=strict, groups=group_map, images=[p[1] for p in pairs],
                        masks=[p[2] for p in pairs],
                        has_masks=any(p[2] is not None for p in pairs), volume=volume,
-                       reorient=reorient)
+                       reorient=target or False, channels=channels)
     if path.suffix.lower() in _ARRAY_FILES:
         return _open_array_file(path, spatial_ndim=spatial_ndim, strict=strict, masks=masks,
                                 groups=groups)
@@ -965,4 +1224,4 @@ def open_dataset(source: str | os.PathLike[str], *, spatial_ndim: int | None = N
     group_map = _read_groups(groups, None) if groups is not None else {}
     return Dataset(path, "file", [split[0]], spatial_ndim=spatial_ndim, strict=strict,
                    groups=group_map, images=[path], masks=[None], has_masks=False,
-                   volume=volume, reorient=reorient)
+                   volume=volume, reorient=target or False, channels=channels)

@@ -94,6 +94,7 @@ def export_network(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     exporter: str = "auto",
+    orientation: str | None = None,
 ) -> ExportResult:
     """Export ``network`` with ``activation`` applied to its output, and complete the card.
 
@@ -115,7 +116,8 @@ def export_network(
         Output channels scored one-vs-rest.
     preprocessing : dict
         The card's preprocessing (``resize`` is set from the exported input: off when the
-        spatial axes are dynamic).
+        spatial axes are dynamic); a ``normalization`` key (per-channel, see
+        :mod:`engine.model.metadata`) is written as it is.
     size_multiple : list of int, optional
         Per spatial axis, what the input sizes must be multiples of (``input.size_multiple``).
     extra : dict
@@ -129,6 +131,9 @@ def export_network(
     opset, atol, rtol, exporter
         As in :func:`exporters.torch.export`; the spatial axes are made dynamic (either
         exporter), else static with a message.
+    orientation : str, optional
+        The axis codes the framework brings volumes to before the network
+        (``input.orientation``), when it does.
 
     Returns
     -------
@@ -158,7 +163,9 @@ def export_network(
         hook = network.register_forward_hook(_activation_hook(torch, activation))
     try:
         with tempfile.TemporaryDirectory(prefix=".protoseg-", dir=target.parent) as tmp, _quiet_tracing():
-            kwargs = dict(layers=layers, prediction_activation=activation, preprocessing=dict(preprocessing),
+            pre = dict(preprocessing)
+            normalization = pre.pop("normalization", None)  # the card's field, not torch.export's
+            kwargs = dict(layers=layers, prediction_activation=activation, preprocessing=pre,
                           classes=classes, opset=opset, atol=atol, rtol=rtol, exporter=exporter, source=source)
             try:  # both exporters with dynamic spatial axes first: the frameworks predict at any size
                 result = torch_export(network, example_input, Path(tmp) / "model.onnx", dynamic_spatial=True,
@@ -174,6 +181,10 @@ def export_network(
         dynamic = _dynamic_spatial(proto)
         card["input"] = dict(card["input"])
         card["preprocessing"] = dict(card.get("preprocessing") or {})
+        if normalization is not None:
+            card["preprocessing"]["normalization"] = [dict(n) for n in normalization]
+        if orientation is not None:
+            card["input"]["orientation"] = str(orientation)
         if dynamic:
             card["input"]["size"] = None
             card["preprocessing"]["resize"] = False

@@ -10,8 +10,9 @@ and ``models/model.pt`` (the state dict). The network is instantiated by
 card gets the input channels, the output classes and their names, and the pre-processing
 the card can express: ``ScaleIntensityRange`` as ``meanstd`` (its clipping recorded in
 ``extra``), ``NormalizeIntensity`` as ``zscore`` (or ``meanstd`` with a fixed subtrahend and
-divisor), ``ScaleIntensity`` to [0, 1] as ``minmax``; spacing, orientation and the
-sliding-window size go to ``extra``. monai and torch are imported inside the functions:
+divisor), ``ScaleIntensity`` to [0, 1] as ``minmax``, ``Orientation``'s ``axcodes`` as the
+card's ``input.orientation`` (3-D); spacing and the sliding-window size go to ``extra``.
+monai and torch are imported inside the functions:
 ``pip install 'protoseg[torch,monai]'``.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from engine.model.metadata import check_orientation
 from exporters._common import ExportResult, logger, require
 
 __all__ = ["BundleInfo", "read_bundle", "default_layers", "export"]
@@ -37,6 +39,8 @@ _FORMAT_ONLY = frozenset({
     "SelectItems", "ToNumpy", "EnsureSameShape",
 })
 _MULTIPLE = re.compile(r"^\s*(\d+)\s*\*\s*n\s*$")
+#: ``Orientation``'s default ``labels`` (nibabel's): the letters its ``axcodes`` are made of.
+_MONAI_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class BundleInfo:
         ``softmax`` / ``sigmoid`` (the post-processing's ``Activations``) or ``logits``.
     scaling : str
         The card's scaling; ``mean``/``std`` for ``meanstd``.
+    normalization : tuple of dict or None
+        The card's per-channel normalization when ``ScaleIntensityRange(clip=True)`` starts
+        the intensity transforms (kind ``ct``: clip, then (x - mean) / std); ``scaling`` is
+        then ``none``.
     mean, std : tuple of float or None
     size_multiple : tuple of int or None
         From the metadata's ``spatial_shape`` entries such as ``"16*n"``.
@@ -67,6 +75,10 @@ class BundleInfo:
         Spacing, orientation, clipping, window size, what the card cannot express.
     notes : tuple of str
         Pre-processing the card does not express.
+    orientation : str or None
+        The card's ``input.orientation``: ``Orientation(d)``'s ``axcodes`` in a 3-D bundle
+        (MONAI reads volumes in file voxel order and reorients them to those codes with
+        nibabel's conventions); None without that transform, in 2-D, or with other labels.
     """
 
     config: Path
@@ -83,13 +95,18 @@ class BundleInfo:
     example_size: tuple[int, ...] | None
     extra: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    orientation: str | None = None
+    normalization: tuple[dict[str, Any], ...] | None = None
 
     @property
     def preprocessing(self) -> dict[str, Any]:
         """The card's ``preprocessing`` (the bundle feeds images at their size: no resize)."""
-        return {"resize": False, "scaling": self.scaling,
-                "mean": list(self.mean) if self.mean is not None else None,
-                "std": list(self.std) if self.std is not None else None}
+        pre: dict[str, Any] = {"resize": False, "scaling": self.scaling,
+                               "mean": list(self.mean) if self.mean is not None else None,
+                               "std": list(self.std) if self.std is not None else None}
+        if self.normalization is not None:
+            pre["normalization"] = [dict(n) for n in self.normalization]
+        return pre
 
     @property
     def classes(self) -> list[int] | None:
@@ -196,21 +213,28 @@ def _floats(value: Any) -> list[float] | None:
         return [float(value)]
 
 
-def _preprocessing(parser: Any, key: str = "preprocessing") -> tuple[str, Any, Any, dict[str, Any], list[str]]:
-    """Scaling, mean, std, extra and notes from the bundle's pre-processing transforms.
+def _preprocessing(parser: Any, key: str = "preprocessing") -> tuple[
+        str, Any, Any, tuple[dict[str, Any], ...] | None, dict[str, Any], list[str]]:
+    """Scaling, mean, std, normalization, extra and notes from the bundle's pre-processing.
 
     Notes
     -----
     Affine intensity maps compose: ``ScaleIntensityRange`` y = (x - a_min) / (a_max - a_min)
     * (b_max - b_min) + b_min is ``meanstd`` with s = (a_max - a_min) / (b_max - b_min),
     mean = a_min - b_min * s, std = s; two ``meanstd`` in a row are one. ``zscore`` and
-    ``minmax`` forget any earlier affine map.
+    ``minmax`` forget any earlier affine map. With ``clip=True`` (the first intensity
+    transform, increasing) the output is clipped to [b_min, b_max], which is the input
+    clipped to [a_min, a_max] before the affine map: the card's per-channel normalization
+    ``{"kind": "ct", "clip": [a_min, a_max], "mean": mean, "std": std}`` (nnU-Net's CT form),
+    affine maps after it composed into its mean and std.
     """
     transforms, note = _transforms(parser, key)
     notes = [note] if note else []
     extra: dict[str, Any] = {}
     state: tuple[str, Any, Any] = ("none", None, None)
     unexpressed: list[str] = []
+    clip: list[float] | None = None  # clipping bounds on the raw intensities, when expressible
+    clip_lost: list[str] = []
     for tid, name, item in transforms:
         base = _base(name)
         try:
@@ -222,12 +246,15 @@ def _preprocessing(parser: Any, key: str = "preprocessing") -> tuple[str, Any, A
                 else:
                     s = (a_max - a_min) / (float(b_max) - float(b_min))
                     m = a_min - float(b_min) * s
+                before = state
                 state = _compose(state, [m], [s]) or _unexpressed(unexpressed, name, state)
                 if _value(parser, tid, item, "clip", False):
                     extra["clip"] = [a_min, a_max]
-                    notes.append(f"{name} clips intensities to [{a_min:g}, {a_max:g}] (a_min, a_max); the model "
-                                 "card cannot express clipping: it records the affine part (scaling 'meanstd') "
-                                 "and the bounds in extra.clip; clip the images to them before scoring")
+                    if before[0] == "none" and state[0] == "meanstd" and a_min <= a_max and s > 0 and clip is None:
+                        clip = [a_min, a_max]  # clip(affine(x)) = affine(clip(x)): nnU-Net's CT form
+                    else:
+                        clip = None
+                        clip_lost.append(name)
             elif base == "NormalizeIntensity":
                 sub, div = _value(parser, tid, item, "subtrahend"), _value(parser, tid, item, "divisor")
                 if sub is not None and div is not None:
@@ -246,7 +273,13 @@ def _preprocessing(parser: Any, key: str = "preprocessing") -> tuple[str, Any, A
             elif base == "Spacing":
                 extra["spacing"] = _floats(_value(parser, tid, item, "pixdim"))
             elif base == "Orientation":
-                extra["orientation"] = _value(parser, tid, item, "axcodes")
+                axcodes = _value(parser, tid, item, "axcodes")
+                extra["orientation"] = "".join(axcodes) if isinstance(axcodes, (list, tuple)) else axcodes
+                labels = _value(parser, tid, item, "labels", _MONAI_LABELS)
+                if labels is not None and [tuple(p) for p in labels] != [tuple(p) for p in _MONAI_LABELS]:
+                    extra["orientation_labels"] = [list(p) for p in labels]
+                    notes.append(f"{name} uses the axis labels {extra['orientation_labels']} (not L/R, P/A, "
+                                 "I/S): the card sets no orientation; reorient the images as the bundle does")
             elif name not in _FORMAT_ONLY and base not in _FORMAT_ONLY:
                 unexpressed.append(name)
         except Exception as exc:  # noqa: BLE001 - a reference the parser cannot resolve offline
@@ -257,7 +290,19 @@ def _preprocessing(parser: Any, key: str = "preprocessing") -> tuple[str, Any, A
         notes.append(f"the bundle's pre-processing also runs {unexpressed}, which the model card does not "
                      "express; apply them to the images before scoring")
     scaling, mean, std = state
-    return scaling, mean, std, extra, notes
+    if clip is not None and scaling != "meanstd":  # a z-score or min-max after the clipping
+        clip_lost.append("ScaleIntensityRange(clip=True)")
+        clip = None
+    if clip_lost:
+        notes.append(f"{clip_lost} clip intensities in a way the model card cannot express (after another "
+                     "intensity transform, or followed by a z-score/min-max): it records the affine part "
+                     f"(scaling {scaling!r}) and the bounds in extra.clip; clip the images before scoring")
+    if clip is not None:
+        # ScaleIntensityRange(clip=True) then affine maps = clip to [a_min, a_max], then (x - m) / s
+        normalization = tuple({"kind": "ct", "clip": list(clip), "mean": float(m), "std": float(s)}
+                              for m, s in zip(mean, std))
+        return "none", None, None, normalization, extra, notes
+    return scaling, mean, std, None, extra, notes
 
 
 def _unexpressed(names: list[str], name: str, state: tuple[str, Any, Any]) -> tuple[str, Any, Any]:
@@ -377,10 +422,18 @@ def read_bundle(folder: str | os.PathLike[str], *, config: str | os.PathLike[str
     activation, act_note = _activation(parser)
     if act_note:
         notes.append(act_note)
-    scaling, mean, std, extra, pre_notes = _preprocessing(parser)
+    scaling, mean, std, normalization, extra, pre_notes = _preprocessing(parser)
     notes.extend(pre_notes)
     if roi is not None:
         extra["roi_size"] = list(roi)
+    orientation = None
+    if extra.get("orientation") is not None and "orientation_labels" not in extra:
+        try:
+            orientation = check_orientation(extra["orientation"], what="Orientation axcodes")
+        except ValueError as exc:
+            notes.append(f"{exc}; the card sets no orientation")
+        if orientation is not None and spatial_dims != 3:
+            orientation = None  # not known to be 3-D: the card's orientation is for volumes
     in_names = inp.get("channel_def") or {}
     extra.update({
         "class_names": list(names),
@@ -395,6 +448,7 @@ def read_bundle(folder: str | os.PathLike[str], *, config: str | os.PathLike[str
         activation=activation, scaling=scaling,
         mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
         size_multiple=multiple, example_size=roi or fixed, extra=extra, notes=tuple(notes),
+        orientation=orientation, normalization=normalization,
     )
 
 
@@ -570,5 +624,5 @@ def export(
         net, example, path, framework="monai", source=f"monai-bundle:{name}/{weights_path.name}",
         activation=info.activation, classes=info.classes, preprocessing=info.preprocessing,
         size_multiple=multiple, extra=info.extra, messages=notes, layers=layers,
-        opset=opset, atol=atol, rtol=rtol, exporter=exporter,
+        opset=opset, atol=atol, rtol=rtol, exporter=exporter, orientation=info.orientation,
     )

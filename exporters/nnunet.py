@@ -9,8 +9,10 @@ in ``_kw_requires_import`` imported), the input channels of ``dataset.json``, on
 label (or region) and deep supervision off; the checkpoint's ``network_weights`` are loaded
 with ``torch.load(..., weights_only=True)``. nnU-Net's softmax (sigmoid for region-based
 training) is put into the exported graph. The model card records the input channels, the
-classes and their names, the configuration's intensity normalisation, spacing, patch size and
-the size multiple the network needs.
+classes and their names, the configuration's intensity normalisation, spacing, patch size, the
+size multiple the network needs, and the axis order nnU-Net's image reader and
+``transpose_forward`` give it (``input.orientation``: ``"zyx"`` permuted, each file's axes
+reversed, for the default readers).
 
 ``nnunetv2`` itself is not needed (it pulls a training stack); the plans are read here, as
 ``nnunetv2.utilities.plans_handling.plans_handler`` reads them (configuration inheritance,
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from engine.model.metadata import FILE_AXES
 from exporters._common import ExportResult, logger, require
 
 __all__ = ["NnUNetPlan", "read_plan", "load_network", "export"]
@@ -75,11 +78,23 @@ class NnUNetPlan:
     mean, std : tuple of float or None
         Per channel, for ``meanstd``.
     normalization : tuple of dict
-        Per channel: scheme, mask use and, for CT, clipping bounds, mean and std.
+        Per channel: scheme, mask use and, for CT, clipping bounds, mean and std (the card's
+        ``extra.normalization``).
     transpose_forward : tuple of int or None
         The axis order nnU-Net transposes images to before the network.
     notes : tuple of str
-        What the card cannot express (CT clipping, normalisation inside a mask...).
+        What the card cannot express (normalisation inside a mask, unknown schemes...).
+    card_normalization : tuple of dict or None
+        The card's per-channel ``preprocessing.normalization`` (CT, or channels with
+        different schemes); None when one ``scaling`` says it all.
+    orientation : str or None
+        The card's ``input.orientation``, from the plans' ``image_reader_writer`` and
+        ``transpose_forward`` (3-D configurations; see :func:`_orientation`): nnU-Net's
+        default readers (``SimpleITKIO``, ``NibabelIO``) give the network each file's axes
+        reversed, then permuted by ``transpose_forward``: ``"zyx"`` so permuted (each file's
+        voxel axes, no reorientation); ``NibabelIOWithReorient`` (and
+        ``SimpleITKIOWithReorient``) reorient to RAS first: ``"SAR"`` so permuted. None for
+        other readers.
     """
 
     configuration: str
@@ -102,13 +117,18 @@ class NnUNetPlan:
     normalization: tuple[dict[str, Any], ...]
     transpose_forward: tuple[int, ...] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    card_normalization: tuple[dict[str, Any], ...] | None = None
+    orientation: str | None = None
 
     @property
     def preprocessing(self) -> dict[str, Any]:
         """The card's ``preprocessing`` (nnU-Net feeds images at their size: no resize)."""
-        return {"resize": False, "scaling": self.scaling,
-                "mean": list(self.mean) if self.mean is not None else None,
-                "std": list(self.std) if self.std is not None else None}
+        pre: dict[str, Any] = {"resize": False, "scaling": self.scaling,
+                               "mean": list(self.mean) if self.mean is not None else None,
+                               "std": list(self.std) if self.std is not None else None}
+        if self.card_normalization is not None:
+            pre["normalization"] = [dict(n) for n in self.card_normalization]
+        return pre
 
 
 # ----------------------------------------------------------------------------- reading
@@ -228,18 +248,28 @@ def _size_multiple(strides: Any, ndim: int) -> tuple[int, ...]:
     return tuple(multiple)
 
 
+#: nnU-Net's normalisation schemes → the model card's per-channel normalisation kinds.
+_SCHEME_KINDS = {"ZScoreNormalization": "zscore", "CTNormalization": "ct", "RescaleTo01Normalization": "minmax",
+                 "RGBTo01Normalization": "meanstd", "NoNormalization": "none"}
+
+
 def _normalization(plans: Mapping[str, Any], config: Mapping[str, Any], channels: Sequence[str]) -> tuple[
-        str, tuple[float, ...] | None, tuple[float, ...] | None, tuple[dict[str, Any], ...], list[str]]:
-    """Card scaling, mean, std, per-channel details and notes from the normalisation schemes.
+        str, tuple[float, ...] | None, tuple[float, ...] | None, tuple[dict[str, Any], ...] | None,
+        tuple[dict[str, Any], ...], list[str]]:
+    """Card scaling, mean, std, per-channel normalization, per-channel details and notes.
 
     Notes
     -----
-    nnU-Net's schemes: ``ZScoreNormalization`` (x - mean) / std over the image (inside the
-    nonzero mask when ``use_mask_for_norm``) → ``zscore``; ``CTNormalization`` clips to the
-    foreground's 0.5 and 99.5 percentiles, then (x - mean) / std with the foreground's values
-    → ``meanstd`` (the clipping is recorded in ``extra``); ``RescaleTo01Normalization`` →
-    ``minmax``; ``RGBTo01Normalization`` x / 255 → ``meanstd`` (0, 255);
-    ``NoNormalization`` → ``none``.
+    nnU-Net's schemes (``nnunetv2/preprocessing/normalization/default_normalization_schemes.py``),
+    per channel: ``ZScoreNormalization`` (x - mean) / max(std, 1e-8) over the image (inside
+    the nonzero mask when ``use_mask_for_norm``) → ``zscore``; ``CTNormalization`` clips to
+    the foreground's ``percentile_00_5`` and ``percentile_99_5``, then (x - mean) /
+    max(std, 1e-8) with the foreground's ``mean`` and ``std``
+    (``foreground_intensity_properties_per_channel``) → ``ct`` with those four numbers;
+    ``RescaleTo01Normalization`` → ``minmax``; ``RGBTo01Normalization`` x / 255 → ``meanstd``
+    (0, 255); ``NoNormalization`` → ``none``. One scheme for every channel, other than CT,
+    is written as the card's ``scaling``; CT, or channels with different schemes, as the
+    card's per-channel ``normalization``.
     """
     schemes = list(config.get("normalization_schemes") or [])
     masks = list(config.get("use_mask_for_norm") or [False] * len(schemes))
@@ -250,47 +280,47 @@ def _normalization(plans: Mapping[str, Any], config: Mapping[str, Any], channels
         raise ValueError(f"plans.json: {len(schemes)} normalization_schemes for {len(channels)} input "
                          f"channels {list(channels)}")
     details = []
-    means, stds = [], []
+    entries: list[dict[str, Any]] = []
     for c, (scheme, name) in enumerate(zip(schemes, channels)):
         info: dict[str, Any] = {"channel": name, "scheme": scheme, "use_mask": bool(masks[c]) if c < len(masks) else False}
+        kind = _SCHEME_KINDS.get(scheme)
+        entry: dict[str, Any] = {"kind": kind}
         if scheme == "CTNormalization":
             p = props.get(str(c)) or props.get(c)
             if not p:
                 raise ValueError(f"plans.json: channel {c} ({name}) uses CTNormalization but "
                                  "foreground_intensity_properties_per_channel has no entry for it")
-            info.update(clip=[float(p["percentile_00_5"]), float(p["percentile_99_5"])],
-                        mean=float(p["mean"]), std=float(max(p["std"], 1e-8)))
-            means.append(info["mean"])
-            stds.append(info["std"])
+            try:
+                clip = [float(p["percentile_00_5"]), float(p["percentile_99_5"])]
+                mean, std = float(p["mean"]), float(p["std"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"plans.json: foreground_intensity_properties_per_channel[{c}] lacks a "
+                                 f"usable {exc}; CTNormalization needs percentile_00_5, percentile_99_5, "
+                                 "mean and std") from None
+            entry.update(clip=clip, mean=mean, std=std)
+            info.update(clip=clip, mean=mean, std=std)
         elif scheme == "RGBTo01Normalization":
-            means.append(0.0)
-            stds.append(255.0)
+            entry.update(mean=0.0, std=255.0)
         details.append(info)
-    kinds = set(schemes)
-    mapping = {"ZScoreNormalization": "zscore", "RescaleTo01Normalization": "minmax", "NoNormalization": "none",
-               "CTNormalization": "meanstd", "RGBTo01Normalization": "meanstd"}
-    if len(kinds) == 1 and schemes[0] in mapping:
-        scaling = mapping[schemes[0]]
-    elif kinds <= {"CTNormalization", "RGBTo01Normalization"}:
-        scaling = "meanstd"
-    else:
-        notes.append(f"channels use the normalisations {schemes}, which one model-card scaling cannot "
-                     "express: the card records none (scaling 'none'); normalise the images as nnU-Net "
-                     "does before scoring (the schemes are in the card's extra.normalization)")
-        return "none", None, None, tuple(details), notes
-    if "CTNormalization" in kinds:
-        clips = [d["clip"] for d in details if "clip" in d]
-        notes.append(f"CTNormalization clips intensities to the foreground's 0.5-99.5 percentiles {clips} "
-                     "before (x - mean) / std; the model card cannot express clipping: it records the "
-                     "mean and std (scaling 'meanstd') and the bounds in extra.normalization; clip the "
-                     "images to them before scoring")
-    if scaling == "zscore" and any(d["use_mask"] for d in details):
+        entries.append(entry)
+    unknown = sorted({s for s in schemes if s not in _SCHEME_KINDS})
+    if unknown:
+        notes.append(f"channels use the normalisations {schemes}; {unknown} is not one of nnU-Net's default "
+                     "schemes, which the model card cannot express: it records none (scaling 'none'); "
+                     "normalise the images as nnU-Net does before scoring (the schemes are in the card's "
+                     "extra.normalization)")
+        return "none", None, None, None, tuple(details), notes
+    if any(d["use_mask"] and d["scheme"] == "ZScoreNormalization" for d in details):
         notes.append("ZScoreNormalization with use_mask_for_norm: nnU-Net normalises inside the nonzero "
                      "(cropped foreground) mask and sets the outside to 0; the card's zscore uses the "
                      "whole image")
-    if scaling == "meanstd":
-        return scaling, tuple(means), tuple(stds), tuple(details), notes
-    return scaling, None, None, tuple(details), notes
+    kinds = {e["kind"] for e in entries}
+    if len(set(schemes)) == 1 and "ct" not in kinds:
+        kind = entries[0]["kind"]
+        if kind == "meanstd":  # RGBTo01 on every channel: x / 255
+            return "meanstd", (0.0,) * len(entries), (255.0,) * len(entries), None, tuple(details), notes
+        return kind, None, None, None, tuple(details), notes
+    return "none", None, None, tuple(entries), tuple(details), notes
 
 
 def read_plan(folder: str | os.PathLike[str], *, configuration: str) -> NnUNetPlan:
@@ -342,13 +372,13 @@ def read_plan(folder: str | os.PathLike[str], *, configuration: str) -> NnUNetPl
     patch = tuple(int(p) for p in config["patch_size"])
     channels = _channels(dataset)
     class_names, regions, label_note = _labels(dataset)
-    scaling, mean, std, details, notes = _normalization(plans, config, channels)
+    scaling, mean, std, normalization, details, notes = _normalization(plans, config, channels)
     if label_note:
         notes.insert(0, label_note)
     transpose = plans.get("transpose_forward")
-    if transpose is not None and list(transpose) != sorted(transpose):
-        notes.append(f"nnU-Net transposes the image axes by {list(transpose)} before the network "
-                     "(transpose_forward); feed images in that axis order")
+    orientation, orientation_note = _orientation(plans, len(patch), transpose)
+    if orientation_note:
+        notes.append(orientation_note)
     n_out = len(class_names)
     return NnUNetPlan(
         configuration=configuration, network_class=network_class, arch_kwargs=arch_kwargs,
@@ -358,10 +388,84 @@ def read_plan(folder: str | os.PathLike[str], *, configuration: str) -> NnUNetPl
         classes=tuple(range(n_out)) if regions else tuple(range(1, n_out)) or (0,),
         patch_size=patch, spacing=tuple(float(s) for s in config.get("spacing") or ()),
         size_multiple=_size_multiple(arch_kwargs.get("strides", [1]), len(patch)),
-        scaling=scaling, mean=mean, std=std, normalization=details,
+        scaling=scaling, mean=mean, std=std, normalization=details, card_normalization=normalization,
         transpose_forward=tuple(int(t) for t in transpose) if transpose is not None else None,
-        notes=tuple(notes),
+        notes=tuple(notes), orientation=orientation,
     )
+
+
+#: nnU-Net's image readers whose arrays are each file's voxels with the axes reversed:
+#: SimpleITK's ``GetArrayFromImage`` gives (z, y, x) for a file stored (x, y, z), and
+#: ``NibabelIO`` transposes nibabel's array to match it. An empty name is the default reader
+#: nnU-Net picks by file ending (SimpleITKIO for NIfTI, NRRD, MHA).
+_REVERSING_READERS = ("SimpleITKIO", "NibabelIO", "")
+#: nnU-Net's readers that bring each file to RAS, then reverse the axes as the others do.
+_REORIENTING_READERS = ("NibabelIOWithReorient", "SimpleITKIOWithReorient")
+
+
+def _orientation(plans: Mapping[str, Any], ndim: int,
+                 transpose: Sequence[int] | None) -> tuple[str | None, str | None]:
+    """The card's ``orientation`` and a note, from the plans' ``image_reader_writer``.
+
+    nnU-Net's readers give the preprocessing each file's array with its axes reversed
+    (SimpleITK's (z, y, x) view of an (x, y, z) file; ``NibabelIO`` transposes nibabel's
+    array to match), and the preprocessing permutes it by ``transpose_forward``
+    (``data.transpose([0, *[i + 1 for i in transpose_forward]])``): the network's axis ``i``
+    is the file's axis ``"zyx"[t]`` for ``t = transpose_forward[i]``. That is the card's
+    orientation, a permutation of the file's voxel axes (``"zyx"`` for the identity): each
+    case keeps its own orientation, as nnU-Net never reorients with these readers.
+    ``NibabelIOWithReorient`` (nibabel's ``as_reoriented(io_orientation(affine))``) and
+    ``SimpleITKIOWithReorient`` (``DICOMOrient(image, "RAS")``, letters the direction each
+    axis increases toward, as nibabel's) bring each file to RAS first: ``"SAR"[t]``.
+
+    ``Tiff3DIO`` and custom readers set none (TIFF files have no affine; protoseg reads them
+    in tifffile's axis order, as ``Tiff3DIO`` does): a non-identity ``transpose_forward`` is
+    noted. A 2-D configuration of 3-D data (:func:`_volumes`) is noted: the network takes
+    slices, which the card cannot express. 2-D data sets none (the card's orientation is for
+    3-D models).
+    """
+    order = [int(t) for t in transpose] if transpose is not None else list(range(max(ndim, 3)))
+    reader = str(plans.get("image_reader_writer") or "")
+    if ndim != 3:
+        if ndim == 2 and len(order) == 3 and _volumes(plans):  # slices of volumes: out of the card's reach
+            if reader in _REVERSING_READERS:
+                axes = [FILE_AXES[::-1][t] for t in order]
+                where = (f"across the file's {axes[0]} axis, each slice's rows along its {axes[1]} axis and "
+                         f"columns along its {axes[2]} axis ({FILE_AXES}: a NIfTI's voxel axes as stored)")
+            elif reader in _REORIENTING_READERS:
+                axes = ["SAR"[t] for t in order]
+                where = (f"of each volume brought to RAS, across its {axes[0]} axis, rows toward {axes[1]} and "
+                         f"columns toward {axes[2]}")
+            else:
+                where = f"across axis {order[0]} of the array its reader {reader!r} gives"
+            return None, (f"a 2-D configuration of 3-D data: nnU-Net feeds the network 2-D slices {where}; "
+                          "protoseg scores the 2-D images it is given and does not slice volumes: export a "
+                          "3-D configuration (3d_fullres), or give it those slices")
+        return None, None
+    if reader in _REORIENTING_READERS:
+        return "".join("SAR"[t] for t in order), None
+    if reader in _REVERSING_READERS:
+        return "".join(FILE_AXES[::-1][t] for t in order), None
+    if order != sorted(order):
+        if reader == "Tiff3DIO":
+            return None, (f"nnU-Net permutes the axes of each TIFF volume by transpose_forward {order} before "
+                          "the network; TIFF files have no affine, so protoseg reads them as stored and the "
+                          "card cannot permute them: give protoseg volumes (TIFF or .npy) with their axes so "
+                          "permuted")
+        return None, (f"nnU-Net permutes the arrays its reader {reader!r} gives by transpose_forward {order} "
+                      "before the network, and protoseg does not know that reader's axis order: the card "
+                      "sets no orientation; give protoseg volumes in the axis order the network saw")
+    return None, None
+
+
+def _volumes(plans: Mapping[str, Any]) -> bool:
+    """Whether the plans were made for 3-D data. nnU-Net plans 2-D images as volumes of one
+    slice (``transpose_forward`` has three entries either way) and makes 3-D configurations
+    only when ``original_median_shape_after_transp[0]`` is not 1."""
+    shape = plans.get("original_median_shape_after_transp")
+    if isinstance(shape, (list, tuple)) and len(shape) == 3:
+        return int(shape[0]) != 1
+    return any(str(name).startswith("3d") for name in plans.get("configurations") or {})
 
 
 # ----------------------------------------------------------------------------- network
@@ -617,7 +721,7 @@ def export(
         "nnunet": {"configuration": plan.configuration, "fold": str(fold), "checkpoint": ckpt_path.name,
                    "trainer": trainer, "network_class": plan.network_class,
                    "inference_allowed_mirroring_axes": list(mirroring) if mirroring is not None else None,
-                   "regions": plan.regions},
+                   "regions": plan.regions, "image_reader_writer": plans.get("image_reader_writer")},
         "class_names": list(plan.class_names),
         "channel_names": list(plan.channel_names),
         "spacing": list(plan.spacing),
@@ -633,5 +737,5 @@ def export(
         source=f"nnunet:{root.name}/fold_{fold}/{ckpt_path.name}",
         activation=plan.activation, classes=list(plan.classes), preprocessing=plan.preprocessing,
         size_multiple=plan.size_multiple, extra=extra, messages=notes, layers=layers,
-        opset=opset, atol=atol, rtol=rtol, exporter=exporter,
+        opset=opset, atol=atol, rtol=rtol, exporter=exporter, orientation=plan.orientation,
     )

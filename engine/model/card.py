@@ -24,6 +24,13 @@ TOML files and override dicts use either the metadata's nested form or flat fiel
     scaling = "minmax"
 
     resolve_model_card(model, overrides={"layout": "NDHWC", "scaling": "minmax"})
+
+Two fields say what medical-imaging frameworks do around the network (issue 17):
+``[input] orientation = "RAS"`` (the axis codes the model expects; a run reorients every 3-D
+case with an affine to them; or ``"zyx"``, a permutation of each file's voxel axes, as
+nnU-Net's readers feed the network) and ``[preprocessing] normalization = [{kind = "ct", clip = [-95.0,
+250.0], mean = 80.5, std = 60.25}]`` (per channel; nnU-Net's CTNormalization), which replaces
+``scaling``: a later source giving one of the two drops what an earlier source gave of the other.
 """
 from __future__ import annotations
 
@@ -39,7 +46,8 @@ import numpy as np
 
 from engine.errors import option
 from engine.model.graph import CHANNELS_FIRST_OPS, load_model
-from engine.model.metadata import ACTIVATIONS, LAYOUTS, SCALINGS, read_metadata
+from engine.model.metadata import (ACTIVATIONS, LAYOUTS, NORMALIZATION_KINDS, SCALINGS, check_orientation,
+                                   read_metadata)
 from engine.resize import resize_linear
 
 __all__ = ["ModelCard", "resolve_model_card", "FIELDS"]
@@ -53,14 +61,18 @@ PASS_THROUGH_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Un
 #: Flat field names accepted in overrides and TOML (``hidden`` maps to both hidden dicts).
 FIELDS = ("input_name", "layout", "input_size", "channels", "prediction_output",
           "prediction_layout", "activation", "classes", "threshold", "resize", "scaling",
-          "mean", "std", "hidden_layers", "hidden_layouts", "size_multiple")
+          "mean", "std", "hidden_layers", "hidden_layouts", "size_multiple", "orientation",
+          "normalization")
 _NESTED = {
     "input": {"name": "input_name", "layout": "layout", "size": "input_size", "channels": "channels",
-              "size_multiple": "size_multiple"},
+              "size_multiple": "size_multiple", "orientation": "orientation"},
     "prediction": {"output": "prediction_output", "activation": "activation",
                    "layout": "prediction_layout", "classes": "classes", "threshold": "threshold"},
-    "preprocessing": {"resize": "resize", "scaling": "scaling", "mean": "mean", "std": "std"},
+    "preprocessing": {"resize": "resize", "scaling": "scaling", "mean": "mean", "std": "std",
+                      "normalization": "normalization"},
 }
+#: nnU-Net's floor on a standard deviation it divides by (``max(std, 1e-8)``).
+STD_FLOOR = 1e-8
 #: ``extra``: what an exporter records about the model's origin (class names, spacing, the
 #: framework's preprocessing) that the engine does not read.
 _IGNORED = {"encoding-type", "encoding-version", "framework", "source", "extra"}
@@ -111,6 +123,23 @@ class ModelCard:
         :meth:`preprocess` pads an image whose size is not such a multiple with zeros at the
         end of each axis (after scaling, as nnU-Net pads); scoring crops back
         (:meth:`padded_size`), so SA is computed on the image's own grid.
+    orientation : str or None
+        Axis codes (``"RAS"``, ``"LPS"``...) of the volumes the model was trained on: a run
+        brings every 3-D case with an affine (NIfTI, NRRD) to them, by flips and
+        permutations only (``protoseg score --reorient``/``--no-reorient`` override it);
+        or a permutation of ``"xyz"``, each file's voxel axes as stored, naming the file
+        axes the model takes in order (``"zyx"``: reversed, SimpleITK's array view, which
+        nnU-Net's default readers feed the network; every case keeps its own orientation,
+        its axes permuted: an RAS file is fed as SAR, an LPS file as SPL; see
+        :func:`engine.model.metadata.check_orientation`); ``None``: voxels in file order.
+        3-D layouts only. Never inferred.
+    normalization : tuple of dict or None
+        Per-channel intensity normalisation applied by :meth:`preprocess` instead of
+        ``scaling`` (one entry for every channel, or one per channel), each
+        ``{"kind": k, ...}`` with ``k`` in :data:`engine.model.metadata.NORMALIZATION_KINDS`:
+        ``{"kind": "ct", "clip": [lo, hi], "mean": m, "std": s}`` is nnU-Net's
+        ``CTNormalization``; ``zscore``, ``minmax``, ``meanstd`` (``mean``, ``std``) and
+        ``none`` as the scalings of the same names. Set, it needs ``scaling="none"``.
     """
 
     input_name: str
@@ -130,6 +159,8 @@ class ModelCard:
     prediction_layout: str | None = None
     assumed: list[str] = field(default_factory=list)
     size_multiple: tuple[int, ...] | None = None
+    orientation: str | None = None
+    normalization: tuple[dict[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -197,6 +228,20 @@ class ModelCard:
                              "set both, or choose scaling 'zscore'")
         if self.std is not None and any(s == 0 for s in self.std):
             raise ValueError(f"std={self.std!r} contains 0; expected non-zero values")
+        if isinstance(self.orientation, str) and self.orientation.strip().lower() in ("", "none"):
+            self.orientation = None
+        if self.orientation is not None:
+            self.orientation = check_orientation(self.orientation, file_axes=True)
+            if self.spatial_ndim != 3:
+                raise ValueError(
+                    f"orientation={self.orientation!r} applies to 3-D models, but layout {self.layout} "
+                    f"has {self.spatial_ndim} spatial axes; remove orientation from the model card")
+        self.normalization = _check_normalization(self.normalization, self.channels)
+        if self.normalization is not None and self.scaling != "none":
+            raise ValueError(
+                f"scaling={self.scaling!r} and a per-channel normalization are both set; the "
+                "normalization replaces scaling: set scaling 'none', or drop the normalization "
+                "(normalization 'none')")
 
     # -- conversion ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -291,10 +336,14 @@ class ModelCard:
         Notes
         -----
         Scaling is per channel: ``minmax`` → (x - min) / (max - min) (a constant channel
-        becomes 0); ``zscore`` → (x - mean) / std over the case (std 0 → 0);
-        ``meanstd`` → (x - mean[c]) / std[c] with the card's values. Scaling never turns
-        NaN or Inf into numbers: a channel holding one gives non-finite statistics and stays
-        non-finite.
+        becomes 0); ``zscore`` → (x - mean) / max(std, 1e-8) over the case, as nnU-Net's
+        ``ZScoreNormalization`` without a mask (a constant channel becomes 0); ``meanstd`` →
+        (x - mean[c]) / std[c] with the card's values. A ``normalization`` applies its kind
+        per channel instead; ``ct`` (nnU-Net's ``CTNormalization``) →
+        (clip(x, lo, hi) - mean) / max(std, 1e-8) with the card's values. Statistics are
+        taken in float64. Scaling never turns NaN or Inf into numbers: a channel holding one
+        gives non-finite statistics (or, for ``ct``, keeps its NaN and ±Inf values) and
+        stays non-finite.
         """
         x = np.asarray(image)
         if x.ndim != self.spatial_ndim + 1:
@@ -315,7 +364,7 @@ class ModelCard:
                     f"and the model card does not resize; resample the images, or resize them all "
                     f"({option('input_size', ','.join(map(str, self.input_size)))})")
             x = np.asarray(resize_linear(x, self.input_size), dtype=np.float32)
-        if self.scaling != "none":
+        if self.scaling != "none" or self.normalization is not None:
             x = self._scale(x)
         padded = self.padded_size(tuple(x.shape[1:]))
         if padded != tuple(x.shape[1:]):
@@ -332,25 +381,19 @@ class ModelCard:
         return tuple(-(-int(s) // int(m)) * int(m) for s, m in zip(spatial, self.size_multiple))
 
     def _scale(self, x: np.ndarray) -> np.ndarray:
-        axes = tuple(range(1, x.ndim))
         x64 = x.astype(np.float64)
-        if self.scaling == "minmax":
-            lo = x64.min(axis=axes, keepdims=True)
-            span = x64.max(axis=axes, keepdims=True) - lo
-            # a constant channel becomes 0; a NaN span (NaN in the channel) keeps NaN
-            out = np.divide(x64 - lo, span, out=np.where(np.isnan(span), np.nan, np.zeros_like(x64)),
-                            where=span > 0)
-        elif self.scaling == "zscore":
-            mu = x64.mean(axis=axes, keepdims=True)
-            sd = x64.std(axis=axes, keepdims=True)
-            out = np.divide(x64 - mu, sd, out=np.where(np.isnan(sd), np.nan, np.zeros_like(x64)),
-                            where=sd > 0)
-        else:  # meanstd
+        if self.normalization is not None:
+            norm = self.normalization
+            out = np.empty_like(x64)
+            for c in range(x64.shape[0]):
+                out[c] = _normalize_channel(x64[c:c + 1], norm[c] if len(norm) > 1 else norm[0])[0]
+            return out.astype(np.float32)
+        if self.scaling == "meanstd":
             shape = (-1,) + (1,) * (x.ndim - 1)
             mean = np.asarray(self.mean, dtype=np.float64).reshape(shape)
             std = np.asarray(self.std, dtype=np.float64).reshape(shape)
-            out = (x64 - mean) / std
-        return out.astype(np.float32)
+            return ((x64 - mean) / std).astype(np.float32)
+        return _normalize_channel(x64, {"kind": self.scaling}).astype(np.float32)
 
     def to_probability(self, outputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
         """Foreground probability per scored class, channels-first.
@@ -406,6 +449,80 @@ class ModelCard:
                 y = np.exp(y - y.max(axis=1, keepdims=True))
                 y /= y.sum(axis=1, keepdims=True)
         return np.ascontiguousarray(y[:, channels], dtype=np.float32)
+
+
+def _normalize_channel(x64: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """One normalisation ``spec`` (a checked entry of ``normalization``) applied to float64
+    ``x64`` (C, *spatial), each channel with its own statistics."""
+    kind = spec["kind"]
+    axes = tuple(range(1, x64.ndim))
+    if kind == "minmax":
+        lo = x64.min(axis=axes, keepdims=True)
+        span = x64.max(axis=axes, keepdims=True) - lo
+        # a constant channel becomes 0; a NaN span (NaN in the channel) keeps NaN
+        return np.divide(x64 - lo, span, out=np.where(np.isnan(span), np.nan, np.zeros_like(x64)),
+                         where=span > 0)
+    if kind == "zscore":  # nnU-Net's ZScoreNormalization (no mask): (x - mean) / max(std, 1e-8)
+        mu = x64.mean(axis=axes, keepdims=True)
+        sd = x64.std(axis=axes, keepdims=True)
+        out = (x64 - mu) / np.maximum(sd, STD_FLOOR)  # a NaN std stays NaN
+        return np.where(sd == 0, 0.0, out)  # a constant channel: exactly 0, not rounding / 1e-8
+    if kind == "ct":  # nnU-Net's CTNormalization: clip to the foreground percentiles, then z
+        lo, hi = spec["clip"]
+        clipped = np.where(np.isinf(x64), x64, np.clip(x64, lo, hi))  # ±Inf stays non-finite
+        return (clipped - spec["mean"]) / max(float(spec["std"]), STD_FLOOR)
+    if kind == "meanstd":
+        return (x64 - spec["mean"]) / spec["std"]
+    return x64  # none
+
+
+def _check_normalization(value: Any, channels: int) -> tuple[dict[str, Any], ...] | None:
+    """``normalization`` checked: None, or one dict (every channel) or one per channel, each
+    with a known ``kind`` and exactly the keys that kind takes, as finite floats."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    entries = [value] if isinstance(value, Mapping) else value
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, (list, tuple)):
+        raise TypeError(f"normalization={value!r}: expected a list of per-channel tables such as "
+                        "[{kind = 'ct', clip = [-95, 250], mean = 80.5, std = 60.2}], or none")
+    if not entries:
+        return None
+    if len(entries) not in (1, channels):
+        raise ValueError(f"normalization has {len(entries)} entries; expected 1 (every channel) or "
+                         f"channels={channels} (one per channel)")
+    out = []
+    for c, entry in enumerate(entries):
+        where = f"normalization[{c}]"
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"{where}={entry!r}: expected a table with a 'kind' key")
+        kind = entry.get("kind")
+        if kind not in NORMALIZATION_KINDS:
+            raise ValueError(f"{where} has kind={kind!r}; expected one of {list(NORMALIZATION_KINDS)}")
+        need = NORMALIZATION_KINDS[kind]
+        missing = [k for k in need if entry.get(k) is None]
+        extra = sorted(set(entry) - set(need) - {"kind"})
+        if missing or extra:
+            raise ValueError(f"{where} (kind {kind!r}) has keys {sorted(entry)}; expected kind and "
+                             f"{list(need) or 'nothing else'}")
+        spec: dict[str, Any] = {"kind": str(kind)}
+        for key in need:
+            try:
+                num = [float(v) for v in entry[key]] if key == "clip" else float(entry[key])
+            except (TypeError, ValueError):
+                num = None
+            nums = num if isinstance(num, list) else [num]
+            if num is None or not all(v is not None and np.isfinite(v) for v in nums):
+                raise ValueError(f"{where}.{key}={entry[key]!r}: expected finite number(s)")
+            spec[key] = num
+        if kind == "ct":
+            if len(spec["clip"]) != 2 or spec["clip"][0] > spec["clip"][1]:
+                raise ValueError(f"{where}.clip={entry['clip']!r}: expected [lo, hi] with lo <= hi")
+            if spec["std"] < 0:
+                raise ValueError(f"{where}.std={entry['std']!r}: expected a standard deviation >= 0")
+        if kind == "meanstd" and spec["std"] == 0:
+            raise ValueError(f"{where}.std=0: expected a non-zero divisor")
+        out.append(spec)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -576,13 +693,22 @@ def _merged_fields(proto: Any, *, toml: str | os.PathLike[str] | None,
                    overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """Flat fields from the ONNX metadata < the TOML file < the overrides, field by field."""
     fields: dict[str, Any] = {}
+    sources = []
     meta = read_metadata(proto)
     if meta:
-        fields.update(_flatten(meta, "ONNX metadata"))
+        sources.append(_flatten(meta, "ONNX metadata"))
     if toml is not None:
-        fields.update(_flatten(_read_toml(toml), f"TOML {str(toml)!r}"))
+        sources.append(_flatten(_read_toml(toml), f"TOML {str(toml)!r}"))
     if overrides:
-        fields.update(_flatten(overrides, "overrides"))
+        sources.append(_flatten(overrides, "overrides"))
+    for flat in sources:
+        # scaling and a per-channel normalization replace each other: a later source giving
+        # one of them drops what an earlier source gave of the other
+        if "normalization" in flat and "scaling" not in flat:
+            fields["scaling"] = "none"
+        elif "scaling" in flat and "normalization" not in flat:
+            fields.pop("normalization", None)
+        fields.update(flat)
     return fields
 
 
@@ -656,7 +782,8 @@ def _resolve_preprocessing(fields: dict[str, Any], assumed: list[str]) -> None:
             assumed.append(f"preprocessing: images are resized (linear) to the input size {tuple(fields['input_size'])}")
     if "scaling" not in fields:
         fields["scaling"] = "none"
-        assumed.append("preprocessing: no intensity scaling (images are fed as read)")
+        if fields.get("normalization") is None:
+            assumed.append("preprocessing: no intensity scaling (images are fed as read)")
 
 
 def _resolve_prediction(graph: Any, fields: dict[str, Any], assumed: list[str], *,

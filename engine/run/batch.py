@@ -510,8 +510,17 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
         case_group=tuple("" if c.group is None else str(c.group) for c in cases),
         layer=layer, units=units, input=input_block, output_dice=out_dice,
         baselines=base, maps=maps, notes=notes, no_reference=no_ref, label_free=acc.label_free,
-        # where the saved maps' voxels lie, for viewers (protoseg maps); before any resizing
-        grids={str(c.id): CaseGrid(getattr(c, "affine", None), np.shape(c.image)[1:],
-                                   getattr(c, "orientation", ""), getattr(c, "file_orientation", ""),
-                                   getattr(c, "source_format", "")) for c in cases if str(c.id) in maps},
+        # where every case's voxels lie (stored per case; with the saved maps, for viewers)
+        grids={str(c.id): _case_grid(c) for c in cases},
     )
+
+
+def _case_grid(case: Case) -> CaseGrid:
+    """Where a case's voxels lie as the model saw them (before any resizing): its affine
+    (None when the file had none, or a non-finite one), shape, orientations and format."""
+    affine = getattr(case, "affine", None)
+    if affine is not None and (np.shape(affine) != (4, 4) or not np.isfinite(affine).all()):
+        affine = None
+    return CaseGrid(affine, np.shape(case.image)[1:] if case.image is not None else (),
+                    getattr(case, "orientation", "") if affine is not None else "",
+                    getattr(case, "file_orientation", ""), getattr(case, "source_format", ""))

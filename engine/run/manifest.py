@@ -168,7 +168,8 @@ def dataset_manifest(dataset: Any, n_cases: int | None = None) -> DatasetManifes
         root = Path(source) if kind == "folder" else Path(source).parent
         masks = masks if masks is not None else [None] * len(images)
         files = tuple(
-            tuple(_entry(Path(p), root) for p in (images[i], masks[i]) if p is not None)
+            tuple(_entry(Path(p), root) for p in (*(images[i] if isinstance(images[i], tuple)
+                                                      else (images[i],)), masks[i]) if p is not None)
             for i in range(n))
         return DatasetManifest(str(kind), str(src), case_ids, files, name)
     if kind in ("hdf5", "npz") or Path(source).is_file():

@@ -18,6 +18,7 @@ import numpy as np
 from engine._checks import check_choice
 from engine.errors import option
 from engine.memory import format_size, memory_limit, parse_size
+from engine.model.metadata import check_orientation
 
 __all__ = ["ScoreOptions", "GUIDES", "GUIDE_KINDS", "REFERENCES", "LEVELS", "RESIZES",
            "BEST_UNIT_MAPS", "ACTIVATION_FRACTION", "parse_shard", "dataset_label", "as_selector"]
@@ -87,7 +88,9 @@ class ScoreOptions:
     shard: tuple[int, int] | None = None
     deterministic: bool = False
     volume: int | None = None
-    reorient: bool = False
+    #: None: as the model card's ``orientation`` says (file order without one); True: to the
+    #: card's orientation, else RAS; False: file order; axis codes (``"LPS"``): to those.
+    reorient: bool | str | None = None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,7 +112,11 @@ class ScoreOptions:
                 raise ValueError(f"volume must be a non-negative integer (the time point of a time "
                                  f"series) or None, got {self.volume!r}")
             object.__setattr__(self, "volume", int(self.volume))
-        object.__setattr__(self, "reorient", bool(self.reorient))
+        if isinstance(self.reorient, str):
+            object.__setattr__(self, "reorient",
+                               check_orientation(self.reorient, what="reorient", file_axes=True))
+        elif self.reorient is not None:
+            object.__setattr__(self, "reorient", bool(self.reorient))
         if not isinstance(self.layers, str):
             object.__setattr__(self, "layers", tuple(str(s) for s in self.layers))
         if not isinstance(self.save_maps, (int, np.integer)):
@@ -151,6 +158,28 @@ class ScoreOptions:
         log.info("memory budget %s (%s): up to %s of hidden tensors exposed per pass",
                  format_size(total), source, format_size(budget))
         return budget
+
+    def orientation(self, card_orientation: str | None) -> str | None:
+        """The axis codes 3-D cases are brought to before the model, or None (file order).
+
+        Parameters
+        ----------
+        card_orientation : str or None
+            The model card's ``orientation`` (what the model expects).
+
+        Returns
+        -------
+        str or None
+            ``reorient`` None → the card's orientation; True → the card's, else ``"RAS"``;
+            False → None; axis codes → those.
+        """
+        if self.reorient is None:
+            return card_orientation
+        if self.reorient is True:
+            return card_orientation or "RAS"
+        if self.reorient is False:
+            return None
+        return str(self.reorient)
 
     @property
     def want_layer(self) -> bool:

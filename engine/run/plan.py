@@ -133,10 +133,11 @@ class Plan:
             "empty": o.empty,
             "nonfinite": o.nonfinite,
             **({} if o.volume is None else {"volume": o.volume}),  # only when set: older stores resume
-            **({"reorient": "RAS"} if o.reorient else {}),  # likewise
+            # the orientation cases were brought to (card or --reorient); absent in file order
+            **({"reorient": orientation} if (orientation := o.orientation(self.card.orientation)) else {}),
             **({"deterministic": True} if o.deterministic else {}),  # likewise (GPU numbers)
             "input_sa": bool(o.input_sa),
-            "model_card": self.card.to_dict(),
+            "model_card": _card_config(self.card),
             "dataset": dataset_manifest(data, n_cases).config(),  # by content, not by path
             "n_cases": n_cases,
             "saved_maps": sorted(self.map_ids),
@@ -145,6 +146,16 @@ class Plan:
         }
         config.update(o.extra_config)
         return config
+
+
+def _card_config(card: ModelCard) -> dict[str, Any]:
+    """The card as the configuration records it: fields added after a store was written
+    (``orientation``, ``normalization``) only when set, so that older runs still resume."""
+    out = card.to_dict()
+    for key in ("orientation", "normalization"):
+        if out.get(key) is None:
+            out.pop(key, None)
+    return out
 
 
 def spatial_hidden(proto: Any) -> list[HiddenTensor]:
@@ -183,11 +194,21 @@ def resolve_card(proto: Any, card: Any) -> ModelCard:
 
 
 def open_data(data: Any, card: ModelCard, options: ScoreOptions) -> Any:
-    """The dataset: a ready one (anything with ``ids`` and ``__getitem__``) or opened from a path."""
+    """The dataset: a ready one (anything with ``ids`` and ``__getitem__``) or opened from a path,
+    read as the card says: its spatial rank, its input channels (how a 4-D image is read) and
+    the orientation 3-D cases are brought to (:meth:`ScoreOptions.orientation`)."""
     if hasattr(data, "ids") and hasattr(data, "__getitem__"):
         return data
+    orientation = options.orientation(card.orientation)
+    if orientation is not None and card.orientation is not None and options.reorient is None:
+        if orientation.islower():  # a permutation of the file's own axes (nnU-Net: "zyx")
+            log.info("feeding every 3-D case's voxel axes in the order %s (file axes x, y, z), as the "
+                     "model card says", orientation)
+        else:
+            log.info("reorienting every 3-D case with an affine to %s, as the model card says", orientation)
     return open_dataset(data, spatial_ndim=card.spatial_ndim, strict=options.strict,
-                        groups=options.groups, volume=options.volume, reorient=options.reorient)
+                        groups=options.groups, volume=options.volume, reorient=orientation or False,
+                        channels=int(card.channels))
 
 
 def layer_row(t: HiddenTensor, sized: HiddenTensor | None = None) -> dict[str, Any]:

@@ -128,8 +128,9 @@ class ScoreBlock:
 class CaseGrid:
     """Where a case's voxels lie in space, as the model saw them (before the card resized).
 
-    Stored with the case's saved maps (the ``grid`` attribute of ``/maps/<case>``) so that
-    the maps can be written back onto the image's grid for viewers
+    Its affine and orientations are stored for every case (``/cases/affine``...), and the
+    whole grid with the case's saved maps (the ``grid`` attribute of ``/maps/<case>``) so
+    that the maps can be written back onto the image's grid for viewers
     (:func:`engine.store.maps_export.export_maps`).
 
     Attributes
@@ -229,9 +230,10 @@ class BatchResult:
         Ids of cases that had no mask in a labelled run (their scores that need ground
         truth have status NO_REFERENCE); the run reports how many.
     grids : mapping of str to CaseGrid
-        Case id → where its voxels lie (:class:`CaseGrid`); optional. Stored for the cases
-        whose maps are saved (the ``grid`` attribute of ``/maps/<case>``), ignored for the
-        others.
+        Case id → where its voxels lie (:class:`CaseGrid`); optional. Every case's affine and
+        orientations are stored per case (``/cases/affine``, ``/cases/orientation``,
+        ``/cases/file_orientation``; NaN and ``""`` for a case without one), and the whole
+        grid with the saved maps (the ``grid`` attribute of ``/maps/<case>``).
     label_free : ScoreBlock or None, shape (nb, n_classes, n_layers)
         In a run scored against the ground truth with the prediction as guide: the layer SA
         against the prediction of the cases without a mask (their label-free result; the

@@ -49,7 +49,7 @@ from engine.store.runinfo import (
 
 __all__ = ["list_part_files", "read_part_ids", "collect_schema", "assemble", "merge_parts",
            "ShardWriter", "ShardInfo", "read_shard", "shard_path", "remove_temp_files",
-           "SHARD_GLOB"]
+           "SHARD_GLOB", "OPTIONAL_ROWS"]
 
 #: Published shards of a distributed run in a ``<store>.parts`` folder.
 SHARD_GLOB = "part-chunk-*.h5"
@@ -57,6 +57,10 @@ SHARD_GLOB = "part-chunk-*.h5"
 _COPY_ROWS = 4096  # cases copied at a time when assembling (bounds memory)
 #: Datasets that are not per-case arrays of the scores (never copied by row).
 _NOT_ROWS = ("maps/", "layers/", "estimates/")
+#: Per-case datasets that parts and stores of older protoseg versions lack, and the value
+#: their rows get when such sources are assembled with newer ones (NaN affine, no codes).
+OPTIONAL_ROWS: dict[str, Any] = {"cases/affine": np.nan, "cases/orientation": "",
+                                 "cases/file_orientation": ""}
 
 
 def list_part_files(folder: Path) -> list[Path]:
@@ -162,12 +166,14 @@ def _common_schema(sources: list[Path]) -> dict[str, tuple[np.dtype[Any], tuple[
     schema = collect_schema(sources[0])
     for src in sources[1:]:
         other = collect_schema(src)
-        if set(other) != set(schema):
+        if set(other) - set(OPTIONAL_ROWS) != set(schema) - set(OPTIONAL_ROWS):
             diff = sorted(set(other) ^ set(schema))
             raise ValueError(f"part {src} holds other arrays than {sources[0]} "
                              f"(differing: {diff[:5]}); parts of one store must be alike")
-        for key, (_, tail) in other.items():
-            if tail != schema[key][1]:
+        for key, (dtype, tail) in other.items():
+            if key not in schema:  # an optional array the first source lacks
+                schema[key] = (dtype, tail)
+            elif tail != schema[key][1]:
                 raise ValueError(f"part {src} has {key} with shape (n, *{tail}), but "
                                  f"{sources[0]} has (n, *{schema[key][1]})")
     return schema
@@ -241,7 +247,12 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
                         b1 = min(b0 + _COPY_ROWS, len(ids))
                         for key in sorted(schema):
                             w.key = key
-                            _scatter(dsets[key], dest[b0:b1], s[key][b0:b1])
+                            if key in s:
+                                _scatter(dsets[key], dest[b0:b1], s[key][b0:b1])
+                            else:  # a source of an older protoseg: the optional array's filler
+                                _scatter(dsets[key], dest[b0:b1], np.full(
+                                    (b1 - b0,) + schema[key][1], OPTIONAL_ROWS[key],
+                                    dtype=object if isinstance(OPTIONAL_ROWS[key], str) else schema[key][0]))
                         w.key = "cases/index"
                         index = (dest[b0:b1] if not has_index
                                  else read_array(s["cases/index"], np.s_[b0:b1]))

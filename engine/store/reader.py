@@ -252,6 +252,51 @@ class Store:
                 return {}
             return {unquote(k): read_array(v) for k, v in f["baselines"].items()}
 
+    # ---------------------------------------------------------------- grids
+    def case_grids(self) -> dict[str, np.ndarray]:
+        """Where every case's voxels lay in space, as the model saw them.
+
+        Returns
+        -------
+        dict of str to ndarray
+            ``affine``: float64 (n_cases, 4, 4), voxel indices of the arrays scored → RAS+
+            millimetres (nibabel's convention), after any reorientation; all NaN for a case
+            whose image had no affine (PNG, JPEG, TIFF, ``.npy``, HDF5/NPZ arrays, NRRD
+            without an anatomical space) or that could not be read. ``orientation``: the
+            axis codes the case was scored in (``"RAS"`` after reorienting to RAS), and
+            ``file_orientation``: its image file's; ``""`` without an affine. Rows in the
+            order of :attr:`cases`. A store written before protoseg recorded them gives NaN
+            and ``""`` throughout.
+        """
+        n = len(self.cases)
+        out = {"affine": np.full((n, 4, 4), np.nan),
+               "orientation": np.full(n, "", dtype=object),
+               "file_orientation": np.full(n, "", dtype=object)}
+        with self._open() as f:
+            for key in out:
+                if f"cases/{key}" in f and n:
+                    out[key] = read_array(f[f"cases/{key}"])
+        return out
+
+    def case_affine(self, case_id: str) -> np.ndarray | None:
+        """The (4, 4) affine of one case (see :meth:`case_grids`), or None where not known.
+
+        Raises
+        ------
+        KeyError
+            ``case_id`` is not in the store (the closest ids are named).
+        """
+        hits = np.flatnonzero(self.cases["id"] == str(case_id))
+        if not hits.size:
+            close = difflib.get_close_matches(str(case_id), list(self.cases["id"]), n=5)
+            raise KeyError(f"case {case_id!r} is not in store {self.path}; closest: "
+                           f"{close or list(self.cases['id'][:5])}")
+        with self._open() as f:
+            if "cases/affine" not in f:
+                return None
+            affine = np.asarray(read_array(f["cases/affine"], np.s_[int(hits[0])]), dtype=np.float64)
+        return affine if np.isfinite(affine).all() else None
+
     # ---------------------------------------------------------------- maps
     @property
     def map_case_ids(self) -> list[str]:
@@ -285,13 +330,32 @@ class Store:
 
     def map_grid(self, case_id: str) -> CaseGrid | None:
         """Where the voxels of a case with saved maps lie (:class:`~engine.store.batch.CaseGrid`:
-        affine, spatial shape before resizing, orientation, file format), or None for stores
-        written before protoseg recorded it."""
+        affine, spatial shape before resizing, orientation, file format).
+
+        The grid saved with the maps; else, when the case's affine is stored per case
+        (:meth:`case_grids`), a grid built from it on the shape of the saved input map
+        (``shape`` of ``_image``, ``format`` unknown); else None (stores written before
+        protoseg recorded either).
+        """
         if case_id not in self._map_names:
             self.maps(case_id)  # the KeyError naming the cases with maps
         with self._open() as f:
-            text = attr_str(f["maps"][self._map_names[case_id]], "grid")
-        return None if text is None else CaseGrid.from_json(text)
+            grp = f["maps"][self._map_names[case_id]]
+            text = attr_str(grp, "grid")
+            shape = None
+            if text is None:
+                for name, obj in grp.items():
+                    if (attr_str(obj, "name") or unquote(name)) == "_image" and isinstance(obj, h5py.Dataset):
+                        shape = tuple(int(d) for d in obj.shape)
+        if text is not None:
+            return CaseGrid.from_json(text)
+        affine = self.case_affine(case_id)
+        if affine is None or shape is None:
+            return None
+        row = int(np.flatnonzero(self.cases["id"] == str(case_id))[0])
+        grids = self.case_grids()
+        return CaseGrid(affine, shape, str(grids["orientation"][row]),
+                        str(grids["file_orientation"][row]), "")
 
     # ---------------------------------------------------------------- estimates
     def estimates(self) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ from engine.store.errors import (
     StoreVersionError,
     WriteContext,
 )
-from engine.store.merge import assemble, collect_schema, list_part_files, read_part_ids
+from engine.store.merge import OPTIONAL_ROWS, assemble, collect_schema, list_part_files, read_part_ids
 from engine.store.runinfo import (
     RunInfo,
     config_difference,
@@ -77,7 +77,25 @@ def _arrays(result: BatchResult) -> dict[str, np.ndarray]:
             out[f"{prefix}/{field}"] = np.asarray(arr).astype(SCORE_FIELDS[field], copy=False)
     for name, arr in result.baselines.items():
         out[f"baselines/{key_name(name)}"] = np.asarray(arr).astype(np.float64, copy=False)
+    out.update(_grid_rows(result))
     return out
+
+
+def _grid_rows(result: BatchResult) -> dict[str, np.ndarray]:
+    """Every case's affine (NaN where unknown: PNG, ``.npy``, arrays, a case without a
+    :class:`CaseGrid`), the orientation its arrays were scored in and its file's."""
+    n = len(result.case_ids)
+    affine = np.full((n, 4, 4), np.nan)
+    used, source = [""] * n, [""] * n
+    for i, cid in enumerate(result.case_ids):
+        grid = result.grids.get(cid)
+        if grid is None:
+            continue
+        if grid.affine is not None:
+            affine[i] = grid.affine
+        used[i], source[i] = str(grid.orientation), str(grid.file_orientation)
+    return {"cases/affine": affine, "cases/orientation": np.array(used, dtype=object),
+            "cases/file_orientation": np.array(source, dtype=object)}
 
 
 def _write_maps(root: h5py.Group, maps: Mapping[str, Mapping[str, Any]],
@@ -342,6 +360,10 @@ class StoreWriter:
                             "for the score arrays)")
         result.validate(classes=self.run.classes, layers=self.run.layers)
         arrays = _arrays(result)
+        if self._schema is not None:  # parts of an older protoseg lack the per-case grids
+            for key in OPTIONAL_ROWS:
+                if key not in self._schema:
+                    arrays.pop(key, None)
         schema = {k: v.shape[1:] for k, v in arrays.items() if k != "cases/index"}
         if self._schema is not None and schema != self._schema:
             extra = sorted(set(schema) - set(self._schema))

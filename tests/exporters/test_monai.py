@@ -133,11 +133,13 @@ def test_read_bundle_3d(tmp_path):
     assert info.spatial_dims == 3 and info.input_channels == 1 and info.output_channels == 2
     assert info.class_names == ("background", "spleen") and info.classes == [1]
     assert info.activation == "softmax" and info.size_multiple == (4, 4, 4) and info.example_size == (16, 16, 12)
-    # ScaleIntensityRange(-57, 164 -> 0, 1) is (x - (-57)) / 221
-    assert info.scaling == "meanstd" and info.mean == (-57.0,) and info.std == (221.0,)
+    # ScaleIntensityRange(-57, 164 -> 0, 1, clip) is clip(x, -57, 164), then (x - (-57)) / 221
+    assert info.scaling == "none" and info.mean is None and info.std is None
+    assert info.normalization == ({"kind": "ct", "clip": [-57.0, 164.0], "mean": -57.0, "std": 221.0},)
     assert info.extra["clip"] == [-57.0, 164.0] and info.extra["spacing"] == [1.5, 1.5, 2.0]
     assert info.extra["orientation"] == "RAS" and info.extra["roi_size"] == [16, 16, 12]
-    assert any("cannot express clipping" in n for n in info.notes)
+    assert info.orientation == "RAS"  # Orientationd(axcodes="RAS"): the card's input.orientation
+    assert not any("clip" in n for n in info.notes)
 
 
 def test_export_3d_unet_bundle_matches_monai(tmp_path):
@@ -149,18 +151,20 @@ def test_export_3d_unet_bundle_matches_monai(tmp_path):
     card = read_metadata(onnx.load(result.path))
     assert card["framework"] == "monai" and card["source"].startswith("monai-bundle:Tiny spleen")
     assert card["input"] == {"name": "input", "layout": "NCDHW", "size": None, "channels": 1,
-                             "size_multiple": [4, 4, 4]}
+                             "size_multiple": [4, 4, 4], "orientation": "RAS"}
     assert card["prediction"]["activation"] == "softmax" and card["prediction"]["classes"] == [1]
-    assert card["preprocessing"] == {"resize": False, "scaling": "meanstd", "mean": [-57.0], "std": [221.0]}
+    assert card["preprocessing"] == {"resize": False, "scaling": "none", "mean": None, "std": None,
+                                     "normalization": [{"kind": "ct", "clip": [-57.0, 164.0], "mean": -57.0,
+                                                        "std": 221.0}]}
     assert card["extra"]["class_names"] == ["background", "spleen"] and card["extra"]["clip"] == [-57.0, 164.0]
-    assert any("clipping" in m for m in result.messages)
+    assert not any("clipping" in m for m in result.messages)
     for shape in [(1, 1, 16, 16, 12), (2, 1, 8, 12, 20)]:
         x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
         got = run_onnx(result.path, {"input": x})["output"]
         np.testing.assert_allclose(got, _reference(folder, "inference.json", x, "softmax"), atol=1e-5)
     engine_card = resolve_model_card(result.path)
-    assert engine_card.size_multiple == (4, 4, 4) and engine_card.scaling == "meanstd"
-    assert engine_card.mean == (-57.0,) and engine_card.std == (221.0,)
+    assert engine_card.size_multiple == (4, 4, 4) and engine_card.scaling == "none"
+    assert engine_card.orientation == "RAS" and engine_card.normalization[0]["clip"] == [-57.0, 164.0]
 
 
 def test_export_2d_yaml_bundle_sigmoid(tmp_path):

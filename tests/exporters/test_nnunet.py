@@ -161,16 +161,18 @@ def test_export_3d_residual_encoder_ct(tmp_path):
     card = read_metadata(onnx.load(result.path))
     assert card["input"]["layout"] == "NCDHW" and card["input"]["size_multiple"] == [2, 4, 4]
     assert card["input"]["size"] is None and card["preprocessing"]["resize"] is False  # dynamic spatial axes
-    assert card["preprocessing"]["scaling"] == "meanstd"
-    assert card["preprocessing"]["mean"] == [80.5] and card["preprocessing"]["std"] == [60.25]
+    assert card["preprocessing"]["scaling"] == "none"  # CTNormalization: the per-channel normalization
+    assert card["preprocessing"]["normalization"] == [
+        {"kind": "ct", "clip": [-95.0, 250.0], "mean": 80.5, "std": 60.25}]
     assert card["extra"]["normalization"][0]["clip"] == [-95.0, 250.0]
     assert card["extra"]["nnunet"]["checkpoint"] == "checkpoint_best.pth"
-    assert any("CTNormalization clips" in m and "cannot express" in m for m in result.messages)
+    assert not any("CTNormalization" in m for m in result.messages)  # expressed: nothing to do by hand
     for shape in [(1, 1, 8, 16, 16), (1, 1, 6, 12, 20)]:
         x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
         np.testing.assert_allclose(run_onnx(result.path, {"input": x})["output"], _reference(folder, x), atol=1e-5)
     engine_card = resolve_model_card(result.path)
-    assert engine_card.size_multiple == (2, 4, 4) and engine_card.mean == (80.5,)
+    assert engine_card.size_multiple == (2, 4, 4) and engine_card.scaling == "none"
+    assert engine_card.normalization == ({"kind": "ct", "clip": [-95.0, 250.0], "mean": 80.5, "std": 60.25},)
 
 
 def test_region_based_labels_export_sigmoid_over_every_region(tmp_path):
