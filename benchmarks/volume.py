@@ -13,12 +13,28 @@ Run as a module::
   sample) against the channels-last kernels (what they take now). Both paths are called on the
   same prepared arrays.
 
+- ``unit`` (``--units``): the unit-level counts alone, on the same prepared arrays, through
+  ``general.unit_kernel`` (before: every target position evaluated, parfor) against
+  ``engine._kernels.units`` (after: blocks whose source corners agree are counted without
+  being evaluated), on the deepbrain shapes (channels-last, batch 1) and on 2-D U-Net layers
+  (channels-first, batch 8, 256² mask), each with white-noise features (the worst case: almost
+  every block mixed) and smooth features (white noise through a Gaussian filter of 2 source
+  voxels, closer to a trained network's activations). The counts are asserted equal.
+
+- ``--cl-baseline FILE``: the channels-last layer-level kernels alone (prototypes, then the
+  counts of the decisions, ``sa_scores(level="layer")``'s work) of an older
+  ``engine/_kernels/channels_last.py`` (e.g. ``git show HEAD:engine/_kernels/channels_last.py
+  > /tmp/cl_head.py``, the ``parallel=True`` kernels ``prototypes_kernel`` and
+  ``decide_kernel``) against today's, on the deepbrain shapes and on 2-D channels-last (NHWC)
+  U-Net layers (batch 8, 256² mask); results asserted equal.
+
 Medians of ``repeat`` interleaved calls after one warm-up; prints a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +42,7 @@ import numba
 import numpy as np
 
 from engine import resize
-from engine._kernels import general
+from engine._kernels import general, units
 from engine.scores import _prepare, _unit_block, protoseg, sa_scores
 from engine.status import Status
 
@@ -66,6 +82,120 @@ def _new_path(f: np.ndarray, g: np.ndarray, y: np.ndarray) -> None:
     protoseg(f, g, layout="channels_last")
 
 
+UNET = [(32, 128), (64, 64), (128, 32), (256, 16)]  # (channels, side) of 2-D layers, mask 256²
+
+
+def _unit_pair(f: np.ndarray, g: np.ndarray, y: np.ndarray, layout: str):
+    """The old and the new unit-level counting on one prepared input: two callables."""
+    p = _prepare(f, g, y, None, resize="upsample", layout=layout)
+    B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
+    P, N = np.empty((B, C)), np.empty((B, C))
+    st, npos, tp = np.empty(B, np.uint8), np.zeros(B, np.int64), np.zeros(B, np.int64)
+    general.layer_kernel(p.F, p.g, p.m, False, p.ref, False, p.identity, p.channels_last, *p.weights,
+                         P, N, st, npos, tp)
+    valid = st == Status.OK
+    block = _unit_block(B, C)
+    out = {k: (np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)) for k in ("before", "after")}
+
+    def before() -> None:
+        general.unit_kernel(p.F, p.ref, p.identity, p.channels_last, block, *p.weights, P, N, valid, *out["before"])
+
+    def after() -> None:
+        units.unit_counts(p.F, p.ref, p.identity, p.channels_last, block, p.weights, P, N, valid, *out["after"])
+
+    return before, after, out
+
+
+def _smooth(shape: tuple[int, ...], axes: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    sigma = [2.0 if k in axes else 0.0 for k in range(len(shape))]
+    a = gaussian_filter(rng.normal(size=shape), sigma)
+    return (a / a.std()).astype(np.float32)
+
+
+def unit_rows(repeat: int, rng: np.random.Generator) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """Unit-level counting, before/after, on deepbrain (3-D, channels-last) and U-Net (2-D) layers."""
+    rows = []
+    zz, yy, xx = np.mgrid[-1:1:128j, -1:1:128j, -1:1:128j]
+    g3 = (zz**2 + yy**2 + xx**2 < 0.4).astype(np.float32)[None]
+    yy2, xx2 = np.mgrid[-1:1:256j, -1:1:256j]
+    g2 = np.repeat(((yy2**2 + xx2**2) < 0.4).astype(np.float32)[None], 8, axis=0)
+    work = [(f"deepbrain {side}³×{C} → 128³", (1, side, side, side, C), (1, 2, 3), g3, "channels_last")
+            for side, C in DEEPBRAIN]
+    work += [(f"U-Net {C} @ {side}² → 256² (batch 8)", (8, C, side, side), (2, 3), g2, "channels_first")
+             for C, side in UNET]
+    for label, shape, axes, g, layout in work:
+        for kind in ("noise", "smooth"):
+            f = rng.normal(size=shape).astype(np.float32) if kind == "noise" else _smooth(shape, axes, rng)
+            before, after, out = _unit_pair(f, g, g > 0.5, layout)
+            before()
+            after()
+            assert all(np.array_equal(a, b) for a, b in zip(out["before"], out["after"])), label
+            times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+            for _ in range(repeat):
+                times["before"].append(_timed(before))
+                times["after"].append(_timed(after))
+            rows.append((f"unit {label}, {kind}", times))
+    return rows
+
+
+def cl_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """Layer level through an older channels_last module (loaded from ``path``) and today's."""
+    import importlib.util
+
+    from engine._kernels import channels_last as new
+
+    spec = importlib.util.spec_from_file_location("_cl_baseline", path)
+    old = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = old
+    spec.loader.exec_module(old)
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    for obj in vars(old).values():  # a module loaded from a file is not cached: compile it here
+        if isinstance(obj, Dispatcher):
+            obj._cache = NullCache()
+    zz, yy, xx = np.mgrid[-1:1:128j, -1:1:128j, -1:1:128j]
+    g3 = (zz**2 + yy**2 + xx**2 < 0.4).astype(np.float32)[None]
+    yy2, xx2 = np.mgrid[-1:1:256j, -1:1:256j]
+    g2 = np.repeat(((yy2**2 + xx2**2) < 0.4).astype(np.float32)[None], 8, axis=0)
+    work = [(f"layer {side}³×{C} → 128³", (1, side, side, side, C), g3) for side, C in DEEPBRAIN]
+    work += [(f"layer NHWC {C} @ {side}² → 256² (batch 8)", (8, side, side, C), g2) for C, side in UNET]
+    rows = []
+    for label, shape, g in work:
+        f = rng.normal(size=shape).astype(np.float32)
+        f[(slice(None),) + (slice(shape[1] // 5, 4 * shape[1] // 5),) * (len(shape) - 2) + (0,)] += 2.0
+        p = _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_last")
+        B, C, S = shape[0], shape[-1], p.cl.shape[1]
+        res = {}
+
+        def run(which: str) -> None:
+            P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
+            bad, z = np.zeros(B, np.int64), np.empty((B, S))
+            cnt = [np.zeros(B, np.int64) for _ in range(3)]
+            dummy = (np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+            if which == "before":
+                old.prototypes_kernel(p.cl, p.g, p.m, False, p.identity, *p.src, *p.weights, True, P, N, st, mid, bad, z)
+                old.decide_kernel(z, mid, st, p.ref, True, False, p.identity, *p.src, *p.ref.shape[1:], *p.weights,
+                                  *cnt, *dummy)
+            else:
+                new.prototypes(p.cl, p.g, p.m, False, p.identity, p.src, p.weights, True, P, N, st, mid, bad, z)
+                new.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt, *dummy)
+            res[which] = [c.tolist() for c in cnt]
+
+        run("before")
+        run("after")
+        assert res["before"] == res["after"], (label, res)
+        times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for _ in range(repeat):
+            times["before"].append(_timed(run, "before"))
+            times["after"].append(_timed(run, "after"))
+        rows.append((label, times))
+    return rows
+
+
 def _timed(fn, *args) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
@@ -75,8 +205,28 @@ def _timed(fn, *args) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.volume")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--units", action="store_true", help="only the unit-level counting, before/after")
+    ap.add_argument("--cl-baseline", type=Path, metavar="FILE",
+                    help="only the channels-last layer level: this older channels_last.py against today's")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
+    if a.cl_baseline is not None or a.units:
+        load = open("/proc/loadavg").read().split()[0]
+        print(f"Numba threads {numba.get_num_threads()}; medians of {a.repeat}; load {load}")
+        print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
+        print("|---|---|---|---|---|---|")
+        tot = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
+        work = cl_rows(a.cl_baseline, a.repeat, rng) if a.cl_baseline is not None else unit_rows(a.repeat, rng)
+        for label, t in work:
+            med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in t.items()}
+            for k in tot:
+                tot[k][0] += med[k][0]
+                tot[k][1] += med[k][1]
+            print(f"| {label} | {med['before'][0]:.4f} | {med['after'][0]:.4f} | "
+                  f"{med['before'][0] / med['after'][0]:.1f}× | {med['before'][1]:.4f} | {med['after'][1]:.4f} |")
+        print(f"| **all** | {tot['before'][0]:.3f} | {tot['after'][0]:.3f} | "
+              f"{tot['before'][0] / tot['after'][0]:.1f}× | {tot['before'][1]:.3f} | {tot['after'][1]:.3f} |")
+        return 0
     colin = Path(__file__).resolve().parents[1] / "cli" / "data" / "colin27" / "colin27.nii.gz"
     try:
         import nibabel

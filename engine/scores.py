@@ -22,7 +22,7 @@ import numpy as np
 from engine import resize as _resize
 from engine._checks import as_array, as_binary_uint8, check_choice, check_not_empty, check_unit_interval
 from engine._kernels import channels_last as _cl
-from engine._kernels import counting, fused, general
+from engine._kernels import counting, fused, general, units
 from engine.errors import NonFiniteFeaturesError
 from engine.status import Status
 
@@ -324,13 +324,16 @@ def _split_parts(batch: int, channels: int) -> int:
     return max(1, min(_SPLIT_PARTS // batch, channels // 4))
 
 
+_UNIT_BLOCK = 16  # channels per work item at most (channels-last: one 64-byte line of float32)
+
+
 def _unit_block(batch: int, channels: int) -> int:
-    """Channels per work item of the channels-last unit kernel: up to 16, fewer when the batch
-    would leave threads idle (the counts do not depend on it)."""
+    """Channels per work item of the unit kernel (:mod:`engine._kernels.units`): up to 16, fewer
+    when the batch would leave threads idle (the counts do not depend on it)."""
     import numba
 
     per_sample = -(-numba.get_num_threads() // batch)  # work items wanted per sample
-    return max(1, min(general._UNIT_BLOCK, -(-channels // per_sample)))
+    return max(1, min(_UNIT_BLOCK, -(-channels // per_sample)))
 
 
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
@@ -346,12 +349,12 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
         bad = np.zeros(B, dtype=np.int64)
         mid = np.empty(B)
         z = np.empty((B, p.cl.shape[1] if do_counts else 0))
-        _cl.prototypes_kernel(p.cl, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights, do_counts,
-                              P, N, status, mid, bad, z)
+        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, p.identity, p.src, p.weights, do_counts,
+                       P, N, status, mid, bad, z)
         _check_deferred(p, bad)
         if do_counts:
-            _cl.decide_kernel(z, mid, status, ref, True, False, p.identity, *p.src, *ref.shape[1:], *p.weights,
-                              npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+            _cl.decide(z, mid, status, ref, True, False, p.identity, p.src, ref.shape[1:], p.weights,
+                       npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
         else:
             ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
     elif p.flat is not None:
@@ -478,12 +481,12 @@ def protoseg(
         bad = np.zeros(B, dtype=np.int64)
         mid = np.empty(B)
         z = np.empty((B, p.cl.shape[1]))
-        _cl.prototypes_kernel(p.cl, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights, True,
-                              P, N, status, mid, bad, z)
+        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, p.identity, p.src, p.weights, True,
+                       P, N, status, mid, bad, z)
         _check_deferred(p, bad)
         none = np.zeros(1, dtype=np.int64)
-        _cl.decide_kernel(z, mid, status, np.zeros((1, 1, 1, 1), np.uint8), False, True, p.identity, *p.src,
-                          *tgt3, *p.weights, none, none, none, binary, prob)
+        _cl.decide(z, mid, status, np.zeros((1, 1, 1, 1), np.uint8), False, True, p.identity, p.src,
+                   tgt3, p.weights, none, none, none, binary, prob)
     elif p.flat is not None:
         bad = np.zeros(B, dtype=np.int64)
         fused.maps_kernel_flat(p.flat, p.g, p.m, p.has_mask, p.identity, *p.src, *p.weights,
@@ -577,8 +580,8 @@ def sa_scores(
         return layer
     upos = np.zeros((B, C), dtype=np.int64)
     utp = np.zeros((B, C), dtype=np.int64)
-    general.unit_kernel(p.F, p.ref, p.identity, p.channels_last, _unit_block(B, C), *p.weights, P, N,
-                        status == Status.OK, upos, utp)
+    units.unit_counts(p.F, p.ref, p.identity, p.channels_last, _unit_block(B, C), p.weights, P, N,
+                      status == Status.OK, upos, utp)
     unit = _finish(status, upos, utp, ny, empty, "unit")
     return unit if level == "unit" else (layer, unit)
 

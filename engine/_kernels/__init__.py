@@ -3,9 +3,18 @@
 Modules: :mod:`.adjoint` (the resize adjoint for the guide weights), :mod:`.general` (any
 strides), :mod:`.fused` (C-contiguous channels-first, one read of the features),
 :mod:`.channels_last` (channels-last storage, one sample's positions split over the threads in
-fixed tiles), :mod:`.counting` (decisions, confusion counts, Dice), :mod:`.baseline` (the
-label-free baselines), :mod:`.resize` (the materialising linear resize). Importing this package first settles the process set-up once: where
-Numba caches compiled code and how idle OpenMP threads wait (:mod:`._env`).
+fixed tiles), :mod:`.units` (unit-level counts, any layout), :mod:`.counting` (decisions,
+confusion counts, Dice), :mod:`.baseline` (the label-free baselines), :mod:`.resize` (the
+materialising linear resize). Importing this package first settles the process set-up once:
+where Numba caches compiled code and how idle OpenMP threads wait (:mod:`._env`).
+
+Compile time: nothing is compiled eagerly; a kernel is compiled (or loaded from the cache) the
+first time it meets a dtype/layout. The kernels a cold ``protoseg demo`` meets (channels-last,
+units, resize, baselines) are serial ``nogil`` functions of a range of work items, run over
+the threads by :func:`._pool.parallel_for`, not ``parallel=True`` parfor kernels, which cost
+1.5-2.3x more to compile (``benchmarks/RESULTS.md``, "Cold start, unit level and
+channels-last re-measured"). The fused and general channels-first kernels keep
+``parallel=True``.
 
 Conventions (the driver in :mod:`engine.scores` guarantees them; nothing is checked here):
 

@@ -155,9 +155,8 @@ _MIN_BACKGROUND_SHARE = 0.01
 
 
 @njit(cache=True, fastmath=_FM)
-def _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
-                   iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb):
-    """Wf = Rᵀ(g·m), Wb = Rᵀ((1-g)·m) on the source grid.
+def _guide_identity(gb, mb, has_mask, Wf, Wb):
+    """Wf = g·m, Wb = (1-g)·m when the grids are equal (float64).
 
     Returns (Σm, Σg·m, Σ(1-g)·m, count of guide or mask values outside [0, 1] or NaN).
     """
@@ -166,21 +165,36 @@ def _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
     sf = 0.0
     sb = 0.0
     bad = 0
-    if identity:
-        for z in range(Zt):
-            for y in range(Yt):
-                for x in range(Xt):
-                    gv = np.float64(gb[z, y, x])
-                    mv = np.float64(mb[z, y, x]) if has_mask else 1.0
-                    f = gv * mv
-                    k = (1.0 - gv) * mv
-                    Wf[z, y, x] = f
-                    Wb[z, y, x] = k
-                    sm += mv
-                    sf += f
-                    sb += k
-                    bad += (gv < 0.0) | (gv > 1.0) | (gv != gv) | (mv < 0.0) | (mv > 1.0) | (mv != mv)
-        return sm, sf, sb, bad
+    for z in range(Zt):
+        for y in range(Yt):
+            for x in range(Xt):
+                gv = np.float64(gb[z, y, x])
+                mv = np.float64(mb[z, y, x]) if has_mask else 1.0
+                f = gv * mv
+                k = (1.0 - gv) * mv
+                Wf[z, y, x] = f
+                Wb[z, y, x] = k
+                sm += mv
+                sf += f
+                sb += k
+                bad += (gv < 0.0) | (gv > 1.0) | (gv != gv) | (mv < 0.0) | (mv > 1.0) | (mv != mv)
+    return sm, sf, sb, bad
+
+
+@njit(cache=True, fastmath=_FM)
+def _guide_adjoint(gb, mb, has_mask, Zs, Ys, Xs,
+                   iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb):
+    """Wf = Rᵀ(g·m), Wb = Rᵀ((1-g)·m) on the source grid (a resized grid: see
+    :func:`_guide_identity` for equal grids, kept apart so that the paths which never meet
+    equal grids here do not compile that loop).
+
+    Returns (Σm, Σg·m, Σ(1-g)·m, count of guide or mask values outside [0, 1] or NaN).
+    """
+    Zt, Yt, Xt = gb.shape
+    sm = 0.0
+    sf = 0.0
+    sb = 0.0
+    bad = 0
     # one pass over the target grid: each target row goes, weighted, into the (up to four)
     # source (z, y) rows it reads from; then the x adjoint runs on the reduced grid.
     # Without a mask only Rᵀg is accumulated and Rᵀ(1-g) = Rᵀ1 - Rᵀg, Rᵀ1 being separable

@@ -7,195 +7,207 @@ Results do not depend on the thread count: the work is cut into tiles of a fixed
 whichever thread runs it, the per-tile prototype sums are added in tile order after the
 parallel loop, and counts are integers.
 
-Three kernels, reused by every path that meets them (fewer kernels, shorter cold compile):
+The kernels are serial functions of a range of work items, compiled with ``nogil=True`` and
+run over the threads by :func:`engine._kernels._pool.parallel_for` (Numba's ``parallel=True``
+cost 1.5-2.3x their compile time; see ``benchmarks/RESULTS.md``, "Cold start, unit level and
+channels-last re-measured"). The drivers :func:`prototypes` and :func:`decide` chain them:
 
-- :func:`prototypes_kernel`: guide weights, prototypes, status, threshold and, on request,
-  the source-grid scalar map ``z = F·(P-N)``;
-- :func:`decide_kernel`: from ``z``, the decisions ``R z > mid`` on the target grid: counts
-  against the reference and/or the binary and probability maps.
+- :func:`weights_range` (per sample): the guide weights on the source grid, their sums and
+  the count of guide/mask values outside [0, 1];
+- :func:`sums_range` (per position tile): each tile's prototype sums, added in tile order
+  afterwards;
+- :func:`project_range` (per position tile): the source-grid scalar map ``z = F·(P-N)``;
+- :func:`interp_range` (per source row) and :func:`decide_range` (per block of target rows):
+  the decisions ``R z > mid`` on the target grid, counted against the reference and/or written
+  as the binary and probability maps.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from engine._kernels._common import _FM, _OK
-from engine._kernels.fused import _MODE_GUIDE, _MODE_GUIDE_MASK, _flat_weights
-from engine._kernels.general import _finalize
+from engine._kernels._common import _EMPTY_BACKGROUND, _EMPTY_FOREGROUND, _EMPTY_MASK, _FM, _NONFINITE, _OK
+from engine._kernels._pool import parallel_for
+from engine._kernels.adjoint import _guide_adjoint
+from engine._kernels.fused import _MODE_GUIDE, _MODE_GUIDE_MASK, _MODE_WEIGHTS, _guide_sums
 
 __all__: list[str] = []  # private module
 
 _CL_TILE = 1024  # positions per parallel work item (fixed: the reduction order never changes)
 
 
-_ROWS = 8  # target rows per parallel work item in decide_kernel
+_ROWS = 8  # target rows per work item of decide_range
 
 
-@njit(cache=True, fastmath=_FM)
-def _tile_weights(mode, g, m, Wf, Wb, t0, t1, wf, wb):
-    """Foreground and background weights of positions [t0, t1) into wf, wb (float64)."""
-    n = t1 - t0
-    if mode == _MODE_GUIDE:
-        gg = g[t0:t1]
-        for i in range(n):
-            u = np.float64(gg[i])
-            wf[i] = u
-            wb[i] = 1.0 - u
-    elif mode == _MODE_GUIDE_MASK:
-        gg = g[t0:t1]
-        mm = m[t0:t1]
-        for i in range(n):
-            gv = np.float64(gg[i])
-            mv = np.float64(mm[i])
-            wf[i] = gv * mv
-            wb[i] = (1.0 - gv) * mv
-    else:
-        af = Wf[t0:t1]
-        ab = Wb[t0:t1]
-        for i in range(n):
-            wf[i] = af[i]
-            wb[i] = ab[i]
+@njit(nogil=True, cache=True, fastmath=_FM)
+def weights_range(lo, hi, g, m, has_mask, identity, Zs, Ys, Xs,
+                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb, modes, sums, bad):
+    """Samples [lo, hi): the guide weights' mode (guide read directly, or ``Wf``/``Wb`` =
+    Rᵀ(g·m), Rᵀ((1-g)·m) on the source grid), ``sums`` = (Σm, Σg·m, Σ(1-g)·m) and ``bad``, the
+    count of guide or mask values outside [0, 1] or NaN."""
+    for b in range(lo, hi):
+        mb = m[b] if has_mask else m[0]
+        if identity:  # the guide (and mask) are read directly by sums_range
+            gb = g[b]
+            sm, sf, sb, nbad = _guide_sums(gb.reshape(gb.size), mb.reshape(mb.size), has_mask)
+            modes[b] = _MODE_GUIDE_MASK if has_mask else _MODE_GUIDE
+        else:
+            sm, sf, sb, nbad = _guide_adjoint(g[b], mb, has_mask, Zs, Ys, Xs, iz0, iz1, wz0, wz1,
+                                              iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
+                                              Wf[b].reshape((Zs, Ys, Xs)), Wb[b].reshape((Zs, Ys, Xs)))
+            modes[b] = _MODE_WEIGHTS
+        sums[b, 0] = sm
+        sums[b, 1] = sf
+        sums[b, 2] = sb
+        bad[b] = nbad
 
 
-@njit(cache=True, fastmath=_FM)
-def _tile_sums(Fb, t0, t1, wf, wb, a, b):
-    """a[c] = Σ F[s, c]·wf[s], b[c] = Σ F[s, c]·wb[s] over positions s in [t0, t1)."""
-    C = a.shape[0]
-    for c in range(C):
-        a[c] = 0.0
-        b[c] = 0.0
-    for i in range(t1 - t0):
-        u = wf[i]
-        v = wb[i]
-        r = Fb[t0 + i]
+@njit(nogil=True, cache=True, fastmath=_FM)
+def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
+    """Work items [lo, hi) = (sample, tile of ``_CL_TILE`` positions): the tile's prototype
+    sums ``part[b, t, 0, c] = Σ F[s, c]·wf[s]`` and ``part[b, t, 1, c] = Σ F[s, c]·wb[s]``."""
+    B, S, C = F.shape
+    nt = part.shape[1]
+    wf = np.empty(_CL_TILE)
+    wb = np.empty(_CL_TILE)
+    for i in range(lo, hi):
+        b = i // nt
+        t = i - b * nt
+        t0 = t * _CL_TILE
+        n = min(t0 + _CL_TILE, S) - t0
+        mode = modes[b]
+        if mode == _MODE_GUIDE:
+            gg = g[b].reshape(g[b].size)[t0:t0 + n]
+            for k in range(n):
+                u = np.float64(gg[k])
+                wf[k] = u
+                wb[k] = 1.0 - u
+        elif mode == _MODE_GUIDE_MASK:
+            gg = g[b].reshape(g[b].size)[t0:t0 + n]
+            mm = m[b].reshape(m[b].size)[t0:t0 + n]
+            for k in range(n):
+                gv = np.float64(gg[k])
+                mv = np.float64(mm[k])
+                wf[k] = gv * mv
+                wb[k] = (1.0 - gv) * mv
+        else:
+            af = Wf[b, t0:t0 + n]
+            ab = Wb[b, t0:t0 + n]
+            for k in range(n):
+                wf[k] = af[k]
+                wb[k] = ab[k]
+        a = part[b, t, 0]
+        bb = part[b, t, 1]
         for c in range(C):
-            f = np.float64(r[c])
-            a[c] += f * u
-            b[c] += f * v
+            a[c] = 0.0
+            bb[c] = 0.0
+        Fb = F[b]
+        for k in range(n):
+            u = wf[k]
+            v = wb[k]
+            r = Fb[t0 + k]
+            for c in range(C):
+                f = np.float64(r[c])
+                a[c] += f * u
+                bb[c] += f * v
 
 
-@njit(cache=True, fastmath=_FM)
-def _tile_project(Fb, D, t0, t1, z):
-    """z[s] = Σ_c F[s, c]·D[c] for s in [t0, t1) (float64)."""
-    C = D.shape[0]
-    for s in range(t0, t1):
-        r = Fb[s]
-        acc = 0.0
-        for c in range(C):
-            acc += np.float64(r[c]) * D[c]
-        z[s] = acc
+@njit(nogil=True, cache=True, fastmath=_FM)
+def project_range(lo, hi, F, D, ok, z):
+    """Work items [lo, hi) = (sample, tile): ``z[b, s] = Σ_c F[b, s, c]·D[b, c]`` for the samples
+    with ``ok[b]``."""
+    B, S, C = F.shape
+    nt = (S + _CL_TILE - 1) // _CL_TILE
+    for i in range(lo, hi):
+        b = i // nt
+        if not ok[b]:
+            continue
+        t0 = (i - b * nt) * _CL_TILE
+        Fb = F[b]
+        Db = D[b]
+        zb = z[b]
+        for s in range(t0, min(t0 + _CL_TILE, S)):
+            r = Fb[s]
+            acc = 0.0
+            for c in range(C):
+                acc += np.float64(r[c]) * Db[c]
+            zb[s] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def prototypes_kernel(F, g, m, has_mask, identity, Zs, Ys, Xs,
-                      iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
-                      want_z, P, N, status, mid, bad, z):
+def prototypes(F, g, m, has_mask, identity, src, weights, want_z, P, N, status, mid, bad, z):
     """Per sample of channels-last ``F`` (B, S, C): prototypes into P, N (NaN when undefined),
     ``status``, the threshold ``mid = (‖P‖² - ‖N‖²)/2``, the count of guide/mask values
     outside [0, 1] (``bad``) and, with ``want_z``, ``z[b] = F[b]·(P-N)`` (B, S) for the samples
     whose status is OK.
+
+    The per-tile sums are added in tile order (NumPy), so the prototypes do not depend on the
+    thread count.
     """
     B, S, C = F.shape
+    Zs, Ys, Xs = src
     nt = (S + _CL_TILE - 1) // _CL_TILE
     Wf = np.empty((B, 0 if identity else S))
     Wb = np.empty((B, 0 if identity else S))
     modes = np.empty(B, dtype=np.int64)
     sums = np.empty((B, 3))
-    for b in prange(B):
-        mb = m[b] if has_mask else m[0]
-        w3 = (0, 0, 0) if identity else (Zs, Ys, Xs)
-        mode, sm, sf, sb, nbad = _flat_weights(g[b], mb, has_mask, identity, Zs, Ys, Xs, iz0, iz1, wz0, wz1,
-                                               iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
-                                               Wf[b].reshape(w3), Wb[b].reshape(w3))
-        modes[b] = mode
-        sums[b, 0] = sm
-        sums[b, 1] = sf
-        sums[b, 2] = sb
-        bad[b] = nbad
+    parallel_for(weights_range, B, g, m, has_mask, identity, Zs, Ys, Xs, *weights, Wf, Wb, modes, sums, bad)
     part = np.empty((B, nt, 2, C))
-    for i in prange(B * nt):
-        b = i // nt
-        t0 = (i - b * nt) * _CL_TILE
-        t1 = min(t0 + _CL_TILE, S)
-        mb = m[b] if has_mask else m[0]
-        wf = np.empty(t1 - t0)
-        wb = np.empty(t1 - t0)
-        _tile_weights(modes[b], g[b].reshape(g[b].size), mb.reshape(mb.size), Wf[b], Wb[b], t0, t1, wf, wb)
-        _tile_sums(F[b], t0, t1, wf, wb, part[b, i - b * nt, 0], part[b, i - b * nt, 1])
-    D = np.zeros((B, C))
-    for b in range(B):  # tile order: the same sums whatever the threads
-        Pb = P[b]
-        Nb = N[b]
-        for c in range(C):
-            Pb[c] = 0.0
-            Nb[c] = 0.0
-        for t in range(nt):
-            for c in range(C):
-                Pb[c] += part[b, t, 0, c]
-                Nb[c] += part[b, t, 1, c]
-        code = _finalize(Pb, Nb, sums[b, 0], sums[b, 1], sums[b, 2])
-        status[b] = code
-        k = 0.0
-        if code == _OK:
-            for c in range(C):
-                D[b, c] = Pb[c] - Nb[c]
-                k += D[b, c] * (Pb[c] + Nb[c])
-        mid[b] = 0.5 * k
+    parallel_for(sums_range, B * nt, F, g, m, has_mask, modes, Wf, Wb, part, chunks_per_thread=4)
+    tot = np.add.reduce(part, axis=1)  # (B, 2, C): tile by tile, in tile order
+    P[:] = tot[:, 0]
+    N[:] = tot[:, 1]
+    sm, sf, sb = sums[:, 0], sums[:, 1], sums[:, 2]
+    finite = np.isfinite(tot).all(axis=(1, 2))
+    code = np.where(~finite, _NONFINITE, np.where(sm == 0.0, _EMPTY_MASK, np.where(
+        sf == 0.0, _EMPTY_FOREGROUND, np.where(sb == 0.0, _EMPTY_BACKGROUND, _OK))))
+    status[:] = code
+    ok = code == _OK
+    with np.errstate(invalid="ignore", divide="ignore"):
+        P /= np.where(ok, sf, 1.0)[:, None]
+        N /= np.where(ok, sb, 1.0)[:, None]
+    P[~ok] = np.nan
+    N[~ok] = np.nan
+    D = np.where(ok[:, None], P - N, 0.0)
+    mid[:] = 0.5 * np.where(ok, (D * np.where(ok[:, None], P + N, 0.0)).sum(axis=1), 0.0)
     if want_z:
-        for i in prange(B * nt):
-            b = i // nt
-            if status[b] != _OK:
-                continue
-            t0 = (i - b * nt) * _CL_TILE
-            _tile_project(F[b], D[b], t0, min(t0 + _CL_TILE, S), z[b])
+        parallel_for(project_range, B * nt, F, D, ok, z, chunks_per_thread=4)
 
 
-@njit(cache=True, fastmath=_FM)
-def _interp_row(a, Xt, ix0, wx1, base, diff, out):
-    """One source row interpolated along x (as :func:`engine._kernels.counting._interp_x`)."""
-    Xs = a.shape[0]
-    for i in range(Xs):
-        base[i] = a[i]
-    for i in range(Xs - 1):
-        diff[i] = base[i + 1] - base[i]
-    diff[Xs - 1] = 0.0
-    for x in range(Xt):
-        j = ix0[x]
-        out[x] = base[j] + wx1[x] * diff[j]
+@njit(nogil=True, cache=True, fastmath=_FM)
+def interp_range(lo, hi, z, ok, Xs, ix0, wx1, A):
+    """Work items [lo, hi) = (sample, source row): the row of ``z`` (B, Zs·Ys·Xs) interpolated
+    along x into ``A[b, row]`` (Xt): ``base[i0] + w1·(base[i0 + 1] - base[i0])``."""
+    nsr = A.shape[1]
+    Xt = A.shape[2]
+    diff = np.empty(Xs)
+    for i in range(lo, hi):
+        b = i // nsr
+        if not ok[b]:
+            continue
+        r = i - b * nsr
+        base = z[b, r * Xs:(r + 1) * Xs]
+        for k in range(Xs - 1):
+            diff[k] = base[k + 1] - base[k]
+        diff[Xs - 1] = 0.0
+        out = A[b, r]
+        for x in range(Xt):
+            j = ix0[x]
+            out[x] = base[j] + wx1[x] * diff[j]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def decide_kernel(z, mid, status, ref, do_counts, do_maps, identity, Zs, Ys, Xs, Zt, Yt, Xt,
-                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
-                  npos, tp, ny, binary, prob):
-    """Decisions ``R z[b] > mid[b]`` on the (Zt, Yt, Xt) target grid.
-
-    With ``do_counts``: positives, positives in ``ref`` and ``|ref|`` per sample (a sample whose
-    status is not OK has no positives). With ``do_maps``: ``binary`` and ``prob`` =
-    sigmoid(2·(R z - mid)) (False and NaN for such samples). ``z`` is (B, Zs·Ys·Xs) float64;
-    ``ref`` (B, Zt, Yt, Xt) uint8 is read only with ``do_counts``, the maps only written with
-    ``do_maps`` (the others may be empty dummies).
-    Parallel over the source rows (x interpolation), then over blocks of target rows.
-    """
-    B = z.shape[0]
-    nsr = Zs * Ys
-    A = np.empty((B, 0 if identity else nsr, Xt))
-    if not identity:
-        for i in prange(B * nsr):
-            b = i // nsr
-            if status[b] != _OK:
-                continue
-            r = i - b * nsr
-            base = np.empty(Xs)
-            diff = np.empty(Xs)
-            _interp_row(z[b, r * Xs:(r + 1) * Xs], Xt, ix0, wx1, base, diff, A[b, r])
+@njit(nogil=True, cache=True, fastmath=_FM)
+def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, do_maps, identity, Ys, Zt, Yt, Xt,
+                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob):
+    """Work items [lo, hi) = (sample, block of ``_ROWS`` target rows): the decisions
+    ``R z[b] > mid[b]``; with ``do_counts`` the block's (positives, positives in ``ref``,
+    ``|ref|``) into ``cnt[b, block]``, with ``do_maps`` the binary and probability maps.
+    ``A`` holds z interpolated along x (unused on an identity grid)."""
+    nch = cnt.shape[1]
     rows = Zt * Yt
-    nch = (rows + _ROWS - 1) // _ROWS
-    cnt = np.zeros((B, nch, 3), dtype=np.int64)
-    for i in prange(B * nch):
+    for i in range(lo, hi):
         b = i // nch
         ch = i - b * nch
-        ok = status[b] == _OK
+        okb = ok[b]
         m = mid[b]
         zb = z[b]
         n_p = 0
@@ -206,9 +218,11 @@ def decide_kernel(z, mid, status, ref, do_counts, do_maps, identity, Zs, Ys, Xs,
             yt = r - zt * Yt
             rr = ref[b, zt, yt] if do_counts else ref[0, 0, 0]
             if do_counts:
+                ry = np.int32(0)
                 for x in range(Xt):
-                    n_y += rr[x] != 0
-            if not ok:
+                    ry += np.int32(rr[x] != 0)
+                n_y += ry
+            if not okb:
                 if do_maps:
                     for x in range(Xt):
                         binary[b, zt, yt, x] = False
@@ -216,12 +230,18 @@ def decide_kernel(z, mid, status, ref, do_counts, do_maps, identity, Zs, Ys, Xs,
                 continue
             if identity:
                 a0 = zb[r * Xt:(r + 1) * Xt]
-                for x in range(Xt):
-                    v = a0[x]
-                    if do_counts and v > m:
-                        n_p += 1
-                        n_t += rr[x] != 0
-                    if do_maps:
+                if do_counts:
+                    rn = np.int32(0)
+                    rt = np.int32(0)
+                    for x in range(Xt):
+                        p = np.int32(a0[x] > m)
+                        rn += p
+                        rt += p & np.int32(rr[x] != 0)
+                    n_p += rn
+                    n_t += rt
+                if do_maps:
+                    for x in range(Xt):
+                        v = a0[x]
                         binary[b, zt, yt, x] = v > m
                         prob[b, zt, yt, x] = 1.0 / (1.0 + np.exp(2.0 * m - 2.0 * v))
                 continue
@@ -233,34 +253,53 @@ def decide_kernel(z, mid, status, ref, do_counts, do_maps, identity, Zs, Ys, Xs,
             c01 = wz0[zt] * wy1[yt]
             c10 = wz1[zt] * wy0[yt]
             c11 = wz1[zt] * wy1[yt]
-            two = c10 == 0.0 and c11 == 0.0
             a0 = A[b, z0 * Ys + y0]
             a1 = A[b, z0 * Ys + y1]
             a2 = A[b, z1 * Ys + y0]
             a3 = A[b, z1 * Ys + y1]
-            for x in range(Xt):
-                if two:
-                    v = c00 * a0[x] + c01 * a1[x]
-                else:
+            if do_counts:
+                rn = np.int32(0)
+                rt = np.int32(0)
+                for x in range(Xt):
+                    p = np.int32(c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > m)
+                    rn += p
+                    rt += p & np.int32(rr[x] != 0)
+                n_p += rn
+                n_t += rt
+            if do_maps:
+                for x in range(Xt):
                     v = c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x]
-                if do_counts and v > m:
-                    n_p += 1
-                    n_t += rr[x] != 0
-                if do_maps:
                     binary[b, zt, yt, x] = v > m
                     prob[b, zt, yt, x] = 1.0 / (1.0 + np.exp(2.0 * m - 2.0 * v))
         cnt[b, ch, 0] = n_p
         cnt[b, ch, 1] = n_t
         cnt[b, ch, 2] = n_y
+
+
+def decide(z, mid, status, ref, do_counts, do_maps, identity, src, tgt, weights, npos, tp, ny, binary, prob):
+    """Decisions ``R z[b] > mid[b]`` on the (Zt, Yt, Xt) target grid.
+
+    With ``do_counts``: positives, positives in ``ref`` and ``|ref|`` per sample (a sample whose
+    status is not OK has no positives). With ``do_maps``: ``binary`` and ``prob`` =
+    sigmoid(2·(R z - mid)) (False and NaN for such samples). ``z`` is (B, Zs·Ys·Xs) float64;
+    ``ref`` (B, Zt, Yt, Xt) uint8 is read only with ``do_counts``, the maps only written with
+    ``do_maps`` (the others may be empty dummies). Counts are integers, added per block after
+    the parallel part: they do not depend on the thread count.
+    """
+    B = z.shape[0]
+    Zs, Ys, Xs = src
+    Zt, Yt, Xt = tgt
+    iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1 = weights
+    ok = status == _OK
+    A = np.empty((B, 0 if identity else Zs * Ys, Xt))
+    if not identity:
+        parallel_for(interp_range, B * Zs * Ys, z, ok, Xs, ix0, wx1, A, chunks_per_thread=2)
+    nch = (Zt * Yt + _ROWS - 1) // _ROWS
+    cnt = np.zeros((B, nch, 3), dtype=np.int64)
+    parallel_for(decide_range, B * nch, z, A, mid, ok, ref, do_counts, do_maps, identity, Ys, Zt, Yt, Xt,
+                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob, chunks_per_thread=4)
     if do_counts:
-        for b in range(B):
-            s0 = 0
-            s1 = 0
-            s2 = 0
-            for ch in range(nch):
-                s0 += cnt[b, ch, 0]
-                s1 += cnt[b, ch, 1]
-                s2 += cnt[b, ch, 2]
-            npos[b] = s0
-            tp[b] = s1
-            ny[b] = s2
+        tot = cnt.sum(axis=1)
+        npos[:] = tot[:, 0]
+        tp[:] = tot[:, 1]
+        ny[:] = tot[:, 2]

@@ -11,20 +11,6 @@ __all__: list[str] = []  # private module
 
 
 # --------------------------------------------------------------------------- maps and counts
-@njit(cache=True)
-def _runs(i0, i1):
-    """Start of each run of equal (i0, i1) pairs, plus the end: int64[n_runs + 1]."""
-    n = len(i0)
-    starts = np.empty(n + 1, dtype=np.int64)
-    k = 0
-    for x in range(n):
-        if x == 0 or i0[x] != i0[x - 1] or i1[x] != i1[x - 1]:
-            starts[k] = x
-            k += 1
-    starts[k] = n
-    return starts[: k + 1]
-
-
 @njit(cache=True, fastmath=_FM)
 def _interp_x(a, Xt, ix0, ix1, wx0, wx1):
     """Interpolate every source row along x: (Zs, Ys, Xs) -> (Zs, Ys, Xt) float64.
@@ -51,12 +37,12 @@ def _interp_x(a, Xt, ix0, ix1, wx0, wx1):
 
 
 @njit(cache=True, fastmath=_FM)
-def _count_rows(A, refb, mid, sign, identity, r0, r1, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
+def _count_rows(A, refb, mid, sign, r0, r1, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
     """Counts over target rows [r0, r1) (flattened (zt, yt)) of ``sign·(v - mid) > 0``.
 
-    ``A`` is the source map itself when ``identity``, else the map already interpolated along
-    x (:func:`_interp_x`); each target row combines two (2-D) or four (3-D) rows of ``A``.
-    Returns (positives, positives inside ``refb``).
+    ``A`` is the map already interpolated along x (:func:`_interp_x`, float64); each target
+    row combines two (2-D) or four (3-D) rows of ``A``. Returns (positives, positives inside
+    ``refb``).
     """
     npos = 0
     tp = 0
@@ -67,12 +53,6 @@ def _count_rows(A, refb, mid, sign, identity, r0, r1, iz0, iz1, wz0, wz1, iy0, i
     for r in range(r0, r1):
         zt = r // Yt
         yt = r - zt * Yt
-        if identity:
-            for x in range(Xt):
-                p = 1 if sign * np.float64(A[zt, yt, x]) > smid else 0
-                npos += p
-                tp += p * refb[zt, yt, x]
-            continue
         z0 = iz0[zt]
         z1 = iz1[zt]
         y0 = iy0[yt]
@@ -98,14 +78,30 @@ def _count_rows(A, refb, mid, sign, identity, r0, r1, iz0, iz1, wz0, wz1, iy0, i
 
 @njit(cache=True, fastmath=_FM)
 def _count(a, refb, mid, sign, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1):
-    """Count positions with ``sign·(R a - mid) > 0`` and those also in ``refb``: (npos, tp)."""
+    """Count positions with ``sign·(R a - mid) > 0`` and those also in ``refb``: (npos, tp).
+
+    On an identity grid ``a`` (any float dtype) is compared in place; otherwise it is first
+    interpolated along x (:func:`_interp_x`), so :func:`_count_rows` meets float64 only (one
+    specialisation to compile, whatever the features' dtype).
+    """
     Zt, Yt, Xt = refb.shape
     if sign == 0.0:
         return 0, 0
     if identity:
-        return _count_rows(a, refb, mid, sign, identity, 0, Zt * Yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+        npos = 0
+        tp = 0
+        smid = sign * mid
+        for zt in range(Zt):
+            for yt in range(Yt):
+                r = a[zt, yt]
+                rr = refb[zt, yt]
+                for x in range(Xt):
+                    p = 1 if sign * np.float64(r[x]) > smid else 0
+                    npos += p
+                    tp += p * rr[x]
+        return npos, tp
     A = _interp_x(a, Xt, ix0, ix1, wx0, wx1)
-    return _count_rows(A, refb, mid, sign, identity, 0, Zt * Yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+    return _count_rows(A, refb, mid, sign, 0, Zt * Yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
 
 
 @njit(cache=True, fastmath=_FM)

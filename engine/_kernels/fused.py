@@ -239,7 +239,7 @@ def _flat_weights(gb, mb, has_mask, identity, Zs, Ys, Xs,
     if identity:
         sm, sf, sb, bad = _guide_sums(gb.reshape(gb.size), mb.reshape(mb.size), has_mask)
         return (_MODE_GUIDE_MASK if has_mask else _MODE_GUIDE), sm, sf, sb, bad
-    sm, sf, sb, bad = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
+    sm, sf, sb, bad = _guide_adjoint(gb, mb, has_mask, Zs, Ys, Xs,
                                      iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf3, Wb3)
     return _MODE_WEIGHTS, sm, sf, sb, bad
 

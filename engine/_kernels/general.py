@@ -14,7 +14,7 @@ from engine._kernels._common import (
     _OK,
     _TILE,
 )
-from engine._kernels.adjoint import _guide_adjoint
+from engine._kernels.adjoint import _guide_adjoint, _guide_identity
 from engine._kernels.counting import _count, _interp_x
 
 __all__: list[str] = []  # private module
@@ -142,8 +142,11 @@ def _sample_prototypes(Fb, gb, mb, has_mask, identity, channels_last,
         C, Zs, Ys, Xs = Fb.shape
     Wf = np.empty((Zs, Ys, Xs))
     Wb = np.empty((Zs, Ys, Xs))
-    sm, sf, sb, _ = _guide_adjoint(gb, mb, has_mask, identity, Zs, Ys, Xs,
-                                   iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb)
+    if identity:
+        sm, sf, sb, _ = _guide_identity(gb, mb, has_mask, Wf, Wb)
+    else:
+        sm, sf, sb, _ = _guide_adjoint(gb, mb, has_mask, Zs, Ys, Xs,
+                                       iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb)
     _feature_sums(Fb, Wf, Wb, channels_last, Pb, Nb)
     return _finalize(Pb, Nb, sm, sf, sb)
 
@@ -280,6 +283,10 @@ _UNIT_BLOCK = 16  # channels-last: channels transposed together (one 64-byte lin
 def unit_kernel(F, ref, identity, channels_last, block, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1,
                 wx0, wx1, P, N, valid, npos, tp):
     """Per (sample, channel): the channel alone thresholded at (P_c+N_c)/2 -> (npos, tp).
+
+    No longer called by :mod:`engine.scores` (which uses :mod:`engine._kernels.units`, the same
+    counting without ``parallel=True``, a shorter cold compile); kept, compiled only when
+    called, as the "before" of ``benchmarks/volume.py``.
 
     Channels-last input is processed in blocks of ``block`` channels (at most
     ``_UNIT_BLOCK``; fewer when one sample would otherwise leave threads idle): each block is

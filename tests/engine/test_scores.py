@@ -423,8 +423,8 @@ def test_channels_last_kernels_match_twin(monkeypatch: pytest.MonkeyPatch, shape
     import engine.scores as scores_module
 
     calls = []
-    real = scores_module._cl.prototypes_kernel
-    monkeypatch.setattr(scores_module._cl, "prototypes_kernel", lambda *a: (calls.append(1), real(*a))[1])
+    real = scores_module._cl.prototypes
+    monkeypatch.setattr(scores_module._cl, "prototypes", lambda *a: (calls.append(1), real(*a))[1])
     C = 6
     f, g, mask, y = _volume_case(shape, dst, C, len(shape) + int(with_mask), with_mask)
     fl = np.ascontiguousarray(np.moveaxis(f, 1, -1))
