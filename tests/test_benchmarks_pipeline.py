@@ -1,5 +1,6 @@
 """The pipeline and memory benchmarks, run as their users run them (``python -m
-benchmarks.pipeline --quick``, ``python -m benchmarks.memory`` on tiny sizes) in fresh
+benchmarks.pipeline --quick``, its deepbrain workload on one volume, ``python -m
+benchmarks.memory`` on tiny sizes) in fresh
 processes, reading what they write (``--json``, ``--results``); and the deeper U-Net of
 tests/models.py they score. Tests never import benchmarks/ (it builds on tests/). No timing or
 memory figure is asserted (those live in benchmarks/RESULTS.md)."""
@@ -69,13 +70,22 @@ def test_pipeline_exposes_every_named_tensor_and_times_every_phase(runs: dict) -
     assert (deep["kind"], deep["levels"]) == ("deep", 2)
     assert deep["tensors"] == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]  # block outputs only
     for w in (unet, deep):
-        assert w["seconds"]["inference"] > 0
-        for level in ("layer", "both"):
-            calls = w["calls"][level]
+        assert w["seconds"]["inference"] > 0 and w["batch"] == 8
+        assert w["methods"] == ["inference", "layer", "both", "layer_seq", "both_seq"]
+        for method in ("layer", "both", "layer_seq", "both_seq"):
+            calls = w["calls"][method]
             # 16 cases read one by one, two batches of 8 written, one store finalised
             assert (calls["read"], calls["write_batch"], calls["finalize"]) == (16, 2, 1)
             # the kernels and the baselines are found wherever the pipeline binds them
             assert calls["sa_scores"] >= 2 * len(w["tensors"]) and calls["baselines"] == 2
+            # the main thread asked the stages for 2 batches and handed them 2 results
+            assert calls["read_wait"] == 2 and calls["store_wait"] >= 2
+        for method in ("layer", "both"):  # overlapped: reads and writes ran in their own threads
+            assert w["background"][method]["read"] > 0 and w["background"][method]["write_batch"] > 0
+            assert w["phases"][method]["read"] == 0 and w["phases"][method]["write_batch"] == 0
+        for method in ("layer_seq", "both_seq"):  # PROTOSEG_OVERLAP=0: everything in the main thread
+            assert not any(w["background"][method].values())
+            assert w["phases"][method]["read"] > 0 and w["phases"][method]["write_batch"] > 0
 
 
 @pytest.mark.slow
@@ -105,6 +115,23 @@ def test_results_sections_are_merged_not_overwritten(runs: dict) -> None:
     order = ["## Kernels", "## Pipeline", "### U-Net base 4,", "### U-Net base 8,", "### U-Net base 2, 2 levels",
              "### Memory", "### Analysis"]
     assert [text.index(s) for s in order] == sorted(text.index(s) for s in order)
+
+
+@pytest.mark.slow
+def test_the_deepbrain_workload_scores_colin27_volumes_with_every_tensor(run_module, tmp_path) -> None:
+    """One volume, layer level only (about 10 s): the shipped model and data, batch 1."""
+    res = run_module("benchmarks.pipeline", "--workload", "deepbrain", "--volumes", "1", "--repeat", "1",
+                     "--methods", "layer", "--json", str(tmp_path / "db.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "db.json").read_text())
+    assert "--workload deepbrain --volumes 1" in out["command"]
+    (w,) = out["workloads"]
+    assert (w["kind"], w["n_cases"], w["batch"], w["methods"]) == ("deepbrain", 1, 1, ["inference", "layer"])
+    assert len(w["tensors"]) == 15 and w["tensors"][0] == "conv3d"
+    calls = w["calls"]["layer"]
+    assert (calls["read"], calls["inference"], calls["write_batch"], calls["finalize"]) == (1, 1, 1, 1)
+    assert calls["sa_scores"] >= 15
+    assert "### deepbrain 3-D U-Net, Colin27 181×217×181 → 128³, 1 volume\n" in res.stdout
 
 
 def test_deep_unet_exposes_block_outputs() -> None:

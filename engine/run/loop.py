@@ -3,9 +3,11 @@
 :func:`score_dataset` is the public wrapper: it turns its keywords into a
 :class:`~engine.run.options.ScoreOptions`, builds the :class:`~engine.run.plan.Plan`
 once, opens the store writer (which resumes or refuses), then feeds batches of cases to
-:func:`~engine.run.batch.score_batch` and publishes each result before reading the next.
-Memory is bounded by the batch: nothing accumulates across batches except per-case
-scalars held by the store writer's parts on disk.
+:func:`~engine.run.batch.score_batch` and publishes each result as a part file. Reading,
+scoring and writing overlap (:mod:`engine.run.stages`: batch k+1 is read and batch k-1
+written while batch k is scored; ``PROTOSEG_OVERLAP=0`` runs them one after the other).
+Memory is bounded by the batch: at most two batches are alive, and nothing accumulates
+across batches except per-case scalars held by the store writer's parts on disk.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from engine.run.batch import score_batch
 from engine.run.manifest import dataset_manifest
 from engine.run.options import ScoreOptions, dataset_label
 from engine.run.plan import Plan, build_plan, open_data, resolve_card, spatial_hidden
+from engine.run.stages import ReadAhead, WriteBehind, overlap_enabled
 from engine.store import StoreWriter
 
 __all__ = ["score_dataset", "run_plan", "RunSummary"]
@@ -84,7 +87,7 @@ def score_dataset(
     max_cases: int | None = None,
     shard: str | tuple[int, int] | None = None,
     volume: int | None = None,
-    reorient: bool = False,
+    reorient: bool | str | None = None,
     deterministic: bool = False,
     progress: Callable[[int, int], None] | None = None,
     extra_config: dict[str, Any] | None = None,
@@ -168,10 +171,13 @@ def score_dataset(
         The volume (time point, from 0) to score from files that are time series (4-D
         NIfTI with a time unit...; see :func:`engine.open_dataset`). Default: such cases
         are skipped with status ``time-series``.
-    reorient : bool
-        Bring every 3-D case with an affine (NIfTI, NRRD) to RAS before the model, by axis
-        flips and permutations only (see :func:`engine.open_dataset`); recorded in the
-        configuration as ``reorient: "RAS"``. Default: voxels in file order.
+    reorient : bool, str or None
+        The orientation 3-D cases with an affine (NIfTI, NRRD) are brought to before the
+        model, by axis flips and permutations only (see :func:`engine.open_dataset`). None
+        (default): what the model card's ``orientation`` says (anatomical codes such as
+        ``"RAS"``, or a permutation of the file's own axes such as nnU-Net's ``"zyx"``), file
+        order when it says nothing; True: the card's, else RAS; False: file order; a string:
+        those codes. The codes used are recorded in the configuration and per case.
     deterministic : bool
         onnxruntime's deterministic compute, and on CUDA no TF32 and a fixed cuDNN algorithm
         (:func:`engine.model.session.cuda_provider_options`); recorded in the configuration.
@@ -266,31 +272,10 @@ def run_plan(plan: Plan, dataset: Any, data: Any, store: str | os.PathLike[str],
         n_skipped = len(mine) - len(todo)
         if n_skipped:
             log.info("resuming: %d of %d cases already scored", n_skipped, n_total)
-        n_failed, n_done, n_no_ref, noted = 0, n_skipped, 0, set()
         if progress:
-            progress(n_done, len(mine))
-        budget = o.memory_budget()  # before any batch: at an allocation failure little is left
-        for start in range(0, len(todo), o.batch_size):
-            idx = todo[start:start + o.batch_size]
-            try:
-                result = score_batch(plan, [dataset[i] for i in idx], idx)
-            except (MemoryError, CaseError) as exc:
-                if not _allocation_failure(exc):
-                    raise
-                writer.close()  # the parts written so far stay: the same call resumes
-                raise _out_of_memory(plan, dataset, idx, exc, budget, n_kept=n_done,
-                                     batch_no=start // o.batch_size + 1,
-                                     n_batches=-(-len(todo) // o.batch_size)) from exc
-            n_failed += sum(s != "ok" for s in result.case_status)
-            n_no_ref += len(result.no_reference)
-            for note in set(result.notes) - noted:
-                log.warning("%s", note)
-                noted.add(note)
-            writer.write_batch(result)
-            n_done += len(idx)
-            del result
-            if progress:
-                progress(n_done, len(mine))
+            progress(n_skipped, len(mine))
+        n_failed, n_no_ref = _score_all(plan, dataset, writer, todo, n_skipped=n_skipped,
+                                        n_mine=len(mine), progress=progress)
         if n_no_ref:
             log.warning("%d of %d cases have no mask: their scores against the ground truth are NaN "
                         "(status NO_REFERENCE); their label-free results are kept%s", n_no_ref, len(todo),
@@ -307,6 +292,69 @@ def run_plan(plan: Plan, dataset: Any, data: Any, store: str | os.PathLike[str],
         seconds=time.perf_counter() - t_start, assumed=list(plan.card.assumed),
         n_no_reference=n_no_ref,
     )
+
+
+def _score_all(plan: Plan, dataset: Any, writer: StoreWriter, todo: Sequence[int], *, n_skipped: int,
+               n_mine: int, progress: Callable[[int, int], None] | None) -> tuple[int, int]:
+    """Score the cases ``todo`` batch by batch and publish each batch; (failed, without mask).
+
+    The stages overlap (:mod:`engine.run.stages`, unless ``PROTOSEG_OVERLAP=0``): the cases
+    of batch k+1 are read in one thread and the part of batch k-1 is written in another
+    while batch k is scored here, at most one batch ahead and one behind. Errors surface
+    here in batch order, as in a sequential run: a read error when its batch's turn comes,
+    a write error at the next hand-over, and a write error wins over a later batch's
+    scoring error (sequentially, that batch would never have been scored). On any exit the
+    batches handed to the writer are published first (a Ctrl-C loses no finished batch),
+    then both threads are joined.
+    """
+    o = plan.options
+    threaded = overlap_enabled()
+    batches = [list(todo[s:s + o.batch_size]) for s in range(0, len(todo), o.batch_size)]
+    budget = o.memory_budget()  # before any batch: at an allocation failure little is left
+    n_failed, n_no_ref, noted, shown = 0, 0, set(), n_skipped
+    reader = ReadAhead(lambda idx: [dataset[i] for i in idx], batches, threaded=threaded)
+    behind: WriteBehind[Any] = WriteBehind(writer.write_batch, threaded=threaded)
+    try:
+        for batch_no, idx in enumerate(batches, start=1):
+            behind.check()  # a failed write stops the run before the next batch is scored
+            try:
+                _, cases = next(reader)  # a read error is raised here, at its batch's turn
+                result = score_batch(plan, cases, idx)
+            except (MemoryError, CaseError) as exc:
+                if not _allocation_failure(exc):
+                    raise
+                behind.drain()  # the batches handed over are kept (a failed write wins)
+                writer.close()  # the parts written so far stay: the same call resumes
+                raise _out_of_memory(plan, dataset, idx, exc, budget, n_kept=n_skipped + behind.written,
+                                     batch_no=batch_no, n_batches=len(batches)) from exc
+            del cases
+            n_failed += sum(s != "ok" for s in result.case_status)
+            n_no_ref += len(result.no_reference)
+            for note in set(result.notes) - noted:
+                log.warning("%s", note)
+                noted.add(note)
+            behind.submit(result, n=len(idx))
+            del result
+            if progress and n_skipped + behind.written != shown:
+                shown = n_skipped + behind.written
+                progress(shown, n_mine)
+        behind.drain()
+    except BaseException as exc:
+        reader.close()
+        try:
+            behind.drain()  # publish what was handed over; its failure is the earlier one
+        except BaseException as first:
+            if first is not behind.error or first is exc or not isinstance(exc, KeyboardInterrupt):
+                raise  # the earlier write error, a second Ctrl-C, or the error on its way
+            log.warning("a batch could not be written before the interrupt: %s", first)
+        finally:
+            behind.close()
+        raise
+    reader.close()
+    behind.close()
+    if progress and n_skipped + behind.written != shown:
+        progress(n_skipped + behind.written, n_mine)
+    return n_failed, n_no_ref
 
 
 #: What onnxruntime says when an allocation fails (CPU arena, std::bad_alloc, CUDA).
