@@ -261,8 +261,8 @@ def _normalization(plans: Mapping[str, Any], config: Mapping[str, Any], channels
     Notes
     -----
     nnU-Net's schemes (``nnunetv2/preprocessing/normalization/default_normalization_schemes.py``),
-    per channel: ``ZScoreNormalization`` (x - mean) / max(std, 1e-8) over the image (inside
-    the nonzero mask when ``use_mask_for_norm``) → ``zscore``; ``CTNormalization`` clips to
+    per channel: ``ZScoreNormalization`` (x - mean) / max(std, 1e-8) over the image →
+    ``zscore``, or inside the nonzero mask when ``use_mask_for_norm`` → ``zscore_nonzero``; ``CTNormalization`` clips to
     the foreground's ``percentile_00_5`` and ``percentile_99_5``, then (x - mean) /
     max(std, 1e-8) with the foreground's ``mean`` and ``std``
     (``foreground_intensity_properties_per_channel``) → ``ct`` with those four numbers;
@@ -301,6 +301,8 @@ def _normalization(plans: Mapping[str, Any], config: Mapping[str, Any], channels
             info.update(clip=clip, mean=mean, std=std)
         elif scheme == "RGBTo01Normalization":
             entry.update(mean=0.0, std=255.0)
+        elif scheme == "ZScoreNormalization" and info["use_mask"]:
+            entry["kind"] = "zscore_nonzero"
         details.append(info)
         entries.append(entry)
     unknown = sorted({s for s in schemes if s not in _SCHEME_KINDS})
@@ -311,11 +313,11 @@ def _normalization(plans: Mapping[str, Any], config: Mapping[str, Any], channels
                      "extra.normalization)")
         return "none", None, None, None, tuple(details), notes
     if any(d["use_mask"] and d["scheme"] == "ZScoreNormalization" for d in details):
-        notes.append("ZScoreNormalization with use_mask_for_norm: nnU-Net normalises inside the nonzero "
-                     "(cropped foreground) mask and sets the outside to 0; the card's zscore uses the "
-                     "whole image")
+        notes.append("ZScoreNormalization with use_mask_for_norm: normalised inside the nonzero mask as "
+                     "nnU-Net does (zscore_nonzero); nnU-Net also crops each case to that mask's bounding "
+                     "box before the network, which protoseg does not (the network sees the zero border)")
     kinds = {e["kind"] for e in entries}
-    if len(set(schemes)) == 1 and "ct" not in kinds:
+    if len(set(schemes)) == 1 and not kinds & {"ct", "zscore_nonzero"}:
         kind = entries[0]["kind"]
         if kind == "meanstd":  # RGBTo01 on every channel: x / 255
             return "meanstd", (0.0,) * len(entries), (255.0,) * len(entries), None, tuple(details), notes

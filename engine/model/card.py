@@ -340,7 +340,9 @@ class ModelCard:
         ``ZScoreNormalization`` without a mask (a constant channel becomes 0); ``meanstd`` →
         (x - mean[c]) / std[c] with the card's values. A ``normalization`` applies its kind
         per channel instead; ``ct`` (nnU-Net's ``CTNormalization``) →
-        (clip(x, lo, hi) - mean) / max(std, 1e-8) with the card's values. Statistics are
+        (clip(x, lo, hi) - mean) / max(std, 1e-8) with the card's values; ``zscore_nonzero``
+        (nnU-Net's ``ZScoreNormalization`` with ``use_mask_for_norm``) → the z-score inside the
+        holes-filled union over channels of the nonzero voxels, the outside kept. Statistics are
         taken in float64. Scaling never turns NaN or Inf into numbers: a channel holding one
         gives non-finite statistics (or, for ``ct``, keeps its NaN and ±Inf values) and
         stays non-finite.
@@ -385,8 +387,13 @@ class ModelCard:
         if self.normalization is not None:
             norm = self.normalization
             out = np.empty_like(x64)
-            for c in range(x64.shape[0]):
-                out[c] = _normalize_channel(x64[c:c + 1], norm[c] if len(norm) > 1 else norm[0])[0]
+            specs = [norm[c] if len(norm) > 1 else norm[0] for c in range(x64.shape[0])]
+            inside = _nonzero_mask(x64) if any(sp["kind"] == "zscore_nonzero" for sp in specs) else None
+            for c, spec in enumerate(specs):
+                if spec["kind"] == "zscore_nonzero":
+                    out[c] = _zscore_inside(x64[c], inside)
+                else:
+                    out[c] = _normalize_channel(x64[c:c + 1], spec)[0]
             return out.astype(np.float32)
         if self.scaling == "meanstd":
             shape = (-1,) + (1,) * (x.ndim - 1)
@@ -449,6 +456,27 @@ class ModelCard:
                 y = np.exp(y - y.max(axis=1, keepdims=True))
                 y /= y.sum(axis=1, keepdims=True)
         return np.ascontiguousarray(y[:, channels], dtype=np.float32)
+
+
+def _nonzero_mask(x64: np.ndarray) -> np.ndarray:
+    """nnU-Net's ``create_nonzero_mask``: voxels nonzero in any channel of (C, *spatial), holes
+    filled (``scipy.ndimage.binary_fill_holes``). NaN counts as nonzero, so it reaches the
+    statistics and keeps them non-finite."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(np.any(x64 != 0, axis=0))
+
+
+def _zscore_inside(channel: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """nnU-Net's ``ZScoreNormalization`` with ``use_mask_for_norm``: (x - mean) / max(std, 1e-8)
+    with the statistics of, and applied to, the voxels ``inside`` the nonzero mask; the
+    outside (zero in every channel) is kept. An empty mask leaves the channel as it is."""
+    out = channel.copy()
+    values = channel[inside]
+    if values.size:
+        sd = values.std()
+        out[inside] = 0.0 if sd == 0 else (values - values.mean()) / max(sd, STD_FLOOR)
+    return out
 
 
 def _normalize_channel(x64: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:

@@ -70,11 +70,14 @@ SCALINGS = ("none", "minmax", "zscore", "meanstd")
 #: Per-channel normalisations of ``preprocessing.normalization`` and the keys each takes:
 #: ``ct`` clip to ``clip`` = [lo, hi], then (x - mean) / max(std, 1e-8) (nnU-Net's
 #: CTNormalization); ``zscore`` (x - mean) / max(std, 1e-8) over the case (nnU-Net's
-#: ZScoreNormalization without a mask); ``minmax`` to [0, 1]; ``meanstd`` (x - mean) / std
-#: with given values; ``none`` as is.
+#: ZScoreNormalization without a mask); ``zscore_nonzero`` the same inside the case's nonzero
+#: mask only, the outside kept (nnU-Net's ZScoreNormalization with ``use_mask_for_norm``: the
+#: mask is the union over channels of the nonzero voxels, holes filled); ``minmax`` to [0, 1];
+#: ``meanstd`` (x - mean) / std with given values; ``none`` as is.
 NORMALIZATION_KINDS: dict[str, tuple[str, ...]] = {
     "ct": ("clip", "mean", "std"),
     "zscore": (),
+    "zscore_nonzero": (),
     "minmax": (),
     "meanstd": ("mean", "std"),
     "none": (),

@@ -152,6 +152,21 @@ def test_export_2d_plain_unet_matches_nnunet(tmp_path):
     assert engine_card.resize is False and engine_card.classes == (1, 2) and engine_card.channels == 1
 
 
+def test_export_zscore_with_use_mask_for_norm_writes_zscore_nonzero(tmp_path):
+    folder = make_nnunet_folder(tmp_path, dim=2)
+    plans_path = folder / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    for config in plans["configurations"].values():
+        if "use_mask_for_norm" in config:
+            config["use_mask_for_norm"] = [True] * len(config["use_mask_for_norm"])
+    plans_path.write_text(json.dumps(plans))
+    result = nnunet.export(folder, tmp_path / "m.onnx")
+    card = read_metadata(onnx.load(result.path))
+    assert card["preprocessing"]["scaling"] == "none"
+    assert card["preprocessing"]["normalization"] == [{"kind": "zscore_nonzero"}]
+    assert any("zscore_nonzero" in m and "bounding box" in m for m in result.messages)
+
+
 def test_export_3d_residual_encoder_ct(tmp_path):
     folder = make_nnunet_folder(tmp_path, dim=3, cls=_RESENC, norm="CTNormalization", checkpoints=("final", "best"))
     result = nnunet.export(folder, tmp_path / "m3.onnx", checkpoint="best")

@@ -85,6 +85,45 @@ def test_zscore_divides_by_at_least_1e_8_as_nnunet():
     np.testing.assert_allclose(np.abs(got), 0.1, rtol=1e-5)  # 1e-9 / 1e-8, not 1e-9 / 1e-9
 
 
+def _nnunet_zscore_masked(data: np.ndarray) -> np.ndarray:
+    """crop_to_nonzero's mask (create_nonzero_mask: any channel != 0, binary_fill_holes; seg -1
+    outside) then ZScoreNormalization.run with use_mask_for_norm True, channel by channel."""
+    from scipy.ndimage import binary_fill_holes
+
+    nonzero = data[0] != 0
+    for c in range(1, data.shape[0]):
+        nonzero |= data[c] != 0
+    mask = binary_fill_holes(nonzero)
+    out = data.astype(np.float32, copy=True)
+    for c in range(out.shape[0]):
+        image = out[c]
+        mean, std = image[mask].mean(), image[mask].std()
+        image[mask] = (image[mask] - mean) / max(std, 1e-8)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 11), (1, 6, 7, 8)])
+def test_zscore_nonzero_matches_nnunet_use_mask_for_norm(shape):
+    """A brain-like case: zero outside an irregular region with a zero hole inside it (filled,
+    so normalised) and a channel that is zero where the other is not (the union counts)."""
+    rng = np.random.default_rng(7)
+    image = rng.normal(300.0, 80.0, size=shape).astype(np.float32)
+    grid = np.indices(shape[1:]).astype(float)
+    centre = (np.asarray(shape[1:], float)[:, None] - 1) / 2
+    r = np.sqrt(((grid.reshape(len(shape) - 1, -1) - centre) ** 2).sum(0)).reshape(shape[1:])
+    image[:, r > min(shape[1:]) / 2.6] = 0.0
+    image[:, r < 1.0] = 0.0  # a hole: filled, so inside the mask
+    if shape[0] > 1:
+        image[1, r > min(shape[1:]) / 3.5] = 0.0  # channel 1's support is smaller than channel 0's
+    card = _card(layout="NCHW" if len(shape) == 3 else "NCDHW", channels=shape[0],
+                 normalization=[{"kind": "zscore_nonzero"}])
+    got = card.preprocess(image)
+    want = _nnunet_zscore_masked(image)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.all(got[:, r > min(shape[1:]) / 2.6] == 0)  # the outside is kept
+    assert np.all(got[:, r < 1.0] != 0)  # the filled hole is normalised
+
+
 def test_mixed_kinds_per_channel_and_non_finite_values_stay():
     rng = np.random.default_rng(3)
     image = rng.normal(40.0, 200.0, size=(3, 5, 6)).astype(np.float32)
