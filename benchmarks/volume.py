@@ -14,7 +14,8 @@ Run as a module::
   same prepared arrays.
 
 - ``unit`` (``--units``): the unit-level counts alone, on the same prepared arrays, through
-  ``general.unit_kernel`` (before: every target position evaluated, parfor) against
+  ``unit_kernel_before`` (the engine's kernel before issue 15, moved here: every target
+  position evaluated, parfor) against
   ``engine._kernels.units`` (after: blocks whose source corners agree are counted without
   being evaluated), on the deepbrain shapes (channels-last, batch 1) and on 2-D U-Net layers
   (channels-first, batch 8, 256² mask), each with white-noise features (the worst case: almost
@@ -40,13 +41,70 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from numba import njit, prange
 
 from engine import resize
 from engine._kernels import general, units
+from engine._kernels._common import _FM
+from engine._kernels.counting import _count
 from engine.scores import _prepare, _unit_block, protoseg, sa_scores
 from engine.status import Status
 
 DEEPBRAIN = [(128, 8), (64, 16), (32, 32), (32, 64), (64, 32), (128, 16)]  # (side, channels)
+
+
+_UNIT_BLOCK_BEFORE = 16  # channels-last: channels transposed together (one 64-byte line of float32)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def unit_kernel_before(F, ref, identity, channels_last, block, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
+                       ix0, ix1, wx0, wx1, P, N, valid, npos, tp):
+    """Per (sample, channel): the channel alone thresholded at (P_c+N_c)/2 -> (npos, tp).
+
+    The engine's unit kernel before issue 15 (``engine/_kernels/general.py``), moved here as
+    the "before" of ``--units``: :mod:`engine._kernels.units` is the same counting without
+    ``parallel=True`` (a shorter cold compile).
+
+    Channels-last input is processed in blocks of ``block`` channels (at most
+    ``_UNIT_BLOCK_BEFORE``; fewer when one sample would otherwise leave threads idle): each block is
+    first transposed to a small channel-first scratch (contiguous reads), because one channel
+    alone would be a stride-C walk through the whole tensor. The counts are integers of
+    per-position decisions that do not depend on the blocking, so neither do the results.
+    """
+    B, C = P.shape
+    nblk = (C + block - 1) // block if channels_last else C
+    for i in prange(B * nblk):
+        b = i // nblk
+        j = i % nblk
+        c0 = j * block if channels_last else j
+        c1 = min(c0 + block, C) if channels_last else j + 1
+        for c in range(c0, c1):
+            npos[b, c] = 0
+            tp[b, c] = 0
+        if not valid[b]:
+            continue
+        if channels_last:
+            Zs, Ys, Xs = F.shape[1], F.shape[2], F.shape[3]
+            blk = np.empty((c1 - c0, Zs, Ys, Xs), dtype=F.dtype)
+            # row by row, channel-major writes: the source row (Xs x C) stays in L1, and the
+            # 2^k-strided scratch planes are written sequentially (no cache-set conflicts)
+            for z in range(Zs):
+                for y in range(Ys):
+                    for c in range(c0, c1):
+                        for x in range(Xs):
+                            blk[c - c0, z, y, x] = F[b, z, y, x, c]
+        for c in range(c0, c1):
+            d = P[b, c] - N[b, c]
+            sign = 1.0 if d > 0.0 else (-1.0 if d < 0.0 else 0.0)
+            mid = 0.5 * (P[b, c] + N[b, c])
+            if channels_last:
+                n, t = _count(blk[c - c0], ref[b], mid, sign, identity,
+                              iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
+            else:
+                n, t = _count(F[b, c], ref[b], mid, sign, identity,
+                              iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
+            npos[b, c] = n
+            tp[b, c] = t
 
 
 def _numpy_resize(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -70,7 +128,7 @@ def _old_path(f: np.ndarray, g: np.ndarray, y: np.ndarray) -> None:
     P, N = np.empty((B, C)), np.empty((B, C))
     st, npos, tp = np.empty(B, np.uint8), np.zeros(B, np.int64), np.zeros(B, np.int64)
     general.layer_kernel(p.F, p.g, p.m, False, p.ref, True, p.identity, True, *p.weights, P, N, st, npos, tp)
-    general.unit_kernel(p.F, p.ref, p.identity, True, general._UNIT_BLOCK, *p.weights, P, N, st == Status.OK,
+    unit_kernel_before(p.F, p.ref, p.identity, True, _UNIT_BLOCK_BEFORE, *p.weights, P, N, st == Status.OK,
                         np.zeros((B, C), np.int64), np.zeros((B, C), np.int64))
     tgt = p.g.shape[1:]
     general.maps_kernel(p.F, p.g, p.m, False, p.identity, True, *p.weights, P, N, st,
@@ -98,7 +156,7 @@ def _unit_pair(f: np.ndarray, g: np.ndarray, y: np.ndarray, layout: str):
     out = {k: (np.zeros((B, C), np.int64), np.zeros((B, C), np.int64)) for k in ("before", "after")}
 
     def before() -> None:
-        general.unit_kernel(p.F, p.ref, p.identity, p.channels_last, block, *p.weights, P, N, valid, *out["before"])
+        unit_kernel_before(p.F, p.ref, p.identity, p.channels_last, block, *p.weights, P, N, valid, *out["before"])
 
     def after() -> None:
         units.unit_counts(p.F, p.ref, p.identity, p.channels_last, block, p.weights, P, N, valid, *out["after"])

@@ -276,60 +276,6 @@ def layer_kernel(F, g, m, has_mask, ref, do_counts, identity, channels_last,
             tp[b] = t
 
 
-_UNIT_BLOCK = 16  # channels-last: channels transposed together (one 64-byte line of float32)
-
-
-@njit(parallel=True, cache=True, fastmath=_FM)
-def unit_kernel(F, ref, identity, channels_last, block, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1,
-                wx0, wx1, P, N, valid, npos, tp):
-    """Per (sample, channel): the channel alone thresholded at (P_c+N_c)/2 -> (npos, tp).
-
-    No longer called by :mod:`engine.scores` (which uses :mod:`engine._kernels.units`, the same
-    counting without ``parallel=True``, a shorter cold compile); kept, compiled only when
-    called, as the "before" of ``benchmarks/volume.py``.
-
-    Channels-last input is processed in blocks of ``block`` channels (at most
-    ``_UNIT_BLOCK``; fewer when one sample would otherwise leave threads idle): each block is
-    first transposed to a small channel-first scratch (contiguous reads), because one channel
-    alone would be a stride-C walk through the whole tensor. The counts are integers of
-    per-position decisions that do not depend on the blocking, so neither do the results.
-    """
-    B, C = P.shape
-    nblk = (C + block - 1) // block if channels_last else C
-    for i in prange(B * nblk):
-        b = i // nblk
-        j = i % nblk
-        c0 = j * block if channels_last else j
-        c1 = min(c0 + block, C) if channels_last else j + 1
-        for c in range(c0, c1):
-            npos[b, c] = 0
-            tp[b, c] = 0
-        if not valid[b]:
-            continue
-        if channels_last:
-            Zs, Ys, Xs = F.shape[1], F.shape[2], F.shape[3]
-            blk = np.empty((c1 - c0, Zs, Ys, Xs), dtype=F.dtype)
-            # row by row, channel-major writes: the source row (Xs x C) stays in L1, and the
-            # 2^k-strided scratch planes are written sequentially (no cache-set conflicts)
-            for z in range(Zs):
-                for y in range(Ys):
-                    for c in range(c0, c1):
-                        for x in range(Xs):
-                            blk[c - c0, z, y, x] = F[b, z, y, x, c]
-        for c in range(c0, c1):
-            d = P[b, c] - N[b, c]
-            sign = 1.0 if d > 0.0 else (-1.0 if d < 0.0 else 0.0)
-            mid = 0.5 * (P[b, c] + N[b, c])
-            if channels_last:
-                n, t = _count(blk[c - c0], ref[b], mid, sign, identity,
-                              iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
-            else:
-                n, t = _count(F[b, c], ref[b], mid, sign, identity,
-                              iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
-            npos[b, c] = n
-            tp[b, c] = t
-
-
 @njit(parallel=True, cache=True, fastmath=_FM)
 def maps_kernel(F, g, m, has_mask, identity, channels_last,
                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
