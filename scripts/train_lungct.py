@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -174,12 +173,6 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np
     return normalize(x.astype(np.float32)), y
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    inter = np.logical_and(pred, ref).sum()
-    total = pred.sum() + ref.sum()
-    return float("nan") if total == 0 else 2.0 * inter / total
-
-
 def with_ct_input(model):
     """``model`` with :data:`CT_NORMALIZATION` as its first operation: it then takes HU.
 
@@ -265,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from train_unet2d import build_unet
+    from train_unet2d import _dice, build_unet, fit
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -275,26 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     train, test = split == "train", split == "test"
     print(f"lung1 slices: {train.sum()} train, {test.sum()} held out", file=sys.stderr)
     model = build_unet(args.width)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
-    xtr, ytr = hu[train], y[train].astype(np.float32)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        idx = rng.integers(0, len(xtr), size=args.batch)
-        xb, yb = _augment(xtr[idx], ytr[idx], rng)
-        p = model(torch.from_numpy(xb)[:, None])
-        yt = torch.from_numpy(np.ascontiguousarray(yb))[:, None]
-        inter = (p * yt).sum()
-        loss = torch.nn.functional.binary_cross_entropy(p, yt) + 1 - 2 * inter / (p.sum() + yt.sum() + 1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    train_seconds = time.perf_counter() - t0
-    model.eval()
+    train_seconds = fit(model, hu[train], y[train].astype(np.float32), _augment, rng, steps=args.steps,
+                        batch=args.batch, log_every=50)
     result: dict[str, dict[str, float]] = {}
     for name, (images, masks) in {"lung1-heldout": (hu[test], y[test]),
                                   "lung2": ct_slices(folder, "lung2")[:2]}.items():

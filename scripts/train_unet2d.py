@@ -222,6 +222,34 @@ def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np
     return minmax(x.astype(np.float32)), y
 
 
+def fit(model, x: np.ndarray, y: np.ndarray, augment, rng: np.random.Generator, *, steps: int, batch: int,
+        log_every: int) -> float:
+    """Train ``model`` on slices ``x`` (N, H, W) with targets ``y``: Adam (lr 3e-3, cosine over
+    ``steps``), batches of ``batch`` drawn with ``rng`` and passed through ``augment(x, y, rng)``,
+    loss BCE + soft Dice. Leaves the model in eval mode; returns the training seconds."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        idx = rng.integers(0, len(x), size=batch)
+        xb, yb = augment(x[idx], y[idx], rng)
+        p = model(torch.from_numpy(xb)[:, None])
+        yt = torch.from_numpy(np.ascontiguousarray(yb))[:, None]
+        inter = (p * yt).sum()
+        loss = torch.nn.functional.binary_cross_entropy(p, yt) + 1 - 2 * inter / (p.sum() + yt.sum() + 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    model.eval()
+    return time.perf_counter() - t0
+
+
 def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
     inter = np.logical_and(pred, ref).sum()
     total = pred.sum() + ref.sum()
@@ -314,25 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slices: {train.sum()} train, {test.sum()} held out ({_source_name(wheel)})", file=sys.stderr)
 
     model = build_unet(args.width)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
-    xtr, ytr = x[train], y[train]
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        idx = rng.integers(0, len(xtr), size=args.batch)
-        xb, yb = _augment(xtr[idx], ytr[idx], rng)
-        p = model(torch.from_numpy(xb)[:, None])
-        yt = torch.from_numpy(np.ascontiguousarray(yb))[:, None]
-        inter = (p * yt).sum()
-        loss = torch.nn.functional.binary_cross_entropy(p, yt) + 1 - 2 * inter / (p.sum() + yt.sum() + 1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:4d} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    model.eval()
+    t0 = time.perf_counter()  # training through export, as training.json records it
+    fit(model, x[train], y[train], _augment, rng, steps=args.steps, batch=args.batch, log_every=100)
     with torch.no_grad():
         pt = model(torch.from_numpy(x[test])[:, None])[:, 0].numpy()
     per_slice = [_dice(pt[i] > 0.5, y[test][i] > 0.5) for i in range(len(pt))]
