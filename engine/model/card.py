@@ -345,7 +345,9 @@ class ModelCard:
         holes-filled union over channels of the nonzero voxels, the outside kept. Statistics are
         taken in float64. Scaling never turns NaN or Inf into numbers: a channel holding one
         gives non-finite statistics (or, for ``ct``, keeps its NaN and ±Inf values) and
-        stays non-finite.
+        stays non-finite. ``minmax`` and ``meanstd`` are evaluated in float64 one cache-sized
+        chunk at a time (no float64 copy of the case), bit for bit what the whole-array
+        float64 expressions give.
         """
         x = np.asarray(image)
         if x.ndim != self.spatial_ndim + 1:
@@ -383,6 +385,11 @@ class ModelCard:
         return tuple(-(-int(s) // int(m)) * int(m) for s, m in zip(spatial, self.size_multiple))
 
     def _scale(self, x: np.ndarray) -> np.ndarray:
+        if self.normalization is None and self.scaling in ("minmax", "meanstd"):
+            # elementwise in float64 one cache-sized chunk at a time: no float64 copy of the case
+            return (_minmax_float32(x) if self.scaling == "minmax" else
+                    _shift_scale_float32(x, _per_channel(self.mean, x.shape[0]),
+                                         _per_channel(self.std, x.shape[0])))
         x64 = x.astype(np.float64)
         if self.normalization is not None:
             norm = self.normalization
@@ -395,7 +402,7 @@ class ModelCard:
                 else:
                     out[c] = _normalize_channel(x64[c:c + 1], spec)[0]
             return out.astype(np.float32)
-        if self.scaling == "meanstd":
+        if self.scaling == "meanstd":  # kept as the reference of _shift_scale_float32 (tests)
             shape = (-1,) + (1,) * (x.ndim - 1)
             mean = np.asarray(self.mean, dtype=np.float64).reshape(shape)
             std = np.asarray(self.std, dtype=np.float64).reshape(shape)
@@ -477,6 +484,64 @@ def _zscore_inside(channel: np.ndarray, inside: np.ndarray) -> np.ndarray:
         sd = values.std()
         out[inside] = 0.0 if sd == 0 else (values - values.mean()) / max(sd, STD_FLOOR)
     return out
+
+
+#: float64 values per chunk of :func:`_shift_scale_float32` (128 KiB: stays in the L2 cache).
+_CHUNK = 1 << 14
+
+
+def _per_channel(values: tuple[float, ...] | None, channels: int) -> np.ndarray:
+    """A card's ``mean``/``std`` (one value, or one per channel) as float64 per channel."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    return np.broadcast_to(v, (channels,)) if v.size == 1 else v
+
+
+def _shift_scale_float32(x: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``((x.astype(float64) - shift[c]) / scale[c]).astype(float32)`` per channel ``c`` of
+    ``x`` (C, *spatial), bit for bit, without the float64 copy of the whole case: each chunk
+    of :data:`_CHUNK` values is cast to float64, shifted, divided and rounded to float32 in a
+    buffer that stays in the cache (the same IEEE operations in the same order; NumPy has no
+    fused multiply-add here). A channel whose ``scale`` is NaN becomes NaN and one whose
+    ``scale`` is 0 becomes 0, as :func:`_normalize_channel`'s minmax treats a NaN or zero span."""
+    out = np.empty(x.shape, dtype=np.float32)
+    buf = np.empty(max(1, min(_CHUNK, out[0].size)), dtype=np.float64)
+    for c in range(x.shape[0]):
+        src = x[c].reshape(-1)
+        dst = out[c].reshape(-1)
+        a, b = float(shift[c]), float(scale[c])
+        if np.isnan(b):
+            dst.fill(np.nan)
+            continue
+        if b == 0:  # a constant channel
+            dst.fill(0.0)
+            continue
+        for s in range(0, src.size, buf.size):
+            part = src[s:s + buf.size]
+            t = buf[:part.size]
+            t[...] = part
+            np.subtract(t, a, out=t)
+            np.divide(t, b, out=t)
+            dst[s:s + part.size] = t
+    return out
+
+
+def _minmax_float32(x: np.ndarray) -> np.ndarray:
+    """``_normalize_channel(x.astype(float64), {"kind": "minmax"}).astype(float32)`` bit for
+    bit (tests/engine/model/test_card_scaling_fused.py), for float32 ``x`` (C, *spatial).
+
+    The extremes are taken on the float32 values (widening is exact and monotonic, and NaN
+    propagates alike), so no float64 copy is made. Only the sign of a zero minimum can differ
+    between the two reductions, and it changes the result only at voxels holding -0.0
+    (``-0.0 - (+0.0)`` is -0.0, ``-0.0 - (-0.0)`` is +0.0): when a channel's minimum is zero
+    and it holds a -0.0, the minima are taken in float64 as before."""
+    axes = tuple(range(1, x.ndim))
+    lo = x.min(axis=axes).astype(np.float64)
+    hi = x.max(axis=axes).astype(np.float64)
+    if any(lo[c] == 0 and np.signbit(x[c]).any() for c in range(x.shape[0])):
+        lo = x.astype(np.float64).min(axis=axes)
+    span = hi - lo
+    # a span <= 0 (constant channel) gives 0; a NaN span gives NaN (see _shift_scale_float32)
+    return _shift_scale_float32(x, lo, span)
 
 
 def _normalize_channel(x64: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
