@@ -239,7 +239,8 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str
                 old.decide_kernel(z, mid, st, p.ref, True, False, p.identity, *p.src, *p.ref.shape[1:], *p.weights,
                                   *cnt, *dummy)
             else:
-                new.prototypes(p.cl, p.g, p.m, False, p.identity, p.src, p.weights, True, P, N, st, mid, bad, z)
+                new.prototypes(p.cl, p.g, p.m, False, new.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights),
+                               True, P, N, st, mid, bad, z)
                 new.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt, *dummy)
             res[which] = [c.tolist() for c in cnt]
 

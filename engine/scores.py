@@ -13,6 +13,9 @@ medical image segmentation", Medical Image Analysis 84 (2023), arXiv:2212.09206.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,7 +29,7 @@ from engine._kernels import counting, fused, general, units
 from engine.errors import NonFiniteFeaturesError
 from engine.status import Status
 
-__all__ = ["protoseg", "sa_scores", "dice", "ProtoSegResult", "SAScores"]
+__all__ = ["protoseg", "sa_scores", "dice", "reuse_guide_weights", "ProtoSegResult", "SAScores"]
 
 _LAYOUTS = ("channels_first", "channels_last")
 _RESIZES = ("upsample", "downsample")
@@ -100,6 +103,59 @@ class _Prepared:
     cl: np.ndarray | None  # (B, S, C) view when the features are stored channels-last contiguously
     src: tuple[int, int, int]  # source grid padded to 3-D
     deferred: tuple[tuple[np.ndarray, str], ...]  # [0, 1] checks left to the flat kernels
+    key: tuple[Any, ...]  # ids of the caller's guide and mask objects, and the grids (guide weights' cache key)
+    held: tuple[Any, Any]  # the caller's guide and mask objects themselves
+
+
+# guide weights computed in the current reuse_guide_weights() block: key -> (guide, mask, weights)
+_GUIDE_WEIGHTS: contextvars.ContextVar[dict[tuple[Any, ...], tuple[Any, ...]] | None] = \
+    contextvars.ContextVar("protoseg_guide_weights", default=None)
+
+
+@contextlib.contextmanager
+def reuse_guide_weights() -> Iterator[None]:
+    """Within the block, features on the same grid scored with the same guide (and mask)
+    share the guide's side of the prototypes.
+
+    The prototypes' guide weights (on a resized grid, the adjoint of the resize applied to
+    ``guide·mask``; their sums; the count of values outside [0, 1]) depend only on the guide,
+    the mask and the grids, not on the features. Inside the block, :func:`sa_scores` and
+    :func:`protoseg` compute them once per (guide object, mask object, grids) for
+    channels-last features and reuse them for every further tensor on that grid: a 3-D
+    U-Net's 15 tensors on 3 grids pay for 3. The caller promises not to modify the guide or
+    mask arrays inside the block (they are recognised by identity, and held until it ends);
+    results are identical to computing them each time.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.random.default_rng(0).random((1, 4, 4, 2), dtype=np.float32)
+    >>> g = np.zeros((1, 8, 8), np.float32); g[0, 2:6, 2:6] = 1
+    >>> with reuse_guide_weights():
+    ...     a = sa_scores(f, g, g > 0, layout="channels_last")
+    ...     b = sa_scores(f[..., :1], g, g > 0, layout="channels_last")
+    >>> bool(np.array_equal(a.score, sa_scores(f, g, g > 0, layout="channels_last").score))
+    True
+    """
+    token = _GUIDE_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _GUIDE_WEIGHTS.reset(token)
+
+
+def _guide_weights(p: _Prepared) -> tuple[Any, ...]:
+    """:func:`engine._kernels.channels_last.guide_weights` for ``p``, from the current
+    :func:`reuse_guide_weights` block when it has them."""
+    cache = _GUIDE_WEIGHTS.get()
+    if cache is not None:
+        hit = cache.get(p.key)
+        if hit is not None:
+            return hit[2]
+    gw = _cl.guide_weights(p.g, p.m, p.has_mask, p.identity, p.src, p.weights)
+    if cache is not None:  # the objects are held, so their ids stay theirs while cached
+        cache[p.key] = (*p.held, gw)
+    return gw
 
 
 # --------------------------------------------------------------------------- validation
@@ -268,8 +324,9 @@ def _prepare(features: Any, guide: Any, reference: Any, mask: Any, *, resize: st
     ref4 = None if ref is None else ref.reshape((B,) + tgt3)
     flat = F5.reshape(B, F5.shape[1], -1) if flat_ok else None  # a view: no copy
     cl = F5.reshape(B, -1, F5.shape[4]) if cl_ok else None  # a view: no copy
+    key = (id(guide), id(mask), resize, nsp, src3, tgt3, cov3, g4.dtype.str, B)
     return _Prepared(F5, g4, m4, has_mask, ref4, tuple(target), src3 == tgt3 == cov3, channels_last, weights,
-                     flat, cl, src3, tuple(deferred))
+                     flat, cl, src3, tuple(deferred), key, (guide, mask))
 
 
 def _extent(extent: Any, grid: tuple[int, ...], resize: str) -> tuple[int, ...]:
@@ -349,7 +406,7 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
         bad = np.zeros(B, dtype=np.int64)
         mid = np.empty(B)
         z = np.empty((B, p.cl.shape[1] if do_counts else 0))
-        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, p.identity, p.src, p.weights, do_counts,
+        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, _guide_weights(p), do_counts,
                        P, N, status, mid, bad, z)
         _check_deferred(p, bad)
         if do_counts:
@@ -481,7 +538,7 @@ def protoseg(
         bad = np.zeros(B, dtype=np.int64)
         mid = np.empty(B)
         z = np.empty((B, p.cl.shape[1]))
-        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, p.identity, p.src, p.weights, True,
+        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, _guide_weights(p), True,
                        P, N, status, mid, bad, z)
         _check_deferred(p, bad)
         none = np.zeros(1, dtype=np.int64)

@@ -134,23 +134,36 @@ def project_range(lo, hi, F, D, ok, z):
             zb[s] = acc
 
 
-def prototypes(F, g, m, has_mask, identity, src, weights, want_z, P, N, status, mid, bad, z):
+def guide_weights(g, m, has_mask, identity, src, weights):
+    """The guide's side of :func:`prototypes`, which depends on the guide, mask and grids only:
+    ``(Wf, Wb, modes, sums, bad)`` (see :func:`weights_range`; ``Wf``/``Wb`` are empty on an
+    identity grid, where the guide is read directly). Tensors of one batch on the same grid
+    can share it (:func:`engine.scores.reuse_guide_weights`)."""
+    B = g.shape[0]
+    Zs, Ys, Xs = src
+    S = Zs * Ys * Xs
+    Wf = np.empty((B, 0 if identity else S))
+    Wb = np.empty((B, 0 if identity else S))
+    modes = np.empty(B, dtype=np.int64)
+    sums = np.empty((B, 3))
+    bad = np.zeros(B, dtype=np.int64)
+    parallel_for(weights_range, B, g, m, has_mask, identity, Zs, Ys, Xs, *weights, Wf, Wb, modes, sums, bad)
+    return Wf, Wb, modes, sums, bad
+
+
+def prototypes(F, g, m, has_mask, gw, want_z, P, N, status, mid, bad, z):
     """Per sample of channels-last ``F`` (B, S, C): prototypes into P, N (NaN when undefined),
     ``status``, the threshold ``mid = (‖P‖² - ‖N‖²)/2``, the count of guide/mask values
     outside [0, 1] (``bad``) and, with ``want_z``, ``z[b] = F[b]·(P-N)`` (B, S) for the samples
-    whose status is OK.
+    whose status is OK. ``gw`` is :func:`guide_weights`'s result for this guide, mask and grid.
 
     The per-tile sums are added in tile order (NumPy), so the prototypes do not depend on the
     thread count.
     """
     B, S, C = F.shape
-    Zs, Ys, Xs = src
     nt = (S + _CL_TILE - 1) // _CL_TILE
-    Wf = np.empty((B, 0 if identity else S))
-    Wb = np.empty((B, 0 if identity else S))
-    modes = np.empty(B, dtype=np.int64)
-    sums = np.empty((B, 3))
-    parallel_for(weights_range, B, g, m, has_mask, identity, Zs, Ys, Xs, *weights, Wf, Wb, modes, sums, bad)
+    Wf, Wb, modes, sums, gbad = gw
+    bad[:] = gbad
     part = np.empty((B, nt, 2, C))
     parallel_for(sums_range, B * nt, F, g, m, has_mask, modes, Wf, Wb, part, chunks_per_thread=4)
     tot = np.add.reduce(part, axis=1)  # (B, 2, C): tile by tile, in tile order

@@ -27,7 +27,7 @@ from engine.model.shapes import accepted_multiple, size_message
 from engine.resize import resize_linear, resize_nearest
 from engine.run.options import BEST_UNIT_MAPS
 from engine.run.plan import Pass, Plan
-from engine.scores import dice, protoseg, sa_scores
+from engine.scores import dice, protoseg, reuse_guide_weights, sa_scores
 from engine.status import Status
 from engine.store import BatchResult, ScoreBlock
 from engine.store.batch import CaseGrid
@@ -514,7 +514,8 @@ def score_batch(plan: Plan, cases: Sequence[Case], index: Sequence[int]) -> Batc
         if sizes and tuple(x_cf.shape[2:]) != sizes[rows[0]]:  # padded (size_multiple): crop back
             extent = tuple(x_cf.shape[2:])
             x_cf = x_cf[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes[rows[0]])]
-        _score_part(plan, cases, _Inputs(rows, x, x_cf, status, extent), acc)
+        with reuse_guide_weights():  # a part's tensors on one grid share the guide's weights
+            _score_part(plan, cases, _Inputs(rows, x, x_cf, status, extent), acc)
     layer, units, input_block = acc.layer, acc.units, acc.input
     nonfinite_rows = [i for i in range(nb) if status[i] == "nonfinite-input"]
     if nonfinite_rows:
