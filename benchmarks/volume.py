@@ -234,10 +234,17 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str
             bad, z = np.zeros(B, np.int64), np.empty((B, S))
             cnt = [np.zeros(B, np.int64) for _ in range(3)]
             dummy = (np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
-            if which == "before":
+            if which == "before" and hasattr(old, "prototypes_kernel"):  # the parfor kernels (before 69719e7)
                 old.prototypes_kernel(p.cl, p.g, p.m, False, p.identity, *p.src, *p.weights, True, P, N, st, mid, bad, z)
                 old.decide_kernel(z, mid, st, p.ref, True, False, p.identity, *p.src, *p.ref.shape[1:], *p.weights,
                                   *cnt, *dummy)
+            elif which == "before" and not hasattr(old, "guide_weights"):  # 69719e7 .. d3eba41
+                old.prototypes(p.cl, p.g, p.m, False, p.identity, p.src, p.weights, True, P, N, st, mid, bad, z)
+                old.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt, *dummy)
+            elif which == "before":
+                old.prototypes(p.cl, p.g, p.m, False, old.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights),
+                               True, P, N, st, mid, bad, z)
+                old.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt, *dummy)
             else:
                 new.prototypes(p.cl, p.g, p.m, False, new.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights),
                                True, P, N, st, mid, bad, z)

@@ -62,7 +62,7 @@ def weights_range(lo, hi, g, m, has_mask, identity, Zs, Ys, Xs,
         bad[b] = nbad
 
 
-@njit(nogil=True, cache=True, fastmath=_FM)
+@njit(nogil=True, cache=True, fastmath={"contract"})  # no reassoc: each sum keeps its order
 def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
     """Work items [lo, hi) = (sample, tile of ``_CL_TILE`` positions): the tile's prototype
     sums ``part[b, t, 0, c] = Σ F[s, c]·wf[s]`` and ``part[b, t, 1, c] = Σ F[s, c]·wb[s]``."""
@@ -102,7 +102,41 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
             a[c] = 0.0
             bb[c] = 0.0
         Fb = F[b]
-        for k in range(n):
+        # four positions per step: each channel's sums stay in registers across them (one
+        # load and store per four terms), and receive their terms in position order as before
+        k = 0
+        while k + 4 <= n:
+            r0 = Fb[t0 + k]
+            r1 = Fb[t0 + k + 1]
+            r2 = Fb[t0 + k + 2]
+            r3 = Fb[t0 + k + 3]
+            u0 = wf[k]
+            u1 = wf[k + 1]
+            u2 = wf[k + 2]
+            u3 = wf[k + 3]
+            v0 = wb[k]
+            v1 = wb[k + 1]
+            v2 = wb[k + 2]
+            v3 = wb[k + 3]
+            for c in range(C):
+                f0 = np.float64(r0[c])
+                f1 = np.float64(r1[c])
+                f2 = np.float64(r2[c])
+                f3 = np.float64(r3[c])
+                x = a[c]
+                x += f0 * u0
+                x += f1 * u1
+                x += f2 * u2
+                x += f3 * u3
+                a[c] = x
+                y = bb[c]
+                y += f0 * v0
+                y += f1 * v1
+                y += f2 * v2
+                y += f3 * v3
+                bb[c] = y
+            k += 4
+        while k < n:
             u = wf[k]
             v = wb[k]
             r = Fb[t0 + k]
@@ -110,6 +144,7 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
                 f = np.float64(r[c])
                 a[c] += f * u
                 bb[c] += f * v
+            k += 1
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)

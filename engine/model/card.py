@@ -455,6 +455,8 @@ class ModelCard:
                 f"{len(layout)} ({layout}) or {len(layout) - 1} without a channel axis")
         n = y.shape[1]
         channels = self.channel_indices(n)
+        if self.activation != "logits":  # the chosen channels as they are (float32 exactly as via float64)
+            return np.ascontiguousarray(y[:, channels], dtype=np.float32)
         y = y.astype(np.float64)
         if self.activation == "logits":
             if n == 1:

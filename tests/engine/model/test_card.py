@@ -290,3 +290,18 @@ def test_channels_last_hidden_layout_on_a_conv_output_is_corrected():
     assert any("enc1_conv" in s and "channels-first" in s for s in card.assumed)
     layouts = {t.name: t.layout for t in list_hidden_tensors(model)}
     assert layouts["enc1_conv"] == "NCHW"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_probability_heads_equal_the_float64_route(dtype, activation):
+    """A probability head is passed through without a float64 copy of the whole output (issue
+    15): the same float32 values as casting to float64 first, channels-first and C-contiguous."""
+    rng = np.random.default_rng(4)
+    p = scipy.special.softmax(rng.normal(size=(2, 3, 5, 6)) * 9, axis=1).astype(dtype)
+    p[0, 1, 0, :3] = [np.nan, np.inf, 1e-30]
+    card = _card(activation=activation, classes=(0, 2), prediction_layout="NHWC")
+    got = card.to_probability({"y": np.moveaxis(p, 1, -1)})
+    want = p.astype(np.float64)[:, [0, 2]].astype(np.float32)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
