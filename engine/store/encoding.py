@@ -7,18 +7,21 @@ layout these types make up is documented in ``docs/store.md``.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
 import h5py
 import numpy as np
+from h5py import h5a, h5s, h5t
+from h5py._objects import phil
 
 from engine.store.errors import StoreVersionError
 
 __all__ = [
     "STORE_VERSION", "STORE_TYPE", "PART_TYPE", "RUN_TYPE", "KNOWN", "STR", "GZIP",
-    "set_encoding", "attr_str", "check_encoding", "key_name",
+    "set_encoding", "set_str_attrs", "attr_str", "check_encoding", "key_name",
     "write_array", "read_array", "require_group", "require_parent",
 ]
 
@@ -48,10 +51,45 @@ STR = h5py.string_dtype("utf-8")
 GZIP: dict[str, Any] = {"compression": "gzip", "compression_opts": 4}
 
 
+#: Process id → (file type, memory type, scalar space) of a string attribute, made once per
+#: process: what ``obj.attrs[name] = "text"`` makes, without h5py's per-call dtype guessing.
+_STR_ATTR: dict[int, tuple[Any, Any, Any]] = {}
+
+
+def _str_attr() -> tuple[Any, Any, Any]:
+    pid = os.getpid()  # made again in a forked child: it never uses its parent's identifiers
+    types = _STR_ATTR.get(pid)
+    if types is None:
+        _STR_ATTR.clear()
+        types = _STR_ATTR[pid] = (h5t.py_create(STR, logical=True), h5t.py_create(STR),
+                                  h5s.create(h5s.SCALAR))
+    return types
+
+
+def set_str_attrs(obj: h5py.Group | h5py.Dataset, values: Iterable[tuple[str, str]]) -> None:
+    """Set scalar string attributes of ``obj``, replacing any of the same name.
+
+    The attributes are those of ``obj.attrs[name] = value`` (variable-length UTF-8, scalar),
+    written with h5py's low-level calls: the store writes two per dataset, and h5py's
+    ``attrs`` spends most of their time guessing the type again each time.
+    """
+    ftype, mtype, space = _str_attr()
+    oid = (obj["/"] if isinstance(obj, h5py.File) else obj).id
+    with phil:
+        for name, value in values:
+            key = name.encode("utf-8")
+            if h5a.exists(oid, key):
+                h5a.delete(oid, key)
+            attr = h5a.create(oid, key, ftype, space)
+            try:
+                attr.write(np.array(str(value), dtype=STR), mtype=mtype)
+            finally:
+                attr.close()
+
+
 def set_encoding(obj: h5py.Group | h5py.Dataset, kind: str) -> None:
     """Mark ``obj`` with ``encoding-type = kind`` and this package's encoding version."""
-    obj.attrs["encoding-type"] = kind
-    obj.attrs["encoding-version"] = STORE_VERSION
+    set_str_attrs(obj, (("encoding-type", kind), ("encoding-version", STORE_VERSION)))
 
 
 def attr_str(obj: h5py.Group | h5py.Dataset, key: str) -> str | None:
@@ -164,11 +202,20 @@ def require_group(parent: h5py.Group, key: str, kind: str) -> h5py.Group:
     return grp
 
 
-def require_parent(root: h5py.Group, path: str) -> tuple[h5py.Group, str]:
+def require_parent(root: h5py.Group, path: str,
+                   cache: dict[str, h5py.Group] | None = None) -> tuple[h5py.Group, str]:
     """The group holding ``path`` (``"a/b/leaf"``; ``dict`` groups created as needed) and
-    the leaf's name."""
+    the leaf's name.
+
+    ``cache``, a dict kept by the caller for one ``root`` while it writes many paths,
+    remembers the groups already looked up (each lookup is an HDF5 call).
+    """
     parent, _, leaf = path.rpartition("/")
+    if cache is not None and parent in cache:
+        return cache[parent], leaf
     grp = root
     for part in parent.split("/") if parent else []:
         grp = require_group(grp, part, "dict")
+    if cache is not None:
+        cache[parent] = grp
     return grp, leaf

@@ -2,14 +2,17 @@
 
 The final store is written under a temporary name beside it and ``os.replace``d into
 place: datasets are created once (chunked, gzip-compressed, resizable along cases) and
-filled part by part, a bounded number of cases at a time, in case order
-(``cases/index``). Every store written here holds the placeholder ``/estimates`` and
-``/validation`` (:func:`~engine.store.annotate.write_placeholders`), so that annotating
-it only ever replaces root names. Estimates of a source store are not carried over.
+filled in case order (``cases/index``), the rows of many parts in one write per dataset, a
+bounded number of cases and bytes at a time (:data:`_COPY_ROWS`, :data:`_COPY_BYTES`); each
+source is opened once to be checked and read. Every store written here holds the
+placeholder ``/estimates`` and ``/validation``
+(:func:`~engine.store.annotate.write_placeholders`), so that annotating it only ever
+replaces root names. Estimates of a source store are not carried over.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -20,6 +23,7 @@ from urllib.parse import unquote
 
 import h5py
 import numpy as np
+from h5py import h5d, h5o, h5s
 
 from engine._json import dumps
 from engine.store.annotate import write_placeholders
@@ -55,6 +59,9 @@ __all__ = ["list_part_files", "read_part_ids", "collect_schema", "assemble", "me
 SHARD_GLOB = "part-chunk-*.h5"
 
 _COPY_ROWS = 4096  # cases copied at a time when assembling (bounds memory)
+#: Bytes of source rows held at a time when assembling: the rows read while the sources are
+#: checked, and those of one block of cases copied (bounds memory with wide unit scores).
+_COPY_BYTES = 64 * 2**20
 #: Datasets that are not per-case arrays of the scores (never copied by row).
 _NOT_ROWS = ("maps/", "layers/", "estimates/")
 #: Per-case datasets that parts and stores of older protoseg versions lack, and the value
@@ -79,20 +86,36 @@ def read_part_ids(path: Path) -> tuple[list[str], np.ndarray | None]:
         return ids, index
 
 
+def _row_names(f: h5py.File) -> list[str]:
+    """Paths of the per-case datasets of an open part or store (see :func:`collect_schema`),
+    in name order; walked by HDF5 itself (h5py's ``visititems`` makes an object per node)."""
+    names: list[str] = []
+
+    def visit(name: bytes, info: Any) -> None:
+        if info.type == h5o.TYPE_DATASET:
+            path = name.decode("utf-8")
+            if not path.startswith(_NOT_ROWS) and path not in ("classes", "validation", "cases/index"):
+                names.append(path)
+    h5o.visit(f.id, visit, info=True)
+    return names
+
+
+def _schema_of(f: h5py.File) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+    schema: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+    for name in _row_names(f):
+        dset = f[name]
+        schema[name] = (dset.dtype, dset.shape[1:])
+    return schema
+
+
 def collect_schema(path: Path) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
     """Per-case datasets of a part or store: path → (dtype, shape after the case axis).
 
     ``cases/index``, the layer table, classes, maps, estimates and validation are left
     out.
     """
-    schema: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
     with open_h5(path, "r") as f:
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and not name.startswith(_NOT_ROWS) \
-                    and name not in ("classes", "validation", "cases/index"):
-                schema[name] = (obj.dtype, obj.shape[1:])
-        f.visititems(visit)
-    return schema
+        return _schema_of(f)
 
 
 def _scatter(dset: h5py.Dataset, dest: np.ndarray, data: np.ndarray) -> None:
@@ -131,52 +154,132 @@ def _write_layers(f: h5py.File, run: RunInfo) -> None:
     classes.attrs["description"] = "class labels scored one-vs-rest"
 
 
-def _read_sources(sources: list[Path], expected_ids: Iterable[str] | None
-                  ) -> tuple[list[list[str]], list[np.ndarray | None]]:
-    """Every source's case ids and indices; refuse damage, overlaps and missing cases."""
-    ids_per_source: list[list[str]] = []
-    index_per_source: list[np.ndarray | None] = []
+@dataclass
+class _Source:
+    """What :func:`assemble` learns of one source while checking it."""
+
+    path: Path
+    ids: list[str]
+    index: np.ndarray | None
+    schema: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
+    has_maps: bool
+    #: Every per-case array of the source, read while it was open (None: read it again
+    #: when copying, the sources read so far being over :data:`_COPY_BYTES`).
+    rows: dict[str, np.ndarray] | None
+
+
+def _scan(path: Path, budget: int) -> tuple[_Source, int]:
+    """Open ``path`` once: its ids, indices, per-case datasets, and their rows when their
+    bytes fit ``budget``; returns the source and the bytes it holds."""
+    with open_h5(path, "r") as f:
+        check_encoding(f, (PART_TYPE, STORE_TYPE))
+        if f.attrs.get("complete", 1) != 1:
+            raise ValueError("part is not marked complete")
+        ids = [str(c) for c in read_array(f["cases/id"])]
+        index = read_array(f["cases/index"]) if "cases/index" in f else None
+        schema: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+        dsets = {}
+        for name in _row_names(f):  # low-level: h5py's objects cost more than the reads
+            dset = dsets[name] = h5d.open(f.id, name.encode("utf-8"))
+            schema[name] = (dset.dtype, tuple(dset.shape[1:]))
+        size = sum(_row_bytes(dtype, tail) for dtype, tail in schema.values()) * len(ids)
+        rows = {name: _read_all(dset) for name, dset in dsets.items()} if size <= budget else None
+        maps = f.get("maps")
+        has_maps = isinstance(maps, h5py.Group) and len(maps) > 0
+    return _Source(path, ids, index, schema, has_maps, rows), size if rows is not None else 0
+
+
+def _read_all(dset: Any) -> np.ndarray:
+    """The whole of a low-level dataset, as ``Dataset[()]`` reads it (strings as bytes)."""
+    out = np.empty(dset.shape, dtype=dset.dtype)
+    if out.size:
+        dset.read(h5s.ALL, h5s.ALL, out)
+    return out
+
+
+def _row_bytes(dtype: np.dtype[Any], tail: tuple[int, ...]) -> int:
+    """Bytes of one case's row of a dataset in memory (strings counted as 64)."""
+    item = 64 if h5py.check_string_dtype(dtype) is not None else dtype.itemsize
+    return item * math.prod(tail)
+
+
+def _read_sources(sources: list[Path], expected_ids: Iterable[str] | None) -> list[_Source]:
+    """Every source, opened once; refuse damage, overlaps and missing cases."""
+    out: list[_Source] = []
     owner: dict[str, Path] = {}
+    held = 0
     for src in sources:
         try:
-            ids, index = read_part_ids(src)
+            info, size = _scan(src, _COPY_BYTES - held)
         except Exception as exc:  # noqa: BLE001 - damaged file: say which
             raise ValueError(f"cannot read part {src} ({exc}); rerun (resume) the run that "
                              "made it, or leave it out explicitly") from None
-        for c in ids:
+        held += size
+        for c in info.ids:
             if c in owner:
                 raise ValueError(f"case {c!r} is in both {owner[c]} and {src}; each case "
                                  "must be in one part/shard only")
             owner[c] = src
-        ids_per_source.append(ids)
-        index_per_source.append(index)
+        out.append(info)
     if expected_ids is not None:
         expected = {str(c) for c in expected_ids}
         missing = sorted(expected - set(owner))
         if missing:
             raise ValueError(f"{len(missing)} expected case(s) are in no part: {missing[:5]}; "
                              "run the missing shard(s) before merging")
-    return ids_per_source, index_per_source
+    return out
 
 
-def _common_schema(sources: list[Path]) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+def _common_schema(sources: list[_Source]) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
     """The per-case datasets every source holds; refuse sources that differ."""
     if not sources:
         return {"cases/id": (STR, ()), "cases/status": (STR, ()), "cases/group": (STR, ())}
-    schema = collect_schema(sources[0])
+    first = sources[0]
+    schema = dict(first.schema)
     for src in sources[1:]:
-        other = collect_schema(src)
+        other = src.schema
         if set(other) - set(OPTIONAL_ROWS) != set(schema) - set(OPTIONAL_ROWS):
             diff = sorted(set(other) ^ set(schema))
-            raise ValueError(f"part {src} holds other arrays than {sources[0]} "
+            raise ValueError(f"part {src.path} holds other arrays than {first.path} "
                              f"(differing: {diff[:5]}); parts of one store must be alike")
         for key, (dtype, tail) in other.items():
             if key not in schema:  # an optional array the first source lacks
                 schema[key] = (dtype, tail)
             elif tail != schema[key][1]:
-                raise ValueError(f"part {src} has {key} with shape (n, *{tail}), but "
-                                 f"{sources[0]} has (n, *{schema[key][1]})")
+                raise ValueError(f"part {src.path} has {key} with shape (n, *{tail}), but "
+                                 f"{first.path} has (n, *{schema[key][1]})")
     return schema
+
+
+def _blocks(sources: list[_Source], per_block: int) -> list[list[tuple[int, int, int]]]:
+    """``(source, first row, end row)`` segments in source order, grouped so that each
+    group holds at most ``per_block`` rows (a source may span groups)."""
+    blocks: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    n = 0
+    for si, src in enumerate(sources):
+        b0 = 0
+        while b0 < len(src.ids):
+            take = min(len(src.ids) - b0, per_block - n)
+            cur.append((si, b0, b0 + take))
+            n += take
+            b0 += take
+            if n == per_block:
+                blocks.append(cur)
+                cur, n = [], 0
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _write_rows(dset: h5py.Dataset, dest: list[np.ndarray], pieces: list[np.ndarray]) -> None:
+    """Write the rows ``pieces`` (one per segment) to rows ``dest`` of ``dset``: in one
+    call when they share a dtype (the common case: every part of a run)."""
+    if len(pieces) > 1 and len({p.dtype for p in pieces}) == 1:
+        _scatter(dset, np.concatenate(dest), np.concatenate(pieces))
+        return
+    for d, p in zip(dest, pieces):
+        _scatter(dset, d, p)
 
 
 def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[str, Any],
@@ -189,6 +292,10 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
     placeholder ``/estimates`` and ``/validation`` (read as absent), never the sources'
     estimates.
 
+    Each source is opened once to be checked (its rows kept while they fit
+    :data:`_COPY_BYTES`) and the rows of many sources are written together, one call per
+    dataset per :data:`_COPY_ROWS` cases at most.
+
     Raises
     ------
     ValueError
@@ -196,17 +303,20 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
     StoreWriteError
         Writing failed (file and key named).
     """
-    ids_per_source, index_per_source = _read_sources(sources, expected_ids)
-    n_total = sum(len(i) for i in ids_per_source)
-    has_index = bool(sources) and all(ix is not None for ix in index_per_source)
+    infos = _read_sources(sources, expected_ids)
+    n_total = sum(len(s.ids) for s in infos)
+    has_index = bool(infos) and all(s.index is not None for s in infos)
     if has_index and n_total:
-        keys = np.concatenate([ix for ix in index_per_source])  # type: ignore[misc]
+        keys = np.concatenate([s.index for s in infos])  # type: ignore[misc]
     else:
         keys = np.arange(n_total)
     order = np.argsort(keys, kind="stable")
     rows = np.empty(n_total, dtype=np.int64)
     rows[order] = np.arange(n_total)
-    schema = _common_schema(sources)
+    starts = np.cumsum([0] + [len(s.ids) for s in infos])
+    schema = _common_schema(infos)
+    row_bytes = sum(_row_bytes(dtype, tail) for dtype, tail in schema.values()) + 8
+    per_block = max(1, min(_COPY_ROWS, _COPY_BYTES // max(1, row_bytes)))
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -221,9 +331,10 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
             w.key = "layers"
             _write_layers(f, run)
             dsets: dict[str, h5py.Dataset] = {}
+            groups: dict[str, h5py.Group] = {}
             for key, (dtype, tail) in sorted(schema.items()):
                 w.key = key
-                grp, leaf = require_parent(f, key)
+                grp, leaf = require_parent(f, key, groups)
                 is_str = h5py.check_string_dtype(dtype) is not None
                 kwargs: dict[str, Any] = dict(GZIP)
                 if not is_str:
@@ -238,32 +349,45 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
                 require_group(f, "cases", "dict"), "index", np.zeros(n_total, np.int64),
                 resizable=True)
             maps = require_group(f, "maps", "map-collection")
-            start = 0
-            for src, ids in zip(sources, ids_per_source):
-                dest = rows[start:start + len(ids)]
-                start += len(ids)
-                with open_h5(src, "r") as s:
-                    for b0 in range(0, len(ids), _COPY_ROWS):
-                        b1 = min(b0 + _COPY_ROWS, len(ids))
-                        for key in sorted(schema):
-                            w.key = key
-                            if key in s:
-                                _scatter(dsets[key], dest[b0:b1], s[key][b0:b1])
-                            else:  # a source of an older protoseg: the optional array's filler
-                                _scatter(dsets[key], dest[b0:b1], np.full(
+            for block in _blocks(infos, per_block):
+                opened: dict[int, h5py.File] = {}
+                try:
+                    for si, _, _ in block:
+                        if infos[si].rows is None and si not in opened:
+                            opened[si] = open_h5(infos[si].path, "r")
+                    dest = [rows[starts[si] + b0:starts[si] + b1] for si, b0, b1 in block]
+                    for key in sorted(schema):
+                        w.key = key
+                        pieces = []
+                        for si, b0, b1 in block:
+                            src = infos[si]
+                            if key not in src.schema:  # an older protoseg's source: the filler
+                                pieces.append(np.full(
                                     (b1 - b0,) + schema[key][1], OPTIONAL_ROWS[key],
                                     dtype=object if isinstance(OPTIONAL_ROWS[key], str) else schema[key][0]))
-                        w.key = "cases/index"
-                        index = (dest[b0:b1] if not has_index
-                                 else read_array(s["cases/index"], np.s_[b0:b1]))
-                        _scatter(dsets["cases/index"], dest[b0:b1], index)
-                    if "maps" in s:
+                            elif src.rows is not None:
+                                pieces.append(src.rows[key][b0:b1])
+                            else:
+                                pieces.append(opened[si][key][b0:b1])
+                        _write_rows(dsets[key], dest, pieces)
+                    w.key = "cases/index"
+                    _write_rows(dsets["cases/index"], dest,
+                                [d if not has_index else infos[si].index[b0:b1]  # type: ignore[index]
+                                 for d, (si, b0, b1) in zip(dest, block)])
+                    for si, _, b1 in block:
+                        src = infos[si]
+                        if b1 != len(src.ids) or not src.has_maps:
+                            continue  # maps are copied once, after the source's last rows
+                        s = opened.get(si) or opened.setdefault(si, open_h5(src.path, "r"))
                         for name in s["maps"]:
                             w.key = f"maps/{name}"
                             if name in maps:
                                 raise ValueError(f"maps of case {unquote(name)!r} appear "
                                                  "twice")
                             s.copy(s["maps"][name], maps, name=name)
+                finally:
+                    for s in opened.values():
+                        s.close()
             w.key = "estimates"
             write_placeholders(f)  # last: see write_placeholders
         publish(tmp, out)

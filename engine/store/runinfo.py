@@ -27,12 +27,13 @@ from engine.store.encoding import (
     STORE_VERSION,
     attr_str,
     check_encoding,
+    set_str_attrs,
 )
 from engine.store.errors import StoreVersionError
 
 __all__ = ["LAYER_FIELDS", "RunInfo", "make_run", "config_difference", "dataset_difference",
            "read_run", "read_manifest",
-           "run_of_file", "write_run_attrs", "parts_dir"]
+           "run_of_file", "write_run_attrs", "run_attr_texts", "parts_dir"]
 
 #: Columns of the ``/layers`` table (keys of each layer dict given to the writer).
 LAYER_FIELDS = ("index", "name", "layer", "op", "channels", "depth", "shape")
@@ -282,7 +283,17 @@ def run_of_file(path: Path) -> RunInfo:
     return RunInfo(data["config"], data["layers"], [int(c) for c in data["classes"]])
 
 
-def write_run_attrs(f: h5py.File, run: RunInfo) -> None:
-    """Write the root attributes ``config`` and ``run`` (JSON text, sorted keys)."""
-    f.attrs["config"] = dumps(run.config, sort_keys=True)
-    f.attrs["run"] = dumps(run.as_json(), sort_keys=True)
+def run_attr_texts(run: RunInfo) -> tuple[tuple[str, str], ...]:
+    """The root attributes :func:`write_run_attrs` writes: ``(name, JSON text)`` pairs."""
+    return (("config", dumps(run.config, sort_keys=True)),
+            ("run", dumps(run.as_json(), sort_keys=True)))
+
+
+def write_run_attrs(f: h5py.File, run: RunInfo,
+                    texts: tuple[tuple[str, str], ...] | None = None) -> None:
+    """Write the root attributes ``config`` and ``run`` (JSON text, sorted keys).
+
+    ``texts``: :func:`run_attr_texts` of ``run``, when the caller keeps them (a writer
+    writes them into every part).
+    """
+    set_str_attrs(f, texts if texts is not None else run_attr_texts(run))
