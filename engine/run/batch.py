@@ -56,6 +56,16 @@ class _Targets:
     guides: list[np.ndarray]         # per class, float32 (n_ok, *grid)
     refs: list[np.ndarray]           # per class, bool (n_ok, *grid)
     extent: tuple[int, ...] | None = None  # the padded grid the features cover (see _Inputs)
+    # (class, row) -> guides[class][row:row + 1], one view object for every tensor's maps, so
+    # reuse_guide_weights() recognises it (issue 15: 60 guide-weight passes in the demo, now 3)
+    map_guides: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+    def map_guide(self, k: int, j: int) -> np.ndarray:
+        """The guide of class ``k`` for the case at row ``j``, ``(1, *grid)``."""
+        g = self.map_guides.get((k, j))
+        if g is None:
+            g = self.map_guides[(k, j)] = self.guides[k][j:j + 1]
+        return g
 
 
 def _batch_names(cases: Sequence[Case], rows: Sequence[int]) -> tuple[str, str]:
@@ -365,7 +375,7 @@ def _tensor_maps(plan: Plan, t: Any, feats: np.ndarray, tg: _Targets, j: int,
     entry: dict[str, Any] = {}
     for k in range(nk):
         suffix = "" if nk == 1 else f"[class {plan.classes[k]}]"
-        r = protoseg(feats[j:j + 1], tg.guides[k][j:j + 1], resize=o.resize, nonfinite="skip",
+        r = protoseg(feats[j:j + 1], tg.map_guide(k, j), resize=o.resize, nonfinite="skip",
                      extent=tg.extent)
         entry[t.name + suffix] = {"binary": r.binary[0], "probability": _map16(r.probability[0])}
         if unit_row is None:
@@ -375,7 +385,7 @@ def _tensor_maps(plan: Plan, t: Any, feats: np.ndarray, tg: _Targets, j: int,
         best = [int(u) for u in np.argsort(np.where(np.isfinite(scores), -scores, np.inf))
                 [:BEST_UNIT_MAPS] if np.isfinite(scores[u])]
         for u in best:
-            r = protoseg(feats[j:j + 1, u:u + 1], tg.guides[k][j:j + 1], resize=o.resize,
+            r = protoseg(feats[j:j + 1, u:u + 1], tg.map_guide(k, j), resize=o.resize,
                          nonfinite="skip", extent=tg.extent)
             entry[f"{t.name}#unit{u}{suffix}"] = {"binary": r.binary[0],
                                                   "probability": _map16(r.probability[0])}
@@ -384,8 +394,22 @@ def _tensor_maps(plan: Plan, t: Any, feats: np.ndarray, tg: _Targets, j: int,
 
 def _map16(prob: np.ndarray) -> np.ndarray:
     """Probability maps are stored as float16: they are drawn, never scored, and a 128³ map
-    compresses 3x smaller and writes 1.4x faster than in float32 (measured on the demo)."""
-    return np.asarray(prob, dtype=np.float16)
+    compresses 3x smaller and writes 1.4x faster than in float32 (measured on the demo).
+
+    float32 maps are converted by :func:`engine._kernels.half.float16_bits`, the bits of
+    ``np.asarray(prob, dtype=np.float16)`` without NumPy's per-element underflow flag, which
+    made the cast of a sigmoid map's near-zero background 3-25x slower (26 ms per 128³ map on
+    average in ``protoseg demo``, 60 maps; issue 15).
+    """
+    p = np.asarray(prob)
+    if p.dtype != np.float32:
+        return np.asarray(p, dtype=np.float16)
+    from engine._kernels.half import float16_bits
+
+    p = np.ascontiguousarray(p)
+    out = np.empty(p.shape, dtype=np.float16)
+    float16_bits(p.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16))
+    return out
 
 
 def _input_columns(plan: Plan) -> int:
