@@ -3,6 +3,7 @@
 Run as a module::
 
     python -m benchmarks.coldstart [--rounds N] [--root PATH] [--check] [--json PATH] [--profile]
+                                   [--warm-against PATH]
 
 Each round runs, in subprocesses, ``protoseg demo -o OUT --json`` (the whole demo: scoring,
 estimates and the HTML report) first with ``NUMBA_CACHE_DIR`` pointing at an empty folder
@@ -15,6 +16,9 @@ and after on the same machine in one call. ``--check`` runs one round and only v
 the cold and warm runs give the same results (exit status 1 otherwise). ``--profile`` runs one
 cold demo with a listener on Numba's ``numba:compile`` events and prints the compile CPU
 seconds of each top-level kernel (its callees included) and of each function alone.
+``--warm-against PATH`` times warm demos only: ``--root`` (after) and ``PATH`` (before, e.g.
+``git archive HEAD`` unpacked elsewhere), each with its own cache folder filled by a first
+run, ``--rounds`` rounds in alternating order, and reports the medians and before/after ratios.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["demo_run", "round_trip", "compile_profile", "main"]
+__all__ = ["demo_run", "round_trip", "compile_profile", "warm_pair", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +127,34 @@ def round_trip(*, root: Path = ROOT) -> dict[str, Any]:
             "same_results": cold["result"] == warm["result"]}
 
 
+def warm_pair(after: Path, before: Path, rounds: int) -> dict[str, Any]:
+    """Warm demos of two checkouts interleaved: a filling run of each, then ``rounds`` rounds
+    (before first in even rounds, after first in odd ones). Returns each tree's runs, the
+    medians, the per-round before/after ratios' medians, and whether every JSON result agrees."""
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    roots = {"before": before, "after": after}
+    with tempfile.TemporaryDirectory(prefix="protoseg-warm-") as tmp:
+        caches = {k: Path(tmp) / f"numba-{k}" for k in roots}
+        for k in roots:
+            caches[k].mkdir()
+            demo_run(caches[k], Path(tmp) / f"fill-{k}", root=roots[k])
+        for r in range(rounds):
+            for k in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                out = demo_run(caches[k], Path(tmp) / f"{k}{r}", root=roots[k])
+                runs[k].append(out)
+                print(f"round {r} {k}: wall {out['wall']:.2f} s, CPU {out['cpu']:.2f} s, "
+                      f"load {out['load']}", flush=True)
+    first = runs["before"][0]["result"]
+    return {
+        "runs": runs,
+        "median": {k: {w: statistics.median(o[w] for o in v) for w in ("wall", "cpu")}
+                   for k, v in runs.items()},
+        "ratio_wall": statistics.median(b["wall"] / a["wall"] for b, a in zip(runs["before"], runs["after"])),
+        "ratio_cpu": statistics.median(b["cpu"] / a["cpu"] for b, a in zip(runs["before"], runs["after"])),
+        "same_results": all(o["result"] == first for v in runs.values() for o in v),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.coldstart", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1, help="cold + warm pairs (medians are reported)")
@@ -130,7 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="one round; exit 1 unless cold and warm results agree")
     ap.add_argument("--json", type=Path, metavar="PATH", help="write the measurements as JSON")
     ap.add_argument("--profile", action="store_true", help="one cold demo: compile CPU seconds per kernel")
+    ap.add_argument("--warm-against", type=Path, metavar="PATH",
+                    help="warm demos only: --root (after) against PATH (before), interleaved")
     a = ap.parse_args(argv)
+    if a.warm_against is not None:
+        pair = warm_pair(a.root.resolve(), a.warm_against.resolve(), max(1, a.rounds))
+        for k in ("before", "after"):
+            m = pair["median"][k]
+            print(f"{k}: median wall {m['wall']:.2f} s, CPU {m['cpu']:.2f} s")
+        print(f"before/after (median of the rounds): {pair['ratio_wall']:.3f}x wall, "
+              f"{pair['ratio_cpu']:.3f}x CPU; same results: {pair['same_results']}")
+        if a.json:
+            a.json.write_text(json.dumps(pair, indent=1))
+        return 0 if pair["same_results"] else 1
     if a.profile:
         rows = compile_profile(root=a.root.resolve())
         alone: dict[str, float] = {}

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.quality.validation import LOWER_IS_BETTER, _rank, _rowwise_auroc, _rowwise_pearson, _stats, bootstrap_ci
+from engine.quality.validation import LOWER_IS_BETTER, _rank, _rowwise_auroc, _rowwise_pearson, bootstrap_ci, rank_rows
 
 __all__ = [
     "MIN_CLUSTERS",
@@ -56,9 +56,8 @@ def _aurc_rows(conf: np.ndarray, risk: np.ndarray) -> np.ndarray:
     n = conf.shape[-1]
     if n == 0:
         return np.full(conf.shape[:-1], np.nan)
-    stats = _stats()
-    lo = stats.rankdata(-conf, method="min", axis=-1).astype(np.int64)
-    hi = stats.rankdata(-conf, method="max", axis=-1).astype(np.int64)
+    lo = rank_rows(-conf, "min").astype(np.int64)
+    hi = rank_rows(-conf, "max").astype(np.int64)
     cw = np.concatenate([[0.0], np.cumsum(_position_weights(n))])
     wbar = (cw[hi] - cw[lo - 1]) / (hi - lo + 1)
     return (risk * wbar).sum(-1)
@@ -100,9 +99,8 @@ def risk_coverage_curve(confidence: np.ndarray, risk: np.ndarray) -> tuple[np.nd
     n = r.size
     if n == 0:
         return np.zeros(0), np.zeros(0)
-    stats = _stats()
-    lo = stats.rankdata(-c, method="min").astype(np.int64)
-    hi = stats.rankdata(-c, method="max").astype(np.int64)
+    lo = rank_rows(-c, "min").astype(np.int64)
+    hi = rank_rows(-c, "max").astype(np.int64)
     order = np.argsort(-c, kind="stable")
     cr = np.concatenate([[0.0], np.cumsum(r[order])])
     block_mean = (cr[hi] - cr[lo - 1]) / (hi - lo + 1)  # per case: mean risk of its tie block

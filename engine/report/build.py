@@ -17,8 +17,8 @@ import numpy as np
 
 from engine._json import jsonable, text
 from engine.report import figures
-from engine.report.access import (ReportData, added_value, case_maps, coverage_summary,
-                                  failure_rows, merge_intervals, validation_rows)
+from engine.report.access import (CaseMaps, ReportData, added_value, case_maps, coverage_summary,
+                                  drawn_map_keys, failure_rows, merge_intervals, validation_rows)
 from engine.report.tables import (NAN_STATUSES, correlation_label, correlations, field, fmt,
                                   input_summary, layer_summary, nanmean_rows, plural,
                                   text_column, unit_summary, value_text)
@@ -571,6 +571,8 @@ class ReportBuilder:
         keys = d.layer_keys()
         for c in self.map_cases:
             maps = d.maps(c)  # this case only, read once for every class
+            if isinstance(maps, CaseMaps):  # only what the figures draw, in one read
+                maps.load(drawn_map_keys(maps, keys[1], d.n_classes, d.classes[:n_drawn]))
             blocks += [self._map_figure(c, maps, k, keys) for k in range(n_drawn)]
         return Section("maps", "Segmentation-ability maps", tuple(blocks))
 

@@ -150,8 +150,6 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         ``n`` (cases used), ``pearson_r``, ``spearman_rho`` (``scipy.stats``) and ``note``
         (why they are NaN: fewer than 3 cases, or a constant variable; else empty).
     """
-    from scipy import stats  # scipy.stats takes longer to import than the rest of the report
-
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -163,6 +161,10 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     elif np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
         out["note"] = "undefined: one of the two is constant"
     else:
+        # imported only here: scipy.stats takes longer to import than the rest of the report,
+        # and a report of fewer than 3 cases (``protoseg demo``) never needs it
+        from scipy import stats
+
         out["pearson_r"] = float(stats.pearsonr(x[ok], y[ok])[0])
         out["spearman_rho"] = float(stats.spearmanr(x[ok], y[ok])[0])
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -303,9 +303,10 @@ class Store:
         """Ids of the cases whose maps were saved."""
         return list(self._map_names)
 
-    def maps(self, case_id: str) -> dict[str, Any]:
+    def maps(self, case_id: str, names: Collection[str] | None = None) -> dict[str, Any]:
         """Maps of one case: {layer name: {"binary": bool, "probability": float},
-        "_image": ..., "_prediction": ..., "_reference": ...}, read now (one case only)."""
+        "_image": ..., "_prediction": ..., "_reference": ...}, read now (one case only;
+        only the entries in ``names`` when given: see :meth:`map_keys`)."""
         if case_id not in self._map_names:
             close = difflib.get_close_matches(str(case_id), self.map_case_ids, n=5)
             raise KeyError(f"no maps saved for case {case_id!r}; cases with maps: "
@@ -316,6 +317,8 @@ class Store:
             check_encoding(grp, ("case-maps",))
             for name, obj in grp.items():
                 key = attr_str(obj, "name") or unquote(name)
+                if names is not None and key not in names:
+                    continue
                 if isinstance(obj, h5py.Group):
                     check_encoding(obj, ("layer-maps",))
                     entry = {}
@@ -327,6 +330,15 @@ class Store:
                 else:
                     out[key] = read_array(obj)
         return out
+
+    def map_keys(self, case_id: str) -> list[str]:
+        """The keys :meth:`maps` returns for one case, in its order, without reading any map."""
+        if case_id not in self._map_names:
+            self.maps(case_id)  # the KeyError naming the cases with maps
+        with self._open() as f:
+            grp = f["maps"][self._map_names[case_id]]
+            check_encoding(grp, ("case-maps",))
+            return [attr_str(obj, "name") or unquote(name) for name, obj in grp.items()]
 
     def map_grid(self, case_id: str) -> CaseGrid | None:
         """Where the voxels of a case with saved maps lie (:class:`~engine.store.batch.CaseGrid`:

@@ -160,3 +160,51 @@ def test_bad_input(kwargs, match):
         validate({"e": EST}, DICE, **kwargs)
     with pytest.raises(ValueError, match="values"):
         validate({"e": EST[:3]}, DICE)
+
+
+# ---------------------------------------------------------------- rank_rows (issue 15)
+RANK_CASES = [
+    np.array([0.0, 2.0, 3.0, 2.0]),
+    np.array([[0.5, 0.5, 0.5], [3.0, -np.inf, np.inf]]),
+    np.array([[1.0, np.nan, 2.0], [2.0, 2.0, 1.0]]),  # a NaN row: all NaN, result float64
+    np.array([-0.0, 0.0, 1.0, -1.0]),  # -0.0 and 0.0 tie
+    np.zeros((3, 0)),
+    np.arange(12.0).reshape(2, 3, 2)[..., ::-1],
+    np.array([3, 1, 2, 1], dtype=np.int64),
+]
+
+
+@pytest.mark.parametrize("method", ["average", "min", "max"])
+@pytest.mark.parametrize("case", range(len(RANK_CASES)))
+def test_rank_rows_is_scipy_rankdata(case, method):
+    from engine.quality.validation import rank_rows
+
+    a = RANK_CASES[case]
+    got, want = rank_rows(a, method), stats.rankdata(a, method=method, axis=-1)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, -1.0, np.inf, -np.inf]), min_size=4, max_size=4),
+                min_size=1, max_size=6),
+       st.sampled_from(["average", "min", "max"]))
+def test_rank_rows_is_scipy_rankdata_with_ties(rows, method):
+    from engine.quality.validation import rank_rows
+
+    a = np.array(rows)
+    got, want = rank_rows(a, method), stats.rankdata(a, method=method, axis=-1)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_one_case_estimate_never_imports_scipy_stats():
+    """The failure benchmark of one case (``protoseg demo``) ranks without scipy.stats."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from engine.quality.failure import failure_benchmark; "
+            "failure_benchmark({'e': np.array([0.7])}, np.array([0.9]), n_boot=50); "
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

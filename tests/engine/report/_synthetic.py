@@ -104,9 +104,9 @@ def build_store(tmp_path: Path, **kw) -> Store:
     store.maps_read = []
     read = store.maps
 
-    def recording(case_id):
+    def recording(case_id, names=None):
         store.maps_read.append(case_id)
-        return read(case_id)
+        return read(case_id, names)
 
     store.maps = recording
     return store
