@@ -61,7 +61,9 @@ SHARD_GLOB = "part-chunk-*.h5"
 _COPY_ROWS = 4096  # cases copied at a time when assembling (bounds memory)
 #: Bytes of source rows held at a time when assembling: the rows read while the sources are
 #: checked, and those of one block of cases copied (bounds memory with wide unit scores).
-_COPY_BYTES = 64 * 2**20
+_COPY_BYTES = 4 * 2**20
+#: Sources copied at a time when assembling (each open file holds HDF5's caches: bounds memory).
+_COPY_SOURCES = 4
 #: Datasets that are not per-case arrays of the scores (never copied by row).
 _NOT_ROWS = ("maps/", "layers/", "estimates/")
 #: Per-case datasets that parts and stores of older protoseg versions lack, and the value
@@ -253,7 +255,9 @@ def _common_schema(sources: list[_Source]) -> dict[str, tuple[np.dtype[Any], tup
 
 def _blocks(sources: list[_Source], per_block: int) -> list[list[tuple[int, int, int]]]:
     """``(source, first row, end row)`` segments in source order, grouped so that each
-    group holds at most ``per_block`` rows (a source may span groups)."""
+    group holds at most ``per_block`` rows (a source may span groups) and at most
+    :data:`_COPY_SOURCES` segments (the sources not held in memory are open while their group
+    is copied: each open HDF5 file costs its caches)."""
     blocks: list[list[tuple[int, int, int]]] = []
     cur: list[tuple[int, int, int]] = []
     n = 0
@@ -264,7 +268,7 @@ def _blocks(sources: list[_Source], per_block: int) -> list[list[tuple[int, int,
             cur.append((si, b0, b0 + take))
             n += take
             b0 += take
-            if n == per_block:
+            if n == per_block or len(cur) == _COPY_SOURCES:
                 blocks.append(cur)
                 cur, n = [], 0
     if cur:
