@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "protoseg": "engine.scores",
     "sa_scores": "engine.scores",
     "dice": "engine.scores",
+    "reuse_guide_weights": "engine.scores",
     "ProtoSegResult": "engine.scores",
     "SAScores": "engine.scores",
     "Status": "engine.status",
