@@ -964,6 +964,12 @@ def demo(out_dir: Path, level: str, provider: str, quiet: bool, as_json: bool) -
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     say(f"model: {DEMO_MODEL.relative_to(DATA_DIR.parent.parent) if DEMO_MODEL.is_relative_to(DATA_DIR.parent.parent) else DEMO_MODEL}")
     say("data:  Colin27 T1 MRI + brain mask (181x217x181)")
+    # a cold Numba cache (first run after installing): the demo's kernels compiled on two
+    # cores at once before scoring, instead of one after the other as each is first met
+    from engine._kernels.warm import precompile
+
+    if precompile():
+        say("compiled the kernels (first run; later runs load them from the cache)")
     update, close = _progress(quiet or as_json, "scoring")
     try:
         # one scoring pass, label-free (guide = reference = the prediction, SPEC §4): the

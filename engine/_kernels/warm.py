@@ -1,0 +1,151 @@
+"""Compile a run's kernels on two cores before its first batch (a cold Numba cache).
+
+Numba compiles a kernel the first time it meets a signature, one kernel after the other, on
+one core. On a cold cache (a fresh install, a new ``NUMBA_CACHE_DIR``) that serial compile
+was most of a first ``protoseg demo``'s extra time (about 12 s on 2 cores, led by the
+channels-last guide weights, see ``benchmarks/RESULTS.md``). :func:`precompile` splits the
+kernels a channels-last 3-D run meets into two groups of about the same compile time: a child
+process compiles one (the guide weights, the resize, the baselines, the float16 maps) while
+this process compiles the other (prototype sums, projection, decisions, unit counts, Dice);
+both write Numba's on-disk cache, so the run then loads every kernel from it.
+
+Each group calls the kernels through the same preparation as the engine (``scores._prepare``
+on tiny arrays of the run's dtype and layout), so the compiled signatures are the run's; a
+test runs the demo's calls in a fresh process after :func:`precompile` and checks that every
+kernel came from the cache. Nothing here changes a result: at worst (a signature not met, the
+child failing or too slow) a kernel is compiled lazily, as without it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = ["precompile", "cache_is_cold"]
+
+#: Seconds to wait for the child's group before going on without it.
+_CHILD_TIMEOUT = 300.0
+
+
+def _tiny(identity: bool, channels: int = 3) -> Any:
+    """A prepared tiny channels-last 3-D case (``scores._prepare``): features float32
+    (1, 3, 3, 3, C) resized to a (6, 6, 6) guide, or on the guide's grid with ``identity``."""
+    from engine.scores import _prepare
+
+    side = 6 if identity else 3
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((1, side, side, side, channels)).astype(np.float32)
+    g = np.zeros((1, 6, 6, 6), np.float32)
+    g[0, 1:4, 1:5, 2:5] = 1.0
+    return _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_last")
+
+
+def _group_child() -> None:
+    """The child's kernels: guide weights (resized and identity grids), the linear resize of
+    images, the label-free baselines, the float16 maps."""
+    from engine._kernels import channels_last as cl
+    from engine.quality import baselines
+    from engine.resize import resize_linear
+
+    for identity in (False, True):
+        p = _tiny(identity)
+        cl.guide_weights(p.g, p.m, p.has_mask, p.identity, p.src, p.weights)
+    resize_linear(np.zeros((1, 5, 6, 7), np.float32), (4, 4, 4))  # (C, Z, Y, X) image to the input size
+    prob = np.full((1, 1, 4, 4, 4), 0.25, np.float32)  # (B, classes, Z, Y, X), one class taken
+    baselines(prob[:, 0], threshold=0.5)
+    from engine.run.batch import _map16
+
+    _map16(np.full((1, 2, 2, 2), 0.25, np.float32))
+
+
+def _group_main() -> None:
+    """This process's kernels: prototype sums, projection, decisions, unit counts and Dice,
+    on a resized and an identity grid, given guide weights of the right types (the child
+    computes the real ones)."""
+    from engine._kernels import channels_last as cl
+    from engine._kernels import units
+    from engine._kernels.fused import _MODE_GUIDE, _MODE_WEIGHTS
+    from engine.scores import _finish, _unit_block
+
+    for identity in (False, True):
+        p = _tiny(identity)
+        B, S, C = p.cl.shape
+        src_size = int(np.prod(p.src))
+        n = 0 if identity else src_size
+        gw = (np.full((B, n), 0.5), np.full((B, n), 0.5),
+              np.full(B, _MODE_GUIDE if identity else _MODE_WEIGHTS, dtype=np.int64),
+              np.ones((B, 3)), np.zeros(B, dtype=np.int64))
+        P, N, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B)
+        status, bad = np.empty(B, dtype=np.uint8), np.zeros(B, dtype=np.int64)
+        z = np.empty((B, S))
+        cl.prototypes(p.cl, p.g, p.m, p.has_mask, gw, True, P, N, status, mid, bad, z)
+        counts = [np.zeros(B, dtype=np.int64) for _ in range(3)]
+        cl.decide(z, mid, status, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights,
+                  *counts, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+        upos = np.zeros((B, C), dtype=np.int64)
+        utp = np.zeros((B, C), dtype=np.int64)
+        units.unit_counts(p.F, p.ref, p.identity, p.channels_last, _unit_block(B, C), p.weights,
+                          np.zeros((B, C)), np.ones((B, C)), np.ones(B, dtype=bool), upos, utp)
+        _finish(status, upos, utp, counts[2], "nan", "unit")
+
+
+def _child_main() -> None:  # pragma: no cover - runs in the child process
+    try:
+        _group_child()
+    except Exception:  # noqa: BLE001 - the run compiles lazily what this did not
+        pass
+
+
+def cache_is_cold() -> bool:
+    """True when the heaviest kernel of a channels-last run (the guide weights) has no
+    on-disk cache index yet: Numba's cache folder was never filled for this install."""
+    from engine._kernels import channels_last as cl
+
+    try:
+        index = cl.weights_range._cache._cache_file._index_path  # Numba's cache locator
+    except AttributeError:  # another Numba's internals: say warm, compile lazily
+        return False
+    return not os.path.exists(index)
+
+
+def precompile(*, force: bool = False) -> bool:
+    """Compile the kernels of a channels-last 3-D float32 run on two processes at once.
+
+    Parameters
+    ----------
+    force : bool, default False
+        Compile even when :func:`cache_is_cold` says the cache is filled.
+
+    Returns
+    -------
+    bool
+        True when the two groups were compiled here (the cache was cold, or ``force``).
+
+    Notes
+    -----
+    With one CPU, or a warm cache, it returns False at once. The child is a fresh
+    interpreter (``python -c``: it shares nothing but the environment, hence
+    ``NUMBA_CACHE_DIR``, and never re-runs the caller's ``__main__``); its failure or a
+    timeout (``_CHILD_TIMEOUT``) only leaves its kernels to be compiled lazily.
+    """
+    if (os.cpu_count() or 1) < 2 or not (force or cache_is_cold()):
+        return False
+    try:
+        child: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-c", "from engine._kernels.warm import _child_main; _child_main()"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # no interpreter to start: this process's group only
+        child = None
+    try:
+        _group_main()
+    finally:
+        if child is not None:
+            try:
+                child.wait(_CHILD_TIMEOUT)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a stuck compile: go on without it
+                child.kill()
+                child.wait()
+    return True
