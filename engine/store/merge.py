@@ -77,15 +77,20 @@ def list_part_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.h5"))
 
 
+def _part_ids(f: h5py.File) -> tuple[list[str], np.ndarray | None]:
+    """Case ids (and dataset indices) of an open part or store; raises when damaged."""
+    check_encoding(f, (PART_TYPE, STORE_TYPE))
+    if f.attrs.get("complete", 1) != 1:
+        raise ValueError("part is not marked complete")
+    ids = [str(c) for c in read_array(f["cases/id"])]
+    index = read_array(f["cases/index"]) if "cases/index" in f else None
+    return ids, index
+
+
 def read_part_ids(path: Path) -> tuple[list[str], np.ndarray | None]:
     """Case ids (and dataset indices) of a part or store; raises when damaged."""
     with open_h5(path, "r") as f:
-        check_encoding(f, (PART_TYPE, STORE_TYPE))
-        if f.attrs.get("complete", 1) != 1:
-            raise ValueError("part is not marked complete")
-        ids = [str(c) for c in read_array(f["cases/id"])]
-        index = read_array(f["cases/index"]) if "cases/index" in f else None
-        return ids, index
+        return _part_ids(f)
 
 
 def _row_names(f: h5py.File) -> list[str]:
@@ -174,11 +179,7 @@ def _scan(path: Path, budget: int) -> tuple[_Source, int]:
     """Open ``path`` once: its ids, indices, per-case datasets, and their rows when their
     bytes fit ``budget``; returns the source and the bytes it holds."""
     with open_h5(path, "r") as f:
-        check_encoding(f, (PART_TYPE, STORE_TYPE))
-        if f.attrs.get("complete", 1) != 1:
-            raise ValueError("part is not marked complete")
-        ids = [str(c) for c in read_array(f["cases/id"])]
-        index = read_array(f["cases/index"]) if "cases/index" in f else None
+        ids, index = _part_ids(f)
         schema: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
         dsets = {}
         for name in _row_names(f):  # low-level: h5py's objects cost more than the reads
