@@ -30,17 +30,15 @@ __all__ = ["precompile", "cache_is_cold"]
 _CHILD_TIMEOUT = 300.0
 
 
-def _tiny(identity: bool, channels: int = 3) -> Any:
-    """A prepared tiny channels-last 3-D case (``scores._prepare``): features float32
-    (1, 3, 3, 3, C) resized to a (6, 6, 6) guide, or on the guide's grid with ``identity``."""
-    from engine.scores import _prepare
-
+def _tiny(identity: bool, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny channels-last 3-D case: features float32 (1, 3, 3, 3, C) to be resized to a
+    (6, 6, 6) guide (float32, binary), or on the guide's grid with ``identity``."""
     side = 6 if identity else 3
     rng = np.random.default_rng(0)
     f = rng.standard_normal((1, side, side, side, channels)).astype(np.float32)
     g = np.zeros((1, 6, 6, 6), np.float32)
     g[0, 1:4, 1:5, 2:5] = 1.0
-    return _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_last")
+    return f, g
 
 
 def _group_child() -> None:
@@ -49,47 +47,40 @@ def _group_child() -> None:
     from engine._kernels import channels_last as cl
     from engine.quality import baselines
     from engine.resize import resize_linear
+    from engine.run.batch import _map16
+    from engine.scores import _prepare
 
     for identity in (False, True):
-        p = _tiny(identity)
+        f, g = _tiny(identity)
+        p = _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_last")
         cl.guide_weights(p.g, p.m, p.has_mask, p.identity, p.src, p.weights)
     resize_linear(np.zeros((1, 5, 6, 7), np.float32), (4, 4, 4))  # (C, Z, Y, X) image to the input size
     prob = np.full((1, 1, 4, 4, 4), 0.25, np.float32)  # (B, classes, Z, Y, X), one class taken
     baselines(prob[:, 0], threshold=0.5)
-    from engine.run.batch import _map16
-
     _map16(np.full((1, 2, 2, 2), 0.25, np.float32))
 
 
 def _group_main() -> None:
-    """This process's kernels: prototype sums, projection, decisions, unit counts and Dice,
-    on a resized and an identity grid, given guide weights of the right types (the child
-    computes the real ones)."""
-    from engine._kernels import channels_last as cl
-    from engine._kernels import units
+    """This process's kernels: everything ``sa_scores(level="both")`` runs on a resized and an
+    identity grid but the guide weights (the child's), which are handed to it as a
+    :func:`engine.scores.reuse_guide_weights` entry of the right types."""
     from engine._kernels.fused import _MODE_GUIDE, _MODE_WEIGHTS
-    from engine.scores import _finish, _unit_block
+    from engine.scores import _GUIDE_WEIGHTS, _prepare, reuse_guide_weights, sa_scores
 
     for identity in (False, True):
-        p = _tiny(identity)
-        B, S, C = p.cl.shape
-        src_size = int(np.prod(p.src))
-        n = 0 if identity else src_size
-        gw = (np.full((B, n), 0.5), np.full((B, n), 0.5),
-              np.full(B, _MODE_GUIDE if identity else _MODE_WEIGHTS, dtype=np.int64),
-              np.ones((B, 3)), np.zeros(B, dtype=np.int64))
-        P, N, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B)
-        status, bad = np.empty(B, dtype=np.uint8), np.zeros(B, dtype=np.int64)
-        z = np.empty((B, S))
-        cl.prototypes(p.cl, p.g, p.m, p.has_mask, gw, True, P, N, status, mid, bad, z)
-        counts = [np.zeros(B, dtype=np.int64) for _ in range(3)]
-        cl.decide(z, mid, status, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights,
-                  *counts, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
-        upos = np.zeros((B, C), dtype=np.int64)
-        utp = np.zeros((B, C), dtype=np.int64)
-        units.unit_counts(p.F, p.ref, p.identity, p.channels_last, _unit_block(B, C), p.weights,
-                          np.zeros((B, C)), np.ones((B, C)), np.ones(B, dtype=bool), upos, utp)
-        _finish(status, upos, utp, counts[2], "nan", "unit")
+        f, g = _tiny(identity)
+        ref = g > 0.5
+        with reuse_guide_weights():
+            p = _prepare(f, g, ref, None, resize="upsample", layout="channels_last")
+            B = p.g.shape[0]
+            n = 0 if p.identity else int(np.prod(p.src))
+            gw = (np.full((B, n), 0.5), np.full((B, n), 0.5),
+                  np.full(B, _MODE_GUIDE if p.identity else _MODE_WEIGHTS, dtype=np.int64),
+                  np.ones((B, 3)), np.zeros(B, dtype=np.int64))
+            cache = _GUIDE_WEIGHTS.get()
+            assert cache is not None
+            cache[p.key] = (*p.held, gw)
+            sa_scores(f, g, ref, level="both", layout="channels_last")
 
 
 def _child_main() -> None:  # pragma: no cover - runs in the child process
