@@ -63,9 +63,20 @@ def _many_layer_store(tmp_path, classes=(1,)):
     return open_store(path)
 
 
-def test_report_reads_only_drawn_maps_and_draws_the_same(tmp_path):
+def test_report_reads_only_drawn_maps_and_draws_the_same(tmp_path, monkeypatch):
     """Issue 15: the map figure reads the entries it draws (8 of 11 layers, 3 of 4 units each)
     in one read per case, and the report is the same as when every map is read."""
+    import datetime as dt
+    import types
+
+    from engine.report import html
+
+    class _Fixed(dt.datetime):  # the footer's time: both reports written "at once"
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, tzinfo=tz)
+
+    monkeypatch.setattr(html, "_dt", types.SimpleNamespace(datetime=_Fixed, timezone=dt.timezone))
     for classes in ((1,), (1, 2)):
         store = _many_layer_store(tmp_path / f"k{len(classes)}", classes)
         read, names_read = store.maps, []
