@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     # kernels' public drivers (SPEC §1-3)
     "protoseg": "engine.scores",
     "sa_scores": "engine.scores",
+    "sa_scores_concat": "engine.scores",
     "dice": "engine.scores",
     "reuse_guide_weights": "engine.scores",
     "ProtoSegResult": "engine.scores",
@@ -30,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "expose": "engine.model.graph",
     "plan_passes": "engine.model.graph",
     "require_hidden": "engine.model.graph",
+    "concat_blocks": "engine.model.graph",
     "Session": "engine.model.session",
     "make_session": "engine.model.session",
     "cuda_usable": "engine.model.session",

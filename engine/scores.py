@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -29,7 +29,7 @@ from engine._kernels import counting, fused, general, units
 from engine.errors import NonFiniteFeaturesError
 from engine.status import Status
 
-__all__ = ["protoseg", "sa_scores", "dice", "reuse_guide_weights", "ProtoSegResult", "SAScores"]
+__all__ = ["protoseg", "sa_scores", "sa_scores_concat", "dice", "reuse_guide_weights", "ProtoSegResult", "SAScores"]
 
 _LAYOUTS = ("channels_first", "channels_last")
 _RESIZES = ("upsample", "downsample")
@@ -393,6 +393,34 @@ def _unit_block(batch: int, channels: int) -> int:
     return max(1, min(_UNIT_BLOCK, -(-channels // per_sample)))
 
 
+def _cl_layer(p: _Prepared, want_z: bool) -> tuple[np.ndarray, ...]:
+    """Channels-last prototypes ``(P, N, status, mid, z)``: ``mid`` the decision threshold and,
+    with ``want_z``, ``z = F·(P-N)`` on the source grid, (B, S) float64 (else (B, 0))."""
+    assert p.cl is not None
+    B, S, C = p.cl.shape
+    P = np.empty((B, C))
+    N = np.empty((B, C))
+    status = np.empty(B, dtype=np.uint8)
+    bad = np.zeros(B, dtype=np.int64)
+    mid = np.empty(B)
+    z = np.empty((B, S if want_z else 0))
+    _cl.prototypes(p.cl, p.g, p.m, p.has_mask, _guide_weights(p), want_z, P, N, status, mid, bad, z)
+    _check_deferred(p, bad)
+    return P, N, status, mid, z
+
+
+def _cl_counts(p: _Prepared, ref: np.ndarray, z: np.ndarray, mid: np.ndarray,
+               status: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer-level counts ``(npos, tp, ny)`` of the decisions ``R z > mid`` against ``ref``."""
+    B = z.shape[0]
+    npos = np.zeros(B, dtype=np.int64)
+    tp = np.zeros(B, dtype=np.int64)
+    ny = np.zeros(B, dtype=np.int64)
+    _cl.decide(z, mid, status, ref, True, False, p.identity, p.src, ref.shape[1:], p.weights,
+               npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+    return npos, tp, ny
+
+
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
     """Prototypes, status and (with ``do_counts``) layer-level counts; also ``|ref|`` per sample."""
     B, C = p.F.shape[0], p.F.shape[4 if p.channels_last else 1]
@@ -403,15 +431,9 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
     tp = np.zeros(B, dtype=np.int64)
     ny = np.zeros(B, dtype=np.int64)
     if p.cl is not None:
-        bad = np.zeros(B, dtype=np.int64)
-        mid = np.empty(B)
-        z = np.empty((B, p.cl.shape[1] if do_counts else 0))
-        _cl.prototypes(p.cl, p.g, p.m, p.has_mask, _guide_weights(p), do_counts,
-                       P, N, status, mid, bad, z)
-        _check_deferred(p, bad)
+        P, N, status, mid, z = _cl_layer(p, do_counts)
         if do_counts:
-            _cl.decide(z, mid, status, ref, True, False, p.identity, p.src, ref.shape[1:], p.weights,
-                       npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+            npos, tp, ny = _cl_counts(p, ref, z, mid, status)
         else:
             ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
     elif p.flat is not None:
@@ -635,12 +657,176 @@ def sa_scores(
     layer = _finish(status, npos, tp, ny, empty, "layer")
     if level == "layer":
         return layer
+    upos, utp = _unit_counts(p, P, N, status)
+    unit = _finish(status, upos, utp, ny, empty, "unit")
+    return unit if level == "unit" else (layer, unit)
+
+
+def _unit_counts(p: _Prepared, P: np.ndarray, N: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-level (positives, positives in the reference), (B, C) each."""
+    B, C = P.shape
     upos = np.zeros((B, C), dtype=np.int64)
     utp = np.zeros((B, C), dtype=np.int64)
     units.unit_counts(p.F, p.ref, p.identity, p.channels_last, _unit_block(B, C), p.weights, P, N,
                       status == Status.OK, upos, utp)
-    unit = _finish(status, upos, utp, ny, empty, "unit")
-    return unit if level == "unit" else (layer, unit)
+    return upos, utp
+
+
+def sa_scores_concat(
+    blocks: Sequence[Any],
+    guide: Any,
+    reference: Any,
+    *,
+    whole: Any = None,
+    mask: Any = None,
+    level: str = "layer",
+    resize: str = "upsample",
+    layout: str = "channels_first",
+    empty: str = "nan",
+    nonfinite: str = "raise",
+    extent: Any = None,
+) -> tuple[list[Any], Any]:
+    """SA scores of several tensors and of their concatenation along the channels, for the
+    price of the tensors alone.
+
+    A U-Net's skip connection concatenates two tensors that are scored on their own too. The
+    concatenation's prototypes are the blocks' prototypes side by side and its scalar map
+    ``F·(P-N)`` is the sum of the blocks' maps, so it is scored without reading its features
+    again: for the deepbrain 3-D U-Net a third of the hidden bytes (``benchmarks/RESULTS.md``,
+    "Concatenations scored from their parts").
+
+    Parameters
+    ----------
+    blocks : sequence of array_like
+        The tensors, in the concatenation's channel order; one batch and grid.
+    guide, reference, mask, level, resize, layout, empty, nonfinite, extent
+        As in :func:`sa_scores`, shared by every block.
+    whole : array_like, optional
+        The concatenation itself when the caller has it: scored directly where the blocks
+        are not stored channels-last (their maps are not kept there), instead of a copy made
+        by ``np.concatenate``.
+
+    Returns
+    -------
+    (list, result)
+        One :func:`sa_scores` result per block, and the concatenation's.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`sa_scores`; blocks of different batch or spatial shapes, an empty list, or
+        a ``whole`` whose shape is not the blocks' side by side.
+    NonFiniteFeaturesError
+        As :func:`sa_scores` (``nonfinite="raise"``), with ``block`` set to the index of the
+        first block holding the NaN or Inf.
+
+    Notes
+    -----
+    The blocks' results are :func:`sa_scores`' own. The concatenation's prototypes, threshold
+    and unit scores are bit for bit those of ``sa_scores(np.concatenate(blocks, axis))``;
+    its layer map sums the same products in another order, so a position whose two distances
+    tie to the last bit of float64 may fall on the other side (the direct computation's
+    rounding decides those too).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.random((1, 8, 8, 2), dtype=np.float32)
+    >>> b = rng.random((1, 8, 8, 3), dtype=np.float32)
+    >>> g = np.zeros((1, 8, 8), np.float32); g[0, 2:6, 2:6] = 1
+    >>> each, both = sa_scores_concat([a, b], g, g > 0, layout="channels_last")
+    >>> direct = sa_scores(np.concatenate([a, b], axis=-1), g, g > 0, layout="channels_last")
+    >>> bool(np.array_equal(both.score, direct.score)), len(each)
+    (True, 2)
+    """
+    check_choice(level, "level", _LEVELS)
+    check_choice(empty, "empty", _EMPTY)
+    check_choice(nonfinite, "nonfinite", _NONFINITE)
+    check_choice(layout, "layout", _LAYOUTS)
+    if reference is None:
+        raise TypeError("reference is required; received None; pass the binary reference map")
+    arrays = [as_array(b, f"blocks[{i}]") for i, b in enumerate(blocks)]
+    if not arrays:
+        raise ValueError("blocks is empty; pass the tensors that were concatenated, in channel order")
+    cax = 1 if layout == "channels_first" else -1
+    shapes = {a.shape[:cax] + (a.shape[cax + 1:] if cax == 1 else ()) for a in arrays}
+    if len(shapes) != 1 or len({a.ndim for a in arrays}) != 1:
+        raise ValueError(f"blocks must share their batch and spatial shape ({layout}); received shapes "
+                         f"{[a.shape for a in arrays]}")
+    kw: dict[str, Any] = {"mask": mask, "level": level, "resize": resize, "layout": layout, "empty": empty,
+                          "nonfinite": nonfinite, "extent": extent}
+    cat_shape = list(arrays[0].shape)
+    cat_shape[cax] = sum(a.shape[cax] for a in arrays)
+    if whole is not None and tuple(as_array(whole, "whole").shape) != tuple(cat_shape):
+        raise ValueError(f"whole has shape {as_array(whole, 'whole').shape}, but the blocks side by side "
+                         f"have {tuple(cat_shape)}; pass their concatenation along the channels or None")
+    ps = [_prepare(a, guide, reference, mask, resize=resize, layout=layout, extent=extent) for a in arrays]
+    if not all(p.cl is not None for p in ps):  # no source-grid map to add: score the whole directly
+        each = []
+        for i, a in enumerate(arrays):
+            try:
+                each.append(sa_scores(a, guide, reference, **kw))
+            except NonFiniteFeaturesError as exc:
+                exc.block = i  # type: ignore[attr-defined]
+                raise
+        cat = whole if whole is not None else np.concatenate(arrays, axis=cax)
+        return each, sa_scores(cat, guide, reference, **kw)
+
+    do_layer = level in ("layer", "both")
+    do_unit = level in ("unit", "both")
+    each = []
+    kept = []
+    ny = None
+    for i, p in enumerate(ps):
+        assert p.ref is not None
+        P, N, status, mid, z = _cl_layer(p, do_layer)
+        if nonfinite == "raise":
+            try:
+                _raise_nonfinite(status)
+            except NonFiniteFeaturesError as exc:
+                exc.block = i  # type: ignore[attr-defined]
+                raise
+        B = status.shape[0]
+        if do_layer:
+            npos, tp, ny = _cl_counts(p, p.ref, z, mid, status)
+        elif ny is None:
+            ny = p.ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+        layer = _finish(status, npos, tp, ny, empty, "layer") if do_layer else None
+        upos = utp = None
+        if do_unit:
+            upos, utp = _unit_counts(p, P, N, status)
+        unit = _finish(status, upos, utp, ny, empty, "unit") if do_unit else None
+        each.append(layer if level == "layer" else (unit if level == "unit" else (layer, unit)))
+        kept.append((P, N, status, z, upos, utp))
+
+    # the concatenation: a sample is NONFINITE when any block is; otherwise every block has
+    # the guide's own status (its sums are shared), which block 0 gives
+    status = kept[0][2].copy()
+    for _, _, st, _, _, _ in kept[1:]:
+        status[st == _NONFINITE_CODE] = _NONFINITE_CODE
+    ok = status == Status.OK
+    assert ny is not None
+    layer = unit = None
+    if do_layer:
+        P = np.concatenate([k[0] for k in kept], axis=1)
+        N = np.concatenate([k[1] for k in kept], axis=1)
+        D = np.where(ok[:, None], P - N, 0.0)  # the threshold exactly as _cl.prototypes has it
+        mid = 0.5 * np.where(ok, (D * np.where(ok[:, None], P + N, 0.0)).sum(axis=1), 0.0)
+        z = kept[0][3]  # block 0's map, already counted: the sum is made in place
+        for k in kept[1:]:
+            z += k[3]
+        npos, tp, ny_ = _cl_counts(ps[0], ps[0].ref, z, mid, status)
+        layer = _finish(status, npos, tp, ny_, empty, "layer")
+    if do_unit:
+        upos = np.concatenate([k[4] for k in kept], axis=1)
+        utp = np.concatenate([k[5] for k in kept], axis=1)
+        upos[~ok] = 0
+        utp[~ok] = 0
+        unit = _finish(status, upos, utp, ny, empty, "unit")
+    if nonfinite == "raise":
+        _raise_nonfinite(status)
+    return each, (layer if level == "layer" else (unit if level == "unit" else (layer, unit)))
 
 
 def dice(binary: Any, reference: Any, *, empty: str = "nan", batch: bool = False) -> float | np.ndarray:

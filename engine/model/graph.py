@@ -42,6 +42,7 @@ __all__ = [
     "available_memory",
     "activation_bytes",
     "output_path_tensors",
+    "concat_blocks",
 ]
 
 logger = logging.getLogger("protoseg")
@@ -647,3 +648,88 @@ def output_path_tensors(model: Any, output: str) -> list[str]:
         cur = node.input[0]
         names.append(cur)
     return names
+
+
+def _perm(node: onnx.NodeProto) -> tuple[int, ...] | None:
+    """A Transpose node's ``perm`` (None when absent: the reversal, not a layout change we match)."""
+    for a in node.attribute:
+        if a.name == "perm":
+            return tuple(int(v) for v in a.ints)
+    return None
+
+
+def _spatial(t: HiddenTensor) -> tuple[Dim, ...]:
+    """``t``'s shape without its batch and channel axes."""
+    return tuple(t.shape[1:-1]) if _channels_last(t.layout) else tuple(t.shape[2:])
+
+
+def concat_blocks(model: Any, tensors: Sequence[HiddenTensor]) -> dict[str, tuple[str, ...]]:
+    """Tensors of ``tensors`` that are others of ``tensors`` side by side along the channels.
+
+    A U-Net's skip connections concatenate the upsampled decoder features with the
+    encoder's (``torch.cat``, Keras ``Concatenate``). When the parts are scored too, the
+    concatenation's prototypes are theirs side by side and its scalar map ``F·(P-N)`` the sum
+    of theirs, so its features need not be read again
+    (:func:`engine.scores.sa_scores_concat`; a third of the deepbrain U-Net's hidden bytes).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        The model the tensors were listed from.
+    tensors : sequence of HiddenTensor
+        The tensors scored (a group is made only of these).
+
+    Returns
+    -------
+    dict
+        Name of a concatenation → its parts' names in channel order. A tensor qualifies when
+        it is a ``Concat`` along its own channel axis whose inputs are all tensors of
+        ``tensors`` with its layout and spatial shape, read either directly or through one
+        ``Transpose`` with the same ``perm`` on both sides (tf2onnx computes NCDHW and names
+        NDHWC tensors). A tensor is a part of one group at most, and a group's parts are not
+        groups themselves; every other tensor is scored on its own.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    by_name = {t.name: t for t in tensors}
+    groups: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for t in tensors:
+        node = producer.get(t.name)
+        if node is None or t.name in used or not t.shape:
+            continue
+        perm = None
+        if node.op_type == "Transpose":
+            perm = _perm(node)
+            node = producer.get(node.input[0]) if perm is not None else None
+        if node is None or node.op_type != "Concat":
+            continue
+        rank = len(t.shape)
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), None)
+        if axis is None:
+            continue
+        axis = axis + rank if axis < 0 else axis
+        out_axis = axis if perm is None else (perm.index(axis) if axis in perm else -1)
+        if out_axis != (rank - 1 if _channels_last(t.layout) else 1):
+            continue
+        parts: list[str] = []
+        for x in node.input:
+            if perm is None:
+                name = x if x in by_name else None
+            else:
+                name = next((c.output[0] for c in consumers.get(x, ())
+                             if c.op_type == "Transpose" and _perm(c) == perm and c.output[0] in by_name), None)
+            p = by_name.get(name) if name is not None else None
+            if (p is None or p.name == t.name or p.name in used or p.name in groups or p.name in parts
+                    or p.layout != t.layout or _spatial(p) != _spatial(t) or len(p.shape) != rank):
+                parts = []
+                break
+            parts.append(p.name)
+        if len(parts) >= 2:
+            groups[t.name] = tuple(parts)
+            used.update(parts)
+    return groups

@@ -27,7 +27,7 @@ from engine.model.shapes import accepted_multiple, size_message
 from engine.resize import resize_linear, resize_nearest
 from engine.run.options import BEST_UNIT_MAPS
 from engine.run.plan import Pass, Plan
-from engine.scores import dice, protoseg, reuse_guide_weights, sa_scores
+from engine.scores import dice, protoseg, reuse_guide_weights, sa_scores, sa_scores_concat
 from engine.status import Status
 from engine.store import BatchResult, ScoreBlock
 from engine.store.batch import CaseGrid
@@ -368,6 +368,39 @@ def _score_tensor(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feat
         _put_sa(layer, units, res, level, (ok, k, li), nb)
 
 
+def _pass_groups(plan: Plan, p: Any) -> dict[str, tuple[str, ...]]:
+    """The pass's concatenations scored from their parts: every member in the pass, on the CPU."""
+    if plan.device is not None or not plan.concat_groups:
+        return {}
+    names = {t.name for t in p.tensors}
+    return {w: parts for w, parts in plan.concat_groups.items() if w in names and names.issuperset(parts)}
+
+
+def _score_concat(plan: Plan, cases: Sequence[Case], ok: list[int], whole: str, parts: tuple[str, ...],
+                  out: dict[str, Any], tg: _Targets, layer: ScoreBlock, units: dict[int, ScoreBlock],
+                  nb: int) -> None:
+    """Score a concatenation and its parts in one call (:func:`engine.scores.sa_scores_concat`):
+    the concatenation's features are not read again."""
+    o = plan.options
+    level = "both" if (o.want_unit and o.want_layer) else ("unit" if o.want_unit else "layer")
+    feats = [plan.card.to_channels_first(out[n], n) for n in parts]
+    cat = plan.card.to_channels_first(out[whole], whole)
+    for k in range(len(plan.classes)):
+        try:
+            each, res = sa_scores_concat(feats, tg.guides[k], tg.refs[k], whole=cat, level=level,
+                                         resize=o.resize, empty=o.empty, nonfinite=o.nonfinite,
+                                         extent=tg.extent)
+        except NonFiniteFeaturesError as exc:
+            c = cases[ok[exc.sample]]
+            block = getattr(exc, "block", None)
+            name = whole if block is None else parts[block]
+            layer_name = plan.layers[plan.layer_index[name]]["layer"]
+            raise CaseError(f"tensor {name!r} (layer {layer_name}): {exc}", case_id=str(c.id),
+                            path=str(c.path), tensor=name) from exc
+        for name, r in zip((*parts, whole), (*each, res)):
+            _put_sa(layer, units, r, level, (ok, k, plan.layer_index[name]), nb)
+
+
 def _tensor_maps(plan: Plan, t: Any, feats: np.ndarray, tg: _Targets, j: int,
                  unit_row: ScoreBlock | None, row: int) -> dict[str, Any]:
     """Saved maps of one tensor for the case at row ``j`` of the scorable cases."""
@@ -471,12 +504,20 @@ def _score_part(plan: Plan, cases: Sequence[Case], inp: _Inputs, acc: _Acc) -> N
     for p in plan.passes:
         if p is not first:  # one pass's activations alive at a time
             out = _run(p, plan, inp.x, cases, ok)
+        groups = _pass_groups(plan, p)  # concatenations scored with their parts, at the first met
+        group_of = {n: w for w, parts in groups.items() for n in (w, *parts)}
+        done: set[str] = set()
         for t in p.tensors:
             if plan.device is None:
                 feats = plan.card.to_channels_first(out[t.name], t.name)
             else:  # GPU data path (issue 19): a device view of the OrtValue, no copy
                 feats = plan.device.features(out[t.name], name=t.name, layout=plan.card.layout_of(t.name))
-            _score_tensor(plan, cases, ok, t, feats, tg, acc.layer, acc.units, nb)
+            w = group_of.get(t.name)
+            if w is None:
+                _score_tensor(plan, cases, ok, t, feats, tg, acc.layer, acc.units, nb)
+            elif t.name not in done:
+                _score_concat(plan, cases, ok, w, groups[w], out, tg, acc.layer, acc.units, nb)
+                done.update((w, *groups[w]))
             if acc.label_free is not None:
                 _score_label_free(plan, cases, ok, t, feats, tg, acc.label_free)
             if map_rows and isinstance(feats, DeviceTensor):

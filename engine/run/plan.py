@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from engine.datasets import open_dataset
 from engine.errors import option
 from engine.gpu import DeviceScorer, choose_backend
 from engine.model.card import ModelCard, resolve_model_card
-from engine.model.graph import (HiddenTensor, expose, list_hidden_tensors, load_model, output_path_tensors,
-                                plan_passes, select_tensors)
+from engine.model.graph import (HiddenTensor, concat_blocks, expose, list_hidden_tensors, load_model,
+                                output_path_tensors, plan_passes, select_tensors)
 from engine.model.session import Session, make_session
 from engine.model.shapes import resolve_shapes, unresolved
 from engine.run.manifest import dataset_manifest
@@ -83,6 +83,11 @@ class Plan:
         For a model with dynamic spatial dims, the input voxels per case the passes were
         sized for (a batch of larger cases is scored in smaller parts); None when every
         tensor's size is fixed by the model.
+    concat_groups : mapping
+        Scored tensors that are other scored tensors side by side along the channels (a
+        U-Net's skip concatenations): name → the parts' names
+        (:func:`engine.model.graph.concat_blocks`). Where the parts are in the same pass,
+        the concatenation is scored from theirs (:func:`engine.scores.sa_scores_concat`).
     """
 
     options: ScoreOptions
@@ -102,6 +107,7 @@ class Plan:
     #: GPU data path (issue 19): the :class:`engine.gpu.DeviceScorer` that scores hidden
     #: tensors on the device, or None when they are scored on the CPU.
     device: Any = None
+    concat_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def provider(self) -> str:
@@ -367,5 +373,5 @@ def build_plan(model: Any, dataset: Any, options: ScoreOptions, *,
         layers=tuple(rows), layer_index={r["name"]: i for i, r in enumerate(rows)},
         classes=tuple(int(c) for c in mcard.classes), threshold=threshold,
         reference=reference, has_masks=has_masks, map_ids=map_ids, planned_voxels=planned_voxels,
-        device=device,
+        device=device, concat_groups=concat_blocks(proto, sized),
     )
