@@ -27,7 +27,13 @@ Run as a module::
   ``engine/_kernels/channels_last.py`` (e.g. ``git show HEAD:engine/_kernels/channels_last.py
   > /tmp/cl_head.py``, the ``parallel=True`` kernels ``prototypes_kernel`` and
   ``decide_kernel``) against today's, on the deepbrain shapes and on 2-D channels-last (NHWC)
-  U-Net layers (batch 8, 256² mask); results asserted equal.
+  U-Net layers (batch 8, 256² mask); results asserted equal. With ``--real``: instead, the
+  15 hidden tensors of one deepbrain volume (the shipped model on Colin27 through ONNX Runtime,
+  as ``benchmarks/pipeline.py`` runs it), guided by its own hard prediction; with ``--sums``
+  (either workload) only the prototype sums kernel ``sums_range`` (per-tile sums asserted
+  identical bit for bit); with ``--decide`` only today's ``decide`` (the counts of the
+  decisions) counting ``|ref|`` (before) against ``count_ref=False`` (after), counts asserted
+  equal.
 
 Medians of ``repeat`` interleaved calls after one warm-up; prints a Markdown table.
 """
@@ -46,6 +52,7 @@ from numba import njit, prange
 from engine import resize
 from engine._kernels import general, units
 from engine._kernels._common import _FM
+from engine._kernels._pool import parallel_for
 from engine._kernels.counting import _count
 from engine.scores import _prepare, _unit_block, protoseg, sa_scores
 from engine.status import Status
@@ -198,8 +205,26 @@ def unit_rows(repeat: int, rng: np.random.Generator) -> list[tuple[str, dict[str
     return rows
 
 
-def cl_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
-    """Layer level through an older channels_last module (loaded from ``path``) and today's."""
+def _deepbrain_tensors() -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
+    """The hidden tensors ``[(name, array)]`` of one deepbrain volume (Colin27) and the hard
+    guide (1, 128, 128, 128) float32 of its prediction."""
+    import tempfile
+
+    from benchmarks.pipeline import _prepared_batches, build_deepbrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session, batches, outputs = _prepared_batches(build_deepbrain(tmp, volumes=1))
+        out = session.run(batches[0], outputs=outputs)
+    res = out if isinstance(out, dict) else dict(zip(outputs, out))
+    guide = (res[outputs[-1]][..., 0] > 0.5).astype(np.float32)
+    return [(n, res[n]) for n in outputs[:-1]], guide
+
+
+def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = False, sums: bool = False,
+            decide: bool = False) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """Layer level through an older channels_last module (loaded from ``path``) and today's;
+    with ``real`` on one deepbrain volume's tensors, with ``sums`` the sums kernel alone, with
+    ``decide`` today's ``decide`` with and without counting ``|ref|``."""
     import importlib.util
 
     from engine._kernels import channels_last as new
@@ -221,13 +246,61 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str
     g2 = np.repeat(((yy2**2 + xx2**2) < 0.4).astype(np.float32)[None], 8, axis=0)
     work = [(f"layer {side}³×{C} → 128³", (1, side, side, side, C), g3) for side, C in DEEPBRAIN]
     work += [(f"layer NHWC {C} @ {side}² → 256² (batch 8)", (8, side, side, C), g2) for C, side in UNET]
+    if real:
+        tensors, g3 = _deepbrain_tensors()
+        work = [(f"deepbrain {name} {'×'.join(map(str, f.shape[1:]))}", f, g3) for name, f in tensors]
     rows = []
     for label, shape, g in work:
-        f = rng.normal(size=shape).astype(np.float32)
-        f[(slice(None),) + (slice(shape[1] // 5, 4 * shape[1] // 5),) * (len(shape) - 2) + (0,)] += 2.0
+        if isinstance(shape, np.ndarray):
+            f = shape
+            shape = f.shape
+        else:
+            f = rng.normal(size=shape).astype(np.float32)
+            f[(slice(None),) + (slice(shape[1] // 5, 4 * shape[1] // 5),) * (len(shape) - 2) + (0,)] += 2.0
         p = _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_last")
         B, C, S = shape[0], shape[-1], p.cl.shape[1]
         res = {}
+        if sums:
+            nt = (S + new._CL_TILE - 1) // new._CL_TILE
+            gw = new.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights)
+
+            def run(which: str) -> None:
+                part = np.empty((B, nt, 2, C))
+                kernel = old.sums_range if which == "before" else new.sums_range
+                parallel_for(kernel, B * nt, p.cl, p.g, p.m, False, gw[2], gw[0], gw[1], part, chunks_per_thread=4)
+                res[which] = part.view(np.uint64).tobytes()
+
+            run("before")
+            run("after")
+            assert res["before"] == res["after"], label
+            times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+            for _ in range(repeat):
+                times["before"].append(_timed(run, "before"))
+                times["after"].append(_timed(run, "after"))
+            rows.append((label, times))
+            continue
+        if decide:
+            P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
+            z = np.empty((B, S))
+            new.prototypes(p.cl, p.g, p.m, False, new.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights),
+                           True, P, N, st, mid, np.zeros(B, np.int64), z)
+            dummy = (np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+
+            def run(which: str) -> None:
+                cnt = [np.zeros(B, np.int64) for _ in range(3)]
+                new.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt,
+                           *dummy, count_ref=which == "before")
+                res[which] = [c.tolist() for c in cnt[:2]]
+
+            run("before")
+            run("after")
+            assert res["before"] == res["after"], label
+            times = {"before": [], "after": []}
+            for _ in range(repeat):
+                times["before"].append(_timed(run, "before"))
+                times["after"].append(_timed(run, "after"))
+            rows.append((label, times))
+            continue
 
         def run(which: str) -> None:
             P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
@@ -274,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", action="store_true", help="only the unit-level counting, before/after")
     ap.add_argument("--cl-baseline", type=Path, metavar="FILE",
                     help="only the channels-last layer level: this older channels_last.py against today's")
+    ap.add_argument("--real", action="store_true",
+                    help="with --cl-baseline: one deepbrain volume's tensors instead of random features")
+    ap.add_argument("--sums", action="store_true", help="with --cl-baseline: the prototype sums kernel alone")
+    ap.add_argument("--decide", action="store_true",
+                    help="with --cl-baseline: today's decide counting |ref| against count_ref=False")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     if a.cl_baseline is not None or a.units:
@@ -282,16 +360,18 @@ def main(argv: list[str] | None = None) -> int:
         print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
         print("|---|---|---|---|---|---|")
         tot = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
-        work = cl_rows(a.cl_baseline, a.repeat, rng) if a.cl_baseline is not None else unit_rows(a.repeat, rng)
+        work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide)
+                if a.cl_baseline is not None
+                else unit_rows(a.repeat, rng))
         for label, t in work:
             med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in t.items()}
             for k in tot:
                 tot[k][0] += med[k][0]
                 tot[k][1] += med[k][1]
             print(f"| {label} | {med['before'][0]:.4f} | {med['after'][0]:.4f} | "
-                  f"{med['before'][0] / med['after'][0]:.1f}× | {med['before'][1]:.4f} | {med['after'][1]:.4f} |")
+                  f"{med['before'][0] / med['after'][0]:.2f}× | {med['before'][1]:.4f} | {med['after'][1]:.4f} |")
         print(f"| **all** | {tot['before'][0]:.3f} | {tot['after'][0]:.3f} | "
-              f"{tot['before'][0] / tot['after'][0]:.1f}× | {tot['before'][1]:.3f} | {tot['after'][1]:.3f} |")
+              f"{tot['before'][0] / tot['after'][0]:.2f}× | {tot['before'][1]:.3f} | {tot['after'][1]:.3f} |")
         return 0
     colin = Path(__file__).resolve().parents[1] / "cli" / "data" / "colin27" / "colin27.nii.gz"
     try:

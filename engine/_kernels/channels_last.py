@@ -244,12 +244,13 @@ def interp_range(lo, hi, z, ok, Xs, ix0, wx1, A):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, do_maps, identity, Ys, Zt, Yt, Xt,
+def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, count_ref, do_maps, identity, Ys, Zt, Yt, Xt,
                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob):
     """Work items [lo, hi) = (sample, block of ``_ROWS`` target rows): the decisions
     ``R z[b] > mid[b]``; with ``do_counts`` the block's (positives, positives in ``ref``,
-    ``|ref|``) into ``cnt[b, block]``, with ``do_maps`` the binary and probability maps.
-    ``A`` holds z interpolated along x (unused on an identity grid)."""
+    ``|ref|``) into ``cnt[b, block]`` (``|ref|`` counted only with ``count_ref``, else 0), with
+    ``do_maps`` the binary and probability maps. ``A`` holds z interpolated along x (unused on
+    an identity grid)."""
     nch = cnt.shape[1]
     rows = Zt * Yt
     for i in range(lo, hi):
@@ -265,7 +266,7 @@ def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, do_maps, identity, Ys, Z
             zt = r // Yt
             yt = r - zt * Yt
             rr = ref[b, zt, yt] if do_counts else ref[0, 0, 0]
-            if do_counts:
+            if do_counts and count_ref:
                 ry = np.int32(0)
                 for x in range(Xt):
                     ry += np.int32(rr[x] != 0)
@@ -324,15 +325,18 @@ def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, do_maps, identity, Ys, Z
         cnt[b, ch, 2] = n_y
 
 
-def decide(z, mid, status, ref, do_counts, do_maps, identity, src, tgt, weights, npos, tp, ny, binary, prob):
+def decide(z, mid, status, ref, do_counts, do_maps, identity, src, tgt, weights, npos, tp, ny, binary, prob,
+           count_ref=True):
     """Decisions ``R z[b] > mid[b]`` on the (Zt, Yt, Xt) target grid.
 
     With ``do_counts``: positives, positives in ``ref`` and ``|ref|`` per sample (a sample whose
-    status is not OK has no positives). With ``do_maps``: ``binary`` and ``prob`` =
-    sigmoid(2·(R z - mid)) (False and NaN for such samples). ``z`` is (B, Zs·Ys·Xs) float64;
-    ``ref`` (B, Zt, Yt, Xt) uint8 is read only with ``do_counts``, the maps only written with
-    ``do_maps`` (the others may be empty dummies). Counts are integers, added per block after
-    the parallel part: they do not depend on the thread count.
+    status is not OK has no positives); ``count_ref=False`` leaves ``ny`` as it is, for a caller
+    that already has ``|ref|`` (the tensors of one batch share their reference: counting it
+    again cost 10-20 % of this function, ``benchmarks/volume.py --decide``). With ``do_maps``:
+    ``binary`` and ``prob`` = sigmoid(2·(R z - mid)) (False and NaN for such samples). ``z`` is
+    (B, Zs·Ys·Xs) float64; ``ref`` (B, Zt, Yt, Xt) uint8 is read only with ``do_counts``, the
+    maps only written with ``do_maps`` (the others may be empty dummies). Counts are integers,
+    added per block after the parallel part: they do not depend on the thread count.
     """
     B = z.shape[0]
     Zs, Ys, Xs = src
@@ -344,10 +348,11 @@ def decide(z, mid, status, ref, do_counts, do_maps, identity, src, tgt, weights,
         parallel_for(interp_range, B * Zs * Ys, z, ok, Xs, ix0, wx1, A, chunks_per_thread=2)
     nch = (Zt * Yt + _ROWS - 1) // _ROWS
     cnt = np.zeros((B, nch, 3), dtype=np.int64)
-    parallel_for(decide_range, B * nch, z, A, mid, ok, ref, do_counts, do_maps, identity, Ys, Zt, Yt, Xt,
-                 iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob, chunks_per_thread=4)
+    parallel_for(decide_range, B * nch, z, A, mid, ok, ref, do_counts, count_ref, do_maps, identity, Ys, Zt, Yt,
+                 Xt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob, chunks_per_thread=4)
     if do_counts:
         tot = cnt.sum(axis=1)
         npos[:] = tot[:, 0]
         tp[:] = tot[:, 1]
-        ny[:] = tot[:, 2]
+        if count_ref:
+            ny[:] = tot[:, 2]

@@ -79,7 +79,7 @@ def _group_main() -> None:
                   np.ones((B, 3)), np.zeros(B, dtype=np.int64))
             cache = _GUIDE_WEIGHTS.get()
             assert cache is not None
-            cache[p.key] = (*p.held, gw)
+            cache[p.key] = (*p.held[:2], gw)
             sa_scores(f, g, ref, level="both", layout="channels_last")
 
 

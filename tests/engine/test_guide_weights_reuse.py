@@ -88,3 +88,32 @@ def test_the_block_ends_with_its_cache(counted: list[int]) -> None:
         sa_scores(f, g, y, layout="channels_last")
     sa_scores(f, g, y, layout="channels_last")
     assert len(counted) == 3
+
+
+def test_reference_size_is_counted_once_per_reference_and_grid(monkeypatch):
+    """Inside the block, the decisions of the second tensor on a reference skip ``|ref|``
+    (``count_ref=False``) and the scores equal those computed alone."""
+    import engine._kernels.channels_last as _clk
+
+    rng = np.random.default_rng(11)
+    g = np.zeros((2, 12, 10, 8), np.float32)
+    g[:, 3:9, 2:8, 2:6] = 1
+    ref = rng.random(g.shape) > 0.5
+    feats = [rng.standard_normal((2, 12, 10, 8, 3), dtype=np.float32),
+             rng.standard_normal((2, 6, 5, 4, 5), dtype=np.float32),
+             rng.standard_normal((2, 12, 10, 8, 2), dtype=np.float32)]
+    flags = []
+    real = _clk.decide
+    monkeypatch.setattr(_clk, "decide", lambda *a, **k: flags.append(k.get("count_ref", True)) or real(*a, **k))
+    with reuse_guide_weights():
+        shared = [sa_scores(f, g, ref, layout="channels_last") for f in feats]
+    assert flags == [True, False, False]
+    alone = [sa_scores(f, g, ref, layout="channels_last") for f in feats]
+    for s, a in zip(shared, alone):
+        np.testing.assert_array_equal(s.score, a.score)
+        np.testing.assert_array_equal(s.fn, a.fn)
+    flags.clear()
+    with reuse_guide_weights():  # another reference object: counted again
+        sa_scores(feats[0], g, ref, layout="channels_last")
+        sa_scores(feats[0], g, ref.copy(), layout="channels_last")
+    assert flags == [True, True]
