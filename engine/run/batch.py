@@ -164,11 +164,14 @@ def _run(p: Pass, plan: Plan, x: np.ndarray, cases: Sequence[Case], ok: list[int
          extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Run one pass; an onnxruntime failure names the cases it ran on (and, for a size
     the model cannot take, the sizes it can)."""
+    from engine.run.stages import native_section  # the run's reads and writes go on meanwhile
+
     try:
-        if plan.device is not None:  # GPU data path (issue 19): hidden outputs stay on the device
-            return p.session.run_device({plan.card.input_name: x}, outputs=[t.name for t in p.tensors]
-                                        + list(extra), host=list(extra))
-        return p.session.run({plan.card.input_name: x}, outputs=[t.name for t in p.tensors] + list(extra))
+        with native_section():
+            if plan.device is not None:  # GPU data path (issue 19): hidden outputs stay on the device
+                return p.session.run_device({plan.card.input_name: x}, outputs=[t.name for t in p.tensors]
+                                            + list(extra), host=list(extra))
+            return p.session.run({plan.card.input_name: x}, outputs=[t.name for t in p.tensors] + list(extra))
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # onnxruntime raises its own types; keep the message, add the cases
@@ -258,7 +261,9 @@ def _labels_note(plan: Plan, cases: Sequence[Case], ok: list[int]) -> tuple[str,
         m = cases[i].mask
         if m is None:
             continue
-        vals = _labels_in(m)
+        m = np.asarray(m)  # a binary mask's labels are its min and max (two fast reductions)
+        top = int(m.max()) if m.dtype.kind == "u" and m.size else 2
+        vals = {int(m.min()), top} if top <= 1 else _labels_in(m)
         if not plan.binary_model:
             extra = sorted(vals - set(plan.classes) - {0})
             if extra:

@@ -30,7 +30,7 @@ from engine.run.batch import score_batch
 from engine.run.manifest import dataset_manifest
 from engine.run.options import ScoreOptions, dataset_label
 from engine.run.plan import Plan, build_plan, open_data, resolve_card, spatial_hidden
-from engine.run.stages import ReadAhead, WriteBehind, overlap_enabled
+from engine.run.stages import Gate, ReadAhead, WriteBehind, gated, overlap_enabled
 from engine.store import StoreWriter
 
 __all__ = ["score_dataset", "run_plan", "RunSummary"]
@@ -311,9 +311,21 @@ def _score_all(plan: Plan, dataset: Any, writer: StoreWriter, todo: Sequence[int
     threaded = overlap_enabled()
     batches = [list(todo[s:s + o.batch_size]) for s in range(0, len(todo), o.batch_size)]
     budget = o.memory_budget()  # before any batch: at an allocation failure little is left
+    read = getattr(dataset, "read_cases", None)  # a Dataset reads a batch's file once
+    gate = Gate() if threaded else None  # reads and writes while the model runs (stages.py)
+    reader = ReadAhead(read if callable(read) else (lambda idx: [dataset[i] for i in idx]), batches,
+                       threaded=threaded, gate=gate)
+    behind: WriteBehind[Any] = WriteBehind(writer.write_batch, threaded=threaded, gate=gate)
+    with gated(gate):
+        return _batches(plan, dataset, writer, batches, reader, behind, budget=budget,
+                        n_skipped=n_skipped, n_mine=n_mine, progress=progress)
+
+
+def _batches(plan: Plan, dataset: Any, writer: StoreWriter, batches: list[list[int]], reader: ReadAhead,
+             behind: WriteBehind[Any], *, budget: tuple[int, str], n_skipped: int, n_mine: int,
+             progress: Callable[[int, int], None] | None) -> tuple[int, int]:
+    """The loop of :func:`_score_all` over its stages."""
     n_failed, n_no_ref, noted, shown = 0, 0, set(), n_skipped
-    reader = ReadAhead(lambda idx: [dataset[i] for i in idx], batches, threaded=threaded)
-    behind: WriteBehind[Any] = WriteBehind(writer.write_batch, threaded=threaded)
     try:
         for batch_no, idx in enumerate(batches, start=1):
             behind.check()  # a failed write stops the run before the next batch is scored

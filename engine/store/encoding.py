@@ -66,19 +66,56 @@ def _str_attr() -> tuple[Any, Any, Any]:
     return types
 
 
-def set_str_attrs(obj: h5py.Group | h5py.Dataset, values: Iterable[tuple[str, str]]) -> None:
+#: Process id → the dataset creation property list h5py makes for a contiguous dataset
+#: (``create_dataset(name, data=...)`` without chunks or filters), made once per process.
+_RAW_DCPL: dict[int, Any] = {}
+
+
+def _raw_dcpl() -> Any:
+    pid = os.getpid()
+    dcpl = _RAW_DCPL.get(pid)
+    if dcpl is None:
+        from h5py import h5p
+        from h5py._hl import filters
+
+        _RAW_DCPL.clear()
+        dcpl = filters.fill_dcpl(h5p.create(h5p.DATASET_CREATE), (1,), np.dtype(np.float64), None, None,
+                                 None, None, None, None, None, None, False)
+        dcpl.set_obj_track_times(False)  # h5py's default track_times=False
+        dcpl = _RAW_DCPL[pid] = dcpl
+    return dcpl
+
+
+def _create_raw(group: h5py.Group, key: str, data: np.ndarray, dtype: Any) -> h5py.Dataset:
+    """``group.create_dataset(key, data=data[, dtype=STR])`` for an array of at least one axis,
+    without chunks or filters: the same dataset (type, space, creation properties, values)
+    made with h5py's low-level calls, about half the time (issue 15: a part file holds about
+    30 such datasets; tests/engine/store/test_raw_arrays.py compares both)."""
+    from h5py import h5d
+
+    data = np.asarray(data, dtype=dtype, order="C")  # as h5py's array_for_new_object
+    tid = h5t.py_create(dtype, logical=1)
+    with phil:
+        dsid = h5d.create(group.id, group._e(key), tid, h5s.create_simple(data.shape), dcpl=_raw_dcpl())
+        dsid.write(h5s.ALL, h5s.ALL, data)
+        return h5py.Dataset(dsid)
+
+
+def set_str_attrs(obj: h5py.Group | h5py.Dataset, values: Iterable[tuple[str, str]], *,
+                  new: bool = False) -> None:
     """Set scalar string attributes of ``obj``, replacing any of the same name.
 
     The attributes are those of ``obj.attrs[name] = value`` (variable-length UTF-8, scalar),
     written with h5py's low-level calls: the store writes two per dataset, and h5py's
-    ``attrs`` spends most of their time guessing the type again each time.
+    ``attrs`` spends most of their time guessing the type again each time. ``new=True``
+    says that ``obj`` was just created (it has no attributes): nothing is looked up.
     """
     ftype, mtype, space = _str_attr()
     oid = (obj["/"] if isinstance(obj, h5py.File) else obj).id
     with phil:
         for name, value in values:
             key = name.encode("utf-8")
-            if h5a.exists(oid, key):
+            if not new and h5a.exists(oid, key):
                 h5a.delete(oid, key)
             attr = h5a.create(oid, key, ftype, space)
             try:
@@ -87,9 +124,10 @@ def set_str_attrs(obj: h5py.Group | h5py.Dataset, values: Iterable[tuple[str, st
                 attr.close()
 
 
-def set_encoding(obj: h5py.Group | h5py.Dataset, kind: str) -> None:
-    """Mark ``obj`` with ``encoding-type = kind`` and this package's encoding version."""
-    set_str_attrs(obj, (("encoding-type", kind), ("encoding-version", STORE_VERSION)))
+def set_encoding(obj: h5py.Group | h5py.Dataset, kind: str, *, new: bool = False) -> None:
+    """Mark ``obj`` with ``encoding-type = kind`` and this package's encoding version
+    (``new``: ``obj`` was just created, see :func:`set_str_attrs`)."""
+    set_str_attrs(obj, (("encoding-type", kind), ("encoding-version", STORE_VERSION)), new=new)
 
 
 def attr_str(obj: h5py.Group | h5py.Dataset, key: str) -> str | None:
@@ -174,14 +212,17 @@ def write_array(group: h5py.Group, key: str, data: np.ndarray, *,
     if resizable:
         kwargs["maxshape"] = (None,) + data.shape[1:]
         kwargs["chunks"] = True
+    raw = not kwargs and data.ndim >= 1 and "/" not in key  # contiguous: low-level calls
     if is_str:
         values = np.array(["" if v is None else str(v) for v in data.ravel()],
                           dtype=object).reshape(data.shape)
-        dset = group.create_dataset(key, data=values, dtype=STR, **kwargs)
-        set_encoding(dset, "string-array")
+        dset = (_create_raw(group, key, values, STR) if raw else
+                group.create_dataset(key, data=values, dtype=STR, **kwargs))
+        set_encoding(dset, "string-array", new=True)
     else:
-        dset = group.create_dataset(key, data=data, **kwargs)
-        set_encoding(dset, "array")
+        dset = (_create_raw(group, key, np.ascontiguousarray(data), data.dtype) if raw else
+                group.create_dataset(key, data=data, **kwargs))
+        set_encoding(dset, "array", new=True)
     return dset
 
 
@@ -198,7 +239,7 @@ def require_group(parent: h5py.Group, key: str, kind: str) -> h5py.Group:
     if key in parent:
         return parent[key]
     grp = parent.create_group(key)
-    set_encoding(grp, kind)
+    set_encoding(grp, kind, new=True)
     return grp
 
 

@@ -11,6 +11,7 @@ replaces root names. Estimates of a source store are not carried over.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -192,6 +193,46 @@ def _scan(path: Path, budget: int) -> tuple[_Source, int]:
     return _Source(path, ids, index, schema, has_maps, rows), size if rows is not None else 0
 
 
+def written_source(path: Path, arrays: Mapping[str, np.ndarray], *, has_maps: bool,
+                   keep_rows: bool = True) -> _Source:
+    """What :func:`_scan` learns of a part, built from the per-case ``arrays`` it was just
+    written from (:meth:`engine.store.StoreWriter.write_batch`), without opening it again.
+
+    ``arrays`` maps store paths to the arrays :func:`~engine.store.encoding.write_array`
+    wrote (``cases/index`` and ``cases/id`` included). The schema's dtypes and the rows are
+    those HDF5 gives back (strings as the variable-length UTF-8 dtype, rows of bytes), so that
+    :func:`assemble` writes the same store from it as from the file
+    (``tests/engine/store/test_written_source.py`` compares both). ``keep_rows=False`` leaves
+    the rows to be read from the file when copying (see :data:`_COPY_BYTES`).
+    """
+    schema: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+    rows: dict[str, np.ndarray] = {}
+    for name in sorted(arrays):
+        if name == "cases/index" or name.startswith(_NOT_ROWS):
+            continue
+        arr = np.asarray(arrays[name])
+        if arr.dtype.kind in "OUS":
+            schema[name] = (STR, tuple(arr.shape[1:]))
+            if keep_rows:
+                # as write_array stores them (None as "", anything else as str(v))
+                rows[name] = np.array([("" if v is None else str(v)).encode("utf-8")
+                                       for v in arr.ravel()], dtype=object).reshape(arr.shape)
+        else:
+            schema[name] = (arr.dtype, tuple(arr.shape[1:]))
+            if keep_rows:  # a copy: the caller may refill its arrays for the next batch
+                rows[name] = arr.copy()
+    ids = [str(v) for v in np.asarray(arrays["cases/id"]).ravel()]
+    index = np.asarray(arrays["cases/index"]) if "cases/index" in arrays else None
+    return _Source(Path(path), ids, index, schema, bool(has_maps), rows if keep_rows else None)
+
+
+def source_bytes(src: _Source) -> int:
+    """Bytes of the rows of ``src`` in memory, as :func:`_scan` counts them (0 when not held)."""
+    if src.rows is None:
+        return 0
+    return sum(_row_bytes(dtype, tail) for dtype, tail in src.schema.values()) * len(src.ids)
+
+
 def _read_all(dset: Any) -> np.ndarray:
     """The whole of a low-level dataset, as ``Dataset[()]`` reads it (strings as bytes)."""
     out = np.empty(dset.shape, dtype=dset.dtype)
@@ -206,17 +247,25 @@ def _row_bytes(dtype: np.dtype[Any], tail: tuple[int, ...]) -> int:
     return item * math.prod(tail)
 
 
-def _read_sources(sources: list[Path], expected_ids: Iterable[str] | None) -> list[_Source]:
-    """Every source, opened once; refuse damage, overlaps and missing cases."""
+def _read_sources(sources: list[Path], expected_ids: Iterable[str] | None,
+                  known: Mapping[Path, _Source] | None = None) -> list[_Source]:
+    """Every source, opened once (or described by ``known``); refuse damage, overlaps and
+    missing cases."""
     out: list[_Source] = []
     owner: dict[str, Path] = {}
     held = 0
     for src in sources:
-        try:
-            info, size = _scan(src, _COPY_BYTES - held)
-        except Exception as exc:  # noqa: BLE001 - damaged file: say which
-            raise ValueError(f"cannot read part {src} ({exc}); rerun (resume) the run that "
-                             "made it, or leave it out explicitly") from None
+        info = (known or {}).get(Path(src))
+        if info is not None:  # just written by this process: nothing to open or check
+            size = source_bytes(info)
+            if size > _COPY_BYTES - held:
+                info, size = dataclasses.replace(info, rows=None), 0
+        else:
+            try:
+                info, size = _scan(src, _COPY_BYTES - held)
+            except Exception as exc:  # noqa: BLE001 - damaged file: say which
+                raise ValueError(f"cannot read part {src} ({exc}); rerun (resume) the run that "
+                                 "made it, or leave it out explicitly") from None
         held += size
         for c in info.ids:
             if c in owner:
@@ -288,7 +337,8 @@ def _write_rows(dset: h5py.Dataset, dest: list[np.ndarray], pieces: list[np.ndar
 
 
 def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[str, Any],
-             *, expected_ids: Iterable[str] | None = None) -> Path:
+             *, expected_ids: Iterable[str] | None = None,
+             known: Mapping[Path, _Source] | None = None) -> Path:
     """Write the finished store ``out`` from part files / stores, in case order.
 
     Cases are ordered by ``cases/index`` when every source has it, else in the order of
@@ -299,7 +349,9 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
 
     Each source is opened once to be checked (its rows kept while they fit
     :data:`_COPY_BYTES`) and the rows of many sources are written together, one call per
-    dataset per :data:`_COPY_ROWS` cases at most.
+    dataset per :data:`_COPY_ROWS` cases at most. A source in ``known`` (path →
+    :func:`written_source`: parts the caller has just written) is not opened to be checked,
+    and its rows are taken from memory while they fit the same budget.
 
     Raises
     ------
@@ -308,7 +360,7 @@ def assemble(sources: list[Path], run: RunInfo, out: Path, provenance: Mapping[s
     StoreWriteError
         Writing failed (file and key named).
     """
-    infos = _read_sources(sources, expected_ids)
+    infos = _read_sources(sources, expected_ids, known)
     n_total = sum(len(s.ids) for s in infos)
     has_index = bool(infos) and all(s.index is not None for s in infos)
     if has_index and n_total:

@@ -38,7 +38,16 @@ from engine.store.errors import (
     StoreVersionError,
     WriteContext,
 )
-from engine.store.merge import OPTIONAL_ROWS, assemble, collect_schema, list_part_files, read_part_ids
+from engine.store import merge as _merge
+from engine.store.merge import (
+    OPTIONAL_ROWS,
+    assemble,
+    collect_schema,
+    list_part_files,
+    read_part_ids,
+    source_bytes,
+    written_source,
+)
 from engine.store.runinfo import (
     RunInfo,
     config_difference,
@@ -202,6 +211,10 @@ class StoreWriter:
         self._closed = False
         self._schema: dict[str, tuple[int, ...]] | None = None
         self._run_texts: tuple[RunInfo, tuple[tuple[str, str], ...]] | None = None
+        #: The parts this writer published, described for finalize (no second read of
+        #: them), their rows held while they fit the assembly's memory budget.
+        self._written: dict[Path, Any] = {}
+        self._held = 0
         self._lock = StoreLock(self.path)
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"folder {self.path.parent} of store {self.path} does not "
@@ -414,6 +427,14 @@ class StoreWriter:
                 w.key = "/"
                 f.attrs["complete"] = 1
             publish(tmp, final)
+        budget = _merge._COPY_BYTES  # the rows assemble() may hold (read at call time: tests lower it)
+        src = written_source(final, arrays, has_maps=bool(maps), keep_rows=self._held < budget)
+        size = source_bytes(src)
+        if size > budget - self._held:
+            src = written_source(final, arrays, has_maps=bool(maps), keep_rows=False)
+            size = 0
+        self._held += size
+        self._written[final] = src
 
     def finalize(self, provenance: Mapping[str, Any]) -> Path:
         """Copy all parts (in case order) into the final store; remove the parts.
@@ -446,7 +467,7 @@ class StoreWriter:
             self._lock.release(remove=True)
             return self.path
         sources = ([self.path] if self.path.exists() else []) + parts
-        assemble(sources, self.run, self.path, dict(provenance))
+        assemble(sources, self.run, self.path, dict(provenance), known=self._written)
         for part in parts:
             part.unlink(missing_ok=True)
         shutil.rmtree(self.parts, ignore_errors=True)

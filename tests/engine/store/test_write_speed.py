@@ -31,7 +31,7 @@ from tests.engine.store._common import all_cases, writer
 
 
 # ---------------------------------------------------------------- twins of the previous code
-def _set_encoding_plain(obj: Any, kind: str) -> None:
+def _set_encoding_plain(obj: Any, kind: str, *, new: bool = False) -> None:
     obj.attrs["encoding-type"] = kind
     obj.attrs["encoding-version"] = encoding.STORE_VERSION
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import engine.store.encoding as encoding
 from engine.store import (
     StoreConfigError,
     StoreExistsError,
@@ -204,6 +205,7 @@ def test_disk_full_keeps_published_parts_and_names_file_and_key(tmp_path, monkey
     w.write_batch(expected(cases[:3]))
     calls = {"n": 0}
     orig = h5py.Group.create_dataset
+    orig_raw = encoding._create_raw  # contiguous datasets are made with low-level calls
 
     def full(self, name, *args, **kwargs):
         calls["n"] += 1
@@ -211,7 +213,14 @@ def test_disk_full_keeps_published_parts_and_names_file_and_key(tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
         return orig(self, name, *args, **kwargs)
 
+    def full_raw(group, name, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig_raw(group, name, *args, **kwargs)
+
     monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    monkeypatch.setattr(encoding, "_create_raw", full_raw)
     with pytest.raises(StoreWriteError) as info:
         w.write_batch(expected(cases[3:]))
     msg = str(info.value)
@@ -219,6 +228,7 @@ def test_disk_full_keeps_published_parts_and_names_file_and_key(tmp_path, monkey
     assert "part-000001.h5" in msg and "No space left" in msg
     assert "key 'cases/" in msg or "key 'input_scores/" in msg or "key 'baselines/" in msg
     monkeypatch.setattr(h5py.Group, "create_dataset", orig)
+    monkeypatch.setattr(encoding, "_create_raw", orig_raw)
     w.close()
     parts = sorted(p.name for p in parts_dir(path).iterdir())
     assert parts == ["part-000000.h5", "run.json"]  # no half-written file left
