@@ -325,7 +325,9 @@ class PhaseTimer:
 
     Wrapping replaces a function object on its owner (a class or a module) for the duration
     of the ``with`` block and restores it afterwards; nested calls of timed functions are
-    counted in each (an outer phase includes its inner ones). Calls made in the main thread
+    counted in each (an outer phase includes its inner ones), except a call of a phase inside
+    the same phase, counted once (``read_cases`` reading through ``__getitem__``,
+    ``sa_scores_concat`` falling back to ``sa_scores``). Calls made in the main thread
     count in :attr:`seconds` and :attr:`cpu` (process CPU: every thread's, during the call);
     calls made in other threads (the stages' reading and writing threads) count apart, in
     :attr:`background` (wall) and :attr:`background_cpu` (that thread's own CPU time), since
@@ -354,23 +356,34 @@ class PhaseTimer:
         self.background_cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+        self._active = threading.local()  # phases being timed in this thread
 
     def _wrap(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            main = threading.current_thread() is threading.main_thread()
-            clock = time.process_time if main else time.thread_time
-            t0, c0 = time.perf_counter(), clock()
-            try:
+            active = self._active.__dict__.setdefault("names", set())
+            if name in active:  # a call of the same phase inside it (read_cases → __getitem__): once
                 return func(*args, **kwargs)
+            active.add(name)
+            try:
+                return self._timed(name, func, args, kwargs)
             finally:
-                wall, cpu = time.perf_counter() - t0, clock() - c0
-                with self._lock:
-                    (self.seconds if main else self.background)[name] += wall
-                    (self.cpu if main else self.background_cpu)[name] += cpu
-                    self.calls[name] += 1
+                active.discard(name)
 
         return timed
+
+    def _timed(self, name: str, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        clock = time.process_time if main else time.thread_time
+        t0, c0 = time.perf_counter(), clock()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            wall, cpu = time.perf_counter() - t0, clock() - c0
+            with self._lock:
+                (self.seconds if main else self.background)[name] += wall
+                (self.cpu if main else self.background_cpu)[name] += cpu
+                self.calls[name] += 1
 
     @contextlib.contextmanager
     def patched(self, targets: Sequence[tuple[str, Any, str]]) -> Iterator[PhaseTimer]:
@@ -398,10 +411,13 @@ def _bindings(func: Callable[..., Any]) -> list[tuple[Any, str]]:
 def _pipeline_targets() -> list[tuple[str, Any, str]]:
     return [
         ("read", Dataset, "__getitem__"),
+        ("read", Dataset, "read_cases"),
         ("read_wait", ReadAhead, "__next__"),
         ("preprocess", ModelCard, "preprocess"),
         ("inference", Session, "run"),
         *[("sa_scores", m, attr) for m, attr in _bindings(engine.scores.sa_scores)],
+        # a concatenation and its parts in one call (counted once with the sa_scores it may make)
+        *[("sa_scores", m, attr) for m, attr in _bindings(engine.scores.sa_scores_concat)],
         *[("baselines", m, attr) for m, attr in _bindings(engine.quality.baselines)],
         ("write_batch", StoreWriter, "write_batch"),
         ("store_wait", WriteBehind, "submit"),
