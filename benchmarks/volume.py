@@ -335,6 +335,52 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
     return rows
 
 
+def concat_rows(repeat: int) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """One deepbrain volume's 15 tensors in a ``reuse_guide_weights`` block, as ``score_batch``
+    scores them: each alone (before) against the three skip concatenations scored from their
+    parts by ``sa_scores_concat`` (after), at layer and layer + unit level; scores asserted equal."""
+    from engine.model.graph import concat_blocks, list_hidden_tensors, load_model, select_tensors
+    from engine.scores import reuse_guide_weights, sa_scores, sa_scores_concat
+
+    tensors, guide = _deepbrain_tensors()
+    feats = dict(tensors)
+    ref = guide > 0
+    model = load_model(Path(__file__).resolve().parents[1] / "cli" / "data" / "deepbrain" / "deepbrain.onnx")
+    groups = concat_blocks(model, select_tensors(list_hidden_tensors(model), "auto"))
+    member = {n: w for w, parts in groups.items() for n in (w, *parts)}
+
+    def alone(level: str) -> dict[str, object]:
+        with reuse_guide_weights():
+            return {n: sa_scores(f, guide, ref, layout="channels_last", level=level) for n, f in tensors}
+
+    def grouped(level: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        with reuse_guide_weights():
+            for n, f in tensors:
+                w = member.get(n)
+                if w is None:
+                    out[n] = sa_scores(f, guide, ref, layout="channels_last", level=level)
+                elif n not in out:
+                    each, res = sa_scores_concat([feats[p] for p in groups[w]], guide, ref,
+                                                 layout="channels_last", level=level)
+                    out.update(zip(groups[w], each))
+                    out[w] = res
+        return out
+
+    rows = []
+    for level in ("layer", "both"):
+        a, b = alone(level), grouped(level)
+        for n in a:
+            for x, y in zip(np.atleast_1d(a[n]), np.atleast_1d(b[n])):
+                assert np.array_equal(x.score, y.score, equal_nan=True), n
+        times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for _ in range(repeat):
+            times["before"].append(_timed(alone, level))
+            times["after"].append(_timed(grouped, level))
+        rows.append((f"deepbrain 15 tensors, {level}, concatenations from their parts", times))
+    return rows
+
+
 def _timed(fn, *args) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
@@ -352,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sums", action="store_true", help="with --cl-baseline: the prototype sums kernel alone")
     ap.add_argument("--decide", action="store_true",
                     help="with --cl-baseline: today's decide counting |ref| against count_ref=False")
+    ap.add_argument("--concat", action="store_true",
+                    help="only one deepbrain volume's tensors scored alone vs. concatenations from their parts")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    if a.cl_baseline is not None or a.units:
+    if a.cl_baseline is not None or a.units or a.concat:
         load = open("/proc/loadavg").read().split()[0]
         print(f"Numba threads {numba.get_num_threads()}; medians of {a.repeat}; load {load}")
         print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
@@ -362,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         tot = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
         work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide)
                 if a.cl_baseline is not None
-                else unit_rows(a.repeat, rng))
+                else concat_rows(a.repeat) if a.concat else unit_rows(a.repeat, rng))
         for label, t in work:
             med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in t.items()}
             for k in tot:
