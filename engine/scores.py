@@ -809,7 +809,7 @@ def sa_scores_concat(
         if do_unit:
             upos, utp = _unit_counts(p, P, N, status)
         unit = _finish(status, upos, utp, ny, empty, "unit") if do_unit else None
-        each.append(layer if level == "layer" else (unit if level == "unit" else (layer, unit)))
+        each.append(_by_level(level, layer, unit))
         kept.append((P, N, status, z, upos, utp))
 
     # the concatenation: a sample is NONFINITE when any block is; otherwise every block has
@@ -823,8 +823,7 @@ def sa_scores_concat(
     if do_layer:
         P = np.concatenate([k[0] for k in kept], axis=1)
         N = np.concatenate([k[1] for k in kept], axis=1)
-        D = np.where(ok[:, None], P - N, 0.0)  # the threshold exactly as _cl.prototypes has it
-        mid = 0.5 * np.where(ok, (D * np.where(ok[:, None], P + N, 0.0)).sum(axis=1), 0.0)
+        _, mid = _cl.threshold(P, N, ok)
         z = kept[0][3]  # block 0's map, already counted: the sum is made in place
         for k in kept[1:]:
             z += k[3]
@@ -836,9 +835,13 @@ def sa_scores_concat(
         upos[~ok] = 0
         utp[~ok] = 0
         unit = _finish(status, upos, utp, ny, empty, "unit")
-    if nonfinite == "raise":
-        _raise_nonfinite(status)
-    return each, (layer if level == "layer" else (unit if level == "unit" else (layer, unit)))
+    # nonfinite="raise" has raised already: a NONFINITE sample here comes from a block
+    return each, _by_level(level, layer, unit)
+
+
+def _by_level(level: str, layer: Any, unit: Any) -> Any:
+    """What :func:`sa_scores` returns for ``level``: the layer or unit result, or both."""
+    return layer if level == "layer" else (unit if level == "unit" else (layer, unit))
 
 
 def dice(binary: Any, reference: Any, *, empty: str = "nan", batch: bool = False) -> float | np.ndarray:

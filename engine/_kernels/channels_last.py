@@ -186,6 +186,13 @@ def guide_weights(g, m, has_mask, identity, src, weights):
     return Wf, Wb, modes, sums, bad
 
 
+def threshold(P, N, ok):
+    """``(D, mid)``: ``D = P - N`` (B, C) and the decision threshold ``mid = (‖P‖² - ‖N‖²)/2``
+    (B,), both zero for the samples without ``ok``."""
+    D = np.where(ok[:, None], P - N, 0.0)
+    return D, 0.5 * np.where(ok, (D * np.where(ok[:, None], P + N, 0.0)).sum(axis=1), 0.0)
+
+
 def prototypes(F, g, m, has_mask, gw, want_z, P, N, status, mid, bad, z):
     """Per sample of channels-last ``F`` (B, S, C): prototypes into P, N (NaN when undefined),
     ``status``, the threshold ``mid = (‖P‖² - ‖N‖²)/2``, the count of guide/mask values
@@ -215,8 +222,7 @@ def prototypes(F, g, m, has_mask, gw, want_z, P, N, status, mid, bad, z):
         N /= np.where(ok, sb, 1.0)[:, None]
     P[~ok] = np.nan
     N[~ok] = np.nan
-    D = np.where(ok[:, None], P - N, 0.0)
-    mid[:] = 0.5 * np.where(ok, (D * np.where(ok[:, None], P + N, 0.0)).sum(axis=1), 0.0)
+    D, mid[:] = threshold(P, N, ok)
     if want_z:
         parallel_for(project_range, B * nt, F, D, ok, z, chunks_per_thread=4)
 

@@ -237,13 +237,18 @@ _LABEL_CHUNK = 1 << 18
 def _labels_in(mask: np.ndarray) -> set[int]:
     """The labels a mask holds, ``{int(v) for v in np.unique(mask)}``: for unsigned masks of up
     to 16 bits (what datasets give: uint8, uint16) counted with ``np.bincount`` over chunks,
-    about twice as fast as ``np.unique``'s sort (Colin27's mask: 28 -> 14 ms); other dtypes
-    through ``np.unique``."""
+    about twice as fast as ``np.unique``'s sort (Colin27's mask: 28 -> 14 ms), a binary one
+    (any unsigned width) from its min and max; other dtypes through ``np.unique``."""
     m = np.asarray(mask)
-    if m.dtype.kind != "u" or m.dtype.itemsize > 2 or m.size == 0:
+    if m.dtype.kind != "u" or m.size == 0:
         return {int(v) for v in np.unique(m)}
     flat = m.reshape(-1)
-    counts = np.zeros(int(flat.max()) + 1, dtype=np.intp)
+    top = int(flat.max())
+    if top <= 1:  # a binary mask's labels are its min and max (two fast reductions)
+        return {int(flat.min()), top}
+    if m.dtype.itemsize > 2:
+        return {int(v) for v in np.unique(m)}
+    counts = np.zeros(top + 1, dtype=np.intp)
     for s in range(0, flat.size, _LABEL_CHUNK):
         counts += np.bincount(flat[s:s + _LABEL_CHUNK], minlength=counts.size)
     return {int(v) for v in np.flatnonzero(counts)}
@@ -261,9 +266,7 @@ def _labels_note(plan: Plan, cases: Sequence[Case], ok: list[int]) -> tuple[str,
         m = cases[i].mask
         if m is None:
             continue
-        m = np.asarray(m)  # a binary mask's labels are its min and max (two fast reductions)
-        top = int(m.max()) if m.dtype.kind == "u" and m.size else 2
-        vals = {int(m.min()), top} if top <= 1 else _labels_in(m)
+        vals = _labels_in(m)
         if not plan.binary_model:
             extra = sorted(vals - set(plan.classes) - {0})
             if extra:
@@ -355,7 +358,7 @@ def _score_label_free(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, 
 def _score_tensor(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feats: np.ndarray,
                   tg: _Targets, layer: ScoreBlock, units: dict[int, ScoreBlock], nb: int) -> None:
     o = plan.options
-    level = "both" if (o.want_unit and o.want_layer) else ("unit" if o.want_unit else "layer")
+    level = o.level
     li = plan.layer_index[t.name]
     # GPU data path (issue 19): a tensor left on the device is scored there
     if isinstance(feats, DeviceTensor) and tg.extent is not None:
@@ -367,10 +370,16 @@ def _score_tensor(plan: Plan, cases: Sequence[Case], ok: list[int], t: Any, feat
             res = score(feats, tg.guides[k], tg.refs[k], level=level, resize=o.resize,
                         empty=o.empty, nonfinite=o.nonfinite)
         except NonFiniteFeaturesError as exc:
-            c = cases[ok[exc.sample]]
-            raise CaseError(f"tensor {t.name!r} (layer {t.layer}): {exc}", case_id=str(c.id),
-                            path=str(c.path), tensor=t.name) from exc
+            raise _nonfinite_error(cases, ok, exc, t.name, t.layer) from exc
         _put_sa(layer, units, res, level, (ok, k, li), nb)
+
+
+def _nonfinite_error(cases: Sequence[Case], ok: list[int], exc: NonFiniteFeaturesError, name: str,
+                     layer_name: str) -> CaseError:
+    """The error naming the case and tensor whose features hold NaN or Inf."""
+    c = cases[ok[exc.sample]]
+    return CaseError(f"tensor {name!r} (layer {layer_name}): {exc}", case_id=str(c.id), path=str(c.path),
+                     tensor=name)
 
 
 def _pass_groups(plan: Plan, p: Any) -> dict[str, tuple[str, ...]]:
@@ -387,7 +396,7 @@ def _score_concat(plan: Plan, cases: Sequence[Case], ok: list[int], whole: str, 
     """Score a concatenation and its parts in one call (:func:`engine.scores.sa_scores_concat`):
     the concatenation's features are not read again."""
     o = plan.options
-    level = "both" if (o.want_unit and o.want_layer) else ("unit" if o.want_unit else "layer")
+    level = o.level
     feats = [plan.card.to_channels_first(out[n], n) for n in parts]
     cat = plan.card.to_channels_first(out[whole], whole)
     for k in range(len(plan.classes)):
@@ -396,12 +405,9 @@ def _score_concat(plan: Plan, cases: Sequence[Case], ok: list[int], whole: str, 
                                          resize=o.resize, empty=o.empty, nonfinite=o.nonfinite,
                                          extent=tg.extent)
         except NonFiniteFeaturesError as exc:
-            c = cases[ok[exc.sample]]
             block = getattr(exc, "block", None)
             name = whole if block is None else parts[block]
-            layer_name = plan.layers[plan.layer_index[name]]["layer"]
-            raise CaseError(f"tensor {name!r} (layer {layer_name}): {exc}", case_id=str(c.id),
-                            path=str(c.path), tensor=name) from exc
+            raise _nonfinite_error(cases, ok, exc, name, plan.layers[plan.layer_index[name]]["layer"]) from exc
         for name, r in zip((*parts, whole), (*each, res)):
             _put_sa(layer, units, r, level, (ok, k, plan.layer_index[name]), nb)
 
