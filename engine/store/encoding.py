@@ -22,7 +22,7 @@ from engine.store.errors import StoreVersionError
 __all__ = [
     "STORE_VERSION", "STORE_TYPE", "PART_TYPE", "RUN_TYPE", "KNOWN", "STR", "GZIP",
     "set_encoding", "set_str_attrs", "attr_str", "check_encoding", "key_name",
-    "write_array", "read_array", "require_group", "require_parent",
+    "write_array", "string_values", "read_array", "require_group", "require_parent",
 ]
 
 #: Encoding version of everything this package writes.
@@ -184,6 +184,12 @@ def key_name(key: str) -> str:
         else name
 
 
+def string_values(data: np.ndarray) -> np.ndarray:
+    """The strings :func:`write_array` stores for a string/object array: None as ``""``,
+    anything else as ``str(v)`` (an object array of ``str``, same shape)."""
+    return np.array(["" if v is None else str(v) for v in data.ravel()], dtype=object).reshape(data.shape)
+
+
 def write_array(group: h5py.Group, key: str, data: np.ndarray, *,
                 resizable: bool = False, compress: bool = True) -> h5py.Dataset:
     """Create one dataset (strings as variable-length UTF-8) with its encoding attrs.
@@ -214,8 +220,7 @@ def write_array(group: h5py.Group, key: str, data: np.ndarray, *,
         kwargs["chunks"] = True
     raw = not kwargs and data.ndim >= 1 and "/" not in key  # contiguous: low-level calls
     if is_str:
-        values = np.array(["" if v is None else str(v) for v in data.ravel()],
-                          dtype=object).reshape(data.shape)
+        values = string_values(data)
         dset = (_create_raw(group, key, values, STR) if raw else
                 group.create_dataset(key, data=values, dtype=STR, **kwargs))
         set_encoding(dset, "string-array", new=True)

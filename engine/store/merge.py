@@ -40,6 +40,7 @@ from engine.store.encoding import (
     require_group,
     require_parent,
     set_encoding,
+    string_values,
     write_array,
 )
 from engine.store.errors import StoreConfigError, StoreExistsError, StoreVersionError, WriteContext
@@ -214,9 +215,9 @@ def written_source(path: Path, arrays: Mapping[str, np.ndarray], *, has_maps: bo
         if arr.dtype.kind in "OUS":
             schema[name] = (STR, tuple(arr.shape[1:]))
             if keep_rows:
-                # as write_array stores them (None as "", anything else as str(v))
-                rows[name] = np.array([("" if v is None else str(v)).encode("utf-8")
-                                       for v in arr.ravel()], dtype=object).reshape(arr.shape)
+                # as write_array stores them, read back as bytes
+                rows[name] = np.array([v.encode("utf-8") for v in string_values(arr).ravel()],
+                                      dtype=object).reshape(arr.shape)
         else:
             schema[name] = (arr.dtype, tuple(arr.shape[1:]))
             if keep_rows:  # a copy: the caller may refill its arrays for the next batch
