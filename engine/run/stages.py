@@ -108,6 +108,11 @@ class Gate:
         return True
 
 
+def _held_open(gate: Gate | None) -> contextlib.AbstractContextManager[None]:
+    """``gate.opened()``, or nothing to hold without a gate (sequential runs)."""
+    return gate.opened() if gate is not None else contextlib.nullcontext()
+
+
 #: The gate of the run the calling thread scores (set by :func:`gated`), read by
 #: :func:`native_section`.
 _GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar("protoseg_gate", default=None)
@@ -253,7 +258,7 @@ class ReadAhead:
         try:
             kind, idx, value = self._queue.get_nowait()
         except queue.Empty:
-            with self._gate.opened() if self._gate is not None else contextlib.nullcontext():
+            with _held_open(self._gate):
                 kind, idx, value = self._wait()
         self._slots.release()  # the caller holds this batch now: the next one may be read
         self._next += 1
@@ -376,7 +381,7 @@ class WriteBehind(Generic[T]):
             self.written += n
             return
         if not self._slots.acquire(blocking=False):
-            with self._gate.opened() if self._gate is not None else contextlib.nullcontext():
+            with _held_open(self._gate):
                 _acquire(self._slots)
         self.check()  # the write waited for may have failed
         with self._cond:
@@ -385,7 +390,7 @@ class WriteBehind(Generic[T]):
 
     def drain(self) -> None:
         """Wait until every item handed over is written; raise a failed write's exception."""
-        with self._gate.opened() if self._gate is not None else contextlib.nullcontext():
+        with _held_open(self._gate):
             with self._cond:
                 while self._pending:
                     self._cond.wait(_POLL)
@@ -395,7 +400,7 @@ class WriteBehind(Generic[T]):
         """Finish the items handed over (at most ``depth``), stop and join the thread."""
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
-        with self._gate.opened() if self._gate is not None else contextlib.nullcontext():
+        with _held_open(self._gate):
             _join(self._thread)
 
     def __enter__(self) -> WriteBehind[T]:
