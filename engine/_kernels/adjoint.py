@@ -2,10 +2,13 @@
 ``Rᵀ((1-g)·m)`` on the features' grid (SPEC §3), scattered row by row, gathered along x."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
 from engine._kernels._common import _FM
+from engine._kernels._pool import parallel_for, threads
 
 __all__: list[str] = []  # private module
 
@@ -254,3 +257,182 @@ def _guide_adjoint(gb, mb, has_mask, Zs, Ys, Xs,
     _adjoint_x1(tf.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((Zs * Ys, Xs)))
     _adjoint_x1(tb.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wb.reshape((Zs * Ys, Xs)))
     return sm, sf, sb, bad
+
+
+# --------------------------------------------------------------------------- split over the threads
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _planes_range(lo, hi, g, m, has_mask, full, q, samples, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
+                  ix0, ix1, wx0, wx1, rsum, rbad, Wf, Wb):
+    """Work items [lo, hi) = (sample ``samples[j]``, block ``k`` of ``q`` source z planes),
+    ``i = j·nk + k``: :func:`_guide_adjoint` of each sample met restricted to its planes
+    [z0, z1) of the range, with the same bits (``q·Ys`` must be a multiple of four, or
+    ``q >= Zs``).
+
+    The target rows are visited in (zt, yt) order and each is scattered into those of its (up
+    to four) source rows that lie in [z0, z1), so every element of these rows before the x
+    adjoint (``tf``, ``tb``: (z1 - z0, Ys, Xt), the range's own) receives its terms in the
+    serial order; the x adjoint follows at once, each row in the same group of four rows as in
+    the serial pass. Each target row is read once per range and sample (twice at most where two
+    ranges meet). With ``full``, g·m and (1-g)·m are accumulated (the mask path); without it g
+    alone and ``Wb = Rᵀ1 - Wf`` (the caller redoes the sample with ``full`` when the background
+    is too small for it, ``_MIN_BACKGROUND_SHARE``). Each target row's (Σm, Σg·m, Σ(1-g)·m) go
+    into ``rsum[j, zt·Yt + yt]`` (Σm only with ``full``, else 0) and its count of bad values into
+    ``rbad[j, zt·Yt + yt]``, written by the block of its first source plane (every row by exactly
+    one block), for :func:`_row_totals` to add in row order. ``g``, ``m``, ``Wf`` (B, Zs, Ys, Xs)
+    and ``Wb`` are indexed by the sample.
+    """
+    B, Zs, Ys, Xs = Wf.shape
+    Zt, Yt, Xt = g.shape[1:]
+    nk = (Zs + q - 1) // q
+    R = Zs * Ys
+    i = lo
+    while i < hi:
+        j = i // nk
+        k0 = i - j * nk
+        k1 = min(nk, k0 + hi - i)
+        i += k1 - k0
+        b = samples[j]
+        gb = g[b]
+        mb = m[b] if has_mask else m[0]
+        Wfb = Wf[b]
+        Wbb = Wb[b]
+        rs = rsum[j]
+        rn = rbad[j]
+        z0 = k0 * q
+        n0 = min(k1 * q, Zs) - z0
+        tf = np.zeros((n0, Ys, Xt))
+        tb = np.zeros((n0 if full else 0, Ys, Xt))
+        for zt in range(Zt):
+            za = np.int64(iz0[zt]) - z0  # planes of this range
+            zb = np.int64(iz1[zt]) - z0
+            p0 = 0 <= za and za < n0
+            p1 = wz1[zt] != 0.0 and 0 <= zb and zb < n0
+            if not (p0 or p1):
+                continue
+            for yt in range(Yt):
+                gr = gb[zt, yt]
+                ya = iy0[yt]
+                yb = iy1[yt]
+                r = zt * Yt + yt
+                if full:
+                    mr = mb[zt, yt] if has_mask else mb[0, 0]
+                    if p0:
+                        c0 = wz0[zt] * wy0[yt]
+                        c1 = wz0[zt] * wy1[yt]
+                        a, f_, k_, n_ = _scatter_row(gr, mr, has_mask, c0, c1, tf[za, ya], tf[za, yb],
+                                                     tb[za, ya], tb[za, yb])
+                        rs[r, 0] = a
+                        rs[r, 1] = f_
+                        rs[r, 2] = k_
+                        rn[r] = n_
+                    if p1:
+                        c0 = wz1[zt] * wy0[yt]
+                        c1 = wz1[zt] * wy1[yt]
+                        _scatter_row(gr, mr, has_mask, c0, c1, tf[zb, ya], tf[zb, yb], tb[zb, ya], tb[zb, yb])
+                else:
+                    if p0:
+                        f_, k_, n_ = _scatter_row1(gr, wz0[zt] * wy0[yt], wz0[zt] * wy1[yt], tf[za, ya], tf[za, yb])
+                        rs[r, 0] = 0.0
+                        rs[r, 1] = f_
+                        rs[r, 2] = k_
+                        rn[r] = n_
+                    if p1:
+                        _scatter_row1(gr, wz1[zt] * wy0[yt], wz1[zt] * wy1[yt], tf[zb, ya], tf[zb, yb])
+        if n0 <= 0:
+            continue
+        # the x adjoint of the range's rows: its first row z0·Ys is a multiple of four (or the
+        # only block), the last range ends at the last row: the serial pass's groups of four
+        r0 = z0 * Ys
+        r1 = r0 + n0 * Ys
+        _adjoint_x1(tf.reshape((n0 * Ys, Xt)), ix0, ix1, wx0, wx1, Wfb.reshape((R, Xs))[r0:r1])
+        if full:
+            _adjoint_x1(tb.reshape((n0 * Ys, Xt)), ix0, ix1, wx0, wx1, Wbb.reshape((R, Xs))[r0:r1])
+        else:
+            cz = _column_sums(iz0, iz1, wz0, wz1, Zs)
+            cy = _column_sums(iy0, iy1, wy0, wy1, Ys)
+            cx = _column_sums(ix0, ix1, wx0, wx1, Xs)
+            for z in range(z0, z0 + n0):
+                for y in range(Ys):
+                    czy = cz[z] * cy[y]
+                    for x in range(Xs):
+                        Wbb[z, y, x] = czy * cx[x] - Wfb[z, y, x]
+
+
+@njit(cache=True)  # no fast-math: each sample's row sums are added one after the other, in row order
+def _row_totals(rsum, rbad, sums, bad):
+    """``sums[j] = Σ_r rsum[j, r]`` (Σm, Σg·m, Σ(1-g)·m) and ``bad[j] = Σ_r rbad[j, r]``, each
+    sum from 0.0 in row order (a NumPy reduction would add in another order, an accumulate along
+    the rows cost ~0.2 ms per 128² rows)."""
+    for j in range(rsum.shape[0]):
+        sm = 0.0
+        sf = 0.0
+        sb = 0.0
+        n = 0
+        for r in range(rsum.shape[1]):
+            sm += rsum[j, r, 0]
+            sf += rsum[j, r, 1]
+            sb += rsum[j, r, 2]
+            n += rbad[j, r]
+        sums[j, 0] = sm
+        sums[j, 1] = sf
+        sums[j, 2] = sb
+        bad[j] = n
+
+
+def guide_adjoint(g: np.ndarray, m: np.ndarray, has_mask: bool, src: tuple[int, int, int],
+                  weights: tuple[np.ndarray, ...], Wf: np.ndarray, Wb: np.ndarray, sums: np.ndarray,
+                  bad: np.ndarray) -> None:
+    """:func:`_guide_adjoint` of every sample, split over the threads, with the same bits.
+
+    The work items are (sample, block of source z planes) (:func:`_planes_range`), so a
+    single 3-D volume uses every thread (whole samples when the threads divide the batch:
+    nothing is read twice). Any split gives the same bits: each element of the weights
+    receives its terms in the serial order whichever range computes it, and each sample's
+    per-row sums are added in target-row order afterwards (:func:`_row_totals`), as the serial
+    pass adds them.
+
+    Parameters
+    ----------
+    g, m : numpy.ndarray
+        Guide (B, Zt, Yt, Xt) and mask (read only with ``has_mask``: ``m[0]`` otherwise).
+    has_mask : bool
+        Whether ``m`` is a mask.
+    src : tuple of int
+        The source grid (Zs, Ys, Xs), different from the guide's.
+    weights : tuple of numpy.ndarray
+        ``(iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)``, the resize's weights.
+    Wf, Wb : numpy.ndarray
+        Outputs, (B, Zs, Ys, Xs) float64, C-contiguous: Rᵀ(g·m) and Rᵀ((1-g)·m).
+    sums : numpy.ndarray
+        Output, (B, 3) float64: (Σm, Σg·m, Σ(1-g)·m).
+    bad : numpy.ndarray
+        Output, (B,) int64: the count of guide or mask values outside [0, 1] or NaN.
+    """
+    B, Zt, Yt, Xt = g.shape
+    Zs, Ys, Xs = src
+    if B % threads() == 0:  # whole samples, as many on each thread
+        q, chunks = Zs, 1
+    else:  # blocks of planes, each starting at a row that is a multiple of 4
+        q, chunks = 4 // math.gcd(Ys, 4), 2
+    nk = (Zs + q - 1) // q
+
+    def run(samples: np.ndarray, full: bool) -> None:
+        k = len(samples)
+        rsum = np.empty((k, Zt * Yt, 3))  # every row is written (by the range of its first source plane)
+        rbad = np.empty((k, Zt * Yt), dtype=np.int64)
+        parallel_for(_planes_range, k * nk, g, m, has_mask, full, q, samples, *weights, rsum, rbad, Wf, Wb,
+                     chunks_per_thread=chunks)
+        s = np.empty((k, 3))
+        c = np.empty(k, dtype=np.int64)
+        _row_totals(rsum, rbad, s, c)
+        if not full:
+            s[:, 0] = float(Zt * Yt * Xt)
+        sums[samples] = s
+        bad[samples] = c
+
+    samples = np.arange(B, dtype=np.int64)
+    run(samples, has_mask)
+    if not has_mask:  # as _guide_adjoint (NaN included): (1-g) on its own when Rᵀ1 - Rᵀg would lose it
+        redo = samples[~(sums[:, 2] >= _MIN_BACKGROUND_SHARE * sums[:, 0])]
+        if len(redo):
+            run(redo, True)

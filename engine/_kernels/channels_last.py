@@ -12,8 +12,10 @@ run over the threads by :func:`engine._kernels._pool.parallel_for` (Numba's ``pa
 cost 1.5-2.3x their compile time; see ``benchmarks/RESULTS.md``, "Cold start, unit level and
 channels-last re-measured"). The drivers :func:`prototypes` and :func:`decide` chain them:
 
-- :func:`weights_range` (per sample): the guide weights on the source grid, their sums and
-  the count of guide/mask values outside [0, 1];
+- :func:`weights_range` (per sample) on an identity grid, or
+  :func:`engine._kernels.adjoint.guide_adjoint` (per block of source z planes) on a resized
+  one: the guide weights on the source grid, their sums and the count of guide/mask values
+  outside [0, 1];
 - :func:`sums_range` (per position tile): each tile's prototype sums, added in tile order
   afterwards;
 - :func:`project_range` (per position tile): the source-grid scalar map ``z = F·(P-N)``;
@@ -28,7 +30,7 @@ from numba import njit
 
 from engine._kernels._common import _EMPTY_BACKGROUND, _EMPTY_FOREGROUND, _EMPTY_MASK, _FM, _NONFINITE, _OK
 from engine._kernels._pool import parallel_for
-from engine._kernels.adjoint import _guide_adjoint
+from engine._kernels.adjoint import guide_adjoint
 from engine._kernels.fused import _MODE_GUIDE, _MODE_GUIDE_MASK, _MODE_WEIGHTS, _guide_sums
 
 __all__: list[str] = []  # private module
@@ -40,22 +42,15 @@ _ROWS = 8  # target rows per work item of decide_range
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def weights_range(lo, hi, g, m, has_mask, identity, Zs, Ys, Xs,
-                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb, modes, sums, bad):
-    """Samples [lo, hi): the guide weights' mode (guide read directly, or ``Wf``/``Wb`` =
-    Rᵀ(g·m), Rᵀ((1-g)·m) on the source grid), ``sums`` = (Σm, Σg·m, Σ(1-g)·m) and ``bad``, the
-    count of guide or mask values outside [0, 1] or NaN."""
+def weights_range(lo, hi, g, m, has_mask, modes, sums, bad):
+    """Samples [lo, hi) on an identity grid (the guide and mask are read directly by
+    :func:`sums_range`): their mode, ``sums`` = (Σm, Σg·m, Σ(1-g)·m) and ``bad``, the count of
+    guide or mask values outside [0, 1] or NaN."""
     for b in range(lo, hi):
         mb = m[b] if has_mask else m[0]
-        if identity:  # the guide (and mask) are read directly by sums_range
-            gb = g[b]
-            sm, sf, sb, nbad = _guide_sums(gb.reshape(gb.size), mb.reshape(mb.size), has_mask)
-            modes[b] = _MODE_GUIDE_MASK if has_mask else _MODE_GUIDE
-        else:
-            sm, sf, sb, nbad = _guide_adjoint(g[b], mb, has_mask, Zs, Ys, Xs, iz0, iz1, wz0, wz1,
-                                              iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
-                                              Wf[b].reshape((Zs, Ys, Xs)), Wb[b].reshape((Zs, Ys, Xs)))
-            modes[b] = _MODE_WEIGHTS
+        gb = g[b]
+        sm, sf, sb, nbad = _guide_sums(gb.reshape(gb.size), mb.reshape(mb.size), has_mask)
+        modes[b] = _MODE_GUIDE_MASK if has_mask else _MODE_GUIDE
         sums[b, 0] = sm
         sums[b, 1] = sf
         sums[b, 2] = sb
@@ -171,9 +166,13 @@ def project_range(lo, hi, F, D, ok, z):
 
 def guide_weights(g, m, has_mask, identity, src, weights):
     """The guide's side of :func:`prototypes`, which depends on the guide, mask and grids only:
-    ``(Wf, Wb, modes, sums, bad)`` (see :func:`weights_range`; ``Wf``/``Wb`` are empty on an
-    identity grid, where the guide is read directly). Tensors of one batch on the same grid
-    can share it (:func:`engine.scores.reuse_guide_weights`)."""
+    ``(Wf, Wb, modes, sums, bad)``: on an identity grid the guide is read directly
+    (:func:`weights_range`; ``Wf``/``Wb`` are empty), on a resized grid ``Wf``/``Wb`` =
+    Rᵀ(g·m), Rᵀ((1-g)·m) on the source grid (:func:`engine._kernels.adjoint.guide_adjoint`,
+    whose work items are blocks of source z planes: a single 3-D volume uses every thread);
+    ``sums`` = (Σm, Σg·m, Σ(1-g)·m) and ``bad`` the count of guide or mask values outside
+    [0, 1] or NaN, per sample. Tensors of one batch on the same grid can share it
+    (:func:`engine.scores.reuse_guide_weights`)."""
     B = g.shape[0]
     Zs, Ys, Xs = src
     S = Zs * Ys * Xs
@@ -182,7 +181,12 @@ def guide_weights(g, m, has_mask, identity, src, weights):
     modes = np.empty(B, dtype=np.int64)
     sums = np.empty((B, 3))
     bad = np.zeros(B, dtype=np.int64)
-    parallel_for(weights_range, B, g, m, has_mask, identity, Zs, Ys, Xs, *weights, Wf, Wb, modes, sums, bad)
+    if identity:
+        parallel_for(weights_range, B, g, m, has_mask, modes, sums, bad)
+    else:
+        guide_adjoint(g, m, has_mask, src, weights, Wf.reshape((B, Zs, Ys, Xs)), Wb.reshape((B, Zs, Ys, Xs)), sums,
+                      bad)
+        modes[:] = _MODE_WEIGHTS
     return Wf, Wb, modes, sums, bad
 
 
