@@ -5,7 +5,8 @@ strides), :mod:`.fused` (C-contiguous channels-first, one read of the features),
 :mod:`.channels_last` (channels-last storage, one sample's positions split over the threads in
 fixed tiles), :mod:`.units` (unit-level counts, any layout), :mod:`.counting` (decisions,
 confusion counts, Dice), :mod:`.baseline` (the label-free baselines), :mod:`.resize` (the
-materialising linear resize), :mod:`.half` (saved probability maps to float16, NumPy's bits).
+materialising linear resize), :mod:`.half` (saved probability maps to float16, NumPy's bits),
+:mod:`.labels` (which labels a mask holds).
 Importing this package first settles the process set-up once: where Numba caches compiled code
 and how idle OpenMP threads wait (:mod:`._env`).
 

@@ -43,11 +43,11 @@ def _tiny(identity: bool, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 def _group_child() -> None:
     """The child's kernels: guide weights (resized and identity grids), the linear resize of
-    images, the label-free baselines, the float16 maps."""
+    images, the label-free baselines, the float16 maps, the mask label check (uint8)."""
     from engine._kernels import channels_last as cl
     from engine.quality import baselines
     from engine.resize import resize_linear
-    from engine.run.batch import _map16
+    from engine.run.batch import _labels_in, _map16
     from engine.scores import _prepare
 
     for identity in (False, True):
@@ -58,6 +58,7 @@ def _group_child() -> None:
     prob = np.full((1, 1, 4, 4, 4), 0.25, np.float32)  # (B, classes, Z, Y, X), one class taken
     baselines(prob[:, 0], threshold=0.5)
     _map16(np.full((1, 2, 2, 2), 0.25, np.float32))
+    _labels_in(np.zeros((2, 2, 2), np.uint8))
 
 
 def _group_main() -> None:

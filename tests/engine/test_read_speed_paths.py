@@ -380,7 +380,10 @@ def test_colin27_preprocess_is_bit_identical(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int64, np.float32, np.bool_])
 def test_labels_in_is_np_unique(dtype, monkeypatch):
-    monkeypatch.setattr(batch, "_LABEL_CHUNK", 1000)  # several chunks, the last one short
+    from engine._kernels import labels
+
+    real = labels.present_values
+    monkeypatch.setattr(labels, "present_values", lambda flat: real(flat, chunk=1000))  # several chunks, the last short
     top = {np.uint8: 255, np.uint16: 65535, np.int16: 300, np.int64: 70000, np.float32: 9,
            np.bool_: 1}[dtype]
     masks = [rng.integers(0, top + 1, (13, 17, 11)), np.zeros((4, 5, 6), int),
