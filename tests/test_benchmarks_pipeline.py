@@ -71,7 +71,10 @@ def test_pipeline_exposes_every_named_tensor_and_times_every_phase(runs: dict) -
     assert deep["tensors"] == ["enc0", "enc1", "bottleneck", "dec1", "dec0"]  # block outputs only
     for w in (unet, deep):
         assert w["seconds"]["inference"] > 0 and w["batch"] == 8
-        assert w["methods"] == ["inference", "layer", "both", "layer_seq", "both_seq"]
+        assert w["methods"] == ["inference", "files", "layer", "both", "layer_seq", "both_seq"]
+        # (a') reads and preprocesses the cases it runs: never faster than nothing, and no phases
+        assert w["seconds"]["files"] > 0 and "files" not in w["calls"]
+        assert set(w["files_overhead"]) == {"layer", "both", "layer_seq", "both_seq"}
         for method in ("layer", "both", "layer_seq", "both_seq"):
             calls = w["calls"][method]
             # 16 cases read a batch of 8 at a time (one HDF5 open each), two batches of 8
@@ -125,12 +128,14 @@ def test_results_sections_are_merged_not_overwritten(runs: dict) -> None:
 def test_the_deepbrain_workload_scores_colin27_volumes_with_every_tensor(run_module, tmp_path) -> None:
     """One volume, layer level only (about 10 s): the shipped model and data, batch 1."""
     res = run_module("benchmarks.pipeline", "--workload", "deepbrain", "--volumes", "1", "--repeat", "1",
-                     "--methods", "layer", "--json", str(tmp_path / "db.json"))
+                     "--methods", "files", "layer", "--json", str(tmp_path / "db.json"))
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "db.json").read_text())
     assert "--workload deepbrain --volumes 1" in out["command"]
     (w,) = out["workloads"]
-    assert (w["kind"], w["n_cases"], w["batch"], w["methods"]) == ("deepbrain", 1, 1, ["inference", "layer"])
+    assert (w["kind"], w["n_cases"], w["batch"], w["methods"]) == ("deepbrain", 1, 1, ["inference", "files", "layer"])
+    assert "(a') reading + preprocessing + inference" in res.stdout and "Against (a')" in res.stdout
+    assert w["seconds"]["files"] > 0 and set(w["files_overhead"]) == {"layer"}
     assert len(w["tensors"]) == 15 and w["tensors"][0] == "conv3d"
     calls = w["calls"]["layer"]
     assert (calls["read"], calls["inference"], calls["write_batch"], calls["finalize"]) == (1, 1, 1, 1)
