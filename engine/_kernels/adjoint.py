@@ -189,102 +189,121 @@ def _guide_adjoint(gb, mb, has_mask, Zs, Ys, Xs,
                    iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb):
     """Wf = Rᵀ(g·m), Wb = Rᵀ((1-g)·m) on the source grid (a resized grid: see
     :func:`_guide_identity` for equal grids, kept apart so that the paths which never meet
-    equal grids here do not compile that loop).
+    equal grids here do not compile that loop), for one sample: :func:`_planes_block` on all
+    its source planes, then its row sums added in row order (:func:`_row_totals`).
+
+    Without a mask only Rᵀg is accumulated and Rᵀ(1-g) = Rᵀ1 - Rᵀg, Rᵀ1 being separable (half
+    the work), unless the background is so small that the subtraction would cost precision:
+    then the sample is done again with (1-g) accumulated on its own.
 
     Returns (Σm, Σg·m, Σ(1-g)·m, count of guide or mask values outside [0, 1] or NaN).
     """
     Zt, Yt, Xt = gb.shape
-    sm = 0.0
-    sf = 0.0
-    sb = 0.0
-    bad = 0
-    # one pass over the target grid: each target row goes, weighted, into the (up to four)
-    # source (z, y) rows it reads from; then the x adjoint runs on the reduced grid.
-    # Without a mask only Rᵀg is accumulated and Rᵀ(1-g) = Rᵀ1 - Rᵀg, Rᵀ1 being separable
-    # (half the work), unless the background is so small that the subtraction would cost
-    # precision.
+    rs = np.empty((1, Zt * Yt, 3))
+    rn = np.empty((1, Zt * Yt), dtype=np.int64)
+    tot = np.empty((1, 3))
+    bad = np.empty(1, dtype=np.int64)
     if not has_mask:
-        tf = np.zeros((Zs, Ys, Xt))
-        for zt in range(Zt):
-            for yt in range(Yt):
-                gr = gb[zt, yt]
-                ya = iy0[yt]
-                yb = iy1[yt]
-                f_, k_, n_ = _scatter_row1(gr, wz0[zt] * wy0[yt], wz0[zt] * wy1[yt],
-                                           tf[iz0[zt], ya], tf[iz0[zt], yb])
-                sf += f_
-                sb += k_
-                bad += n_
-                if wz1[zt] != 0.0:
-                    _scatter_row1(gr, wz1[zt] * wy0[yt], wz1[zt] * wy1[yt], tf[iz1[zt], ya], tf[iz1[zt], yb])
+        _planes_block(gb, mb, has_mask, False, 0, Zs, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
+                      ix0, ix1, wx0, wx1, rs[0], rn[0], Wf, Wb)
+        _row_totals(rs, rn, tot, bad)
         sm = float(Zt * Yt * Xt)
-        if sb >= _MIN_BACKGROUND_SHARE * sm:
-            _adjoint_x1(tf.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((Zs * Ys, Xs)))
-            cz = _column_sums(iz0, iz1, wz0, wz1, Zs)
-            cy = _column_sums(iy0, iy1, wy0, wy1, Ys)
-            cx = _column_sums(ix0, ix1, wx0, wx1, Xs)
-            for z in range(Zs):
-                for y in range(Ys):
-                    czy = cz[z] * cy[y]
-                    for x in range(Xs):
-                        Wb[z, y, x] = czy * cx[x] - Wf[z, y, x]
-            return sm, sf, sb, bad
-        sm = 0.0
-        sf = 0.0
-        sb = 0.0
-        bad = 0
-    tf = np.zeros((Zs, Ys, Xt))
-    tb = np.zeros((Zs, Ys, Xt))
-    for zt in range(Zt):
-        for yt in range(Yt):
-            gr = gb[zt, yt]
-            mr = mb[zt, yt] if has_mask else mb[0, 0]
-            ya = iy0[yt]
-            yb = iy1[yt]
-            c0 = wz0[zt] * wy0[yt]
-            c1 = wz0[zt] * wy1[yt]
-            a, f_, k_, n_ = _scatter_row(gr, mr, has_mask, c0, c1, tf[iz0[zt], ya], tf[iz0[zt], yb],
-                                         tb[iz0[zt], ya], tb[iz0[zt], yb])
-            sm += a
-            sf += f_
-            sb += k_
-            bad += n_
-            if wz1[zt] != 0.0:  # 3-D: the second z plane (sums already counted)
-                c0 = wz1[zt] * wy0[yt]
-                c1 = wz1[zt] * wy1[yt]
-                _scatter_row(gr, mr, has_mask, c0, c1, tf[iz1[zt], ya], tf[iz1[zt], yb],
-                             tb[iz1[zt], ya], tb[iz1[zt], yb])
-    _adjoint_x1(tf.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((Zs * Ys, Xs)))
-    _adjoint_x1(tb.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wb.reshape((Zs * Ys, Xs)))
-    return sm, sf, sb, bad
+        if tot[0, 2] >= _MIN_BACKGROUND_SHARE * sm:
+            return sm, tot[0, 1], tot[0, 2], bad[0]
+    _planes_block(gb, mb, has_mask, True, 0, Zs, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
+                  ix0, ix1, wx0, wx1, rs[0], rn[0], Wf, Wb)
+    _row_totals(rs, rn, tot, bad)
+    return tot[0, 0], tot[0, 1], tot[0, 2], bad[0]
 
 
 # --------------------------------------------------------------------------- split over the threads
 @njit(nogil=True, cache=True, fastmath=_FM)
+def _planes_block(gb, mb, has_mask, full, z0, n0, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
+                  ix0, ix1, wx0, wx1, rs, rn, Wf, Wb):
+    """The adjoint of one sample restricted to its source planes [z0, z0 + n0) (``z0·Ys`` a
+    multiple of four, or ``z0 = 0``): ``Wf``, ``Wb`` (Zs, Ys, Xs) on those planes, and the
+    (Σm, Σg·m, Σ(1-g)·m) and bad-value count of each target row whose first source plane lies
+    there (``rs[zt·Yt + yt]``, ``rn[zt·Yt + yt]``; Σm only with ``full``, else 0).
+
+    One pass over the target grid: the target rows are visited in (zt, yt) order and each is
+    scattered, weighted, into those of its (up to four) source (z, y) rows that lie in the
+    planes (``tf``, ``tb``: (n0, Ys, Xt)), so every element receives its terms in the same
+    order whatever the planes; then the x adjoint runs on them, each row in the same group of
+    four rows as over all planes. With ``full``, g·m and (1-g)·m are accumulated (the mask
+    path); without it g alone and ``Wb = Rᵀ1 - Wf``, Rᵀ1 being separable.
+    """
+    Zs, Ys, Xs = Wf.shape
+    Zt, Yt, Xt = gb.shape
+    if n0 <= 0:
+        return
+    R = Zs * Ys
+    tf = np.zeros((n0, Ys, Xt))
+    tb = np.zeros((n0 if full else 0, Ys, Xt))
+    for zt in range(Zt):
+        za = np.int64(iz0[zt]) - z0  # planes of this block
+        zb = np.int64(iz1[zt]) - z0
+        p0 = 0 <= za and za < n0
+        p1 = wz1[zt] != 0.0 and 0 <= zb and zb < n0
+        if not (p0 or p1):
+            continue
+        for yt in range(Yt):
+            gr = gb[zt, yt]
+            ya = iy0[yt]
+            yb = iy1[yt]
+            r = zt * Yt + yt
+            if full:
+                mr = mb[zt, yt] if has_mask else mb[0, 0]
+                if p0:
+                    c0 = wz0[zt] * wy0[yt]
+                    c1 = wz0[zt] * wy1[yt]
+                    a, f_, k_, n_ = _scatter_row(gr, mr, has_mask, c0, c1, tf[za, ya], tf[za, yb],
+                                                 tb[za, ya], tb[za, yb])
+                    rs[r, 0] = a
+                    rs[r, 1] = f_
+                    rs[r, 2] = k_
+                    rn[r] = n_
+                if p1:
+                    c0 = wz1[zt] * wy0[yt]
+                    c1 = wz1[zt] * wy1[yt]
+                    _scatter_row(gr, mr, has_mask, c0, c1, tf[zb, ya], tf[zb, yb], tb[zb, ya], tb[zb, yb])
+            else:
+                if p0:
+                    f_, k_, n_ = _scatter_row1(gr, wz0[zt] * wy0[yt], wz0[zt] * wy1[yt], tf[za, ya], tf[za, yb])
+                    rs[r, 0] = 0.0
+                    rs[r, 1] = f_
+                    rs[r, 2] = k_
+                    rn[r] = n_
+                if p1:
+                    _scatter_row1(gr, wz1[zt] * wy0[yt], wz1[zt] * wy1[yt], tf[zb, ya], tf[zb, yb])
+    r0 = z0 * Ys
+    r1 = r0 + n0 * Ys
+    _adjoint_x1(tf.reshape((n0 * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((R, Xs))[r0:r1])
+    if full:
+        _adjoint_x1(tb.reshape((n0 * Ys, Xt)), ix0, ix1, wx0, wx1, Wb.reshape((R, Xs))[r0:r1])
+    else:
+        cz = _column_sums(iz0, iz1, wz0, wz1, Zs)
+        cy = _column_sums(iy0, iy1, wy0, wy1, Ys)
+        cx = _column_sums(ix0, ix1, wx0, wx1, Xs)
+        for z in range(z0, z0 + n0):
+            for y in range(Ys):
+                czy = cz[z] * cy[y]
+                for x in range(Xs):
+                    Wb[z, y, x] = czy * cx[x] - Wf[z, y, x]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _planes_range(lo, hi, g, m, has_mask, full, q, samples, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
                   ix0, ix1, wx0, wx1, rsum, rbad, Wf, Wb):
     """Work items [lo, hi) = (sample ``samples[j]``, block ``k`` of ``q`` source z planes),
-    ``i = j·nk + k``: :func:`_guide_adjoint` of each sample met restricted to its planes
-    [z0, z1) of the range, with the same bits (``q·Ys`` must be a multiple of four, or
-    ``q >= Zs``).
-
-    The target rows are visited in (zt, yt) order and each is scattered into those of its (up
-    to four) source rows that lie in [z0, z1), so every element of these rows before the x
-    adjoint (``tf``, ``tb``: (z1 - z0, Ys, Xt), the range's own) receives its terms in the
-    serial order; the x adjoint follows at once, each row in the same group of four rows as in
-    the serial pass. Each target row is read once per range and sample (twice at most where two
-    ranges meet). With ``full``, g·m and (1-g)·m are accumulated (the mask path); without it g
-    alone and ``Wb = Rᵀ1 - Wf`` (the caller redoes the sample with ``full`` when the background
-    is too small for it, ``_MIN_BACKGROUND_SHARE``). Each target row's (Σm, Σg·m, Σ(1-g)·m) go
-    into ``rsum[j, zt·Yt + yt]`` (Σm only with ``full``, else 0) and its count of bad values into
-    ``rbad[j, zt·Yt + yt]``, written by the block of its first source plane (every row by exactly
-    one block), for :func:`_row_totals` to add in row order. ``g``, ``m``, ``Wf`` (B, Zs, Ys, Xs)
-    and ``Wb`` are indexed by the sample.
+    ``i = j·nk + k``: :func:`_planes_block` of each sample met on the planes of its blocks in
+    the range (``q·Ys`` must be a multiple of four, or ``q >= Zs``), its row sums into
+    ``rsum[j]`` and ``rbad[j]`` (every row written by the block of its first source plane) for
+    :func:`_row_totals` to add in row order. ``g``, ``m``, ``Wf`` (B, Zs, Ys, Xs) and ``Wb`` are
+    indexed by the sample. Each target row is read once per range and sample (twice at most
+    where two ranges meet).
     """
-    B, Zs, Ys, Xs = Wf.shape
-    Zt, Yt, Xt = g.shape[1:]
+    Zs = Wf.shape[1]
     nk = (Zs + q - 1) // q
-    R = Zs * Ys
     i = lo
     while i < hi:
         j = i // nk
@@ -292,70 +311,9 @@ def _planes_range(lo, hi, g, m, has_mask, full, q, samples, iz0, iz1, wz0, wz1, 
         k1 = min(nk, k0 + hi - i)
         i += k1 - k0
         b = samples[j]
-        gb = g[b]
-        mb = m[b] if has_mask else m[0]
-        Wfb = Wf[b]
-        Wbb = Wb[b]
-        rs = rsum[j]
-        rn = rbad[j]
         z0 = k0 * q
-        n0 = min(k1 * q, Zs) - z0
-        tf = np.zeros((n0, Ys, Xt))
-        tb = np.zeros((n0 if full else 0, Ys, Xt))
-        for zt in range(Zt):
-            za = np.int64(iz0[zt]) - z0  # planes of this range
-            zb = np.int64(iz1[zt]) - z0
-            p0 = 0 <= za and za < n0
-            p1 = wz1[zt] != 0.0 and 0 <= zb and zb < n0
-            if not (p0 or p1):
-                continue
-            for yt in range(Yt):
-                gr = gb[zt, yt]
-                ya = iy0[yt]
-                yb = iy1[yt]
-                r = zt * Yt + yt
-                if full:
-                    mr = mb[zt, yt] if has_mask else mb[0, 0]
-                    if p0:
-                        c0 = wz0[zt] * wy0[yt]
-                        c1 = wz0[zt] * wy1[yt]
-                        a, f_, k_, n_ = _scatter_row(gr, mr, has_mask, c0, c1, tf[za, ya], tf[za, yb],
-                                                     tb[za, ya], tb[za, yb])
-                        rs[r, 0] = a
-                        rs[r, 1] = f_
-                        rs[r, 2] = k_
-                        rn[r] = n_
-                    if p1:
-                        c0 = wz1[zt] * wy0[yt]
-                        c1 = wz1[zt] * wy1[yt]
-                        _scatter_row(gr, mr, has_mask, c0, c1, tf[zb, ya], tf[zb, yb], tb[zb, ya], tb[zb, yb])
-                else:
-                    if p0:
-                        f_, k_, n_ = _scatter_row1(gr, wz0[zt] * wy0[yt], wz0[zt] * wy1[yt], tf[za, ya], tf[za, yb])
-                        rs[r, 0] = 0.0
-                        rs[r, 1] = f_
-                        rs[r, 2] = k_
-                        rn[r] = n_
-                    if p1:
-                        _scatter_row1(gr, wz1[zt] * wy0[yt], wz1[zt] * wy1[yt], tf[zb, ya], tf[zb, yb])
-        if n0 <= 0:
-            continue
-        # the x adjoint of the range's rows: its first row z0·Ys is a multiple of four (or the
-        # only block), the last range ends at the last row: the serial pass's groups of four
-        r0 = z0 * Ys
-        r1 = r0 + n0 * Ys
-        _adjoint_x1(tf.reshape((n0 * Ys, Xt)), ix0, ix1, wx0, wx1, Wfb.reshape((R, Xs))[r0:r1])
-        if full:
-            _adjoint_x1(tb.reshape((n0 * Ys, Xt)), ix0, ix1, wx0, wx1, Wbb.reshape((R, Xs))[r0:r1])
-        else:
-            cz = _column_sums(iz0, iz1, wz0, wz1, Zs)
-            cy = _column_sums(iy0, iy1, wy0, wy1, Ys)
-            cx = _column_sums(ix0, ix1, wx0, wx1, Xs)
-            for z in range(z0, z0 + n0):
-                for y in range(Ys):
-                    czy = cz[z] * cy[y]
-                    for x in range(Xs):
-                        Wbb[z, y, x] = czy * cx[x] - Wfb[z, y, x]
+        _planes_block(g[b], m[b] if has_mask else m[0], has_mask, full, z0, min(k1 * q, Zs) - z0,
+                      iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, rsum[j], rbad[j], Wf[b], Wb[b])
 
 
 @njit(cache=True)  # no fast-math: each sample's row sums are added one after the other, in row order

@@ -3,7 +3,9 @@
 ``engine._kernels.adjoint.guide_adjoint`` (``channels_last.guide_weights`` on a resized grid)
 cuts each sample's ``Rᵀ(g·m)``, ``Rᵀ((1-g)·m)`` into blocks of source z planes. Its weights,
 sums and counts must be the bits of the serial ``_guide_adjoint`` (the engine's stores and their
-bit-equality tests depend on them), on one thread, two threads and any order of the work items,
+bit-equality tests depend on them; that function is kept below as the twin, ``_twin_guide_adjoint``,
+since the engine's ``_guide_adjoint`` is now the one-block case of the split), on one thread, two
+threads and any order of the work items,
 on resized 3-D and 2-D grids, with and without a mask, with the no-mask shortcut (Rᵀ1 - Rᵀg)
 taken and refused, with whole samples or blocks of planes as the work items.
 """
@@ -15,9 +17,11 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 import pytest
+from numba import njit
 
 from engine._kernels import adjoint
 from engine._kernels import channels_last as cl
+from engine._kernels._common import _FM
 from engine._kernels.fused import _MODE_WEIGHTS
 from engine.scores import _kernel_weights
 
@@ -68,13 +72,87 @@ def _mask(B: int, tgt: tuple[int, ...]) -> np.ndarray:
     return m
 
 
-def _serial(g, m, has_mask, src, weights) -> list[tuple[np.ndarray, ...]]:
-    """Each sample's (Wf, Wb, (sm, sf, sb), bad) from the serial ``_guide_adjoint``."""
+@njit(fastmath=_FM)
+def _twin_guide_adjoint(gb, mb, has_mask, Zs, Ys, Xs,
+                   iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, Wf, Wb):
+    """The serial ``_guide_adjoint`` as it was before the planes were split (issue 15), kept
+    here as the twin: Wf = Rᵀ(g·m), Wb = Rᵀ((1-g)·m) of one sample on the source grid.
+
+    Returns (Σm, Σg·m, Σ(1-g)·m, count of guide or mask values outside [0, 1] or NaN).
+    """
+    Zt, Yt, Xt = gb.shape
+    sm = 0.0
+    sf = 0.0
+    sb = 0.0
+    bad = 0
+    # one pass over the target grid: each target row goes, weighted, into the (up to four)
+    # source (z, y) rows it reads from; then the x adjoint runs on the reduced grid.
+    # Without a mask only Rᵀg is accumulated and Rᵀ(1-g) = Rᵀ1 - Rᵀg, Rᵀ1 being separable
+    # (half the work), unless the background is so small that the subtraction would cost
+    # precision.
+    if not has_mask:
+        tf = np.zeros((Zs, Ys, Xt))
+        for zt in range(Zt):
+            for yt in range(Yt):
+                gr = gb[zt, yt]
+                ya = iy0[yt]
+                yb = iy1[yt]
+                f_, k_, n_ = adjoint._scatter_row1(gr, wz0[zt] * wy0[yt], wz0[zt] * wy1[yt],
+                                           tf[iz0[zt], ya], tf[iz0[zt], yb])
+                sf += f_
+                sb += k_
+                bad += n_
+                if wz1[zt] != 0.0:
+                    adjoint._scatter_row1(gr, wz1[zt] * wy0[yt], wz1[zt] * wy1[yt], tf[iz1[zt], ya], tf[iz1[zt], yb])
+        sm = float(Zt * Yt * Xt)
+        if sb >= adjoint._MIN_BACKGROUND_SHARE * sm:
+            adjoint._adjoint_x1(tf.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((Zs * Ys, Xs)))
+            cz = adjoint._column_sums(iz0, iz1, wz0, wz1, Zs)
+            cy = adjoint._column_sums(iy0, iy1, wy0, wy1, Ys)
+            cx = adjoint._column_sums(ix0, ix1, wx0, wx1, Xs)
+            for z in range(Zs):
+                for y in range(Ys):
+                    czy = cz[z] * cy[y]
+                    for x in range(Xs):
+                        Wb[z, y, x] = czy * cx[x] - Wf[z, y, x]
+            return sm, sf, sb, bad
+        sm = 0.0
+        sf = 0.0
+        sb = 0.0
+        bad = 0
+    tf = np.zeros((Zs, Ys, Xt))
+    tb = np.zeros((Zs, Ys, Xt))
+    for zt in range(Zt):
+        for yt in range(Yt):
+            gr = gb[zt, yt]
+            mr = mb[zt, yt] if has_mask else mb[0, 0]
+            ya = iy0[yt]
+            yb = iy1[yt]
+            c0 = wz0[zt] * wy0[yt]
+            c1 = wz0[zt] * wy1[yt]
+            a, f_, k_, n_ = adjoint._scatter_row(gr, mr, has_mask, c0, c1, tf[iz0[zt], ya], tf[iz0[zt], yb],
+                                         tb[iz0[zt], ya], tb[iz0[zt], yb])
+            sm += a
+            sf += f_
+            sb += k_
+            bad += n_
+            if wz1[zt] != 0.0:  # 3-D: the second z plane (sums already counted)
+                c0 = wz1[zt] * wy0[yt]
+                c1 = wz1[zt] * wy1[yt]
+                adjoint._scatter_row(gr, mr, has_mask, c0, c1, tf[iz1[zt], ya], tf[iz1[zt], yb],
+                             tb[iz1[zt], ya], tb[iz1[zt], yb])
+    adjoint._adjoint_x1(tf.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wf.reshape((Zs * Ys, Xs)))
+    adjoint._adjoint_x1(tb.reshape((Zs * Ys, Xt)), ix0, ix1, wx0, wx1, Wb.reshape((Zs * Ys, Xs)))
+    return sm, sf, sb, bad
+
+
+def _serial(g, m, has_mask, src, weights, kernel=_twin_guide_adjoint) -> list[tuple[np.ndarray, ...]]:
+    """Each sample's (Wf, Wb, (sm, sf, sb), bad) from the serial twin (or ``kernel``)."""
     out = []
     for b in range(g.shape[0]):
         Wf = np.full(src, -1.0)
         Wb = np.full(src, -1.0)
-        sm, sf, sb, bad = adjoint._guide_adjoint(g[b], m[b] if has_mask else m[0], has_mask, *src, *weights, Wf, Wb)
+        sm, sf, sb, bad = kernel(g[b], m[b] if has_mask else m[0], has_mask, *src, *weights, Wf, Wb)
         out.append((Wf, Wb, np.array([sm, sf, sb]), bad))
     return out
 
@@ -117,6 +195,20 @@ def test_split_gives_the_serial_bits_on_one_and_two_threads(grids, kind, has_mas
             _assert_same_bits(_split(g, m, has_mask, src, weights), want)
 
 
+@pytest.mark.parametrize("grids", GRIDS)
+@pytest.mark.parametrize("kind, has_mask", [("soft", False), ("full", False), ("bad", False), ("soft", True),
+                                            ("full", True), ("bad", True)])
+def test_the_serial_kernel_of_the_channels_first_paths_gives_the_twin_bits(grids, kind, has_mask) -> None:
+    """``_guide_adjoint`` (inside fused.py's and general.py's per-sample kernels) is the one-block
+    case of the split: the twin's bits, the shortcut taken and refused (2-D grids: below)."""
+    src, tgt = grids
+    g = _guide(kind, 2, tgt)
+    m = _mask(2, tgt) if has_mask else np.ones((1, 1, 1, 1), np.float32)
+    weights = _weights(src, tgt, tgt)
+    _assert_same_bits(_serial(g, m, has_mask, src, weights, kernel=adjoint._guide_adjoint),
+                      _serial(g, m, has_mask, src, weights))
+
+
 @pytest.mark.parametrize("grids", GRIDS[:4])
 @pytest.mark.parametrize("kind, has_mask", [("soft", False), ("full", False), ("soft", True)])
 @pytest.mark.parametrize("n_threads", [1, 4])
@@ -140,13 +232,15 @@ def test_any_order_of_the_work_items_gives_the_serial_bits(monkeypatch, grids, k
 
 @pytest.mark.parametrize("has_mask", [False, True])
 def test_two_dimensional_grids(has_mask) -> None:
-    """Zs = Zt = 1: one block of planes; the result is still the serial one."""
+    """Zs = Zt = 1: one block of planes; the result is still the serial one (and the engine's
+    serial ``_guide_adjoint`` gives it too)."""
     tgt = (1, 21, 17)
     src = (1, 9, 7)
     g = _guide("soft", 2, tgt)
     m = _mask(2, tgt) if has_mask else np.ones((1, 1, 1, 1), np.float32)
     weights = _weights(src, tgt, tgt)
     want = _serial(g, m, has_mask, src, weights)
+    _assert_same_bits(_serial(g, m, has_mask, src, weights, kernel=adjoint._guide_adjoint), want)
     for n in (1, 2):
         with _threads(n):
             _assert_same_bits(_split(g, m, has_mask, src, weights), want)
