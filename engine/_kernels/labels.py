@@ -42,4 +42,4 @@ def present_values(flat: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
     n_items = max(1, -(-flat.size // chunk))
     seen = np.zeros((n_items, 1 << (8 * flat.dtype.itemsize)), dtype=np.uint8)
     parallel_for(_seen_range, n_items, flat, seen, int(chunk))
-    return np.logical_or.reduce(seen, axis=0).astype(bool, copy=False)
+    return np.logical_or.reduce(seen, axis=0)  # bool

@@ -241,8 +241,8 @@ def _labels_in(mask: np.ndarray) -> set[int]:
         return {int(v) for v in np.unique(m)}
     from engine._kernels.labels import present_values
 
-    flat = np.ravel(m, order="K")  # memory order: a view of any contiguous mask, C or Fortran
-    return {int(v) for v in np.flatnonzero(present_values(np.ascontiguousarray(flat)))}
+    flat = np.ravel(m, order="K")  # contiguous: a view of a C or Fortran mask in memory order, else a copy
+    return {int(v) for v in np.flatnonzero(present_values(flat))}
 
 
 def _labels_note(plan: Plan, cases: Sequence[Case], ok: list[int]) -> tuple[str, ...]:
