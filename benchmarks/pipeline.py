@@ -457,12 +457,19 @@ def _prepared_batches(w: Workload) -> tuple[Any, list[dict[str, np.ndarray]], li
     tensors = select_tensors(tensors, "all")
     session = make_session(expose(proto, tensors), provider="cpu")
     ds = open_dataset(w.data, spatial_ndim=card.spatial_ndim)
-    batches = []
-    for start in range(0, w.n_cases, w.batch):
-        x = np.stack([card.preprocess(ds[i].image) for i in range(start, min(start + w.batch, w.n_cases))])
-        batches.append({card.input_name: x.astype(np.float32, copy=False)})
+    batches = [{card.input_name: _model_batch(card, [ds[i].image for i in idx])} for idx in _batch_indices(w)]
     outputs = [t.name for t in tensors] + [card.prediction_output]
     return session, batches, outputs
+
+
+def _batch_indices(w: Workload) -> list[list[int]]:
+    """The dataset indices of each batch of ``w``, in order."""
+    return [list(range(s, min(s + w.batch, w.n_cases))) for s in range(0, w.n_cases, w.batch)]
+
+
+def _model_batch(card: Any, images: Sequence[np.ndarray]) -> np.ndarray:
+    """The model's float32 input for a batch of images, each preprocessed by ``card``."""
+    return np.stack([card.preprocess(image) for image in images]).astype(np.float32, copy=False)
 
 
 def time_files(w: Workload, session: Any, outputs: Sequence[str]) -> tuple[float, float]:
@@ -472,11 +479,8 @@ def time_files(w: Workload, session: Any, outputs: Sequence[str]) -> tuple[float
     card = resolve_model_card(load_model(w.model))
     ds = open_dataset(w.data, spatial_ndim=card.spatial_ndim)
     t0, c0 = time.perf_counter(), time.process_time()
-    for start in range(0, w.n_cases, w.batch):
-        idx = list(range(start, min(start + w.batch, w.n_cases)))
-        cases = ds.read_cases(idx)
-        x = np.stack([card.preprocess(c.image) for c in cases]).astype(np.float32, copy=False)
-        del cases
+    for idx in _batch_indices(w):
+        x = _model_batch(card, [c.image for c in ds.read_cases(idx)])
         out = session.run({card.input_name: x}, outputs=list(outputs))
         del out, x
     return time.perf_counter() - t0, time.process_time() - c0
