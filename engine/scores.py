@@ -452,8 +452,8 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
         bad = np.zeros(B, dtype=np.int64)
         parts = _split_parts(B, C)
         if parts > 1:  # fewer samples than threads: each sample's channels in parallel parts
-            fused.layer_kernel_split(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
-                                        *p.weights, parts, P, N, status, npos, tp, ny, bad)
+            fused.layer_split(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
+                              *p.weights, parts, P, N, status, npos, tp, ny, bad)
         else:
             fused.layer_kernel_flat(p.flat, p.g, p.m, p.has_mask, ref, do_counts, p.identity, *p.src,
                                        *p.weights, P, N, status, npos, tp, ny, bad)

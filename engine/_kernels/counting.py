@@ -18,22 +18,32 @@ def _interp_x(a, Xt, ix0, ix1, wx0, wx1):
     Each source row is copied to a contiguous float64 buffer with its forward differences,
     so every output is one gather: ``row[i0] + w1·(row[i1] - row[i0])`` (``i1`` is ``i0 + 1``
     or, at the last position, ``i0``, as :func:`engine.resize.linear_weights` guarantees).
+    The rows are :func:`_interp_x_rows` over all of them (the split path runs it over parts).
     """
     Zs, Ys, Xs = a.shape
     out = np.empty((Zs, Ys, Xt))
+    _interp_x_rows(a, out, 0, Zs * Ys, ix0, wx1)
+    return out
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _interp_x_rows(a, out, r0, r1, ix0, wx1):
+    """Source rows [r0, r1) (flattened (z, y)) of :func:`_interp_x` into ``out`` (Zs, Ys, Xt)."""
+    Zs, Ys, Xs = a.shape
+    Xt = out.shape[2]
     base = np.empty(Xs)
     diff = np.empty(Xs)
-    for z in range(Zs):
-        for y in range(Ys):
-            for i in range(Xs):
-                base[i] = np.float64(a[z, y, i])
-            for i in range(Xs - 1):
-                diff[i] = base[i + 1] - base[i]
-            diff[Xs - 1] = 0.0
-            for x in range(Xt):
-                j = ix0[x]
-                out[z, y, x] = base[j] + wx1[x] * diff[j]
-    return out
+    for r in range(r0, r1):
+        z = r // Ys
+        y = r - z * Ys
+        for i in range(Xs):
+            base[i] = np.float64(a[z, y, i])
+        for i in range(Xs - 1):
+            diff[i] = base[i + 1] - base[i]
+        diff[Xs - 1] = 0.0
+        for x in range(Xt):
+            j = ix0[x]
+            out[z, y, x] = base[j] + wx1[x] * diff[j]
 
 
 @njit(cache=True, fastmath=_FM)
@@ -107,10 +117,16 @@ def _count(a, refb, mid, sign, identity, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
 @njit(cache=True, fastmath=_FM)
 def _count_flat(z, ref, mid):
     """(positives, positives in ref, |ref|) of ``z > mid`` on an identity grid (flat)."""
+    return _count_flat_range(z, ref, mid, 0, z.shape[0])
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _count_flat_range(z, ref, mid, lo, hi):
+    """:func:`_count_flat` over the positions [lo, hi)."""
     npos = 0
     tp = 0
     ny = 0
-    for i in range(z.shape[0]):
+    for i in range(lo, hi):
         p = z[i] > mid
         y = ref[i] != 0
         npos += p
@@ -121,49 +137,58 @@ def _count_flat(z, ref, mid):
 
 @njit(cache=True, fastmath=_FM)
 def _count_resized(A, refb, mid, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
-    """Like :func:`_count_flat` for ``R z > mid``, ``A`` being z already interpolated along x.
+    """Like :func:`_count_flat` for ``R z > mid``, ``A`` being z already interpolated along x:
+    :func:`_count_resized_rows` over every target row."""
+    Zt, Yt, _ = refb.shape
+    return _count_resized_rows(A, refb, mid, 0, Zt * Yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _count_resized_rows(A, refb, mid, r0, r1, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
+    """:func:`_count_resized` over the target rows [r0, r1) (flattened (zt, yt)).
 
     Rows count in int32 lanes (twice as many per vector as int64), then add to int64 totals.
     """
-    Zt, Yt, Xt = refb.shape
+    _, Yt, Xt = refb.shape
     npos = 0
     tp = 0
     ny = 0
-    for zt in range(Zt):
+    for r in range(r0, r1):
+        zt = r // Yt
+        yt = r - zt * Yt
         z0 = iz0[zt]
         z1 = iz1[zt]
-        for yt in range(Yt):
-            y0 = iy0[yt]
-            y1 = iy1[yt]
-            c00 = wz0[zt] * wy0[yt]
-            c01 = wz0[zt] * wy1[yt]
-            c10 = wz1[zt] * wy0[yt]
-            c11 = wz1[zt] * wy1[yt]
-            a0 = A[z0, y0]
-            a1 = A[z0, y1]
-            rr = refb[zt, yt]
-            rn = np.int32(0)
-            rt = np.int32(0)
-            ry = np.int32(0)
-            if c10 == 0.0 and c11 == 0.0:
-                for x in range(Xt):
-                    p = np.int32(c00 * a0[x] + c01 * a1[x] > mid)
-                    y = np.int32(rr[x])
-                    rn += p
-                    rt += p & y
-                    ry += y
-            else:
-                a2 = A[z1, y0]
-                a3 = A[z1, y1]
-                for x in range(Xt):
-                    p = np.int32(c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > mid)
-                    y = np.int32(rr[x])
-                    rn += p
-                    rt += p & y
-                    ry += y
-            npos += rn
-            tp += rt
-            ny += ry
+        y0 = iy0[yt]
+        y1 = iy1[yt]
+        c00 = wz0[zt] * wy0[yt]
+        c01 = wz0[zt] * wy1[yt]
+        c10 = wz1[zt] * wy0[yt]
+        c11 = wz1[zt] * wy1[yt]
+        a0 = A[z0, y0]
+        a1 = A[z0, y1]
+        rr = refb[zt, yt]
+        rn = np.int32(0)
+        rt = np.int32(0)
+        ry = np.int32(0)
+        if c10 == 0.0 and c11 == 0.0:
+            for x in range(Xt):
+                p = np.int32(c00 * a0[x] + c01 * a1[x] > mid)
+                y = np.int32(rr[x])
+                rn += p
+                rt += p & y
+                ry += y
+        else:
+            a2 = A[z1, y0]
+            a3 = A[z1, y1]
+            for x in range(Xt):
+                p = np.int32(c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > mid)
+                y = np.int32(rr[x])
+                rn += p
+                rt += p & y
+                ry += y
+        npos += rn
+        tp += rt
+        ny += ry
     return npos, tp, ny
 
 

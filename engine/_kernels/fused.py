@@ -6,8 +6,10 @@ import numpy as np
 from numba import njit, prange
 
 from engine._kernels._common import _FM, _OK
-from engine._kernels.adjoint import _guide_adjoint
-from engine._kernels.counting import _layer_counts, _ref_count
+from engine._kernels._pool import parallel_for
+from engine._kernels.adjoint import _guide_adjoint, guide_adjoint
+from engine._kernels.counting import (_count_flat_range, _count_resized_rows, _interp_x_rows, _layer_counts,
+                                      _ref_count)
 from engine._kernels.general import _finalize, _write_maps
 
 __all__: list[str] = []  # private module
@@ -328,36 +330,102 @@ def layer_kernel_flat(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
             ny[b] = _ref_count(refb.reshape(refb.size))
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def layer_kernel_split(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
-                       iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, T,
-                       P, N, status, npos, tp, ny, bad):
-    """:func:`layer_kernel_flat` with each sample's channels split into ``T`` parallel parts,
-    for batches smaller than the thread count (one 3-D volume would use one thread).
+# --------------------------------------------------------------------------- split path
+# Fewer samples than threads (one 3-D volume): every stage of layer_kernel_flat runs over work
+# items on every thread (engine._kernels._pool.parallel_for) instead of one sample per thread.
+# Each stage computes every value with the code the one-thread path uses, and the items are
+# fixed by the data, not by the thread count, so the bits are those of one thread.
+_COUNT_ROWS = 256          # target rows per counting work item (a 128³ grid: 64 items)
+_SUM_POSITIONS = 1 << 16   # positions per work item of the z reduction and the identity count
 
-    Each part accumulates its own share of z; the shares are added before counting.
+
+def layer_split(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
+                iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1, T,
+                P, N, status, npos, tp, ny, bad):
+    """:func:`layer_kernel_flat` with each sample's channels split into ``T`` parts, for
+    batches smaller than the thread count: a single 3-D volume uses every thread in each stage.
+
+    1. Guide weights: on a resized grid :func:`engine._kernels.adjoint.guide_adjoint` (blocks
+       of source z planes, the bits of ``_guide_adjoint``); on the identity grid the guide
+       sums of each sample (one item per sample: a parallel float64 sum would change bits).
+    2. The channel parts (:func:`_flat_channels` over ``T`` channel ranges), each with its own
+       share of z and of ‖P‖² - ‖N‖².
+    3. Status and threshold per sample; the shares of z added in part order, over blocks of
+       positions.
+    4. Decisions and counts over blocks of target rows (or positions on the identity grid),
+       by the row kernels the serial :func:`engine._kernels.counting._layer_counts` runs
+       over all rows; the integer counts of the blocks are then added.
+
+    Also |ref| per sample (``ny``) and the count of guide/mask values outside [0, 1] (``bad``).
     """
     B, C, S = F.shape
-    Wf = np.empty((B, 0 if identity else S))
-    Wb = np.empty((B, 0 if identity else S))
-    modes = np.empty(B, dtype=np.int64)
+    weights = (iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
     sums = np.empty((B, 3))
-    for b in prange(B):
+    modes = np.empty(B, dtype=np.int64)
+    if identity:
+        Wf = Wb = np.empty((B, 0))
+        parallel_for(_identity_weights_range, B, g, m, has_mask, modes, sums, bad)
+    else:
+        Wf = np.empty((B, S))
+        Wb = np.empty((B, S))
+        guide_adjoint(g, m, has_mask, (Zs, Ys, Xs), weights, Wf.reshape((B, Zs, Ys, Xs)),
+                      Wb.reshape((B, Zs, Ys, Xs)), sums, bad)
+        modes[:] = _MODE_WEIGHTS
+    zpart = np.zeros((B, T, S if do_counts else 0))
+    kpart = np.zeros((B, T))
+    parallel_for(_parts_range, B * T, F, g, m, has_mask, T, modes, Wf, Wb, sums, do_counts, P, N,
+                 zpart, kpart)
+    mids = np.empty(B)
+    _finish_samples(P, N, sums, kpart, status, mids)
+    ok = status == _OK
+    npos[:] = 0
+    tp[:] = 0
+    if do_counts and ok.any():
+        nz = -(-S // _SUM_POSITIONS)
+        if T > 1:
+            parallel_for(_zsum_range, B * nz, zpart, ok, nz)
+        if identity:
+            cnt = np.zeros((B, nz, 3), dtype=np.int64)
+            parallel_for(_count_flat_items, B * nz, zpart, ref, mids, ok, nz, cnt)
+        else:
+            Zt, Yt, Xt = ref.shape[1:]
+            nr = -(-(Zs * Ys) // _COUNT_ROWS)
+            A = np.empty((B, Zs, Ys, Xt))
+            parallel_for(_interp_items, B * nr, zpart, ok, Zs, Ys, Xs, nr, ix0, wx1, A)
+            nc = -(-(Zt * Yt) // _COUNT_ROWS)
+            cnt = np.zeros((B, nc, 3), dtype=np.int64)
+            parallel_for(_count_row_items, B * nc, A, ref, mids, ok, nc, iz0, iz1, wz0, wz1, iy0, iy1, wy0,
+                         wy1, cnt, chunks_per_thread=2)
+        tot = cnt.sum(axis=1)
+        npos[ok] = tot[ok, 0]
+        tp[ok] = tot[ok, 1]
+        ny[ok] = tot[ok, 2]
+    for b in range(B):
+        if not (do_counts and ok[b]):
+            ny[b] = np.count_nonzero(ref[b])
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _identity_weights_range(lo, hi, g, m, has_mask, modes, sums, bad):
+    """Samples [lo, hi): the identity grid's guide sums (:func:`_flat_weights`'s first branch)."""
+    for b in range(lo, hi):
         mb = m[b] if has_mask else m[0]
-        w3 = (0, 0, 0) if identity else (Zs, Ys, Xs)
-        mode, sm, sf, sb, nbad = _flat_weights(g[b], mb, has_mask, identity, Zs, Ys, Xs, iz0, iz1, wz0, wz1,
-                                               iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1,
-                                               Wf[b].reshape(w3), Wb[b].reshape(w3))
-        modes[b] = mode
+        sm, sf, sb, nbad = _guide_sums(g[b].reshape(g[b].size), mb.reshape(mb.size), has_mask)
+        modes[b] = _MODE_GUIDE_MASK if has_mask else _MODE_GUIDE
         sums[b, 0] = sm
         sums[b, 1] = sf
         sums[b, 2] = sb
         bad[b] = nbad
-    zpart = np.zeros((B, T, S if do_counts else 0))
-    kpart = np.zeros((B, T))
-    for i in prange(B * T):
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _parts_range(lo, hi, F, g, m, has_mask, T, modes, Wf, Wb, sums, do_counts, P, N, zpart, kpart):
+    """Work items [lo, hi) = (sample, channel part): :func:`_flat_channels` over the part's
+    channels, its share of z into ``zpart[b, t]`` and of ‖P‖² - ‖N‖² into ``kpart[b, t]``."""
+    C = F.shape[1]
+    for i in range(lo, hi):
         b = i // T
-        t = i % T
+        t = i - b * T
         c_lo = (C * t) // T
         c_hi = (C * (t + 1)) // T
         sm = sums[b, 0]
@@ -367,30 +435,87 @@ def layer_kernel_split(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys, Xs,
         mb = m[b] if has_mask else m[0]
         kpart[b, t] = _flat_channels(F[b], c_lo, c_hi, modes[b], g[b].reshape(g[b].size), mb.reshape(mb.size),
                                      Wf[b], Wb[b], sf, sb, do_z, P[b], N[b], zpart[b, t])
-    for b in prange(B):
-        sm = sums[b, 0]
-        sf = sums[b, 1]
-        sb = sums[b, 2]
-        code = _finalize(P[b], N[b], sm, sf, sb)
-        status[b] = code
-        npos[b] = 0
-        tp[b] = 0
+
+
+@njit(cache=True)
+def _finish_samples(P, N, sums, kpart, status, mids):
+    """Status of each sample from its sums (:func:`_finalize`, which also divides the
+    prototype sums) and its threshold: half the parts' shares of ‖P‖² - ‖N‖², added in part
+    order."""
+    for b in range(P.shape[0]):
+        status[b] = _finalize(P[b], N[b], sums[b, 0], sums[b, 1], sums[b, 2])
+        k = kpart[b, 0]
+        for t in range(1, kpart.shape[1]):
+            k += kpart[b, t]
+        mids[b] = 0.5 * k
+
+
+@njit(nogil=True, cache=True)
+def _zsum_range(lo, hi, zpart, ok, nz):
+    """Work items [lo, hi) = (sample, block of positions): the parts' shares of z added into
+    ``zpart[b, 0]`` in part order (each position: ((z₀ + z₁) + z₂)...)."""
+    T = zpart.shape[1]
+    S = zpart.shape[2]
+    for i in range(lo, hi):
+        b = i // nz
+        c = i - b * nz
+        if not ok[b]:
+            continue
+        s0 = (S * c) // nz
+        s1 = (S * (c + 1)) // nz
+        z = zpart[b, 0]
+        for t in range(1, T):
+            zt = zpart[b, t]
+            for s in range(s0, s1):
+                z[s] += zt[s]
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _count_flat_items(lo, hi, zpart, ref, mids, ok, nz, cnt):
+    """Work items [lo, hi) = (sample, block of positions) on the identity grid: the block's
+    (positives, positives in ref, |ref|) into ``cnt[b, block]``."""
+    S = zpart.shape[2]
+    for i in range(lo, hi):
+        b = i // nz
+        c = i - b * nz
+        if not ok[b]:
+            continue
         refb = ref[b]
-        if do_counts and code == _OK:
-            z = zpart[b, 0]
-            k = kpart[b, 0]
-            for t in range(1, T):
-                zt = zpart[b, t]
-                for s in range(S):
-                    z[s] += zt[s]
-                k += kpart[b, t]
-            n, t_, y = _layer_counts(z, refb, 0.5 * k, identity, Zs, Ys, Xs,
-                                     iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, ix0, ix1, wx0, wx1)
-            npos[b] = n
-            tp[b] = t_
-            ny[b] = y
-        else:
-            ny[b] = _ref_count(refb.reshape(refb.size))
+        n, t, y = _count_flat_range(zpart[b, 0], refb.reshape(refb.size), mids[b], (S * c) // nz,
+                                    (S * (c + 1)) // nz)
+        cnt[b, c, 0] = n
+        cnt[b, c, 1] = t
+        cnt[b, c, 2] = y
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _interp_items(lo, hi, zpart, ok, Zs, Ys, Xs, nr, ix0, wx1, A):
+    """Work items [lo, hi) = (sample, block of source rows): z interpolated along x into A."""
+    rows = Zs * Ys
+    for i in range(lo, hi):
+        b = i // nr
+        c = i - b * nr
+        if not ok[b]:
+            continue
+        _interp_x_rows(zpart[b, 0].reshape((Zs, Ys, Xs)), A[b], (rows * c) // nr, (rows * (c + 1)) // nr,
+                       ix0, wx1)
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _count_row_items(lo, hi, A, ref, mids, ok, nc, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt):
+    """Work items [lo, hi) = (sample, block of target rows): the block's (positives, positives
+    in ref, |ref|) of ``R z > mid`` into ``cnt[b, block]``."""
+    rows = ref.shape[1] * ref.shape[2]
+    for i in range(lo, hi):
+        b = i // nc
+        c = i - b * nc
+        if not ok[b]:
+            continue
+        n, t, y = _count_resized_rows(A[b], ref[b], mids[b], (rows * c) // nc, (rows * (c + 1)) // nc,
+                                      iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1)
+        cnt[b, c, 0] = n
+        cnt[b, c, 1] = t
+        cnt[b, c, 2] = y
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
