@@ -35,6 +35,13 @@ Run as a module::
   decisions) counting ``|ref|`` (before) against ``count_ref=False`` (after), counts asserted
   equal.
 
+- ``--split-baseline FILE``: channels-first features of one 3-D volume (batch 1, the deepbrain
+  shapes as (1, C, side, side, side), guide and reference on 128³), layer level, through the
+  split kernel of an older ``engine/_kernels/fused.py`` (e.g. ``git show
+  5f59962:engine/_kernels/fused.py > /tmp/fused_old.py``: the parfor ``layer_kernel_split``,
+  whose guide weights, threshold and counting ran one sample per thread) against today's
+  ``layer_split``; prototypes, statuses and counts asserted identical.
+
 Medians of ``repeat`` interleaved calls after one warm-up; prints a Markdown table.
 """
 from __future__ import annotations
@@ -44,6 +51,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
@@ -220,26 +228,33 @@ def _deepbrain_tensors() -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
     return [(n, res[n]) for n in outputs[:-1]], guide
 
 
+def _older_module(path: Path, name: str) -> Any:
+    """An older version of a kernel module, loaded from ``path`` as the module ``name``; its
+    kernels compile here (a module loaded from a file is not in Numba's cache)."""
+    import importlib.util
+
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    old = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = old
+    spec.loader.exec_module(old)
+    for obj in vars(old).values():
+        if isinstance(obj, Dispatcher):
+            obj._cache = NullCache()
+    return old
+
+
 def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = False, sums: bool = False,
             decide: bool = False) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
     """Layer level through an older channels_last module (loaded from ``path``) and today's;
     with ``real`` on one deepbrain volume's tensors, with ``sums`` the sums kernel alone, with
     ``decide`` today's ``decide`` with and without counting ``|ref|``."""
-    import importlib.util
-
     from engine._kernels import channels_last as new
 
-    spec = importlib.util.spec_from_file_location("_cl_baseline", path)
-    old = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = old
-    spec.loader.exec_module(old)
-    from numba.core.caching import NullCache
-    from numba.core.dispatcher import Dispatcher
-
-    for obj in vars(old).values():  # a module loaded from a file is not cached: compile it here
-        if isinstance(obj, Dispatcher):
-            obj._cache = NullCache()
+    old = _older_module(path, "_cl_baseline")
     zz, yy, xx = np.mgrid[-1:1:128j, -1:1:128j, -1:1:128j]
     g3 = (zz**2 + yy**2 + xx**2 < 0.4).astype(np.float32)[None]
     yy2, xx2 = np.mgrid[-1:1:256j, -1:1:256j]
@@ -381,6 +396,42 @@ def concat_rows(repeat: int) -> list[tuple[str, dict[str, list[tuple[float, floa
     return rows
 
 
+def split_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """Layer level of a channels-first batch-1 volume: an older fused module's
+    ``layer_kernel_split`` (loaded from ``path``) against today's ``layer_split``."""
+    from engine._kernels import fused as new
+    from engine.scores import _split_parts
+
+    old = _older_module(path, "_fused_baseline")
+    zz, yy, xx = np.mgrid[-1:1:128j, -1:1:128j, -1:1:128j]
+    g = (zz**2 + yy**2 + xx**2 < 0.4).astype(np.float32)[None]
+    rows = []
+    for side, C in DEEPBRAIN:
+        f = rng.normal(size=(1, C, side, side, side)).astype(np.float32)
+        s = slice(side // 5, 4 * side // 5)
+        f[0, 0, s, s, s] += 2.0
+        p = _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_first")
+        assert p.flat is not None
+        T = _split_parts(1, C)
+        res: dict[str, list[list[float]]] = {}
+
+        def run(which: str) -> None:
+            out = [np.empty((1, C)), np.empty((1, C)), np.empty(1, np.uint8)] + [np.zeros(1, np.int64) for _ in range(4)]
+            kernel = old.layer_kernel_split if which == "before" else new.layer_split
+            kernel(p.flat, p.g, p.m, p.has_mask, p.ref, True, p.identity, *p.src, *p.weights, T, *out)
+            res[which] = [a.tolist() for a in out]
+
+        run("before")
+        run("after")
+        assert res["before"] == res["after"], side
+        times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for _ in range(repeat):
+            times["before"].append(_timed(run, "before"))
+            times["after"].append(_timed(run, "after"))
+        rows.append((f"layer (1, {C}, {side}³) → 128³, {T} parts", times))
+    return rows
+
+
 def _timed(fn, *args) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
@@ -398,11 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sums", action="store_true", help="with --cl-baseline: the prototype sums kernel alone")
     ap.add_argument("--decide", action="store_true",
                     help="with --cl-baseline: today's decide counting |ref| against count_ref=False")
+    ap.add_argument("--split-baseline", type=Path, metavar="FILE",
+                    help="only a channels-first batch-1 volume's layer level: this older fused.py's "
+                         "split kernel against today's")
     ap.add_argument("--concat", action="store_true",
                     help="only one deepbrain volume's tensors scored alone vs. concatenations from their parts")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
-    if a.cl_baseline is not None or a.units or a.concat:
+    if a.cl_baseline is not None or a.units or a.concat or a.split_baseline is not None:
         load = open("/proc/loadavg").read().split()[0]
         print(f"Numba threads {numba.get_num_threads()}; medians of {a.repeat}; load {load}")
         print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
@@ -410,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         tot = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
         work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide)
                 if a.cl_baseline is not None
+                else split_rows(a.split_baseline, a.repeat, rng) if a.split_baseline is not None
                 else concat_rows(a.repeat) if a.concat else unit_rows(a.repeat, rng))
         for label, t in work:
             med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in t.items()}
