@@ -10,10 +10,6 @@ prototypes are undefined.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import numba
 import numpy as np
 import pytest
 from numba import njit, prange
@@ -24,6 +20,7 @@ from engine._kernels.counting import _layer_counts, _ref_count
 from engine._kernels.fused import _flat_channels, _flat_weights
 from engine._kernels.general import _finalize
 from engine.scores import _prepare
+from tests.engine.test_guide_weights_parallel import _threads
 
 
 @njit(parallel=True, fastmath=_FM)
@@ -85,16 +82,6 @@ def _twin_layer_kernel_split(F, g, m, has_mask, ref, do_counts, identity, Zs, Ys
             ny[b] = y
         else:
             ny[b] = _ref_count(refb.reshape(refb.size))
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 
 
 TARGET3 = (12, 10, 9)
