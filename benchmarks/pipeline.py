@@ -35,7 +35,15 @@ warm-up round (``--methods`` picks some):
 (c) ``both``: :func:`engine.run.score_dataset` with ``level="both"`` (layer and unit SA);
 (b') ``layer_seq`` and (c') ``both_seq``: the same with the stages run one after the other
     (``PROTOSEG_OVERLAP=0``: no read-ahead and no write-behind thread), the A/B of the
-    overlapped stages of :mod:`engine.run.stages`.
+    overlapped stages of :mod:`engine.run.stages`;
+(a'') ``sweeps`` (only when asked for; features stored channels-last, as deepbrain's): (a') plus,
+    after each batch's run, the two passes over the features that exact layer-level SA cannot
+    do without, with today's kernels: the prototype sums and the projection ``z = F·(P-N)``
+    (``engine._kernels.channels_last.prototypes``) of every tensor the pipeline reads (a skip
+    concatenation scored from its parts is not read). The guide (the first batch's reference)
+    and its weights are prepared once, outside the timing; no decisions, counts, baselines,
+    input SA, guides or store. A floor under (b): what the input handling and the two
+    memory-bound passes cost before anything else of the scoring.
 
 (b) and (c) run with ``input_sa=True`` (the default) and a fresh store each time
 (``overwrite=True``): they include reading the data, preprocessing, building the session,
@@ -77,8 +85,10 @@ import engine.quality
 import engine.scores
 from engine.datasets import Dataset, open_dataset
 from engine.model.card import ModelCard, resolve_model_card
-from engine.model.graph import expose, list_hidden_tensors, load_model, select_tensors
+from engine._kernels import channels_last as _cl
+from engine.model.graph import concat_blocks, expose, list_hidden_tensors, load_model, select_tensors
 from engine.model.session import Session, make_session
+from engine.resize import resize_nearest
 from engine.run import score_dataset
 from engine.run.stages import OVERLAP_ENV, ReadAhead, WriteBehind
 from engine.store import StoreWriter
@@ -91,6 +101,8 @@ __all__ = [
     "build_workload",
     "build_deepbrain",
     "PhaseTimer",
+    "prepare_sweeps",
+    "time_files",
     "time_inference",
     "time_pipeline",
     "machine",
@@ -103,9 +115,11 @@ __all__ = [
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Pipeline"
 BATCH = 8
-METHODS = ("inference", "files", "layer", "both", "layer_seq", "both_seq")
-#: Methods timed as baselines (no scoring, no phases): (a) and (a').
-BASELINES = ("inference", "files")
+METHODS = ("inference", "files", "layer", "both", "layer_seq", "both_seq", "sweeps")
+#: Methods timed by default (``sweeps`` only when asked for).
+DEFAULT_METHODS = METHODS[1:6]
+#: Methods timed without phases (no scoring run): (a), (a') and (a'').
+BASELINES = ("inference", "files", "sweeps")
 #: Overhead targets over inference alone, per workload kind: issue 3 for the two-level U-Net,
 #: issue 15 for the deep 2-D U-Net and deepbrain (wall and CPU both).
 TARGETS = {"unet": {"layer": 0.15, "both": 0.60}, "deep": {"layer": 0.10, "both": 0.40},
@@ -472,16 +486,79 @@ def _model_batch(card: Any, images: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack([card.preprocess(image) for image in images]).astype(np.float32, copy=False)
 
 
-def time_files(w: Workload, session: Any, outputs: Sequence[str]) -> tuple[float, float]:
+@dataclass
+class _Sweep:
+    """What (a'') ``sweeps`` prepares once per tensor it reads: the prepared guide and its weights."""
+
+    name: str
+    prepared: Any  # engine.scores._Prepared of the first batch (guide, mask, grids)
+    weights: tuple[Any, ...]  # engine._kernels.channels_last.guide_weights for it
+
+
+def prepare_sweeps(w: Workload, session: Any, outputs: Sequence[str]) -> list[_Sweep]:
+    """The tensors (a'') reads, each with its guide (the first batch's reference on the input
+    grid, nearest-resized as the pipeline does) and guide weights, prepared outside the timing.
+
+    Raises
+    ------
+    ValueError
+        A tensor the pipeline reads is not stored channels-last (the sweeps are timed with the
+        channels-last kernels only, whose two passes are separate calls), or the batches differ
+        in size (the guide is the first batch's).
+    """
+    from engine import scores
+
+    proto = load_model(w.model)
+    card = resolve_model_card(proto)
+    tensors = select_tensors([t for t in list_hidden_tensors(proto) if t.name in set(w.tensors)], "all")
+    grouped = concat_blocks(proto, tensors)
+    read = [t.name for t in tensors if t.name not in grouped]  # a concatenation is scored from its parts
+    batches = _batch_indices(w)
+    if len({len(b) for b in batches}) > 1:
+        raise ValueError(f"{w.n_cases} cases in batches of {w.batch} leave a smaller last batch; the sweeps "
+                         "method reuses the first batch's guide: use a multiple of the batch size")
+    ds = open_dataset(w.data, spatial_ndim=card.spatial_ndim)
+    cases = ds.read_cases(batches[0])
+    x = _model_batch(card, [c.image for c in cases])
+    out = session.run({card.input_name: x}, outputs=list(outputs))
+    grid = tuple(card.to_channels_first(x, card.input_name).shape[2:])
+    guide = np.stack([resize_nearest(c.mask, grid) > 0 for c in cases]).astype(np.float32)
+    sweeps = []
+    for name in read:
+        p = scores._prepare(card.to_channels_first(out[name], name), guide, None, None,
+                            resize="upsample", layout="channels_first")
+        if p.cl is None:
+            raise ValueError(f"tensor {name!r} is not stored channels-last; the sweeps method times the "
+                             "channels-last kernels only (use --workload deepbrain)")
+        sweeps.append(_Sweep(name, p, _cl.guide_weights(p.g, p.m, p.has_mask, p.identity, p.src, p.weights)))
+    return sweeps
+
+
+def _sweep(F: np.ndarray, sw: _Sweep) -> None:
+    """The prototype sums and the projection of one channels-last batch ``F`` (B, *spatial, C)
+    with ``sw``'s guide (results dropped)."""
+    p = sw.prepared
+    B, C = F.shape[0], F.shape[-1]
+    P, N, mid, z = np.empty((B, C)), np.empty((B, C)), np.empty(B), np.empty((B, F.size // (B * C)))
+    status, bad = np.empty(B, dtype=np.uint8), np.zeros(B, dtype=np.int64)
+    _cl.prototypes(F.reshape(B, -1, C), p.g, p.m, p.has_mask, sw.weights, True, P, N, status, mid, bad, z)
+
+
+def time_files(w: Workload, session: Any, outputs: Sequence[str],
+               sweeps: Sequence[_Sweep] = ()) -> tuple[float, float]:
     """Wall and process CPU seconds of (a'): read each batch from the dataset as the pipeline's
     reader does (``Dataset.read_cases``), preprocess it with the model card and run it through
-    ``session`` (results dropped), one step after the other, no scoring and no store."""
+    ``session`` (results dropped), one step after the other, no scoring and no store. With
+    ``sweeps`` (:func:`prepare_sweeps`), (a''): after each run, also the prototype sums and the
+    projection of each of those tensors."""
     card = resolve_model_card(load_model(w.model))
     ds = open_dataset(w.data, spatial_ndim=card.spatial_ndim)
     t0, c0 = time.perf_counter(), time.process_time()
     for idx in _batch_indices(w):
         x = _model_batch(card, [c.image for c in ds.read_cases(idx)])
         out = session.run({card.input_name: x}, outputs=list(outputs))
+        for sw in sweeps:
+            _sweep(out[sw.name], sw)
         del out, x
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -568,7 +645,7 @@ def _ort_threads() -> int:
 # run and report
 # --------------------------------------------------------------------------------------------
 def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = print,
-        methods: Sequence[str] = METHODS) -> dict[str, Any]:
+        methods: Sequence[str] = DEFAULT_METHODS) -> dict[str, Any]:
     """Interleaved repeats of the methods; medians, ratios and phase shares.
 
     Returns a dict with, per method, the median wall seconds (``seconds``), median process CPU
@@ -583,6 +660,7 @@ def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = 
     if unknown:
         raise ValueError(f"methods {unknown}; expected some of {list(METHODS)}")
     session, batches, outputs = _prepared_batches(w)
+    sweeps = prepare_sweeps(w, session, outputs) if "sweeps" in methods else []
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     scored = [m for m in methods if m not in BASELINES]
@@ -595,6 +673,9 @@ def run(w: Workload, *, repeat: int, folder: Path, log: Callable[[str], None] = 
                 ph = None
             elif m == "files":
                 sec, cs = time_files(w, session, outputs)
+                ph = None
+            elif m == "sweeps":
+                sec, cs = time_files(w, session, outputs, sweeps)
                 ph = None
             else:
                 timer = PhaseTimer()
@@ -687,7 +768,7 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
     for w, res in results:
         med, cpu, cps = res["seconds"], res["cpu"], res["cases_per_s"]
         ov, pov, cov = res["overhead"], res["paired_overhead"], res["cpu_overhead"]
-        methods = res.get("methods", list(METHODS))
+        methods = res.get("methods", ["inference", *DEFAULT_METHODS])
         scored = [m for m in methods if m not in BASELINES]
         title, what = _title(w)
         targets = TARGETS[w.kind]
@@ -710,6 +791,10 @@ def format_section(results: Sequence[tuple[Workload, dict[str, Any]]], info: dic
             lines.append(f"| (a') reading + preprocessing + inference | {med['files']:.2f} | {cps['files']:.2f} | "
                          f"{ov['files']:+.0%} | {pov['files']:+.0%} | {cpu['files']:.2f} | "
                          f"{cov['files']:+.0%} | — (not scoring) |")
+        if "sweeps" in methods:
+            lines.append(f"| (a'') (a') + the sums and projection passes | {med['sweeps']:.2f} | "
+                         f"{cps['sweeps']:.2f} | {ov['sweeps']:+.0%} | {pov['sweeps']:+.0%} | "
+                         f"{cpu['sweeps']:.2f} | {cov['sweeps']:+.0%} | — (a floor under (b)) |")
         for m in scored:
             t = targets[m.split("_")[0]]
             ok = ("met" if max(ov[m], cov[m]) <= t else
@@ -791,8 +876,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="unet: the --base and --deep 2-D U-Nets (default); deepbrain: the shipped 3-D "
                         "U-Net on --volumes copies of Colin27, batch 1")
     p.add_argument("--volumes", type=int, default=8, help="volumes of the deepbrain workload (default 8)")
-    p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(METHODS[1:]),
-                   help="methods timed besides inference alone (default all: files layer both layer_seq both_seq)")
+    p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(DEFAULT_METHODS),
+                   help="methods timed besides inference alone (default: files layer both layer_seq both_seq; "
+                        "sweeps only when named)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke run)")
     p.add_argument("--write", action="store_true", help="write the tables into the --results file")
     p.add_argument("--results", type=Path, default=RESULTS, metavar="PATH",
@@ -817,11 +903,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 w = build_workload(folder, n_cases=a.cases, size=a.size, base=base, kind=kind, levels=a.levels)
             results.append((w, run(w, repeat=a.repeat, folder=folder, methods=a.methods)))
+        except ValueError as exc:  # a method this workload cannot take (sweeps on NCHW tensors)
+            p.error(str(exc))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         info["load"] = Path("/proc/loadavg").read_text().split()[1]
-    methods = [] if a.methods == list(METHODS[1:]) else ["--methods " + " ".join(a.methods)]
+    methods = [] if a.methods == list(DEFAULT_METHODS) else ["--methods " + " ".join(a.methods)]
     if a.workload == "deepbrain":
         command = " ".join(["python -m benchmarks.pipeline --workload deepbrain", f"--volumes {a.volumes}",
                             f"--repeat {a.repeat}", *methods] + (["--write"] if a.write else []))

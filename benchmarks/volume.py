@@ -42,6 +42,12 @@ Run as a module::
   whose guide weights, threshold and counting ran one sample per thread) against today's
   ``layer_split``; prototypes, statuses and counts asserted identical.
 
+- ``--passes``: the two passes over the features that layer-level SA needs, on one deepbrain
+  volume's real tensors (channels-last, batch 1): today's prototype sums ``sums_range`` and
+  projection ``project_range`` against a plain read pass over the same memory (a vectorised
+  float32 sum in the same tiles on the same threads: what the memory gives one pass), in
+  ms and GB/s per tensor. Tensors of 32 MiB or less may stay in this VM's L3 between calls.
+
 Medians of ``repeat`` interleaved calls after one warm-up; prints a Markdown table.
 """
 from __future__ import annotations
@@ -432,6 +438,57 @@ def split_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[
     return rows
 
 
+@njit(nogil=True, fastmath=True)
+def _read_range(lo, hi, flat, out):  # pragma: no cover - compiled
+    """Blocks [lo, hi) of ``_READ_BLOCK`` values of ``flat``: their sum (any order), so that
+    each value is read once."""
+    n = flat.shape[0]
+    for i in range(lo, hi):
+        s = np.float32(0.0)
+        for k in range(i * _READ_BLOCK, min(n, (i + 1) * _READ_BLOCK)):
+            s += flat[k]
+        out[i] = s
+
+
+_READ_BLOCK = 1 << 14  # float32 values per work item of the read pass (64 KiB)
+
+
+def passes_rows(repeat: int) -> list[tuple[str, int, dict[str, float]]]:
+    """Per real deepbrain tensor (:func:`_deepbrain_tensors`): its bytes and the median wall
+    seconds of a plain read pass, ``sums_range`` and ``project_range``, interleaved."""
+    from engine._kernels import channels_last as cl
+    from engine._kernels._pool import parallel_for
+
+    tensors, g3 = _deepbrain_tensors()
+    rows = []
+    for name, f in tensors:
+        p = _prepare(f, g3, g3 > 0.5, None, resize="upsample", layout="channels_last")
+        assert p.cl is not None, name
+        B, S, C = p.cl.shape
+        nt = (S + cl._CL_TILE - 1) // cl._CL_TILE
+        gw = cl.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights)
+        part = np.empty((B, nt, 2, C))
+        D = np.random.default_rng(0).standard_normal((B, C))
+        ok = np.ones(B, np.bool_)
+        z = np.empty((B, S))
+        flat = p.cl.reshape(-1)
+        nb = (flat.size + _READ_BLOCK - 1) // _READ_BLOCK
+        blocks = np.empty(nb, np.float32)
+        calls = {
+            "read": lambda: parallel_for(_read_range, nb, flat, blocks, chunks_per_thread=4),
+            "sums": lambda: parallel_for(cl.sums_range, B * nt, p.cl, p.g, p.m, False, gw[2], gw[0], gw[1], part,
+                                         chunks_per_thread=4),
+            "project": lambda: parallel_for(cl.project_range, B * nt, p.cl, D, ok, z, chunks_per_thread=4),
+        }
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(repeat + 1):
+            for k, fn in calls.items():
+                times[k].append(_timed(fn)[0])
+        rows.append((f"{name} {'×'.join(map(str, f.shape[1:]))}", f.nbytes,
+                     {k: statistics.median(v[1:]) for k, v in times.items()}))
+    return rows
+
+
 def _timed(fn, *args) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
@@ -454,8 +511,29 @@ def main(argv: list[str] | None = None) -> int:
                          "split kernel against today's")
     ap.add_argument("--concat", action="store_true",
                     help="only one deepbrain volume's tensors scored alone vs. concatenations from their parts")
+    ap.add_argument("--passes", action="store_true",
+                    help="only the prototype sums and projection passes on one deepbrain volume's tensors, "
+                         "against a plain read pass over the same memory")
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
+    if a.passes:
+        load = open("/proc/loadavg").read().split()[0]
+        print(f"Numba threads {numba.get_num_threads()}; medians of {a.repeat}; load {load}")
+        print("| tensor | MiB | read pass ms (GB/s) | sums ms (GB/s) | projection ms (GB/s) | sums / read | projection / read |")
+        print("|---|---|---|---|---|---|---|")
+        tot = {"read": 0.0, "sums": 0.0, "project": 0.0}
+        nbytes = 0
+        for label, size, med in passes_rows(a.repeat):
+            nbytes += size
+            for k in tot:
+                tot[k] += med[k]
+            cells = [f"{med[k] * 1e3:.2f} ({size / med[k] / 1e9:.0f})" for k in ("read", "sums", "project")]
+            print(f"| {label} | {size / 2**20:.0f} | " + " | ".join(cells)
+                  + f" | {med['sums'] / med['read']:.2f} | {med['project'] / med['read']:.2f} |")
+        cells = [f"{tot[k] * 1e3:.2f} ({nbytes / tot[k] / 1e9:.0f})" for k in ("read", "sums", "project")]
+        print(f"| **all** | {nbytes / 2**20:.0f} | " + " | ".join(cells)
+              + f" | {tot['sums'] / tot['read']:.2f} | {tot['project'] / tot['read']:.2f} |")
+        return 0
     if a.cl_baseline is not None or a.units or a.concat or a.split_baseline is not None:
         load = open("/proc/loadavg").read().split()[0]
         print(f"Numba threads {numba.get_num_threads()}; medians of {a.repeat}; load {load}")

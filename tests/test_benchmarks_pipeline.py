@@ -128,14 +128,18 @@ def test_results_sections_are_merged_not_overwritten(runs: dict) -> None:
 def test_the_deepbrain_workload_scores_colin27_volumes_with_every_tensor(run_module, tmp_path) -> None:
     """One volume, layer level only (about 10 s): the shipped model and data, batch 1."""
     res = run_module("benchmarks.pipeline", "--workload", "deepbrain", "--volumes", "1", "--repeat", "1",
-                     "--methods", "files", "layer", "--json", str(tmp_path / "db.json"))
+                     "--methods", "files", "sweeps", "layer", "--json", str(tmp_path / "db.json"))
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "db.json").read_text())
-    assert "--workload deepbrain --volumes 1" in out["command"]
+    assert "--workload deepbrain --volumes 1 --repeat 1 --methods files sweeps layer" in out["command"]
     (w,) = out["workloads"]
-    assert (w["kind"], w["n_cases"], w["batch"], w["methods"]) == ("deepbrain", 1, 1, ["inference", "files", "layer"])
+    assert (w["kind"], w["n_cases"], w["batch"], w["methods"]) == ("deepbrain", 1, 1,
+                                                                    ["inference", "files", "sweeps", "layer"])
     assert "(a') reading + preprocessing + inference" in res.stdout and "Against (a')" in res.stdout
     assert w["seconds"]["files"] > 0 and set(w["files_overhead"]) == {"layer"}
+    # (a'') is timed like the baselines (no phases) and has a row of its own
+    assert w["seconds"]["sweeps"] > 0 and "sweeps" not in w["calls"] and "sweeps" in w["overhead"]
+    assert "| (a'') (a') + the sums and projection passes |" in res.stdout
     assert len(w["tensors"]) == 15 and w["tensors"][0] == "conv3d"
     calls = w["calls"]["layer"]
     assert (calls["read"], calls["inference"], calls["write_batch"], calls["finalize"]) == (1, 1, 1, 1)
@@ -143,6 +147,14 @@ def test_the_deepbrain_workload_scores_colin27_volumes_with_every_tensor(run_mod
     # its 2 parts in one sa_scores_concat call (counted as one)
     assert calls["sa_scores"] == 1 + 6 + 3
     assert "### deepbrain 3-D U-Net, Colin27 181×217×181 → 128³, 1 volume\n" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_sweeps_method_refuses_channels_first_features(run_module) -> None:
+    """(a'') times the channels-last kernels only: the 2-D U-Nets' NCHW tensors get a clear error."""
+    res = run_module("benchmarks.pipeline", "--quick", "--deep", "--methods", "sweeps")
+    assert res.returncode != 0
+    assert "is not stored channels-last; the sweeps method times the channels-last kernels only" in res.stderr
 
 
 def test_deep_unet_exposes_block_outputs() -> None:
