@@ -96,14 +96,13 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
         for c in range(C):
             a[c] = 0.0
             bb[c] = 0.0
-        Fb = F[b]
         # four positions per step: each channel's sums stay in registers across them (one
         # load and store per four terms), and receive their terms in position order as before.
         # The tile is indexed in two dimensions (Ft[k, c]), not through a view of each row:
         # the four views cost more per step than the eight channels of a 128³×8 tensor's
         # step themselves (sums 1.11-1.25x faster at C = 8, same bits: tests/engine/test_cl_sums_twin.py)
         k = 0
-        Ft = Fb[t0:t0 + n]
+        Ft = F[b, t0:t0 + n]
         while k + 4 <= n:
             u0 = wf[k]
             u1 = wf[k + 1]
@@ -134,9 +133,8 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
         while k < n:
             u = wf[k]
             v = wb[k]
-            r = Fb[t0 + k]
             for c in range(C):
-                f = np.float64(r[c])
+                f = np.float64(Ft[k, c])
                 a[c] += f * u
                 bb[c] += f * v
             k += 1
