@@ -291,14 +291,7 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
                 parallel_for(kernel, B * nt, p.cl, p.g, p.m, False, gw[2], gw[0], gw[1], part, chunks_per_thread=4)
                 res[which] = part.view(np.uint64).tobytes()
 
-            run("before")
-            run("after")
-            assert res["before"] == res["after"], label
-            times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
-            for _ in range(repeat):
-                times["before"].append(_timed(run, "before"))
-                times["after"].append(_timed(run, "after"))
-            rows.append((label, times))
+            rows.append((label, _before_after(run, res, repeat, label)))
             continue
         if decide:
             P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
@@ -313,14 +306,7 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
                            *dummy, count_ref=which == "before")
                 res[which] = [c.tolist() for c in cnt[:2]]
 
-            run("before")
-            run("after")
-            assert res["before"] == res["after"], label
-            times = {"before": [], "after": []}
-            for _ in range(repeat):
-                times["before"].append(_timed(run, "before"))
-                times["after"].append(_timed(run, "after"))
-            rows.append((label, times))
+            rows.append((label, _before_after(run, res, repeat, label)))
             continue
 
         def run(which: str) -> None:
@@ -345,14 +331,7 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
                 new.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt, *dummy)
             res[which] = [c.tolist() for c in cnt]
 
-        run("before")
-        run("after")
-        assert res["before"] == res["after"], (label, res)
-        times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
-        for _ in range(repeat):
-            times["before"].append(_timed(run, "before"))
-            times["after"].append(_timed(run, "after"))
-        rows.append((label, times))
+        rows.append((label, _before_after(run, res, repeat, (label, res))))
     return rows
 
 
@@ -427,14 +406,7 @@ def split_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[
             kernel(p.flat, p.g, p.m, p.has_mask, p.ref, True, p.identity, *p.src, *p.weights, T, *out)
             res[which] = [a.tolist() for a in out]
 
-        run("before")
-        run("after")
-        assert res["before"] == res["after"], side
-        times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
-        for _ in range(repeat):
-            times["before"].append(_timed(run, "before"))
-            times["after"].append(_timed(run, "after"))
-        rows.append((f"layer (1, {C}, {side}³) → 128³, {T} parts", times))
+        rows.append((f"layer (1, {C}, {side}³) → 128³, {T} parts", _before_after(run, res, repeat, side)))
     return rows
 
 
@@ -487,6 +459,20 @@ def passes_rows(repeat: int) -> list[tuple[str, int, dict[str, float]]]:
         rows.append((f"{name} {'×'.join(map(str, f.shape[1:]))}", f.nbytes,
                      {k: statistics.median(v[1:]) for k, v in times.items()}))
     return rows
+
+
+def _before_after(run, res: dict[str, Any], repeat: int, what: Any) -> dict[str, list[tuple[float, float]]]:
+    """``run("before")`` and ``run("after")`` once each (warm-up), their results in ``res``
+    asserted equal (``what`` names the case in the failure), then ``repeat`` interleaved
+    timed pairs: the (wall, CPU) seconds of each side."""
+    run("before")
+    run("after")
+    assert res["before"] == res["after"], what
+    times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+    for _ in range(repeat):
+        times["before"].append(_timed(run, "before"))
+        times["after"].append(_timed(run, "after"))
+    return times
 
 
 def _timed(fn, *args) -> tuple[float, float]:
