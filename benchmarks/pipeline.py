@@ -463,12 +463,16 @@ PHASE_ROWS = (
 # --------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------
+def _exposed(proto: Any, w: Workload) -> list[Any]:
+    """The hidden tensors of ``proto`` that the workload exposes, as the pipeline lists them."""
+    return select_tensors([t for t in list_hidden_tensors(proto) if t.name in set(w.tensors)], "all")
+
+
 def _prepared_batches(w: Workload) -> tuple[Any, list[dict[str, np.ndarray]], list[str]]:
     """The pipeline's session (same exposed outputs) and the preprocessed input batches."""
     proto = load_model(w.model)
     card = resolve_model_card(proto)
-    tensors = [t for t in list_hidden_tensors(proto) if t.name in set(w.tensors)]
-    tensors = select_tensors(tensors, "all")
+    tensors = _exposed(proto, w)
     session = make_session(expose(proto, tensors), provider="cpu")
     ds = open_dataset(w.data, spatial_ndim=card.spatial_ndim)
     batches = [{card.input_name: _model_batch(card, [ds[i].image for i in idx])} for idx in _batch_indices(w)]
@@ -510,7 +514,7 @@ def prepare_sweeps(w: Workload, session: Any, outputs: Sequence[str]) -> list[_S
 
     proto = load_model(w.model)
     card = resolve_model_card(proto)
-    tensors = select_tensors([t for t in list_hidden_tensors(proto) if t.name in set(w.tensors)], "all")
+    tensors = _exposed(proto, w)
     grouped = concat_blocks(proto, tensors)
     read = [t.name for t in tensors if t.name not in grouped]  # a concatenation is scored from its parts
     batches = _batch_indices(w)
