@@ -32,6 +32,7 @@ from engine._kernels._common import _EMPTY_BACKGROUND, _EMPTY_FOREGROUND, _EMPTY
 from engine._kernels._pool import parallel_for
 from engine._kernels.adjoint import guide_adjoint
 from engine._kernels.fused import _MODE_GUIDE, _MODE_GUIDE_MASK, _MODE_WEIGHTS, _guide_sums
+from engine._kernels.simd import LANES, fmuladd_rows8, fmuladd_rows16, fmuladd_rows32
 
 __all__: list[str] = []  # private module
 
@@ -65,6 +66,7 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
     nt = part.shape[1]
     wf = np.empty(_CL_TILE)
     wb = np.empty(_CL_TILE)
+    C8 = C - C % LANES
     for i in range(lo, hi):
         b = i // nt
         t = i - b * nt
@@ -96,13 +98,26 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
         for c in range(C):
             a[c] = 0.0
             bb[c] = 0.0
-        # four positions per step: each channel's sums stay in registers across them (one
-        # load and store per four terms), and receive their terms in position order as before.
-        # The tile is indexed in two dimensions (Ft[k, c]), not through a view of each row:
-        # the four views cost more per step than the eight channels of a 128³×8 tensor's
-        # step themselves (sums 1.11-1.25x faster at C = 8, same bits: tests/engine/test_cl_sums_twin.py)
-        k = 0
         Ft = F[b, t0:t0 + n]
+        # blocks of eight channels: their sums in vector registers over the whole tile
+        # (engine._kernels.simd; the same chain of terms per channel, so the same bits)
+        c0 = 0
+        while c0 + 4 * LANES <= C8:
+            fmuladd_rows32(Ft, n, c0, wf, wb, a, bb)
+            c0 += 4 * LANES
+        if c0 + 2 * LANES <= C8:
+            fmuladd_rows16(Ft, n, c0, wf, wb, a, bb)
+            c0 += 2 * LANES
+        if c0 < C8:
+            fmuladd_rows8(Ft, n, c0, wf, wb, a, bb)
+        if C8 == C:
+            continue
+        # the other channels (every channel below eight): four positions per step, each
+        # channel's sums in registers across them (one load and store per four terms), the
+        # terms in position order. The tile is indexed in two dimensions (Ft[k, c]), not through
+        # a view of each row: the four views cost more per step than eight channels' arithmetic
+        # (tests/engine/test_cl_sums_twin.py: same bits)
+        k = 0
         while k + 4 <= n:
             u0 = wf[k]
             u1 = wf[k + 1]
@@ -112,7 +127,7 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
             v1 = wb[k + 1]
             v2 = wb[k + 2]
             v3 = wb[k + 3]
-            for c in range(C):
+            for c in range(C8, C):
                 f0 = np.float64(Ft[k, c])
                 f1 = np.float64(Ft[k + 1, c])
                 f2 = np.float64(Ft[k + 2, c])
@@ -133,7 +148,7 @@ def sums_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):
         while k < n:
             u = wf[k]
             v = wb[k]
-            for c in range(C):
+            for c in range(C8, C):
                 f = np.float64(Ft[k, c])
                 a[c] += f * u
                 bb[c] += f * v

@@ -1,10 +1,11 @@
 """The channels-last prototype sums (``channels_last.sums_range``) against their twin, bit for bit.
 
 The twin is the kernel as it was before its tile was indexed in two dimensions (one array view
-per position, ``Fb[t0 + k][c]``): the same terms in the same order, so every per-tile sum must
-have the same bits, for any channel count (the vectorised channel loop and its remainder), for
-tiles cut short at the end of a sample, in each weight mode (guide, guide and mask, resized
-weights), on one and two threads.
+per position, ``Fb[t0 + k][c]``) and before its blocks of eight channels were summed in vector
+registers (``engine._kernels.simd``): the same terms in the same order, so every per-tile sum
+must have the same bits, for any channel count (blocks of 32, 16 and 8 channels and the
+scalar loop for the rest), for tiles cut short at the end of a sample, in each weight mode
+(guide, guide and mask, resized weights), float32 and float64, on one and two threads.
 """
 from __future__ import annotations
 
@@ -98,11 +99,11 @@ def _twin_range(lo, hi, F, g, m, has_mask, modes, Wf, Wb, part):  # pragma: no c
 SPATIAL = (3, 17, 41)  # 2091 positions: two full tiles and one of 43 (not a multiple of four)
 
 
-def _case(C: int, mode: int, seed: int) -> tuple:
+def _case(C: int, mode: int, seed: int, dtype: type = np.float32) -> tuple:
     """Features (2, S, C) over several orders of magnitude, guide, mask, modes and weights."""
     rng = np.random.default_rng(seed)
     S = int(np.prod(SPATIAL))
-    F = (rng.standard_normal((2, S, C)) * 10.0 ** rng.integers(-3, 4, size=(2, S, C))).astype(np.float32)
+    F = (rng.standard_normal((2, S, C)) * 10.0 ** rng.integers(-3, 4, size=(2, S, C))).astype(dtype)
     g = (rng.random((2, *SPATIAL)) < 0.4).astype(np.float32)
     g[:, 1, 3:9] = 0.25  # soft values too
     m = (rng.random((2, *SPATIAL)) < 0.9).astype(np.float32)
@@ -125,7 +126,7 @@ def _sums(kernel, case: tuple) -> np.ndarray:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", [_MODE_GUIDE, _MODE_GUIDE_MASK, _MODE_WEIGHTS])
-@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 16, 33])
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 16, 24, 33, 64, 77])
 def test_sums_have_the_twins_bits(C: int, mode: int, threads: int) -> None:
     case = _case(C, mode, seed=C * 10 + mode)
     with _threads(threads):
@@ -134,3 +135,29 @@ def test_sums_have_the_twins_bits(C: int, mode: int, threads: int) -> None:
     assert not np.isnan(want).any()
     diff = got.view(np.uint64) != want.view(np.uint64)
     assert not diff.any(), f"{int(diff.sum())} of {diff.size} sums differ, e.g. {got[diff][:3]} vs {want[diff][:3]}"
+
+
+@pytest.mark.parametrize("C", [8, 19, 40])
+def test_float64_features_have_the_twins_bits(C: int) -> None:
+    """float64 features take the vector blocks unwidened: still the twin's bits."""
+    case = _case(C, _MODE_GUIDE_MASK, seed=C, dtype=np.float64)
+    got, want = _sums(cl.sums_range, case), _sums(_twin_range, case)
+    assert not (got.view(np.uint64) != want.view(np.uint64)).any()
+
+
+def test_vector_blocks_refuse_a_strided_tile() -> None:
+    """The intrinsic reads rows as contiguous vectors: a tile that is not C-contiguous does
+    not compile (a typing error), instead of reading the wrong values."""
+    from numba.core.errors import TypingError
+
+    from engine._kernels.simd import fmuladd_rows8
+
+    @njit
+    def call(Ft, wf, wb, a, b):  # pragma: no cover - compiled
+        fmuladd_rows8(Ft, Ft.shape[0], 0, wf, wb, a, b)
+
+    F = np.ones((4, 16), np.float32)
+    w, s = np.ones(4), np.zeros(16)
+    call(F, w, w, s, s.copy())
+    with pytest.raises(TypingError):
+        call(F[:, ::2], w, w, s, s.copy())
