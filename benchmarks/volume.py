@@ -33,7 +33,9 @@ Run as a module::
   (either workload) only the prototype sums kernel ``sums_range`` (per-tile sums asserted
   identical bit for bit); with ``--decide`` only today's ``decide`` (the counts of the
   decisions) counting ``|ref|`` (before) against ``count_ref=False`` (after), counts asserted
-  equal.
+  equal; with ``--project`` only the projection kernel ``project_range`` (``z`` asserted equal
+  to 1e-12 relative and its signs identical: from eight channels on it adds in its own fixed
+  order, ``engine._kernels.simd.project_rows``).
 
 - ``--split-baseline FILE``: channels-first features of one 3-D volume (batch 1, the deepbrain
   shapes as (1, C, side, side, side), guide and reference on 128³), layer level, through the
@@ -254,10 +256,12 @@ def _older_module(path: Path, name: str) -> Any:
 
 
 def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = False, sums: bool = False,
-            decide: bool = False) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+            decide: bool = False, project: bool = False) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
     """Layer level through an older channels_last module (loaded from ``path``) and today's;
     with ``real`` on one deepbrain volume's tensors, with ``sums`` the sums kernel alone, with
-    ``decide`` today's ``decide`` with and without counting ``|ref|``."""
+    ``decide`` today's ``decide`` with and without counting ``|ref|``, with ``project`` the
+    projection kernel alone (``z`` asserted equal to 1e-12 relative, and its signs identical:
+    from eight channels on today's adds in another fixed order)."""
     from engine._kernels import channels_last as new
 
     old = _older_module(path, "_cl_baseline")
@@ -292,6 +296,22 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
                 res[which] = part.view(np.uint64).tobytes()
 
             rows.append((label, _before_after(run, res, repeat, label)))
+            continue
+        if project:
+            nt = (S + new._CL_TILE - 1) // new._CL_TILE
+            D = rng.standard_normal((B, C))
+            ok = np.ones(B, np.bool_)
+            zs = {}
+
+            def run(which: str) -> None:
+                z = np.empty((B, S))
+                kernel = old.project_range if which == "before" else new.project_range
+                parallel_for(kernel, B * nt, p.cl, D, ok, z, chunks_per_thread=4)
+                zs[which] = z
+                res[which] = np.packbits(z > 0).tobytes()
+
+            rows.append((label, _before_after(run, res, repeat, label)))
+            np.testing.assert_allclose(zs["after"], zs["before"], rtol=1e-12, atol=1e-12 * np.abs(zs["before"]).max())
             continue
         if decide:
             P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
@@ -492,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sums", action="store_true", help="with --cl-baseline: the prototype sums kernel alone")
     ap.add_argument("--decide", action="store_true",
                     help="with --cl-baseline: today's decide counting |ref| against count_ref=False")
+    ap.add_argument("--project", action="store_true", help="with --cl-baseline: the projection kernel alone")
     ap.add_argument("--split-baseline", type=Path, metavar="FILE",
                     help="only a channels-first batch-1 volume's layer level: this older fused.py's "
                          "split kernel against today's")
@@ -526,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
         print("|---|---|---|---|---|---|")
         tot = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
-        work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide)
+        work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide, project=a.project)
                 if a.cl_baseline is not None
                 else split_rows(a.split_baseline, a.repeat, rng) if a.split_baseline is not None
                 else concat_rows(a.repeat) if a.concat else unit_rows(a.repeat, rng))

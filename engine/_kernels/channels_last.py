@@ -32,7 +32,7 @@ from engine._kernels._common import _EMPTY_BACKGROUND, _EMPTY_FOREGROUND, _EMPTY
 from engine._kernels._pool import parallel_for
 from engine._kernels.adjoint import guide_adjoint
 from engine._kernels.fused import _MODE_GUIDE, _MODE_GUIDE_MASK, _MODE_WEIGHTS, _guide_sums
-from engine._kernels.simd import LANES, fmuladd_rows8, fmuladd_rows16, fmuladd_rows32
+from engine._kernels.simd import LANES, fmuladd_rows8, fmuladd_rows16, fmuladd_rows32, project_rows
 
 __all__: list[str] = []  # private module
 
@@ -166,10 +166,14 @@ def project_range(lo, hi, F, D, ok, z):
         if not ok[b]:
             continue
         t0 = (i - b * nt) * _CL_TILE
+        t1 = min(t0 + _CL_TILE, S)
+        if C >= LANES:  # eight positions at a time, a fixed order (engine._kernels.simd)
+            project_rows(F[b, t0:t1], t1 - t0, D[b], z[b, t0:t1])
+            continue
         Fb = F[b]
         Db = D[b]
         zb = z[b]
-        for s in range(t0, min(t0 + _CL_TILE, S)):
+        for s in range(t0, t1):
             r = Fb[s]
             acc = 0.0
             for c in range(C):

@@ -122,3 +122,144 @@ _CONTRACT = """
 fmuladd_rows8 = _rows_intrinsic(1)
 fmuladd_rows16 = _rows_intrinsic(2)
 fmuladd_rows32 = _rows_intrinsic(4)
+
+
+# --------------------------------------------------------------------------- the projection
+def _hsum_tree(builder: Any, v: Any) -> Any:
+    """``((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))`` of one ``<8 x double>`` (the order of
+    :func:`project_rows`' eight-position tree, for a position alone)."""
+    i32 = ir.IntType(32)
+
+    def half(x: Any, lo: list[int], hi: list[int]) -> Any:
+        undef = ir.Constant(x.type, ir.Undefined)
+        return builder.fadd(builder.shuffle_vector(x, undef, ir.Constant(ir.VectorType(i32, len(lo)), lo)),
+                            builder.shuffle_vector(x, undef, ir.Constant(ir.VectorType(i32, len(hi)), hi)))
+
+    a = half(v, [0, 1, 2, 3], [4, 5, 6, 7])  # a_i = v_i + v_{i+4}
+    b = half(a, [0, 1], [2, 3])  # b_i = a_i + a_{i+2}
+    return builder.fadd(builder.extract_element(b, ir.Constant(i32, 0)), builder.extract_element(b, ir.Constant(i32, 1)))
+
+
+def _tree8(builder: Any, vs: list[Any]) -> Any:
+    """The eight positions' sums of :func:`_hsum_tree`, as one ``<8 x double>`` (lane p is
+    ``vs[p]``'s), with the same pairs added: a transpose of the three halving steps."""
+    i32 = ir.IntType(32)
+
+    def pair(x: Any, y: Any, lo: list[int], hi: list[int]) -> Any:
+        return builder.fadd(builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), lo)),
+                            builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), hi)))
+
+    # (p.lo4, q.lo4) + (p.hi4, q.hi4): lanes 0-3 hold p's a_i, lanes 4-7 q's
+    A = [pair(vs[2 * j], vs[2 * j + 1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]) for j in range(4)]
+    # b_i = a_i + a_{i+2}: lanes (p0 b0, p0 b1, p1 b0, p1 b1, p2 b0, ...)
+    Bv = [pair(A[2 * j], A[2 * j + 1], [0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]) for j in range(2)]
+    # t = b0 + b1: lane p is position p's sum
+    return pair(Bv[0], Bv[1], [0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15])
+
+
+@intrinsic
+def project_rows(typingctx: Any, Ft: Any, n: Any, D: Any, zt: Any) -> Any:
+    """``zt[k] = Σ_c Ft[k, c]·D[c]`` for ``k = 0 .. n-1``, for a tile of at least eight channels,
+    in this order (machine-independent: ``llvm.fma`` is always fused):
+
+    - per position, the eight lanes ``v_i = Ft[k, i]·D[i]`` of the first block of eight channels,
+      then ``v_i = fma(Ft[k, 8j+i], D[8j+i], v_i)`` for the further whole blocks j in order;
+    - ``t = ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))``;
+    - ``t = fma(Ft[k, c], D[c], t)`` for the channels c after the last whole block, in order.
+
+    Eight positions at a time: eight rows' blocks as eight vectors, their sums by a transposed
+    tree of shuffles and adds (14 shuffles and 7 adds for eight positions, instead of a
+    horizontal reduction each). ``Ft``: 2-D float32 or float64, C-contiguous, ``C >= 8``
+    channels (not checked); ``D``: 1-D float64 of ``C``; ``zt``: 1-D float64, at least ``n``.
+    """
+    ok = (isinstance(Ft, types.Array) and Ft.ndim == 2 and Ft.layout == "C"
+          and Ft.dtype in (types.float32, types.float64) and isinstance(n, types.Integer)
+          and all(isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C" and x.dtype == types.float64
+                  for x in (D, zt)))
+    if not ok:
+        return None
+    sig = types.void(Ft, n, D, zt)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        Fty, nty, Dty, zty = signature.args
+        intp = context.get_value_type(types.intp)
+        Fa = context.make_array(Fty)(context, builder, args[0])
+        count = context.cast(builder, args[1], nty, types.intp)
+        Da = context.make_array(Dty)(context, builder, args[2])
+        za = context.make_array(zty)(context, builder, args[3])
+        wide = Fty.dtype == types.float64
+        f64 = ir.DoubleType()
+        ft = f64 if wide else ir.FloatType()
+        v8f, v8d = ir.VectorType(ft, LANES), ir.VectorType(f64, LANES)
+        fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v8d] * 3), "llvm.fma.v8f64")
+        fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64] * 3), "llvm.fma.f64")
+        shape = cgutils.unpack_tuple(builder, Fa.shape)
+        C = shape[1]
+        row_bytes = cgutils.unpack_tuple(builder, Fa.strides)[0]
+        item = ir.Constant(intp, 8 if wide else 4)
+        lanes = ir.Constant(intp, LANES)
+        blocks = builder.udiv(C, lanes)
+        whole = builder.mul(blocks, lanes)
+        base = builder.bitcast(Fa.data, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+
+        def row_ptr(k: Any) -> Any:
+            return builder.gep(base, [builder.mul(k, row_bytes)])
+
+        def block(row: Any, j: Any) -> Any:  # <8 x double> of the row's block j
+            p = builder.gep(row, [builder.mul(builder.mul(j, lanes), item)])
+            x = builder.load(builder.bitcast(p, v8f.as_pointer()), align=8 if wide else 4)
+            return x if wide else builder.fpext(x, v8d)
+
+        def scalar(row: Any, c: Any) -> Any:  # Ft[k, c] as double
+            x = builder.load(builder.bitcast(builder.gep(row, [builder.mul(c, item)]), ft.as_pointer()))
+            return x if wide else builder.fpext(x, f64)
+
+        def dblock(j: Any) -> Any:
+            return builder.load(builder.bitcast(builder.gep(Da.data, [builder.mul(j, lanes)]), v8d.as_pointer()), align=8)
+
+        one = ir.Constant(intp, 1)
+        acc = [cgutils.alloca_once(builder, v8d) for _ in range(LANES)]
+        tacc = cgutils.alloca_once(builder, v8d)
+        groups = builder.udiv(count, lanes)
+        d0 = dblock(ir.Constant(intp, 0))
+        with cgutils.for_range(builder, groups) as g:
+            k0 = builder.mul(g.index, lanes)
+            rows = [row_ptr(builder.add(k0, ir.Constant(intp, p))) for p in range(LANES)]
+            for p in range(LANES):
+                builder.store(builder.fmul(block(rows[p], ir.Constant(intp, 0)), d0), acc[p])
+            with cgutils.for_range(builder, builder.sub(blocks, one)) as jl:
+                j = builder.add(jl.index, one)
+                dj = dblock(j)
+                for p in range(LANES):
+                    builder.store(builder.call(fma_v, [block(rows[p], j), dj, builder.load(acc[p])]), acc[p])
+            builder.store(_tree8(builder, [builder.load(a) for a in acc]), tacc)
+            with cgutils.for_range(builder, builder.sub(C, whole)) as cl:
+                c = builder.add(whole, cl.index)
+                fv = ir.Constant(v8d, ir.Undefined)
+                for p in range(LANES):
+                    fv = builder.insert_element(fv, scalar(rows[p], c), ir.Constant(i32, p))
+                dc = builder.load(builder.gep(Da.data, [c]))
+                ds = builder.shuffle_vector(builder.insert_element(ir.Constant(v8d, ir.Undefined), dc, ir.Constant(i32, 0)),
+                                            ir.Constant(v8d, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+                builder.store(builder.call(fma_v, [fv, ds, builder.load(tacc)]), tacc)
+            zp = builder.bitcast(builder.gep(za.data, [k0]), v8d.as_pointer())
+            builder.store(builder.load(tacc), zp, align=8)
+        # the last positions (fewer than eight), one at a time, in the same order
+        sacc = cgutils.alloca_once(builder, f64)
+        with cgutils.for_range(builder, builder.sub(count, builder.mul(groups, lanes))) as r:
+            k = builder.add(builder.mul(groups, lanes), r.index)
+            row = row_ptr(k)
+            builder.store(builder.fmul(block(row, ir.Constant(intp, 0)), d0), acc[0])
+            with cgutils.for_range(builder, builder.sub(blocks, one)) as jl:
+                j = builder.add(jl.index, one)
+                builder.store(builder.call(fma_v, [block(row, j), dblock(j), builder.load(acc[0])]), acc[0])
+            builder.store(_hsum_tree(builder, builder.load(acc[0])), sacc)
+            with cgutils.for_range(builder, builder.sub(C, whole)) as cl:
+                c = builder.add(whole, cl.index)
+                dc = builder.load(builder.gep(Da.data, [c]))
+                builder.store(builder.call(fma_s, [scalar(row, c), dc, builder.load(sacc)]), sacc)
+            builder.store(builder.load(sacc), builder.gep(za.data, [k]))
+        return context.get_dummy_value()
+
+    return sig, codegen
