@@ -17,8 +17,10 @@ channels-last re-measured"). The drivers :func:`prototypes` and :func:`decide` c
   one: the guide weights on the source grid, their sums and the count of guide/mask values
   outside [0, 1];
 - :func:`sums_range` (per position tile): each tile's prototype sums, added in tile order
-  afterwards;
-- :func:`project_range` (per position tile): the source-grid scalar map ``z = F·(P-N)``;
+  afterwards (blocks of eight channels in vector registers, :mod:`engine._kernels.simd`);
+- :func:`project_range` (per position tile): the source-grid scalar map ``z = F·(P-N)`` (from
+  eight channels on eight positions at a time, in the fixed order of
+  :func:`engine._kernels.simd.project_rows`);
 - :func:`interp_range` (per source row) and :func:`decide_range` (per block of target rows):
   the decisions ``R z > mid`` on the target grid, counted against the reference and/or written
   as the binary and probability maps.
