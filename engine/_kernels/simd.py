@@ -1,4 +1,4 @@
-"""Explicit SIMD for the channels-last prototype sums: one Numba intrinsic.
+"""Explicit SIMD for the two channels-last passes over the features: Numba intrinsics.
 
 The prototype sums of a channels-last tile (:func:`engine._kernels.channels_last.sums_range`)
 add, for every channel, the terms of the tile's positions one after the other (the order is
@@ -19,6 +19,13 @@ computes ``s = fmuladd(f[k, c], w[k], s)`` for k in order, the same chain as the
 fuses a contracted multiply and add, on the same target), so the sums are bit for bit those
 of the scalar kernel (``tests/engine/test_cl_sums_twin.py``). On a CPU without 512-bit
 vectors LLVM splits each ``<8 x double>`` into the registers it has.
+
+The projection ``z = F·(P-N)`` (:func:`engine._kernels.channels_last.project_range`) was one
+horizontal reduction per position in an order LLVM chose (``reassoc``); :func:`project_rows`
+computes eight positions at a time in an order it defines, with ``llvm.fma`` (the same bits on
+every machine; ``tests/engine/test_cl_projection_order.py`` checks them against exact
+rational arithmetic): 1.3-1.4x at 128³×8 and 128³×16 (``benchmarks/RESULTS.md``, "Issue 15,
+sixth session").
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-__all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32"]
+__all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32", "project_rows"]
 
 #: Channels per block of :func:`fmuladd_rows8`.
 LANES = 8
