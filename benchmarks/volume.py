@@ -35,7 +35,9 @@ Run as a module::
   decisions) counting ``|ref|`` (before) against ``count_ref=False`` (after), counts asserted
   equal; with ``--project`` only the projection kernel ``project_range`` (``z`` asserted equal
   to 1e-12 relative and its signs identical: from eight channels on it adds in its own fixed
-  order, ``engine._kernels.simd.project_rows``).
+  order, ``engine._kernels.simd.project_rows``); with ``--one-pass`` the tensors on the
+  guide's grid with at least eight channels: today's projection and ``decide`` against
+  ``project_counts`` (counted as projected, no z), counts asserted equal.
 
 - ``--split-baseline FILE``: channels-first features of one 3-D volume (batch 1, the deepbrain
   shapes as (1, C, side, side, side), guide and reference on 128³), layer level, through the
@@ -256,12 +258,15 @@ def _older_module(path: Path, name: str) -> Any:
 
 
 def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = False, sums: bool = False,
-            decide: bool = False, project: bool = False) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+            decide: bool = False, project: bool = False,
+            one_pass: bool = False) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
     """Layer level through an older channels_last module (loaded from ``path``) and today's;
     with ``real`` on one deepbrain volume's tensors, with ``sums`` the sums kernel alone, with
     ``decide`` today's ``decide`` with and without counting ``|ref|``, with ``project`` the
     projection kernel alone (``z`` asserted equal to 1e-12 relative, and its signs identical:
-    from eight channels on today's adds in another fixed order)."""
+    from eight channels on today's adds in another fixed order), with ``one_pass`` the tensors on
+    the guide's grid with eight channels or more: today's projection and ``decide`` (before)
+    against ``project_counts`` (after), counts asserted equal."""
     from engine._kernels import channels_last as new
 
     old = _older_module(path, "_cl_baseline")
@@ -312,6 +317,29 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
 
             rows.append((label, _before_after(run, res, repeat, label)))
             np.testing.assert_allclose(zs["after"], zs["before"], rtol=1e-12, atol=1e-12 * np.abs(zs["before"]).max())
+            continue
+        if one_pass:
+            if not p.identity or C < new.LANES:
+                continue
+            P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
+            gw = new.guide_weights(p.g, p.m, False, p.identity, p.src, p.weights)
+            new.prototypes(p.cl, p.g, p.m, False, gw, False, P, N, st, mid, np.zeros(B, np.int64), np.empty((B, 0)))
+            dummy = (np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32))
+
+            def run(which: str) -> None:
+                cnt = [np.zeros(B, np.int64) for _ in range(3)]
+                if which == "before":
+                    z = np.empty((B, S))
+                    D, _ = new.threshold(P, N, st == 0)
+                    parallel_for(new.project_range, B * ((S + new._CL_TILE - 1) // new._CL_TILE), p.cl, D, st == 0, z,
+                                 chunks_per_thread=4)
+                    new.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt,
+                               *dummy, count_ref=False)
+                else:
+                    new.project_counts(p.cl, P, N, st, mid, p.ref.reshape(B, -1), cnt[0], cnt[1])
+                res[which] = [c.tolist() for c in cnt[:2]]
+
+            rows.append((label, _before_after(run, res, repeat, label)))
             continue
         if decide:
             P, N, st, mid = np.empty((B, C)), np.empty((B, C)), np.empty(B, np.uint8), np.empty(B)
@@ -513,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decide", action="store_true",
                     help="with --cl-baseline: today's decide counting |ref| against count_ref=False")
     ap.add_argument("--project", action="store_true", help="with --cl-baseline: the projection kernel alone")
+    ap.add_argument("--one-pass", action="store_true",
+                    help="with --cl-baseline: on the guide's grid, today's projection + decide against project_counts")
     ap.add_argument("--split-baseline", type=Path, metavar="FILE",
                     help="only a channels-first batch-1 volume's layer level: this older fused.py's "
                          "split kernel against today's")
@@ -547,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
         print("|---|---|---|---|---|---|")
         tot = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
-        work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide, project=a.project)
+        work = (cl_rows(a.cl_baseline, a.repeat, rng, real=a.real, sums=a.sums, decide=a.decide, project=a.project,
+                       one_pass=a.one_pass)
                 if a.cl_baseline is not None
                 else split_rows(a.split_baseline, a.repeat, rng) if a.split_baseline is not None
                 else concat_rows(a.repeat) if a.concat else unit_rows(a.repeat, rng))

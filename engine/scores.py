@@ -420,17 +420,43 @@ def _cl_counts(p: _Prepared, ref: np.ndarray, z: np.ndarray, mid: np.ndarray,
     npos = np.zeros(B, dtype=np.int64)
     tp = np.zeros(B, dtype=np.int64)
     ny = np.zeros(B, dtype=np.int64)
-    cache = _GUIDE_WEIGHTS.get()
-    key = ("|ref|", id(p.held[2]), p.key[2], ref.shape)
-    hit = cache.get(key) if cache is not None and p.held[2] is not None else None
+    cache, key = _ref_cache(p, ref)
+    hit = cache.get(key) if cache is not None else None
     if hit is not None:
         ny[:] = hit[1]
     _cl.decide(z, mid, status, ref, True, False, p.identity, p.src, ref.shape[1:], p.weights,
                npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32),
                count_ref=hit is None)
-    if hit is None and cache is not None and p.held[2] is not None:
+    if hit is None and cache is not None:
         cache[key] = (p.held[2], ny.copy())  # the object is held, so its id stays its own
     return npos, tp, ny
+
+
+def _ref_cache(p: _Prepared, ref: np.ndarray) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]] | None, tuple[Any, ...]]:
+    """The current :func:`reuse_guide_weights` cache and the key of ``|ref|`` for this
+    reference object and grid; ``(None, ())`` outside a block or for a reference made here."""
+    cache = _GUIDE_WEIGHTS.get()
+    if cache is None or p.held[2] is None:
+        return None, ()
+    return cache, ("|ref|", id(p.held[2]), p.key[2], ref.shape)
+
+
+def _count_ref(ref: np.ndarray) -> np.ndarray:
+    """``|ref|`` per sample (B,) int64: the nonzero positions of each sample's reference."""
+    return np.count_nonzero(ref.reshape(ref.shape[0], -1), axis=1).astype(np.int64)
+
+
+def _ref_size(p: _Prepared, ref: np.ndarray) -> np.ndarray:
+    """``|ref|`` per sample (B,) int64, counted once per reference object and grid inside
+    :func:`reuse_guide_weights` (the cache :func:`_cl_counts` fills too)."""
+    cache, key = _ref_cache(p, ref)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return np.array(hit[1], dtype=np.int64)
+    ny = _count_ref(ref)
+    if cache is not None:
+        cache[key] = (p.held[2], ny.copy())  # the object is held, so its id stays its own
+    return ny
 
 
 def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndarray, ...]:
@@ -443,8 +469,13 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
     tp = np.zeros(B, dtype=np.int64)
     ny = np.zeros(B, dtype=np.int64)
     if p.cl is not None:
-        P, N, status, mid, z = _cl_layer(p, do_counts)
-        if do_counts:
+        # from eight channels on, counted as projected: no source-grid map written and read back
+        one_pass = do_counts and p.identity and p.cl.shape[2] >= _cl.LANES
+        P, N, status, mid, z = _cl_layer(p, do_counts and not one_pass)
+        if one_pass:
+            ny = _ref_size(p, ref)
+            _cl.project_counts(p.cl, P, N, status, mid, ref.reshape(B, -1), npos, tp)
+        elif do_counts:
             npos, tp, ny = _cl_counts(p, ref, z, mid, status)
         else:
             ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)

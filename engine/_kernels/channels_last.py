@@ -34,7 +34,7 @@ from engine._kernels._common import _EMPTY_BACKGROUND, _EMPTY_FOREGROUND, _EMPTY
 from engine._kernels._pool import parallel_for
 from engine._kernels.adjoint import guide_adjoint
 from engine._kernels.fused import _MODE_GUIDE, _MODE_GUIDE_MASK, _MODE_WEIGHTS, _guide_sums
-from engine._kernels.simd import LANES, fmuladd_rows8, fmuladd_rows16, fmuladd_rows32, project_rows
+from engine._kernels.simd import LANES, fmuladd_rows8, fmuladd_rows16, fmuladd_rows32, project_count_rows, project_rows
 
 __all__: list[str] = []  # private module
 
@@ -182,6 +182,50 @@ def project_range(lo, hi, F, D, ok, z):
                 acc += np.float64(r[c]) * Db[c]
             zb[s] = acc
 
+
+
+@njit(nogil=True, cache=True)
+def project_count_range(lo, hi, F, D, mid, ok, ref, cnt):
+    """Work items [lo, hi) = (sample, tile) on an identity grid, at least eight channels: the
+    decisions ``z > mid[b]`` with ``z = Σ_c F[b, s, c]·D[b, c]`` the sums of
+    :func:`project_range` (the same :mod:`engine._kernels.simd` emitter), counted without
+    storing z: ``cnt[b, tile]`` = (positives, positives in ``ref``) (``ref`` (B, S) uint8). A
+    sample without ``ok[b]`` has no positives."""
+    B, S, C = F.shape
+    nt = cnt.shape[1]
+    for i in range(lo, hi):
+        b = i // nt
+        t = i - b * nt
+        cnt[b, t, 0] = 0
+        cnt[b, t, 1] = 0
+        if ok[b]:
+            t0 = t * _CL_TILE
+            t1 = min(t0 + _CL_TILE, S)
+            project_count_rows(F[b, t0:t1], t1 - t0, D[b], mid[b], ref[b, t0:t1], cnt[b, t])
+
+
+def project_counts(F, P, N, status, mid, ref, npos, tp):
+    """Layer-level counts on an identity grid in one pass over channels-last ``F`` (B, S, C):
+    ``npos``/``tp`` = positives / positives in ``ref`` (B, S) of the decisions ``F·(P-N) > mid``,
+    the same decisions as :func:`prototypes` (``want_z``) then :func:`decide`, without writing
+    and reading back the (B, S) float64 map (a third of the bytes of a 128³×8 tensor's two
+    passes, and the page faults of a fresh 16 MiB buffer). Counts are added per tile after
+    the parallel part: they do not depend on the thread count.
+
+    At least eight channels (``ValueError`` otherwise): the decisions are compared and counted
+    eight positions at a time there; with fewer, storing z and :func:`decide` is faster."""
+    B, S, C = F.shape
+    if C < LANES:
+        raise ValueError(f"project_counts needs at least {LANES} channels; received {C}; "
+                         "use prototypes(want_z=True) and decide()")
+    ok = status == _OK
+    D, _ = threshold(P, N, ok)  # the D that prototypes() projected with
+    nt = (S + _CL_TILE - 1) // _CL_TILE
+    cnt = np.empty((B, nt, 2), dtype=np.int64)
+    parallel_for(project_count_range, B * nt, F, D, mid, ok, ref, cnt, chunks_per_thread=4)
+    tot = cnt.sum(axis=1)
+    npos[:] = tot[:, 0]
+    tp[:] = tot[:, 1]
 
 def guide_weights(g, m, has_mask, identity, src, weights):
     """The guide's side of :func:`prototypes`, which depends on the guide, mask and grids only:

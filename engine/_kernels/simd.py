@@ -36,7 +36,7 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-__all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32", "project_rows"]
+__all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32", "project_rows", "project_count_rows"]
 
 #: Channels per block of :func:`fmuladd_rows8`.
 LANES = 8
@@ -164,6 +164,88 @@ def _tree8(builder: Any, vs: list[Any]) -> Any:
     return pair(Bv[0], Bv[1], [0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15])
 
 
+def _emit_projection(context: Any, builder: Any, Fty: Any, F: Any, count: Any, Dty: Any, D: Any,
+                     group: Any, one_position: Any) -> None:
+    """Emit :func:`project_rows`' loops over the ``count`` rows of the tile ``F`` (type ``Fty``)
+    with ``D``: ``group(k0, T)`` receives the ``<8 x double>`` sums of rows ``k0 .. k0+7``,
+    ``one_position(k, t)`` the sum of each of the last rows (fewer than eight)."""
+    intp = context.get_value_type(types.intp)
+    Fa = context.make_array(Fty)(context, builder, F)
+    Da = context.make_array(Dty)(context, builder, D)
+    wide = Fty.dtype == types.float64
+    f64 = ir.DoubleType()
+    ft = f64 if wide else ir.FloatType()
+    v8f, v8d = ir.VectorType(ft, LANES), ir.VectorType(f64, LANES)
+    fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v8d] * 3), "llvm.fma.v8f64")
+    fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64] * 3), "llvm.fma.f64")
+    shape = cgutils.unpack_tuple(builder, Fa.shape)
+    C = shape[1]
+    row_bytes = cgutils.unpack_tuple(builder, Fa.strides)[0]
+    item = ir.Constant(intp, 8 if wide else 4)
+    lanes = ir.Constant(intp, LANES)
+    blocks = builder.udiv(C, lanes)
+    whole = builder.mul(blocks, lanes)
+    base = builder.bitcast(Fa.data, ir.IntType(8).as_pointer())
+    i32 = ir.IntType(32)
+
+    def row_ptr(k: Any) -> Any:
+        return builder.gep(base, [builder.mul(k, row_bytes)])
+
+    def block(row: Any, j: Any) -> Any:  # <8 x double> of the row's block j
+        p = builder.gep(row, [builder.mul(builder.mul(j, lanes), item)])
+        x = builder.load(builder.bitcast(p, v8f.as_pointer()), align=8 if wide else 4)
+        return x if wide else builder.fpext(x, v8d)
+
+    def scalar(row: Any, c: Any) -> Any:  # Ft[k, c] as double
+        x = builder.load(builder.bitcast(builder.gep(row, [builder.mul(c, item)]), ft.as_pointer()))
+        return x if wide else builder.fpext(x, f64)
+
+    def dblock(j: Any) -> Any:
+        return builder.load(builder.bitcast(builder.gep(Da.data, [builder.mul(j, lanes)]), v8d.as_pointer()), align=8)
+
+    one = ir.Constant(intp, 1)
+    acc = [cgutils.alloca_once(builder, v8d) for _ in range(LANES)]
+    tacc = cgutils.alloca_once(builder, v8d)
+    groups = builder.udiv(count, lanes)
+    d0 = dblock(ir.Constant(intp, 0))
+    with cgutils.for_range(builder, groups) as g:
+        k0 = builder.mul(g.index, lanes)
+        rows = [row_ptr(builder.add(k0, ir.Constant(intp, p))) for p in range(LANES)]
+        for p in range(LANES):
+            builder.store(builder.fmul(block(rows[p], ir.Constant(intp, 0)), d0), acc[p])
+        with cgutils.for_range(builder, builder.sub(blocks, one)) as jl:
+            j = builder.add(jl.index, one)
+            dj = dblock(j)
+            for p in range(LANES):
+                builder.store(builder.call(fma_v, [block(rows[p], j), dj, builder.load(acc[p])]), acc[p])
+        builder.store(_tree8(builder, [builder.load(a) for a in acc]), tacc)
+        with cgutils.for_range(builder, builder.sub(C, whole)) as cl:
+            c = builder.add(whole, cl.index)
+            fv = ir.Constant(v8d, ir.Undefined)
+            for p in range(LANES):
+                fv = builder.insert_element(fv, scalar(rows[p], c), ir.Constant(i32, p))
+            dc = builder.load(builder.gep(Da.data, [c]))
+            ds = builder.shuffle_vector(builder.insert_element(ir.Constant(v8d, ir.Undefined), dc, ir.Constant(i32, 0)),
+                                        ir.Constant(v8d, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            builder.store(builder.call(fma_v, [fv, ds, builder.load(tacc)]), tacc)
+        group(k0, builder.load(tacc))
+    # the last positions (fewer than eight), one at a time, in the same order
+    sacc = cgutils.alloca_once(builder, f64)
+    with cgutils.for_range(builder, builder.sub(count, builder.mul(groups, lanes))) as r:
+        k = builder.add(builder.mul(groups, lanes), r.index)
+        row = row_ptr(k)
+        builder.store(builder.fmul(block(row, ir.Constant(intp, 0)), d0), acc[0])
+        with cgutils.for_range(builder, builder.sub(blocks, one)) as jl:
+            j = builder.add(jl.index, one)
+            builder.store(builder.call(fma_v, [block(row, j), dblock(j), builder.load(acc[0])]), acc[0])
+        builder.store(_hsum_tree(builder, builder.load(acc[0])), sacc)
+        with cgutils.for_range(builder, builder.sub(C, whole)) as cl:
+            c = builder.add(whole, cl.index)
+            dc = builder.load(builder.gep(Da.data, [c]))
+            builder.store(builder.call(fma_s, [scalar(row, c), dc, builder.load(sacc)]), sacc)
+        one_position(k, builder.load(sacc))
+
+
 @intrinsic
 def project_rows(typingctx: Any, Ft: Any, n: Any, D: Any, zt: Any) -> Any:
     """``zt[k] = Σ_c Ft[k, c]·D[c]`` for ``k = 0 .. n-1``, for a tile of at least eight channels,
@@ -189,84 +271,77 @@ def project_rows(typingctx: Any, Ft: Any, n: Any, D: Any, zt: Any) -> Any:
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         Fty, nty, Dty, zty = signature.args
-        intp = context.get_value_type(types.intp)
-        Fa = context.make_array(Fty)(context, builder, args[0])
-        count = context.cast(builder, args[1], nty, types.intp)
-        Da = context.make_array(Dty)(context, builder, args[2])
         za = context.make_array(zty)(context, builder, args[3])
-        wide = Fty.dtype == types.float64
-        f64 = ir.DoubleType()
-        ft = f64 if wide else ir.FloatType()
-        v8f, v8d = ir.VectorType(ft, LANES), ir.VectorType(f64, LANES)
-        fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v8d] * 3), "llvm.fma.v8f64")
-        fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64] * 3), "llvm.fma.f64")
-        shape = cgutils.unpack_tuple(builder, Fa.shape)
-        C = shape[1]
-        row_bytes = cgutils.unpack_tuple(builder, Fa.strides)[0]
-        item = ir.Constant(intp, 8 if wide else 4)
-        lanes = ir.Constant(intp, LANES)
-        blocks = builder.udiv(C, lanes)
-        whole = builder.mul(blocks, lanes)
-        base = builder.bitcast(Fa.data, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
+        v8d = ir.VectorType(ir.DoubleType(), LANES)
 
-        def row_ptr(k: Any) -> Any:
-            return builder.gep(base, [builder.mul(k, row_bytes)])
+        def group(k0: Any, T: Any) -> None:
+            builder.store(T, builder.bitcast(builder.gep(za.data, [k0]), v8d.as_pointer()), align=8)
 
-        def block(row: Any, j: Any) -> Any:  # <8 x double> of the row's block j
-            p = builder.gep(row, [builder.mul(builder.mul(j, lanes), item)])
-            x = builder.load(builder.bitcast(p, v8f.as_pointer()), align=8 if wide else 4)
-            return x if wide else builder.fpext(x, v8d)
+        def one(k: Any, t: Any) -> None:
+            builder.store(t, builder.gep(za.data, [k]))
 
-        def scalar(row: Any, c: Any) -> Any:  # Ft[k, c] as double
-            x = builder.load(builder.bitcast(builder.gep(row, [builder.mul(c, item)]), ft.as_pointer()))
-            return x if wide else builder.fpext(x, f64)
+        _emit_projection(context, builder, Fty, args[0], context.cast(builder, args[1], nty, types.intp), Dty, args[2],
+                         group, one)
+        return context.get_dummy_value()
 
-        def dblock(j: Any) -> Any:
-            return builder.load(builder.bitcast(builder.gep(Da.data, [builder.mul(j, lanes)]), v8d.as_pointer()), align=8)
+    return sig, codegen
 
-        one = ir.Constant(intp, 1)
-        acc = [cgutils.alloca_once(builder, v8d) for _ in range(LANES)]
-        tacc = cgutils.alloca_once(builder, v8d)
-        groups = builder.udiv(count, lanes)
-        d0 = dblock(ir.Constant(intp, 0))
-        with cgutils.for_range(builder, groups) as g:
-            k0 = builder.mul(g.index, lanes)
-            rows = [row_ptr(builder.add(k0, ir.Constant(intp, p))) for p in range(LANES)]
-            for p in range(LANES):
-                builder.store(builder.fmul(block(rows[p], ir.Constant(intp, 0)), d0), acc[p])
-            with cgutils.for_range(builder, builder.sub(blocks, one)) as jl:
-                j = builder.add(jl.index, one)
-                dj = dblock(j)
-                for p in range(LANES):
-                    builder.store(builder.call(fma_v, [block(rows[p], j), dj, builder.load(acc[p])]), acc[p])
-            builder.store(_tree8(builder, [builder.load(a) for a in acc]), tacc)
-            with cgutils.for_range(builder, builder.sub(C, whole)) as cl:
-                c = builder.add(whole, cl.index)
-                fv = ir.Constant(v8d, ir.Undefined)
-                for p in range(LANES):
-                    fv = builder.insert_element(fv, scalar(rows[p], c), ir.Constant(i32, p))
-                dc = builder.load(builder.gep(Da.data, [c]))
-                ds = builder.shuffle_vector(builder.insert_element(ir.Constant(v8d, ir.Undefined), dc, ir.Constant(i32, 0)),
-                                            ir.Constant(v8d, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
-                builder.store(builder.call(fma_v, [fv, ds, builder.load(tacc)]), tacc)
-            zp = builder.bitcast(builder.gep(za.data, [k0]), v8d.as_pointer())
-            builder.store(builder.load(tacc), zp, align=8)
-        # the last positions (fewer than eight), one at a time, in the same order
-        sacc = cgutils.alloca_once(builder, f64)
-        with cgutils.for_range(builder, builder.sub(count, builder.mul(groups, lanes))) as r:
-            k = builder.add(builder.mul(groups, lanes), r.index)
-            row = row_ptr(k)
-            builder.store(builder.fmul(block(row, ir.Constant(intp, 0)), d0), acc[0])
-            with cgutils.for_range(builder, builder.sub(blocks, one)) as jl:
-                j = builder.add(jl.index, one)
-                builder.store(builder.call(fma_v, [block(row, j), dblock(j), builder.load(acc[0])]), acc[0])
-            builder.store(_hsum_tree(builder, builder.load(acc[0])), sacc)
-            with cgutils.for_range(builder, builder.sub(C, whole)) as cl:
-                c = builder.add(whole, cl.index)
-                dc = builder.load(builder.gep(Da.data, [c]))
-                builder.store(builder.call(fma_s, [scalar(row, c), dc, builder.load(sacc)]), sacc)
-            builder.store(builder.load(sacc), builder.gep(za.data, [k]))
+
+@intrinsic
+def project_count_rows(typingctx: Any, Ft: Any, n: Any, D: Any, mid: Any, ref: Any, cnt: Any) -> Any:
+    """The decisions ``z[k] > mid`` of :func:`project_rows`' sums (the same values, not stored),
+    counted: ``cnt[0] += Σ_k [z[k] > mid]`` and ``cnt[1] += Σ_k [z[k] > mid and ref[k] != 0]``.
+
+    Eight positions at a time the comparison is one vector compare, the reference's eight bytes
+    one vector load, and each count a population count of an eight-bit mask. ``ref``: 1-D
+    uint8, C-contiguous, at least ``n``; ``cnt``: 1-D int64 of at least 2; ``mid``: float64;
+    the rest as :func:`project_rows`.
+    """
+    ok = (isinstance(Ft, types.Array) and Ft.ndim == 2 and Ft.layout == "C"
+          and Ft.dtype in (types.float32, types.float64) and isinstance(n, types.Integer)
+          and isinstance(D, types.Array) and D.ndim == 1 and D.layout == "C" and D.dtype == types.float64
+          and mid == types.float64
+          and isinstance(ref, types.Array) and ref.ndim == 1 and ref.layout == "C" and ref.dtype == types.uint8
+          and isinstance(cnt, types.Array) and cnt.ndim == 1 and cnt.layout == "C" and cnt.dtype == types.int64)
+    if not ok:
+        return None
+    sig = types.void(Ft, n, D, mid, ref, cnt)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        Fty, nty, Dty = signature.args[:3]
+        ra = context.make_array(signature.args[4])(context, builder, args[4])
+        ca = context.make_array(signature.args[5])(context, builder, args[5])
+        m = args[3]
+        i8, i64 = ir.IntType(8), ir.IntType(64)
+        v8d, v8b = ir.VectorType(ir.DoubleType(), LANES), ir.VectorType(i8, LANES)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
+        undef = ir.Constant(v8d, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        mids = builder.shuffle_vector(builder.insert_element(undef, m, ir.Constant(ir.IntType(32), 0)), undef, splat)
+        npos = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
+        ntp = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
+
+        def add(slot: Any, bits: Any) -> None:
+            builder.store(builder.add(builder.load(slot), builder.zext(bits, i64)), slot)
+
+        def group(k0: Any, T: Any) -> None:
+            pos = builder.fcmp_ordered(">", T, mids)  # <8 x i1>, NaN: not a positive
+            r = builder.load(builder.bitcast(builder.gep(ra.data, [k0]), v8b.as_pointer()), align=1)
+            inref = builder.icmp_unsigned("!=", r, ir.Constant(v8b, [0] * LANES))
+            add(npos, builder.call(ctpop, [builder.bitcast(pos, i8)]))
+            add(ntp, builder.call(ctpop, [builder.bitcast(builder.and_(pos, inref), i8)]))
+
+        def one(k: Any, t: Any) -> None:
+            pos = builder.fcmp_ordered(">", t, m)
+            inref = builder.icmp_unsigned("!=", builder.load(builder.gep(ra.data, [k])), ir.Constant(i8, 0))
+            add(npos, pos)
+            add(ntp, builder.and_(pos, inref))
+
+        _emit_projection(context, builder, Fty, args[0], context.cast(builder, args[1], nty, types.intp), Dty, args[2],
+                         group, one)
+        for slot, i in ((npos, 0), (ntp, 1)):
+            ptr = builder.gep(ca.data, [ir.Constant(context.get_value_type(types.intp), i)])
+            builder.store(builder.add(builder.load(ptr), builder.load(slot)), ptr)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -69,7 +69,9 @@ def _group_main() -> None:
     from engine.scores import _GUIDE_WEIGHTS, _prepare, reuse_guide_weights, sa_scores
 
     for identity in (False, True):
-        f, g = _tiny(identity)
+        # eight channels on the identity grid: its counts are taken as projected from eight on
+        # (channels_last.project_count_range), below through decide (compiled by the resized call)
+        f, g = _tiny(identity, 8 if identity else 3)
         ref = g > 0.5
         with reuse_guide_weights():
             p = _prepare(f, g, ref, None, resize="upsample", layout="channels_last")

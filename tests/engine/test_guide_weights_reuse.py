@@ -91,29 +91,33 @@ def test_the_block_ends_with_its_cache(counted: list[int]) -> None:
 
 
 def test_reference_size_is_counted_once_per_reference_and_grid(monkeypatch):
-    """Inside the block, the decisions of the second tensor on a reference skip ``|ref|``
-    (``count_ref=False``) and the scores equal those computed alone."""
+    """Inside the block, ``|ref|`` is counted for the first tensor on a reference only: the
+    identity-grid tensors (counted as projected) take it from the block's cache, the resized
+    one's decisions skip it (``count_ref=False``), and the scores equal those computed alone."""
     import engine._kernels.channels_last as _clk
+    import engine.scores as _scores
 
     rng = np.random.default_rng(11)
     g = np.zeros((2, 12, 10, 8), np.float32)
     g[:, 3:9, 2:8, 2:6] = 1
     ref = rng.random(g.shape) > 0.5
-    feats = [rng.standard_normal((2, 12, 10, 8, 3), dtype=np.float32),
-             rng.standard_normal((2, 6, 5, 4, 5), dtype=np.float32),
-             rng.standard_normal((2, 12, 10, 8, 2), dtype=np.float32)]
+    feats = [rng.standard_normal((2, 12, 10, 8, 9), dtype=np.float32),  # identity grid, counted as projected
+             rng.standard_normal((2, 6, 5, 4, 5), dtype=np.float32),  # resized: decide()
+             rng.standard_normal((2, 12, 10, 8, 8), dtype=np.float32)]
     flags = []
-    real = _clk.decide
+    real, real_count = _clk.decide, _scores._count_ref
     monkeypatch.setattr(_clk, "decide", lambda *a, **k: flags.append(k.get("count_ref", True)) or real(*a, **k))
+    monkeypatch.setattr(_scores, "_count_ref", lambda r: flags.append("counted") or real_count(r))
     with reuse_guide_weights():
         shared = [sa_scores(f, g, ref, layout="channels_last") for f in feats]
-    assert flags == [True, False, False]
+    assert flags == ["counted", False]
     alone = [sa_scores(f, g, ref, layout="channels_last") for f in feats]
     for s, a in zip(shared, alone):
         np.testing.assert_array_equal(s.score, a.score)
         np.testing.assert_array_equal(s.fn, a.fn)
     flags.clear()
     with reuse_guide_weights():  # another reference object: counted again
+        sa_scores(feats[1], g, ref, layout="channels_last")
         sa_scores(feats[0], g, ref, layout="channels_last")
         sa_scores(feats[0], g, ref.copy(), layout="channels_last")
-    assert flags == [True, True]
+    assert flags == [True, "counted"]
