@@ -20,16 +20,22 @@ from tests.engine.test_binary_guide_sums import SPATIAL, _features, _guide, _ide
 from tests.engine.test_guide_weights_parallel import _threads
 
 
-def _two_step(F: np.ndarray, g: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(P, N, status, mid, npos, tp, ny) the way they were counted before: z stored, then decided."""
+def _prototypes(F: np.ndarray, g: np.ndarray, want_z: bool) -> tuple[np.ndarray, ...]:
+    """``channels_last.prototypes`` on the identity grid: (P, N, status, mid, z)."""
     B, S, C = F.shape
     m = np.ones((1, 1, 1, 1), np.float32)
     gw = cl.guide_weights(g, m, False, True, SPATIAL, _identity_weights())
     P, N = np.empty((B, C)), np.empty((B, C))
     status, mid, bad = np.empty(B, np.uint8), np.empty(B), np.zeros(B, np.int64)
-    z = np.empty((B, S))
-    cl.prototypes(F, g, m, False, gw, True, P, N, status, mid, bad, z)
-    npos, tp, ny = (np.zeros(B, np.int64) for _ in range(3))
+    z = np.empty((B, S if want_z else 0))
+    cl.prototypes(F, g, m, False, gw, want_z, P, N, status, mid, bad, z)
+    return P, N, status, mid, z
+
+
+def _two_step(F: np.ndarray, g: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(P, N, status, mid, npos, tp, ny) the way they were counted before: z stored, then decided."""
+    P, N, status, mid, z = _prototypes(F, g, True)
+    npos, tp, ny = (np.zeros(F.shape[0], np.int64) for _ in range(3))
     none = np.empty((0, 0, 0, 0))
     cl.decide(z, mid, status, ref, True, False, True, SPATIAL, SPATIAL, _identity_weights(), npos, tp, ny,
               none.astype(np.bool_), none.astype(np.float32))
@@ -37,12 +43,9 @@ def _two_step(F: np.ndarray, g: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray
 
 
 def _fused(F: np.ndarray, g: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
-    B, S, C = F.shape
-    m = np.ones((1, 1, 1, 1), np.float32)
-    gw = cl.guide_weights(g, m, False, True, SPATIAL, _identity_weights())
-    P, N = np.empty((B, C)), np.empty((B, C))
-    status, mid, bad = np.empty(B, np.uint8), np.empty(B), np.zeros(B, np.int64)
-    cl.prototypes(F, g, m, False, gw, False, P, N, status, mid, bad, np.empty((B, 0)))
+    """(status, npos, tp) counted as projected (``project_counts``)."""
+    B = F.shape[0]
+    P, N, status, mid, _ = _prototypes(F, g, False)
     npos = np.full(B, -1, np.int64)
     tp = np.full(B, -1, np.int64)
     cl.project_counts(F, P, N, status, mid, ref.reshape(B, -1), npos, tp)
