@@ -20,7 +20,8 @@ channels-last re-measured"). The drivers :func:`prototypes` and :func:`decide` c
   afterwards (blocks of eight channels in vector registers, :mod:`engine._kernels.simd`);
 - :func:`project_range` (per position tile): the source-grid scalar map ``z = F·(P-N)`` (from
   eight channels on eight positions at a time, in the fixed order of
-  :func:`engine._kernels.simd.project_rows`);
+  :func:`engine._kernels.simd.project_rows`); on the guide's grid, from eight channels on,
+  :func:`project_counts` counts the decisions as it projects, without storing z;
 - :func:`interp_range` (per source row) and :func:`decide_range` (per block of target rows):
   the decisions ``R z > mid`` on the target grid, counted against the reference and/or written
   as the binary and probability maps.
