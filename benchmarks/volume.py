@@ -330,8 +330,9 @@ def cl_rows(path: Path, repeat: int, rng: np.random.Generator, *, real: bool = F
                 cnt = [np.zeros(B, np.int64) for _ in range(3)]
                 if which == "before":
                     z = np.empty((B, S))
-                    D, _ = new.threshold(P, N, st == 0)
-                    parallel_for(new.project_range, B * ((S + new._CL_TILE - 1) // new._CL_TILE), p.cl, D, st == 0, z,
+                    ok = st == new._OK
+                    D, _ = new.threshold(P, N, ok)
+                    parallel_for(new.project_range, B * ((S + new._CL_TILE - 1) // new._CL_TILE), p.cl, D, ok, z,
                                  chunks_per_thread=4)
                     new.decide(z, mid, st, p.ref, True, False, p.identity, p.src, p.ref.shape[1:], p.weights, *cnt,
                                *dummy, count_ref=False)

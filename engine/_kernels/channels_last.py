@@ -184,7 +184,6 @@ def project_range(lo, hi, F, D, ok, z):
             zb[s] = acc
 
 
-
 @njit(nogil=True, cache=True)
 def project_count_range(lo, hi, F, D, mid, ok, ref, cnt):
     """Work items [lo, hi) = (sample, tile) on an identity grid, at least eight channels: the
@@ -227,6 +226,7 @@ def project_counts(F, P, N, status, mid, ref, npos, tp):
     tot = cnt.sum(axis=1)
     npos[:] = tot[:, 0]
     tp[:] = tot[:, 1]
+
 
 def guide_weights(g, m, has_mask, identity, src, weights):
     """The guide's side of :func:`prototypes`, which depends on the guide, mask and grids only:

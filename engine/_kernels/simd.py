@@ -44,6 +44,34 @@ __all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32", "projec
 LANES = 8
 
 
+def _array(t: Any, ndim: int, dtypes: tuple[Any, ...], layout: str | None = "C") -> bool:
+    """Whether the Numba type ``t`` is an array of ``ndim`` dimensions, one of ``dtypes``,
+    and (unless ``layout`` is None) of that layout."""
+    return (isinstance(t, types.Array) and t.ndim == ndim and t.dtype in dtypes
+            and (layout is None or t.layout == layout))
+
+
+_TILE = (types.float32, types.float64)  # the features' dtypes the intrinsics read
+_F64 = (types.float64,)
+
+
+def _splat(builder: Any, x: Any) -> Any:
+    """``<8 x double>`` with every lane ``x`` (a double)."""
+    undef = ir.Constant(ir.VectorType(ir.DoubleType(), LANES), ir.Undefined)
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef,
+                                  ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+
+
+def _row_vectors(context: Any, Fty: Any) -> tuple[bool, Any, Any, Any]:
+    """For a tile of type ``Fty``: whether it is float64 (no widening), the ``<8 x float>`` (or
+    double) type of a row's block, ``<8 x double>``, and the item size as an ``intp`` constant."""
+    wide = Fty.dtype == types.float64
+    f64 = ir.DoubleType()
+    item = ir.Constant(context.get_value_type(types.intp), 8 if wide else 4)
+    return wide, ir.VectorType(f64 if wide else ir.FloatType(), LANES), ir.VectorType(f64, LANES), item
+
+
 def _rows_intrinsic(blocks: int) -> Any:
     """The intrinsic for ``blocks`` blocks of eight channels side by side: ``2·blocks``
     independent chains of ``llvm.fmuladd`` in one loop over the positions, so that the adds'
@@ -51,11 +79,8 @@ def _rows_intrinsic(blocks: int) -> Any:
     width = LANES * blocks
 
     def typer(typingctx: Any, Ft: Any, n: Any, c0: Any, wf: Any, wb: Any, a: Any, b: Any) -> Any:
-        f32_2d = (isinstance(Ft, types.Array) and Ft.ndim == 2 and Ft.layout == "C"
-                  and Ft.dtype in (types.float32, types.float64))
-        f64_1d = all(isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float64
-                     for x in (wf, wb, a, b))
-        if not (f32_2d and f64_1d and a.layout == "C" and b.layout == "C"
+        if not (_array(Ft, 2, _TILE) and _array(wf, 1, _F64, None) and _array(wb, 1, _F64, None)
+                and _array(a, 1, _F64) and _array(b, 1, _F64)
                 and isinstance(n, types.Integer) and isinstance(c0, types.Integer)):
             return None
         return types.void(Ft, n, c0, wf, wb, a, b), _codegen
@@ -70,16 +95,13 @@ def _rows_intrinsic(blocks: int) -> Any:
         wba = context.make_array(wbty)(context, builder, args[4])
         aa = context.make_array(aty)(context, builder, args[5])
         ba = context.make_array(bty)(context, builder, args[6])
-        wide = Fty.dtype == types.float64  # float64 features: no widening
-        v8f = ir.VectorType(ir.DoubleType() if wide else ir.FloatType(), LANES)
-        v8d = ir.VectorType(ir.DoubleType(), LANES)
-        item = ir.Constant(intp, 8 if wide else 4)
+        wide, v8f, v8d, item = _row_vectors(context, Fty)
         fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v8d, v8d, v8d]),
                                                  "llvm.fmuladd.v8f64")
         row_bytes = cgutils.unpack_tuple(builder, Fa.strides)[0]
         i8p = ir.IntType(8).as_pointer()
         rows = builder.gep(builder.bitcast(Fa.data, i8p), [builder.mul(first, item)])
-        sums = []  # per block: (its float32 offset, the two sums' pointers and their allocas)
+        sums = []  # per block: (its byte offset in a row, the two sums' pointers and their allocas)
         for j in range(blocks):
             c = builder.add(first, ir.Constant(intp, LANES * j))
             ap = builder.bitcast(builder.gep(aa.data, [c]), v8d.as_pointer())
@@ -90,16 +112,11 @@ def _rows_intrinsic(blocks: int) -> Any:
             builder.store(builder.load(ap, align=8), sa)
             builder.store(builder.load(bp, align=8), sb)
             sums.append((builder.mul(item, ir.Constant(intp, LANES * j)), ap, bp, sa, sb))
-        undef = ir.Constant(v8d, ir.Undefined)
-        lane0 = ir.Constant(ir.IntType(32), 0)
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
         with cgutils.for_range(builder, count) as loop:
             k = loop.index
             row = builder.gep(rows, [builder.mul(k, row_bytes)])
-            u = builder.shuffle_vector(builder.insert_element(undef, builder.load(builder.gep(wfa.data, [k])), lane0),
-                                       undef, splat)
-            v = builder.shuffle_vector(builder.insert_element(undef, builder.load(builder.gep(wba.data, [k])), lane0),
-                                       undef, splat)
+            u = _splat(builder, builder.load(builder.gep(wfa.data, [k])))
+            v = _splat(builder, builder.load(builder.gep(wba.data, [k])))
             for offset, _, _, sa, sb in sums:
                 ptr = builder.bitcast(builder.gep(row, [offset]), v8f.as_pointer())
                 f = builder.load(ptr, align=8 if wide else 4)
@@ -174,16 +191,14 @@ def _emit_projection(context: Any, builder: Any, Fty: Any, F: Any, count: Any, D
     intp = context.get_value_type(types.intp)
     Fa = context.make_array(Fty)(context, builder, F)
     Da = context.make_array(Dty)(context, builder, D)
-    wide = Fty.dtype == types.float64
+    wide, v8f, v8d, item = _row_vectors(context, Fty)
     f64 = ir.DoubleType()
-    ft = f64 if wide else ir.FloatType()
-    v8f, v8d = ir.VectorType(ft, LANES), ir.VectorType(f64, LANES)
+    ft = v8f.element
     fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v8d] * 3), "llvm.fma.v8f64")
     fma_s = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64] * 3), "llvm.fma.f64")
     shape = cgutils.unpack_tuple(builder, Fa.shape)
     C = shape[1]
     row_bytes = cgutils.unpack_tuple(builder, Fa.strides)[0]
-    item = ir.Constant(intp, 8 if wide else 4)
     lanes = ir.Constant(intp, LANES)
     blocks = builder.udiv(C, lanes)
     whole = builder.mul(blocks, lanes)
@@ -226,9 +241,7 @@ def _emit_projection(context: Any, builder: Any, Fty: Any, F: Any, count: Any, D
             fv = ir.Constant(v8d, ir.Undefined)
             for p in range(LANES):
                 fv = builder.insert_element(fv, scalar(rows[p], c), ir.Constant(i32, p))
-            dc = builder.load(builder.gep(Da.data, [c]))
-            ds = builder.shuffle_vector(builder.insert_element(ir.Constant(v8d, ir.Undefined), dc, ir.Constant(i32, 0)),
-                                        ir.Constant(v8d, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            ds = _splat(builder, builder.load(builder.gep(Da.data, [c])))
             builder.store(builder.call(fma_v, [fv, ds, builder.load(tacc)]), tacc)
         group(k0, builder.load(tacc))
     # the last positions (fewer than eight), one at a time, in the same order
@@ -263,11 +276,7 @@ def project_rows(typingctx: Any, Ft: Any, n: Any, D: Any, zt: Any) -> Any:
     horizontal reduction each). ``Ft``: 2-D float32 or float64, C-contiguous, ``C >= 8``
     channels (not checked); ``D``: 1-D float64 of ``C``; ``zt``: 1-D float64, at least ``n``.
     """
-    ok = (isinstance(Ft, types.Array) and Ft.ndim == 2 and Ft.layout == "C"
-          and Ft.dtype in (types.float32, types.float64) and isinstance(n, types.Integer)
-          and all(isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C" and x.dtype == types.float64
-                  for x in (D, zt)))
-    if not ok:
+    if not (_array(Ft, 2, _TILE) and isinstance(n, types.Integer) and _array(D, 1, _F64) and _array(zt, 1, _F64)):
         return None
     sig = types.void(Ft, n, D, zt)
 
@@ -299,13 +308,8 @@ def project_count_rows(typingctx: Any, Ft: Any, n: Any, D: Any, mid: Any, ref: A
     uint8, C-contiguous, at least ``n``; ``cnt``: 1-D int64 of at least 2; ``mid``: float64;
     the rest as :func:`project_rows`.
     """
-    ok = (isinstance(Ft, types.Array) and Ft.ndim == 2 and Ft.layout == "C"
-          and Ft.dtype in (types.float32, types.float64) and isinstance(n, types.Integer)
-          and isinstance(D, types.Array) and D.ndim == 1 and D.layout == "C" and D.dtype == types.float64
-          and mid == types.float64
-          and isinstance(ref, types.Array) and ref.ndim == 1 and ref.layout == "C" and ref.dtype == types.uint8
-          and isinstance(cnt, types.Array) and cnt.ndim == 1 and cnt.layout == "C" and cnt.dtype == types.int64)
-    if not ok:
+    if not (_array(Ft, 2, _TILE) and isinstance(n, types.Integer) and _array(D, 1, _F64) and mid == types.float64
+            and _array(ref, 1, (types.uint8,)) and _array(cnt, 1, (types.int64,))):
         return None
     sig = types.void(Ft, n, D, mid, ref, cnt)
 
@@ -315,11 +319,9 @@ def project_count_rows(typingctx: Any, Ft: Any, n: Any, D: Any, mid: Any, ref: A
         ca = context.make_array(signature.args[5])(context, builder, args[5])
         m = args[3]
         i8, i64 = ir.IntType(8), ir.IntType(64)
-        v8d, v8b = ir.VectorType(ir.DoubleType(), LANES), ir.VectorType(i8, LANES)
+        v8b = ir.VectorType(i8, LANES)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8")
-        undef = ir.Constant(v8d, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
-        mids = builder.shuffle_vector(builder.insert_element(undef, m, ir.Constant(ir.IntType(32), 0)), undef, splat)
+        mids = _splat(builder, m)
         npos = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
         ntp = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
 
