@@ -38,7 +38,8 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-__all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32", "project_rows", "project_count_rows"]
+__all__ = ["LANES", "fmuladd_rows8", "fmuladd_rows16", "fmuladd_rows32", "project_rows", "project_count_rows",
+           "transpose8"]
 
 #: Channels per block of :func:`fmuladd_rows8`.
 LANES = 8
@@ -349,3 +350,102 @@ def project_count_rows(typingctx: Any, Ft: Any, n: Any, D: Any, mid: Any, ref: A
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# --------------------------------------------------------------------------- 8×8 transpose
+_SIGNED = (types.int8, types.int16, types.int32, types.int64)
+
+
+def _cast_vector(builder: Any, v: Any, src: Any, dst: Any, vty: Any) -> Any:
+    """The vector ``v`` of Numba scalar type ``src`` cast lane by lane to ``vty`` (of ``dst``),
+    as NumPy's ``astype`` casts a value that fits: to float rounding to nearest, between
+    integers by truncation or extension."""
+    if src == dst:
+        return v
+    to_float = isinstance(dst, types.Float)
+    if isinstance(src, types.Float):
+        if not to_float:
+            return builder.fptoui(v, vty)
+        return builder.fpext(v, vty) if dst.bitwidth > src.bitwidth else builder.fptrunc(v, vty)
+    signed = src in _SIGNED
+    if to_float:
+        return builder.sitofp(v, vty) if signed else builder.uitofp(v, vty)
+    if dst.bitwidth == src.bitwidth:  # int16 -> uint16: the same bits
+        return v
+    if dst.bitwidth < src.bitwidth:
+        return builder.trunc(v, vty)
+    return builder.sext(v, vty) if signed else builder.zext(v, vty)
+
+
+def _transpose_rows(builder: Any, rows: list[Any]) -> list[Any]:
+    """The columns of the 8×8 matrix whose rows are the eight vectors ``rows``: three rounds
+    of pairwise shuffles (distance 1, 2 and 4), 24 in all."""
+    i32 = ir.IntType(32)
+
+    def shuf(x: Any, y: Any, lanes: list[int]) -> Any:
+        return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, LANES), lanes))
+
+    lo1, hi1 = [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15]
+    a: list[Any] = []
+    for j in range(0, LANES, 2):  # a[j]: even columns of rows j, j+1; a[j+1]: odd ones
+        a += [shuf(rows[j], rows[j + 1], lo1), shuf(rows[j], rows[j + 1], hi1)]
+    lo2, hi2 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    b: list[Any] = [None] * LANES
+    for base in (0, 4):  # rows 0-3, rows 4-7: b[base + col % 4] holds columns col and col + 4
+        b[base + 0] = shuf(a[base + 0], a[base + 2], lo2)
+        b[base + 2] = shuf(a[base + 0], a[base + 2], hi2)
+        b[base + 1] = shuf(a[base + 1], a[base + 3], lo2)
+        b[base + 3] = shuf(a[base + 1], a[base + 3], hi2)
+    lo3, hi3 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    cols: list[Any] = [None] * LANES
+    for c in range(4):
+        cols[c] = shuf(b[c], b[4 + c], lo3)
+        cols[c + 4] = shuf(b[c], b[4 + c], hi3)
+    return cols
+
+
+_TRANSPOSE_SOURCES = (types.uint8, types.int8, types.uint16, types.int16, types.int32, types.uint32,
+                      types.float32, types.float64)
+_TRANSPOSE_TARGETS = (types.float32, types.uint8, types.uint16)
+
+
+@intrinsic
+def transpose8(typingctx: Any, m: Any, out: Any, c0: Any, b: Any, a0: Any) -> Any:
+    """``out[a0 + i, b, c0 + j] = m[c0 + j, b, a0 + i]`` for ``i, j`` in ``0 .. 7``, cast to
+    ``out``'s dtype (:func:`_cast_vector`): eight vector loads of a row each, the casts, a
+    transpose in registers and eight vector stores. ``m`` and ``out`` are C-contiguous 3-D
+    arrays; the caller keeps the block inside both (no bounds are checked)."""
+    if not (_array(m, 3, _TRANSPOSE_SOURCES) and _array(out, 3, _TRANSPOSE_TARGETS)
+            and all(isinstance(x, types.Integer) for x in (c0, b, a0))):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        mty, oty, cty, bty, aty = signature.args
+        ma = context.make_array(mty)(context, builder, args[0])
+        oa = context.make_array(oty)(context, builder, args[1])
+        c, bb, a = (context.cast(builder, v, t, types.intp) for v, t in zip(args[2:], (cty, bty, aty)))
+        src_t = context.get_value_type(mty.dtype)
+        dst_t = context.get_value_type(oty.dtype)
+        vsrc, vdst = ir.VectorType(src_t, LANES), ir.VectorType(dst_t, LANES)
+        ms = cgutils.unpack_tuple(builder, ma.strides)
+        os_ = cgutils.unpack_tuple(builder, oa.strides)
+        intp = context.get_value_type(types.intp)
+        i8p = ir.IntType(8).as_pointer()
+
+        def at(arr: Any, strides: list[Any], item: int, i0: Any, i1: Any, i2: Any) -> Any:
+            off = builder.add(builder.add(builder.mul(i0, strides[0]), builder.mul(i1, strides[1])),
+                              builder.mul(i2, ir.Constant(intp, item)))
+            return builder.gep(builder.bitcast(arr.data, i8p), [off])
+
+        src_item, dst_item = mty.dtype.bitwidth // 8, oty.dtype.bitwidth // 8
+        rows = []
+        for j in range(LANES):
+            p = at(ma, ms, src_item, builder.add(c, ir.Constant(intp, j)), bb, a)
+            v = builder.load(builder.bitcast(p, vsrc.as_pointer()), align=src_item)
+            rows.append(_cast_vector(builder, v, mty.dtype, oty.dtype, vdst))
+        for i, col in enumerate(_transpose_rows(builder, rows)):
+            p = at(oa, os_, dst_item, builder.add(a, ir.Constant(intp, i)), bb, c)
+            builder.store(col, builder.bitcast(p, vdst.as_pointer()), align=dst_item)
+        return context.get_dummy_value()
+
+    return types.void(m, out, c0, b, a0), codegen

@@ -5,8 +5,8 @@ one core. On a cold cache (a fresh install, a new ``NUMBA_CACHE_DIR``) that seri
 was most of a first ``protoseg demo``'s extra time (about 12 s on 2 cores, led by the
 channels-last guide weights, see ``benchmarks/RESULTS.md``). :func:`precompile` splits the
 kernels a channels-last 3-D run meets into two groups of about the same compile time: a child
-process compiles one (the guide weights, the resize, the baselines, the float16 maps) while
-this process compiles the other (prototype sums, projection, decisions, unit counts, Dice);
+process compiles one (the guide weights, the resize, the baselines, the float16 maps, the
+reversed-axes copy of the volumes read) while this process compiles the other (prototype sums, projection, decisions, unit counts, Dice);
 both write Numba's on-disk cache, so the run then loads every kernel from it.
 
 Each group calls the kernels through the same preparation as the engine (``scores._prepare``
@@ -43,8 +43,10 @@ def _tiny(identity: bool, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 def _group_child() -> None:
     """The child's kernels: guide weights (resized and identity grids), the linear resize of
-    images, the label-free baselines, the float16 maps, the mask label check (uint8)."""
+    images, the label-free baselines, the float16 maps, the mask label check (uint8), the copy of
+    a uint8 NIfTI image and mask to C order."""
     from engine._kernels import channels_last as cl
+    from engine.datasets import _c_order
     from engine.quality import baselines
     from engine.resize import resize_linear
     from engine.run.batch import _labels_in, _map16
@@ -59,6 +61,10 @@ def _group_child() -> None:
     baselines(prob[:, 0], threshold=0.5)
     _map16(np.full((1, 2, 2, 2), 0.25, np.float32))
     _labels_in(np.zeros((2, 2, 2), np.uint8))
+    # a NIfTI volume's copy to C order (uint8 image to float32, uint8 mask), as the reader makes it
+    vol = np.asfortranarray(np.zeros((2, 3, 4), np.uint8))
+    _c_order(vol[None], np.float32)
+    _c_order(vol, np.uint8)
 
 
 def _group_main() -> None:
