@@ -8,7 +8,8 @@ confusion counts, Dice), :mod:`.baseline` (the label-free baselines), :mod:`.res
 materialising linear resize), :mod:`.half` (saved probability maps to float16, NumPy's bits),
 :mod:`.labels` (which labels a mask holds).
 Importing this package first settles the process set-up once: where Numba caches compiled code
-and how idle OpenMP threads wait (:mod:`._env`).
+and how idle OpenMP threads wait (:mod:`._env`), and that a cached kernel is stale when any
+kernel source changed, not only its own file (:mod:`._cache`).
 
 Compile time: nothing is compiled eagerly; a kernel is compiled (or loaded from the cache) the
 first time it meets a dtype/layout. The kernels a cold ``protoseg demo`` meets (channels-last,
@@ -48,9 +49,11 @@ from __future__ import annotations
 
 import os
 
+from engine._kernels._cache import install as _stamp_cache
 from engine._kernels._env import ensure_cache_dir, prefer_passive_waiting
 
 ensure_cache_dir(os.path.dirname(os.path.abspath(__file__)))
 prefer_passive_waiting()
+_stamp_cache()  # a change to any kernel source recompiles every kernel (see _cache)
 
 __all__: list[str] = []  # private package

@@ -100,15 +100,20 @@ def _child_main() -> None:  # pragma: no cover - runs in the child process
 
 
 def cache_is_cold() -> bool:
-    """True when the heaviest kernel of a channels-last run (the guide weights) has no
-    on-disk cache index yet: Numba's cache folder was never filled for this install."""
+    """True when the heaviest kernel of a channels-last run (the guide weights) has nothing
+    usable in the on-disk cache: Numba's cache folder was never filled for this install, or
+    it was filled before a kernel source changed (a stale stamp, :mod:`engine._kernels._cache`,
+    after which every kernel recompiles)."""
     from engine._kernels import channels_last as cl
 
     try:
-        index = cl.weights_range._cache._cache_file._index_path  # Numba's cache locator
-    except AttributeError:  # another Numba's internals: say warm, compile lazily
+        cache_file = cl.weights_range._cache._cache_file  # Numba's cache of the kernel
+        index = cache_file._index_path
+        if not os.path.exists(index):
+            return True
+        return not cache_file._load_index()  # {} when the stamp is not this source's
+    except Exception:  # noqa: BLE001 - another Numba's internals, an unreadable index: say warm
         return False
-    return not os.path.exists(index)
 
 
 def precompile(*, force: bool = False) -> bool:

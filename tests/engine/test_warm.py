@@ -66,3 +66,33 @@ def test_a_warm_cache_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(warm, "cache_is_cold", lambda: False)
     monkeypatch.setattr(warm, "_group_main", lambda: pytest.fail("compiled on a warm cache"))
     assert warm.precompile() is False
+
+
+# the identity-grid guide weights compiled into the cache (the kernel cache_is_cold looks at),
+# then the question asked as if a kernel source had changed since (another digest in the
+# stamp) and as it is
+_FILL_WEIGHTS = """
+from engine._kernels.warm import _tiny
+from engine._kernels import channels_last as cl
+from engine.scores import _prepare
+f, g = _tiny(True)
+p = _prepare(f, g, g > 0.5, None, resize="upsample", layout="channels_last")
+cl.guide_weights(p.g, p.m, p.has_mask, p.identity, p.src, p.weights)
+"""
+_COLD_AFTER_CHANGE = """
+import sys
+import engine._kernels._cache as stamp
+if sys.argv[1] == "changed":
+    stamp.sources_digest = lambda: b"a kernel source changed"
+from engine._kernels.warm import cache_is_cold
+print(cache_is_cold())
+"""
+
+
+@pytest.mark.slow
+def test_a_cache_filled_before_a_source_change_is_cold(tmp_path: Path) -> None:
+    cache = tmp_path / "numba"
+    assert _run(_COLD_AFTER_CHANGE, cache, "same").split() == ["True"]  # nothing there yet
+    _run(_FILL_WEIGHTS, cache)
+    assert _run(_COLD_AFTER_CHANGE, cache, "same").split() == ["False"]
+    assert _run(_COLD_AFTER_CHANGE, cache, "changed").split() == ["True"]  # precompile runs again
