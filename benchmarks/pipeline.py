@@ -302,7 +302,8 @@ def build_deepbrain(folder: str | os.PathLike[str], *, volumes: int = 8) -> Work
 
     The copies are hard links where the file system allows (else copies) named
     ``vol000.nii.gz``, ``vol000_mask.nii.gz``, ...: a folder of image/mask pairs, read one
-    NIfTI case at a time as a user's folder is.
+    NIfTI case at a time as a user's folder is. Building again into the same folder keeps
+    the links already there (and replaces any other file of those names).
 
     Parameters
     ----------
@@ -329,6 +330,9 @@ def build_deepbrain(folder: str | os.PathLike[str], *, volumes: int = 8) -> Work
     for i in range(int(volumes)):
         for src, suffix in (("colin27.nii.gz", ""), ("colin27_mask.nii.gz", "_mask")):
             dst = data / f"vol{i:03d}{suffix}.nii.gz"
+            if dst.exists() and os.path.samefile(DATA / "colin27" / src, dst):
+                continue  # built before in this folder (a hard link)
+            dst.unlink(missing_ok=True)
             try:
                 os.link(DATA / "colin27" / src, dst)
             except OSError:

@@ -150,6 +150,19 @@ def test_the_deepbrain_workload_scores_colin27_volumes_with_every_tensor(run_mod
 
 
 @pytest.mark.slow
+def test_the_deepbrain_workload_can_be_built_again_in_its_folder(tmp_path) -> None:
+    from benchmarks.pipeline import build_deepbrain
+
+    first = build_deepbrain(tmp_path, volumes=1)
+    (tmp_path / "data" / "vol001.nii.gz").write_bytes(b"left over")  # another file of a built name
+    again = build_deepbrain(tmp_path, volumes=2)  # the links of the first build are kept
+    assert first.tensors == again.tensors and again.n_cases == 2
+    names = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert names == ["vol000.nii.gz", "vol000_mask.nii.gz", "vol001.nii.gz", "vol001_mask.nii.gz"]
+    colin = Path(__file__).resolve().parents[1] / "cli" / "data" / "colin27" / "colin27.nii.gz"
+    assert (tmp_path / "data" / "vol001.nii.gz").read_bytes() == colin.read_bytes()
+
+
 def test_the_sweeps_method_refuses_channels_first_features(run_module) -> None:
     """(a'') times the channels-last kernels only: the 2-D U-Nets' NCHW tensors get a clear error."""
     res = run_module("benchmarks.pipeline", "--quick", "--deep", "--methods", "sweeps")
