@@ -266,8 +266,9 @@ def test_c_order_is_ascontiguousarray(src_dtype, dtype):
             _same_array(datasets._c_order(a, dtype), np.ascontiguousarray(a, dtype=dtype))
 
 
-def test_c_order_copies_in_slabs_for_fortran_volumes(monkeypatch):
-    a = np.asfortranarray(rng.integers(0, 255, (6, 5, 4)).astype(np.uint8))
+@pytest.mark.parametrize("src_dtype", [np.uint8, np.int64])  # register transposes; NumPy's slabs
+def test_c_order_makes_one_output_for_fortran_volumes(monkeypatch, src_dtype):
+    a = np.asfortranarray(rng.integers(0, 255, (6, 5, 4)).astype(src_dtype))
     seen = []
     real_empty = np.empty
 
