@@ -6,7 +6,9 @@ strides), :mod:`.fused` (C-contiguous channels-first, one read of the features),
 fixed tiles), :mod:`.units` (unit-level counts, any layout), :mod:`.counting` (decisions,
 confusion counts, Dice), :mod:`.baseline` (the label-free baselines), :mod:`.resize` (the
 materialising linear resize), :mod:`.half` (saved probability maps to float16, NumPy's bits),
-:mod:`.labels` (which labels a mask holds).
+:mod:`.labels` (which labels a mask holds), :mod:`.simd` (explicit vector loops as Numba intrinsics:
+the channels-last passes, the transposes of :mod:`.layout`, which copies volumes stored with their
+axes reversed to C order).
 Importing this package first settles the process set-up once: where Numba caches compiled code
 and how idle OpenMP threads wait (:mod:`._env`), and that a cached kernel is stale when any
 kernel source changed, not only its own file (:mod:`._cache`).
