@@ -324,7 +324,9 @@ def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, count_ref, do_maps, iden
     ``R z[b] > mid[b]``; with ``do_counts`` the block's (positives, positives in ``ref``,
     ``|ref|``) into ``cnt[b, block]`` (``|ref|`` counted only with ``count_ref``, else 0), with
     ``do_maps`` the binary and probability maps. ``A`` holds z interpolated along x (unused on
-    an identity grid)."""
+    an identity grid). Counts are taken on the identity grid only (``do_counts`` is for it; on a
+    resized grid :func:`decide` counts with :func:`decide_counts_range`); ``cnt`` is written only
+    with ``do_counts``."""
     nch = cnt.shape[1]
     rows = Zt * Yt
     for i in range(lo, hi):
@@ -380,20 +382,70 @@ def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, count_ref, do_maps, iden
             a1 = A[b, z0 * Ys + y1]
             a2 = A[b, z1 * Ys + y0]
             a3 = A[b, z1 * Ys + y1]
-            if do_counts:
-                rn = np.int32(0)
-                rt = np.int32(0)
-                for x in range(Xt):
-                    p = np.int32(c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > m)
-                    rn += p
-                    rt += p & np.int32(rr[x] != 0)
-                n_p += rn
-                n_t += rt
             if do_maps:
                 for x in range(Xt):
                     v = c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x]
                     binary[b, zt, yt, x] = v > m
                     prob[b, zt, yt, x] = 1.0 / (1.0 + np.exp(2.0 * m - 2.0 * v))
+        if do_counts:
+            cnt[b, ch, 0] = n_p
+            cnt[b, ch, 1] = n_t
+            cnt[b, ch, 2] = n_y
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def decide_counts_range(lo, hi, A, mid, ok, ref, count_ref, Ys, Zt, Yt, Xt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1,
+                        cnt):
+    """Work items [lo, hi) = (sample, block of ``_ROWS`` target rows) on a resized grid: the
+    block's (positives, positives in ``ref``, ``|ref|``) of ``R z[b] > mid[b]`` into
+    ``cnt[b, block]`` (``|ref|`` only with ``count_ref``, else 0), from the rows of ``A`` (z
+    interpolated along x). A kernel of its own: the same loop inside :func:`decide_range`, next
+    to the maps' and the identity grid's loops, ran at about half the speed (64³ → 128³, one
+    thread: 1.6-1.9 ms against 0.97 ms here)."""
+    nch = cnt.shape[1]
+    rows = Zt * Yt
+    for i in range(lo, hi):
+        b = i // nch
+        ch = i - b * nch
+        m = mid[b]
+        okb = ok[b]
+        n_p = 0
+        n_t = 0
+        n_y = 0
+        r0 = ch * _ROWS
+        r1 = min((ch + 1) * _ROWS, rows)
+        if count_ref:
+            for r in range(r0, r1):
+                zt = r // Yt
+                rr = ref[b, zt, r - zt * Yt]
+                ry = np.int32(0)
+                for x in range(Xt):
+                    ry += np.int32(rr[x] != 0)
+                n_y += ry
+        for r in range(r0, r1 if okb else r0):
+            zt = r // Yt
+            yt = r - zt * Yt
+            rr = ref[b, zt, yt]
+            z0 = iz0[zt]
+            z1 = iz1[zt]
+            y0 = iy0[yt]
+            y1 = iy1[yt]
+            c00 = wz0[zt] * wy0[yt]
+            c01 = wz0[zt] * wy1[yt]
+            c10 = wz1[zt] * wy0[yt]
+            c11 = wz1[zt] * wy1[yt]
+            a0 = A[b, z0 * Ys + y0]
+            a1 = A[b, z0 * Ys + y1]
+            a2 = A[b, z1 * Ys + y0]
+            a3 = A[b, z1 * Ys + y1]
+            rn = np.int32(0)
+            rt = np.int32(0)
+            for x in range(Xt):
+                p = np.int32(c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x] > m)
+                rn += p
+                rt += p & np.int32(rr[x] != 0)
+            n_p += rn
+            n_t += rt
         cnt[b, ch, 0] = n_p
         cnt[b, ch, 1] = n_t
         cnt[b, ch, 2] = n_y
@@ -422,8 +474,12 @@ def decide(z, mid, status, ref, do_counts, do_maps, identity, src, tgt, weights,
         parallel_for(interp_range, B * Zs * Ys, z, ok, Xs, ix0, wx1, A, chunks_per_thread=2)
     nch = (Zt * Yt + _ROWS - 1) // _ROWS
     cnt = np.zeros((B, nch, 3), dtype=np.int64)
-    parallel_for(decide_range, B * nch, z, A, mid, ok, ref, do_counts, count_ref, do_maps, identity, Ys, Zt, Yt,
-                 Xt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob, chunks_per_thread=4)
+    if do_counts and not identity:
+        parallel_for(decide_counts_range, B * nch, A, mid, ok, ref, count_ref, Ys, Zt, Yt, Xt, iz0, iz1, wz0, wz1,
+                     iy0, iy1, wy0, wy1, cnt, chunks_per_thread=4)
+    if identity or do_maps:  # on a resized grid, the maps alone
+        parallel_for(decide_range, B * nch, z, A, mid, ok, ref, do_counts and identity, count_ref, do_maps, identity,
+                     Ys, Zt, Yt, Xt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob, chunks_per_thread=4)
     if do_counts:
         tot = cnt.sum(axis=1)
         npos[:] = tot[:, 0]

@@ -74,10 +74,11 @@ def _group_main() -> None:
     from engine._kernels.fused import _MODE_GUIDE, _MODE_WEIGHTS
     from engine.scores import _GUIDE_WEIGHTS, _prepare, reuse_guide_weights, sa_scores
 
-    for identity in (False, True):
-        # eight channels on the identity grid: its counts are taken as projected from eight on
-        # (channels_last.project_count_range), below through decide (compiled by the resized call)
-        f, g = _tiny(identity, 8 if identity else 3)
+    # on the identity grid, eight channels are counted as projected (channels_last.
+    # project_count_range) and one (the input's SA) through decide_range; a resized grid's
+    # counts are decide_counts_range's
+    for identity, channels in ((False, 3), (True, 8), (True, 1)):
+        f, g = _tiny(identity, channels)
         ref = g > 0.5
         with reuse_guide_weights():
             p = _prepare(f, g, ref, None, resize="upsample", layout="channels_last")
