@@ -318,6 +318,18 @@ def interp_range(lo, hi, z, ok, Xs, ix0, wx1, A):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
+def _target_row(A, b, Ys, zt, yt, iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1):
+    """Target row (zt, yt) of sample ``b``: its four coefficients ``wz·wy`` and the four rows of
+    ``A`` (z interpolated along x) they weigh: (c00, c01, c10, c11, a0, a1, a2, a3)."""
+    z0 = iz0[zt]
+    z1 = iz1[zt]
+    y0 = iy0[yt]
+    y1 = iy1[yt]
+    return (wz0[zt] * wy0[yt], wz0[zt] * wy1[yt], wz1[zt] * wy0[yt], wz1[zt] * wy1[yt],
+            A[b, z0 * Ys + y0], A[b, z0 * Ys + y1], A[b, z1 * Ys + y0], A[b, z1 * Ys + y1])
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
 def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, count_ref, do_maps, identity, Ys, Zt, Yt, Xt,
                  iz0, iz1, wz0, wz1, iy0, iy1, wy0, wy1, cnt, binary, prob):
     """Work items [lo, hi) = (sample, block of ``_ROWS`` target rows): the decisions
@@ -370,18 +382,8 @@ def decide_range(lo, hi, z, A, mid, ok, ref, do_counts, count_ref, do_maps, iden
                         binary[b, zt, yt, x] = v > m
                         prob[b, zt, yt, x] = 1.0 / (1.0 + np.exp(2.0 * m - 2.0 * v))
                 continue
-            z0 = iz0[zt]
-            z1 = iz1[zt]
-            y0 = iy0[yt]
-            y1 = iy1[yt]
-            c00 = wz0[zt] * wy0[yt]
-            c01 = wz0[zt] * wy1[yt]
-            c10 = wz1[zt] * wy0[yt]
-            c11 = wz1[zt] * wy1[yt]
-            a0 = A[b, z0 * Ys + y0]
-            a1 = A[b, z0 * Ys + y1]
-            a2 = A[b, z1 * Ys + y0]
-            a3 = A[b, z1 * Ys + y1]
+            c00, c01, c10, c11, a0, a1, a2, a3 = _target_row(A, b, Ys, zt, yt, iz0, iz1, wz0, wz1, iy0, iy1,
+                                                             wy0, wy1)
             if do_maps:
                 for x in range(Xt):
                     v = c00 * a0[x] + c01 * a1[x] + c10 * a2[x] + c11 * a3[x]
@@ -426,18 +428,8 @@ def decide_counts_range(lo, hi, A, mid, ok, ref, count_ref, Ys, Zt, Yt, Xt, iz0,
             zt = r // Yt
             yt = r - zt * Yt
             rr = ref[b, zt, yt]
-            z0 = iz0[zt]
-            z1 = iz1[zt]
-            y0 = iy0[yt]
-            y1 = iy1[yt]
-            c00 = wz0[zt] * wy0[yt]
-            c01 = wz0[zt] * wy1[yt]
-            c10 = wz1[zt] * wy0[yt]
-            c11 = wz1[zt] * wy1[yt]
-            a0 = A[b, z0 * Ys + y0]
-            a1 = A[b, z0 * Ys + y1]
-            a2 = A[b, z1 * Ys + y0]
-            a3 = A[b, z1 * Ys + y1]
+            c00, c01, c10, c11, a0, a1, a2, a3 = _target_row(A, b, Ys, zt, yt, iz0, iz1, wz0, wz1, iy0, iy1,
+                                                             wy0, wy1)
             rn = np.int32(0)
             rt = np.int32(0)
             for x in range(Xt):
