@@ -442,7 +442,8 @@ def _ref_cache(p: _Prepared, ref: np.ndarray) -> tuple[dict[tuple[Any, ...], tup
 
 
 def _count_ref(ref: np.ndarray) -> np.ndarray:
-    """``|ref|`` per sample (B,) int64: the nonzero positions of each sample's reference."""
+    """``|ref|`` per sample (B,) int64: the nonzero positions of each sample's reference (binary,
+    so also its sum)."""
     return np.count_nonzero(ref.reshape(ref.shape[0], -1), axis=1).astype(np.int64)
 
 
@@ -478,7 +479,7 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
         elif do_counts:
             npos, tp, ny = _cl_counts(p, ref, z, mid, status)
         else:
-            ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+            ny = _count_ref(ref)
     elif p.flat is not None:
         bad = np.zeros(B, dtype=np.int64)
         parts = _split_parts(B, C)
@@ -492,7 +493,7 @@ def _prototypes(p: _Prepared, ref: np.ndarray, do_counts: bool) -> tuple[np.ndar
     else:
         general.layer_kernel(p.F, p.g, p.m, p.has_mask, ref, do_counts, p.identity, p.channels_last,
                               *p.weights, P, N, status, npos, tp)
-        ny = ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+        ny = _count_ref(ref)
     return P, N, status, npos, tp, ny
 
 
@@ -830,11 +831,10 @@ def sa_scores_concat(
             except NonFiniteFeaturesError as exc:
                 exc.block = i  # type: ignore[attr-defined]
                 raise
-        B = status.shape[0]
         if do_layer:
             npos, tp, ny = _cl_counts(p, p.ref, z, mid, status)
         elif ny is None:
-            ny = p.ref.reshape(B, -1).sum(axis=1, dtype=np.int64)
+            ny = _count_ref(p.ref)
         layer = _finish(status, npos, tp, ny, empty, "layer") if do_layer else None
         upos = utp = None
         if do_unit:
