@@ -420,25 +420,39 @@ def _cl_counts(p: _Prepared, ref: np.ndarray, z: np.ndarray, mid: np.ndarray,
     npos = np.zeros(B, dtype=np.int64)
     tp = np.zeros(B, dtype=np.int64)
     ny = np.zeros(B, dtype=np.int64)
-    cache, key = _ref_cache(p, ref)
-    hit = cache.get(key) if cache is not None else None
+    hit = _ref_cached(p, ref)
     if hit is not None:
-        ny[:] = hit[1]
+        ny[:] = hit
     _cl.decide(z, mid, status, ref, True, False, p.identity, p.src, ref.shape[1:], p.weights,
                npos, tp, ny, np.empty((0, 0, 0, 0), np.bool_), np.empty((0, 0, 0, 0), np.float32),
                count_ref=hit is None)
-    if hit is None and cache is not None:
-        cache[key] = (p.held[2], ny.copy())  # the object is held, so its id stays its own
+    if hit is None:
+        _ref_keep(p, ref, ny)
     return npos, tp, ny
 
 
-def _ref_cache(p: _Prepared, ref: np.ndarray) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]] | None, tuple[Any, ...]]:
+def _ref_key(p: _Prepared, ref: np.ndarray) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]] | None, tuple[Any, ...]]:
     """The current :func:`reuse_guide_weights` cache and the key of ``|ref|`` for this
     reference object and grid; ``(None, ())`` outside a block or for a reference made here."""
     cache = _GUIDE_WEIGHTS.get()
     if cache is None or p.held[2] is None:
         return None, ()
     return cache, ("|ref|", id(p.held[2]), p.key[2], ref.shape)
+
+
+def _ref_cached(p: _Prepared, ref: np.ndarray) -> np.ndarray | None:
+    """``|ref|`` (B,) as counted earlier in this :func:`reuse_guide_weights` block for this
+    reference object and grid, or None."""
+    cache, key = _ref_key(p, ref)
+    hit = cache.get(key) if cache is not None else None
+    return None if hit is None else np.array(hit[1], dtype=np.int64)
+
+
+def _ref_keep(p: _Prepared, ref: np.ndarray, ny: np.ndarray) -> None:
+    """Remember ``|ref|`` = ``ny`` for this reference object and grid (inside a block only)."""
+    cache, key = _ref_key(p, ref)
+    if cache is not None:
+        cache[key] = (p.held[2], ny.copy())  # the object is held, so its id stays its own
 
 
 def _count_ref(ref: np.ndarray) -> np.ndarray:
@@ -450,13 +464,11 @@ def _count_ref(ref: np.ndarray) -> np.ndarray:
 def _ref_size(p: _Prepared, ref: np.ndarray) -> np.ndarray:
     """``|ref|`` per sample (B,) int64, counted once per reference object and grid inside
     :func:`reuse_guide_weights` (the cache :func:`_cl_counts` fills too)."""
-    cache, key = _ref_cache(p, ref)
-    hit = cache.get(key) if cache is not None else None
+    hit = _ref_cached(p, ref)
     if hit is not None:
-        return np.array(hit[1], dtype=np.int64)
+        return hit
     ny = _count_ref(ref)
-    if cache is not None:
-        cache[key] = (p.held[2], ny.copy())  # the object is held, so its id stays its own
+    _ref_keep(p, ref, ny)
     return ny
 
 
