@@ -47,7 +47,8 @@ def supported(src: np.dtype, dst: np.dtype) -> bool:
 @njit(nogil=True, cache=True)
 def reverse_copy(m, out):  # pragma: no cover - compiled
     """``out[a, b, c] = m[c, b, a]`` for C-contiguous ``m`` (C, B, A) and ``out`` (A, B, C),
-    cast to ``out``'s dtype (Numba's assignment casts as NumPy does): blocks of 8×8 through :func:`transpose8`, the rest one by one."""
+    cast to ``out``'s dtype (Numba's assignment casts as NumPy does): blocks of 8×8 through
+    :func:`transpose8`, the rest one by one."""
     C, B, A = m.shape
     C8 = C - C % 8
     A8 = A - A % 8

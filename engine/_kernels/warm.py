@@ -6,8 +6,9 @@ was most of a first ``protoseg demo``'s extra time (about 12 s on 2 cores, led b
 channels-last guide weights, see ``benchmarks/RESULTS.md``). :func:`precompile` splits the
 kernels a channels-last 3-D run meets into two groups of about the same compile time: a child
 process compiles one (the guide weights, the resize, the baselines, the float16 maps, the
-reversed-axes copy of the volumes read) while this process compiles the other (prototype sums, projection, decisions, unit counts, Dice);
-both write Numba's on-disk cache, so the run then loads every kernel from it.
+reversed-axes copy of the volumes read) while this process compiles the other (prototype
+sums, projection, decisions, unit counts, Dice); both write Numba's on-disk cache, so the run
+then loads every kernel from it.
 
 Each group calls the kernels through the same preparation as the engine (``scores._prepare``
 on tiny arrays of the run's dtype and layout), so the compiled signatures are the run's; a

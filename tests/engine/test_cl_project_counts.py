@@ -4,9 +4,10 @@
 ``z``, eight positions at a time (``engine._kernels.simd.project_count_rows``, from eight
 channels on; fewer keep the two-step path, which is faster there). It must give the counts of
 the two-step path it replaces on an identity grid (``prototypes(want_z=True)`` then
-``decide``), for whole and partial blocks of channels, a tile cut short, a sample whose prototypes are undefined, exact ties (strictly greater counts), 1 and 2
-threads, and through ``sa_scores`` with and without a ``reuse_guide_weights`` block (where
-``|ref|`` comes from the block's cache).
+``decide``), for whole and partial blocks of channels, a tile cut short, a sample whose
+prototypes are undefined, exact ties (strictly greater counts), 1 and 2 threads, and through
+``sa_scores`` with and without a ``reuse_guide_weights`` block (where ``|ref|`` comes from the
+block's cache).
 """
 from __future__ import annotations
 
