@@ -96,3 +96,48 @@ def test_baselines_empty_mask_gives_nan():
 def test_baselines_bad_input(p, kwargs, match):
     with pytest.raises(ValueError, match=match):
         baselines(p, class_axis=True, **kwargs)
+
+
+def _long_probabilities() -> tuple[np.ndarray, np.ndarray]:
+    """Two cases of 2 chunks and an odd remainder (the vector loop's body and its tail),
+    with exact 0 and 1, values float32 resizing overshoots by, and every region of p."""
+    rng = np.random.default_rng(7)  # fixed: the same values on every run
+    n = 2 * 65536 + 1003
+    p = rng.random((2, 1, n))
+    p[rng.random(p.shape) < 0.1] = 0.0
+    p[rng.random(p.shape) < 0.1] = 1.0
+    p[0, 0, :5] = [1.0 + 1e-7, -1e-7, 0.1, 0.9, 0.5]
+    mask = (rng.random((2, n)) < 0.8).astype(np.uint8)
+    return p, mask
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_baselines_match_naive_over_whole_chunks(dtype):
+    p, mask = _long_probabilities()
+    p = p.astype(dtype)
+    got = baselines(p, threshold=0.5, mask=mask, class_axis=True)
+    want = naive_baselines(np.clip(p.astype(np.float64), 0.0, 1.0), 0.5, mask)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
+
+
+def test_baselines_do_not_depend_on_the_thread_count():
+    import numba
+
+    p, mask = _long_probabilities()
+    before = numba.get_num_threads()
+    runs = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            runs.append(baselines(p, mask=mask, class_axis=True))
+    finally:
+        numba.set_num_threads(before)
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
+def test_baselines_error_names_the_range_of_the_finite_values():
+    p = np.array([[0.25, np.nan, 1.5, np.inf, 0.5]])
+    with pytest.raises(ValueError, match=r"range 0\.25 to 1\.5\)"):
+        baselines(p)
