@@ -141,3 +141,19 @@ def test_baselines_error_names_the_range_of_the_finite_values():
     p = np.array([[0.25, np.nan, 1.5, np.inf, 0.5]])
     with pytest.raises(ValueError, match=r"range 0\.25 to 1\.5\)"):
         baselines(p)
+
+
+def test_baselines_of_a_confident_output_match_naive():
+    """Mostly exact 0s and 1s (a trained network's output): blocks without any entropy are
+    skipped; the few positions strictly inside (0, 1), at block edges and in the chunk's
+    last partial block, must still count."""
+    n = 65536 + 4 * 32 + 7
+    p = np.zeros((1, 1, n))
+    p[0, 0, 1000:40000] = 1.0
+    inner = [31, 32, 63, 64, 5000, 39999, 65536 + 33, n - 1]
+    p[0, 0, inner] = np.linspace(0.05, 0.95, len(inner))
+    got = baselines(p, class_axis=True)
+    want = naive_baselines(p, 0.5, None)
+    assert got["mean_entropy"][0, 0] > 0
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=0, err_msg=k)
