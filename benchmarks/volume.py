@@ -52,6 +52,14 @@ Run as a module::
   float32 sum in the same tiles on the same threads: what the memory gives one pass), in
   ms and GB/s per tensor. Tensors of 32 MiB or less may stay in this VM's L3 between calls.
 
+- ``--baselines FILE``: the label-free baselines' kernel (``engine.quality.baselines``' one
+  pass) of an older ``engine/_kernels/baseline.py`` (e.g. ``git show
+  7d0754f:engine/_kernels/baseline.py > /tmp/baseline_old.py``: one scalar C library ``log``
+  per entropy term) against today's, on the probabilities of one deepbrain volume and of one
+  batch of the deep 2-D U-Net (both as ``benchmarks/pipeline.py`` runs them) and on a 128³
+  probability with no value at 0 or 1; the six sums asserted equal to 1e-12 relative (the
+  counts exactly).
+
 Medians of ``repeat`` interleaved calls after one warm-up; prints a Markdown table.
 """
 from __future__ import annotations
@@ -510,6 +518,63 @@ def passes_rows(repeat: int) -> list[tuple[str, int, dict[str, float]]]:
     return rows
 
 
+def _model_probability(w: Any) -> np.ndarray:
+    """The foreground probability (B, *grid) float32 of the first batch of a pipeline workload."""
+    from benchmarks.pipeline import _prepared_batches
+    from engine.model.card import resolve_model_card
+    from engine.model.graph import load_model
+
+    session, batches, outputs = _prepared_batches(w)
+    out = session.run(batches[0], outputs=outputs)
+    res = out if isinstance(out, dict) else dict(zip(outputs, out))
+    card = resolve_model_card(load_model(w.model))
+    return card.to_probability({card.prediction_output: res[outputs[-1]]})[:, 0]
+
+
+def baseline_rows(path: Path, repeat: int, rng: np.random.Generator) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """The baselines' kernel of an older ``baseline.py`` (loaded from ``path``) against today's,
+    called as :func:`engine.quality.baselines` calls it (no mask, threshold 0.5); the six sums
+    of each call asserted equal to 1e-12 relative."""
+    import tempfile
+
+    from benchmarks.pipeline import build_deepbrain, build_workload
+    from engine._kernels import baseline as new
+    from engine.quality.baseline import _PROB_TOL
+
+    old = _older_module(path, "_baseline_before")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = [("deepbrain's probability, 1×128³", _model_probability(build_deepbrain(Path(tmp) / "d", volumes=1))),
+                ("deep U-Net's probability, 8×256²", _model_probability(build_workload(
+                    Path(tmp) / "u", n_cases=8, size=256, base=16, kind="deep", levels=4)))]
+    x = rng.normal(0.0, 4.0, (1, 128, 128, 128))
+    work.append(("1×128³, no value at 0 or 1", (1.0 / (1.0 + np.exp(-x))).astype(np.float32)))
+    rows = []
+    for label, prob in work:
+        flat = np.ascontiguousarray(prob.reshape(prob.shape[0], 1, -1))
+        weight = np.ones((flat.shape[0], flat.shape[2]), dtype=np.uint8)
+        n_chunks = -(-flat.shape[2] // new.CHUNK)
+        res: dict[str, Any] = {}
+
+        def run(which: str) -> None:
+            if which == "before":
+                part = np.empty((flat.shape[0], 1, n_chunks, old.N_SUMS))
+                old.baseline_sums(flat, weight, 0.5, part)
+            else:
+                part = np.empty((flat.shape[0], 1, n_chunks, new.N_SUMS))
+                new.baseline_sums(flat, weight, 0.5, _PROB_TOL, part)
+            res[which] = part[..., :6].sum(axis=2)
+
+        run("before")
+        run("after")
+        np.testing.assert_allclose(res["after"], res["before"], rtol=1e-12, atol=0, err_msg=label)
+        times: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for _ in range(repeat):
+            times["before"].append(_timed(run, "before"))
+            times["after"].append(_timed(run, "after"))
+        rows.append((label, times))
+    return rows
+
+
 def _before_after(run, res: dict[str, Any], repeat: int, what: Any) -> dict[str, list[tuple[float, float]]]:
     """``run("before")`` and ``run("after")`` once each (warm-up), their results in ``res``
     asserted equal (``what`` names the case in the failure), then ``repeat`` interleaved
@@ -549,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
                          "split kernel against today's")
     ap.add_argument("--concat", action="store_true",
                     help="only one deepbrain volume's tensors scored alone vs. concatenations from their parts")
+    ap.add_argument("--baselines", type=Path, metavar="FILE",
+                    help="only the baselines' kernel: this older baseline.py against today's")
     ap.add_argument("--passes", action="store_true",
                     help="only the prototype sums and projection passes on one deepbrain volume's tensors, "
                          "against a plain read pass over the same memory")
@@ -572,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| **all** | {nbytes / 2**20:.0f} | " + " | ".join(cells)
               + f" | {tot['sums'] / tot['read']:.2f} | {tot['project'] / tot['read']:.2f} |")
         return 0
-    if a.cl_baseline is not None or a.units or a.concat or a.split_baseline is not None:
+    if a.cl_baseline is not None or a.units or a.concat or a.split_baseline is not None or a.baselines:
         load = open("/proc/loadavg").read().split()[0]
         print(f"Numba threads {numba.get_num_threads()}; medians of {a.repeat}; load {load}")
         print("| workload | before wall s | after wall s | before/after | before CPU s | after CPU s |")
@@ -582,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                        one_pass=a.one_pass)
                 if a.cl_baseline is not None
                 else split_rows(a.split_baseline, a.repeat, rng) if a.split_baseline is not None
+                else baseline_rows(a.baselines, a.repeat, rng) if a.baselines is not None
                 else concat_rows(a.repeat) if a.concat else unit_rows(a.repeat, rng))
         for label, t in work:
             med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in t.items()}

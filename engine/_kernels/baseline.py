@@ -11,9 +11,11 @@ zero check): every sum but the entropy, selected rather than skipped term by ter
 entropy, whose two logarithms a position are :func:`engine._kernels.vmath.log`. The second
 loop is skipped for a block whose probabilities are all 0 or 1 (84 % of deepbrain's voxels,
 none of an untrained U-Net's). Numba's ``np.log`` is one scalar C library call: about 12 ns a
-position where the entropy is defined. Measured on two threads (``benchmarks/RESULTS.md``,
-"Issue 15, eighth session"): deepbrain's real 128³ probability 9.9 → 4.2 ms, a batch of the
-U-Net's 8×256² probabilities 6.5 → 1.6 ms, a 128³ one with no value at 0 or 1 18.6 → 5.9 ms.
+position where the entropy is defined. ``python -m benchmarks.volume --baselines <older
+baseline.py>`` on two threads (``benchmarks/RESULTS.md``, "Issue 15, eighth session"): a batch
+of the deep U-Net's 8×256² probabilities 3.3 → 2.1 ms, a 128³ one with no value at 0 or 1
+17.8 → 8.1 ms, deepbrain's real 128³ probability unchanged (5.0 / 5.1 ms: the old loop
+skipped its saturated voxels too).
 The sums within a chunk are reassociated (``fastmath``): a chunk's order is fixed by the
 compiled code, never by the thread count, and the float sums agree with the definition to
 about 1e-14 (the counts are exact).
