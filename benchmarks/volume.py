@@ -236,12 +236,10 @@ def _deepbrain_tensors() -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
     guide (1, 128, 128, 128) float32 of its prediction."""
     import tempfile
 
-    from benchmarks.pipeline import _prepared_batches, build_deepbrain
+    from benchmarks.pipeline import build_deepbrain
 
     with tempfile.TemporaryDirectory() as tmp:
-        session, batches, outputs = _prepared_batches(build_deepbrain(tmp, volumes=1))
-        out = session.run(batches[0], outputs=outputs)
-    res = out if isinstance(out, dict) else dict(zip(outputs, out))
+        res, outputs = _first_batch_outputs(build_deepbrain(tmp, volumes=1))
     guide = (res[outputs[-1]][..., 0] > 0.5).astype(np.float32)
     return [(n, res[n]) for n in outputs[:-1]], guide
 
@@ -518,15 +516,22 @@ def passes_rows(repeat: int) -> list[tuple[str, int, dict[str, float]]]:
     return rows
 
 
-def _model_probability(w: Any) -> np.ndarray:
-    """The foreground probability (B, *grid) float32 of the first batch of a pipeline workload."""
+def _first_batch_outputs(w: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The pipeline session's outputs ``{name: array}`` on the first batch of a pipeline
+    workload, and the output names (the exposed tensors, then the prediction)."""
     from benchmarks.pipeline import _prepared_batches
-    from engine.model.card import resolve_model_card
-    from engine.model.graph import load_model
 
     session, batches, outputs = _prepared_batches(w)
     out = session.run(batches[0], outputs=outputs)
-    res = out if isinstance(out, dict) else dict(zip(outputs, out))
+    return (out if isinstance(out, dict) else dict(zip(outputs, out))), outputs
+
+
+def _model_probability(w: Any) -> np.ndarray:
+    """The foreground probability (B, *grid) float32 of the first batch of a pipeline workload."""
+    from engine.model.card import resolve_model_card
+    from engine.model.graph import load_model
+
+    res, outputs = _first_batch_outputs(w)
     card = resolve_model_card(load_model(w.model))
     return card.to_probability({card.prediction_output: res[outputs[-1]]})[:, 0]
 

@@ -93,6 +93,6 @@ def log(x):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def log_into(x, out):  # pragma: no cover - compiled
-    """``out[i] = log(x[i])`` for 1-D float64 arrays (the test's and benchmark's entry)."""
+    """``out[i] = log(x[i])`` for 1-D float64 arrays (the entry ``tests/engine/test_vmath.py`` calls)."""
     for i in range(x.shape[0]):
         out[i] = log(x[i])
